@@ -1,0 +1,1 @@
+"""llm: a trainer for language-model architecture research."""

@@ -1,0 +1,66 @@
+"""Type checking of config values that arrive as JSON (config files, layer specs)."""
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Union
+
+from .errors import ConfigError
+
+
+def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
+    """' (did you mean "x"?)' for the closest choice, or '' when none is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def known_fields(cls: type) -> dict[str, Any]:
+    """Field name -> type annotation of a config dataclass, with tyro markers stripped."""
+    hints = typing.get_type_hints(cls, include_extras=False)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def check_keys(data: dict, cls: type, where: str, skip: tuple[str, ...] = ()) -> None:
+    """Rejects keys that are not fields of `cls`, suggesting the closest field name."""
+    names = [n for n in known_fields(cls) if n not in skip]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f'{where}: unknown key "{key}"{did_you_mean(str(key), names)}')
+
+
+def coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
+    """Returns `value` checked against `annotation` (int, float, bool, str, Literal, X | None)."""
+    origin = typing.get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        (inner,) = [t for t in options if t is not type(None)]
+        return coerce(value, inner, key, where)
+    if origin is Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            hint = did_you_mean(value, choices) if isinstance(value, str) else ""
+            raise ConfigError(f"{where}: {key}={value!r} is not one of {', '.join(choices)}{hint}")
+        return value
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(annotation)
+    if ok is None:
+        raise TypeError(f"unsupported config annotation {annotation!r} for {key}")
+    if not ok:
+        raise ConfigError(f"{where}: {key}={value!r} must be {annotation.__name__}, got {type(value).__name__}")
+    return float(value) if annotation is float else value
+
+
+def dataclass_from_dict(cls: type, data: dict, where: str, base: Any = None, skip: tuple[str, ...] = ()) -> Any:
+    """Builds `cls` from `data` over `base` (or the defaults), checking keys and types."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
+    check_keys(data, cls, where, skip)
+    hints = known_fields(cls)
+    values = {k: coerce(v, hints[k], k, where) for k, v in data.items()}
+    return dataclasses.replace(base, **values) if base is not None else cls(**values)

@@ -1,0 +1,139 @@
+"""Typed configuration: one layer (`BlockConfig`), the model (`LLMconfig`) and the run (`Trainconfig`).
+
+These dataclasses are the single source of truth: the CLI, its help text, config files, presets and
+checkpoints all derive from them. Field names are unique across the three classes so that every
+field has one flat flag (`--n_layer`, `--attn`, `--learning_rate`).
+"""
+from dataclasses import dataclass, field
+from typing import Literal, get_args
+
+import tyro
+
+AttentionKind = Literal["mha", "mqa", "gqa", "mla"]
+PositionKind = Literal["learn", "sin", "rope"]
+NormKind = Literal["layer", "rms"]
+Activation = Literal[
+    "relu", "gelu", "gelu_tanh", "silu", "swish", "mish", "selu", "celu", "elu", "leaky_relu", "lrelu",
+    "tanh", "sigmoid", "swiglu", "geglu", "reglu", "glu",
+]
+GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu", "glu")
+ACTIVATION_ALIASES = {"swish": "silu", "lrelu": "leaky_relu"}
+ACTIVATIONS = tuple(a for a in get_args(Activation) if a not in ACTIVATION_ALIASES)
+
+
+@dataclass
+class BlockConfig:
+    """One transformer layer: its attention kind and its feed-forward (dense MLP or Mixture-of-Experts).
+
+    Fields that the chosen `attn`/`moe` does not use are accepted and ignored, so one template may
+    carry every key.
+    """
+
+    attn: AttentionKind = "mha"
+    """Attention kind: mha (n_head KV heads), mqa (one KV head), gqa (n_kv_heads), mla (latent attention)."""
+    n_head: int = 4
+    """Number of query heads; must divide n_embd (head size = n_embd // n_head)."""
+    n_kv_heads: int | None = None
+    """Key/value heads for gqa; must divide n_head. Ignored by mha (uses n_head), mqa (uses 1) and mla."""
+    q_latent_dim: int | None = None
+    """MLA query compression width (DeepSeek q_lora_rank); unset or 0 means no query down-projection."""
+    kv_latent_dim: int | None = None
+    """MLA joint key/value compression width (DeepSeek kv_lora_rank); required by mla."""
+    rope_head_dim: int | None = None
+    """MLA decoupled RoPE width per head (one rope key shared by all heads); required by mla with rope."""
+    moe: bool = False
+    """Replace this layer's dense MLP by a Mixture-of-Experts layer."""
+    up_dim: int | None = None
+    """Hidden width of the MLP (and of each expert); unset means 4 * n_embd."""
+    non_linearity: Activation = "gelu"
+    """MLP activation; swiglu, geglu, reglu and glu are gated (three weight matrices). swish = silu, lrelu = leaky_relu."""
+    n_exp: int = 8
+    """MoE: experts in total, shared ones included."""
+    n_shared: int = 1
+    """MoE: shared experts that every token goes through."""
+    n_act: int = 3
+    """MoE: experts active per token, shared ones included (each token picks n_act - n_shared routed experts)."""
+    coeff: float = 0.01
+    """MoE: weight of the load-balancing loss (when aux_free is off)."""
+    aux_free: bool = False
+    """MoE: DeepSeek-V3 auxiliary-loss-free balancing (a selection bias updated after each step)."""
+    alpha: float = 1e-4
+    """MoE with aux_free: weight of the complementary sequence-wise balance loss."""
+    gamma: float = 1e-3
+    """MoE with aux_free: step size of the selection bias update."""
+
+
+@dataclass
+class LLMconfig:
+    """The model: sizes, positions and norm shared by all layers, plus the list of per-layer specs."""
+
+    vocab_size: int = 50257
+    """Vocabulary size (the embedding is padded up to a multiple of 64 for speed; logits are sliced back)."""
+    block_size: int = 128
+    """Context length in tokens."""
+    n_embd: int = 128
+    """Model width (residual stream size)."""
+    n_layer: int = 4
+    """Number of layers; with --layer_configs/--layer_configs_jsonl it must equal the number of specs when given."""
+    pos_emb: PositionKind = "learn"
+    """Positions: learn (learned table), sin (fixed sinusoids), rope (rotary, applied in attention)."""
+    rope_theta: float = 10000.0
+    """RoPE base frequency theta."""
+    norm: NormKind = "layer"
+    """Normalisation: layer (LayerNorm) or rms (RMSNorm)."""
+    norm_eps: float = 1e-5
+    """Epsilon of every norm."""
+    dropout: float = 0.0
+    """Dropout probability on embeddings, attention weights and residual branches."""
+    bias: bool = False
+    """Biases in linear layers and LayerNorm."""
+    tie_embeddings: bool = True
+    """Share the token embedding with the output head."""
+    attn_backend: Literal["auto", "sdpa", "flash"] = "auto"
+    """Attention kernel: auto (flash-attn when importable on CUDA with 16-bit inputs, else SDPA), sdpa, or flash (requires flash-attn)."""
+    layers: tyro.conf.Suppress[list[BlockConfig]] = field(default_factory=list)
+    """Resolved per-layer specs, one per layer (a homogeneous model repeats one spec)."""
+
+
+@dataclass
+class Trainconfig:
+    """The training run: data, batch, optimisation, evaluation, checkpoints and logging."""
+
+    dataset: str = "shakespeare_char"
+    """Dataset folder name under data/."""
+    total_batch_size_str: str = "2**11"
+    """Tokens per optimizer step, as integer arithmetic ('2**19', '8*1024'); gradient accumulation makes up the rest."""
+    batch_size: int = 16
+    """Sequences per micro-step on each device."""
+    max_iters: int = 500
+    """Optimizer steps to run."""
+    learning_rate: float = 1e-3
+    """Peak learning rate."""
+    warmup_steps: int = 50
+    """Steps of linear warmup before cosine decay."""
+    grad_clip: float = 1.0
+    """Clip the gradient norm to this value (0 disables)."""
+    act_recomp: bool = False
+    """Recompute each block's activations in the backward pass to save memory."""
+    compile: bool = False
+    """Compile the model with torch.compile."""
+    eval: bool = False
+    """Evaluate train and val loss every eval_interval steps."""
+    eval_interval: int = 100
+    """Steps between evaluations."""
+    eval_iters: int = 20
+    """Batches per evaluation."""
+    save_model: bool = False
+    """Save checkpoints."""
+    ckpt_interval: int = 500
+    """Steps between checkpoints."""
+    file_name: str = "llm"
+    """Base name of the saved model files."""
+    wandb_log: bool = False
+    """Log metrics to Weights & Biases."""
+    wandb_project: str = "llm"
+    """Weights & Biases project."""
+    wandb_run_name: str = "run"
+    """Run name (wandb gets it as given; the run directory gets a path-safe version)."""
+    seed: int = 1337
+    """Random seed."""

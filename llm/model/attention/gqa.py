@@ -1,0 +1,43 @@
+"""Multi-head attention with a configurable number of key/value heads: MHA, MQA and GQA in one class."""
+import torch
+from torch import nn
+
+from ...config import BlockConfig, LLMconfig
+from ..positions import apply_rope, rope_angles
+from .kernels import causal_attention
+
+
+def kv_heads(block: BlockConfig) -> int:
+    """Key/value heads: n_head for mha, one for mqa, n_kv_heads for gqa."""
+    return {"mha": block.n_head, "mqa": 1, "gqa": block.n_kv_heads}[block.attn]
+
+
+class GroupedQueryAttention(nn.Module):
+    """Causal self-attention with n_head query heads sharing n_kv heads of keys and values.
+
+    One fused projection produces q (n_head heads), k and v (n_kv heads each) of head size n_embd // n_head;
+    RoPE, when configured, rotates q and k.
+    """
+
+    def __init__(self, block: BlockConfig, config: LLMconfig):
+        super().__init__()
+        self.n_head, self.n_kv = block.n_head, kv_heads(block)
+        self.head_size = config.n_embd // block.n_head
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.head_size, bias=config.bias)
+        self.c_proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.dropout, self.backend = config.dropout, config.attn_backend
+        self.rope_theta = config.rope_theta if config.pos_emb == "rope" else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        hs = self.head_size
+        q, k, v = self.c_attn(x).split([self.n_head * hs, self.n_kv * hs, self.n_kv * hs], dim=-1)
+        q = q.view(B, T, self.n_head, hs)  # (B, T, H, hs)
+        k = k.view(B, T, self.n_kv, hs)  # (B, T, KV, hs)
+        v = v.view(B, T, self.n_kv, hs)  # (B, T, KV, hs)
+        if self.rope_theta is not None:
+            cos, sin = rope_angles(T, hs, self.rope_theta, x.device)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = causal_attention(q, k, v, self.backend, self.dropout if self.training else 0.0)  # (B, T, H, hs)
+        return self.resid_dropout(self.c_proj(y.reshape(B, T, self.n_head * hs)))  # (B, T, C)

@@ -1,0 +1,29 @@
+"""Activation functions by name; gated ones multiply act(gate) by a second projection."""
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+from ...config import ACTIVATION_ALIASES
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "silu": F.silu,
+    "mish": F.mish,
+    "selu": F.selu,
+    "celu": F.celu,
+    "elu": F.elu,
+    "leaky_relu": F.leaky_relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+}
+# Gated linear units: the activation applied to the gate half (GLU uses a sigmoid gate).
+GATES = {"swiglu": F.silu, "geglu": F.gelu, "reglu": F.relu, "glu": torch.sigmoid}
+
+
+def activation(name: str):
+    """(function, gated) for an activation name, aliases (swish, lrelu) included."""
+    name = ACTIVATION_ALIASES.get(name, name)
+    return (GATES[name], True) if name in GATES else (ACTIVATIONS[name], False)
