@@ -63,7 +63,7 @@ def _flag_value(argv: list[str], name: str) -> str | None:
     value = None
     for i, arg in enumerate(argv):
         key, _, inline = arg.partition("=")
-        if key.replace("-", "_") == f"--{name}":
+        if key.startswith("--") and key[2:].replace("-", "_") == name:
             value = inline if inline else (argv[i + 1] if i + 1 < len(argv) else None)
     return value
 
@@ -150,6 +150,6 @@ def _with_layers(args: Args, given: set[str]) -> tuple[LLMconfig, list[str]]:
                               "edit model.layers in the file or pass --layer_configs_jsonl")
         blocks, wheres = model.layers, [f"model.layers item {i}" for i in range(len(model.layers))]
     else:
-        blocks, wheres = [args.layer] * model.n_layer, ["flags"] * model.n_layer
+        blocks, wheres = [args.layer] * model.n_layer, [""] * model.n_layer
     layers = [resolve_block(copy.copy(b), model.n_embd) for b in blocks]
     return dataclasses.replace(model, n_layer=len(layers), layers=layers), wheres

@@ -18,34 +18,41 @@ def resolve_block(block: BlockConfig, n_embd: int) -> BlockConfig:
 
 
 def validate_block(b: BlockConfig, m: LLMconfig, where: str) -> None:
-    """Checks the values of one layer that apply to its attention and feed-forward kinds."""
-    _require(b.n_head >= 1, f"{where}: n_head={b.n_head} must be >= 1")
+    """Checks the values of one layer that apply to its attention and feed-forward kinds.
+
+    `where` prefixes each message (a file and line, or '' for flags).
+    """
+    where = f"{where}: " if where else ""
+    _require(b.n_head >= 1, f"{where}n_head={b.n_head} must be >= 1")
     _require(m.n_embd % b.n_head == 0,
-             f"{where}: n_head={b.n_head} does not divide n_embd={m.n_embd}; choose n_head dividing n_embd")
+             f"{where}n_head={b.n_head} does not divide n_embd={m.n_embd}; choose n_head dividing n_embd")
     head_size = m.n_embd // b.n_head
     if b.attn == "gqa":
-        _require(b.n_kv_heads is not None, f"{where}: attn=gqa needs n_kv_heads; set --n_kv_heads (a divisor of n_head)")
+        _require(b.n_kv_heads is not None, f"{where}attn=gqa needs n_kv_heads; set --n_kv_heads (a divisor of n_head)")
         _require(b.n_kv_heads >= 1 and b.n_head % b.n_kv_heads == 0,
-                 f"{where}: n_kv_heads={b.n_kv_heads} does not divide n_head={b.n_head}; choose a divisor of n_head")
+                 f"{where}n_kv_heads={b.n_kv_heads} does not divide n_head={b.n_head}; choose a divisor of n_head")
     if b.attn in ("mha", "mqa", "gqa") and m.pos_emb == "rope":
         _require(head_size % 2 == 0,
-                 f"{where}: pos_emb=rope needs an even head size, got n_embd/n_head={head_size}; change n_head or n_embd")
+                 f"{where}pos_emb=rope needs an even head size, got n_embd/n_head={head_size}; change n_head or n_embd")
     if b.attn == "mla":
         _require(b.kv_latent_dim is not None and b.kv_latent_dim >= 1,
-                 f"{where}: attn=mla needs kv_latent_dim >= 1, got {b.kv_latent_dim}; set --kv_latent_dim")
+                 f"{where}attn=mla needs kv_latent_dim >= 1, got {b.kv_latent_dim}; set --kv_latent_dim")
         _require(b.q_latent_dim is None or b.q_latent_dim >= 0,
-                 f"{where}: q_latent_dim={b.q_latent_dim} must be >= 0 (0 or unset: no query compression)")
+                 f"{where}q_latent_dim={b.q_latent_dim} must be >= 0 (0 or unset: no query compression)")
         if m.pos_emb == "rope":
+            _require(m.attn_backend != "flash",
+                     f"{where}attn=mla with pos_emb=rope has query/key heads wider than value heads, which flash-attn "
+                     "does not run; use --attn_backend auto")
             _require(b.rope_head_dim is not None and b.rope_head_dim >= 2 and b.rope_head_dim % 2 == 0,
-                     f"{where}: attn=mla with pos_emb=rope needs an even rope_head_dim >= 2, got {b.rope_head_dim}; set --rope_head_dim")
-    _require(b.up_dim is not None and b.up_dim >= 1, f"{where}: up_dim={b.up_dim} must be >= 1")
+                     f"{where}attn=mla with pos_emb=rope needs an even rope_head_dim >= 2, got {b.rope_head_dim}; set --rope_head_dim")
+    _require(b.up_dim is not None and b.up_dim >= 1, f"{where}up_dim={b.up_dim} must be >= 1")
     if b.moe:
         _require(b.n_exp >= b.n_act > b.n_shared >= 0,
-                 f"{where}: moe needs n_exp >= n_act > n_shared >= 0, got n_exp={b.n_exp}, n_act={b.n_act}, "
+                 f"{where}moe needs n_exp >= n_act > n_shared >= 0, got n_exp={b.n_exp}, n_act={b.n_act}, "
                  f"n_shared={b.n_shared}; each token uses n_act experts, n_shared of them shared")
         for name in ("coeff", "alpha", "gamma"):
             value = getattr(b, name)
-            _require(value >= 0, f"{where}: {name}={value} must be >= 0")
+            _require(value >= 0, f"{where}{name}={value} must be >= 0")
 
 
 def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:

@@ -1,0 +1,28 @@
+"""Shared helpers for the tests."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from llm.config import BlockConfig, LLMconfig, resolve_block, validate_model
+
+SHARED = Path(os.environ.get("LLM_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_config(layers: list[dict] | dict | None = None, **model_fields) -> LLMconfig:
+    """A validated small model config; `layers` is one spec (repeated n_layer times) or a list of specs."""
+    fields = dict(vocab_size=97, block_size=32, n_embd=48, n_layer=2, dropout=0.0)
+    fields.update(model_fields)
+    specs = layers if isinstance(layers, list) else [layers or {}] * fields["n_layer"]
+    fields["n_layer"] = len(specs)
+    blocks = [resolve_block(BlockConfig(**spec), fields["n_embd"]) for spec in specs]
+    config = LLMconfig(**fields, layers=blocks)
+    validate_model(config)
+    return config
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

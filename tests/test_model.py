@@ -1,0 +1,155 @@
+"""Model variants: shapes, loss at init, gradients, causality and closed-form parameter counts."""
+import math
+
+import pytest
+import torch
+
+from llm.config import ACTIVATIONS, ACTIVATION_ALIASES, GATED_ACTIVATIONS, PRESETS, resolve_block
+from llm.config import LLMconfig
+from llm.model import LLM, padded_vocab_size
+from tests.conftest import make_config
+
+ATTENTION_SPECS = {
+    "mha": dict(attn="mha", n_head=4),
+    "mqa": dict(attn="mqa", n_head=4),
+    "gqa": dict(attn="gqa", n_head=6, n_kv_heads=2),
+    "mla": dict(attn="mla", n_head=4, q_latent_dim=24, kv_latent_dim=16, rope_head_dim=8),
+    "mla_no_q_latent": dict(attn="mla", n_head=4, kv_latent_dim=16, rope_head_dim=4),
+}
+POSITIONS = ["learn", "sin", "rope"]
+NORMS = ["layer", "rms"]
+
+
+def attention_params(spec: dict, C: int, bias: bool, rope: bool) -> int:
+    """Closed form of one attention layer's parameters."""
+    H = spec["n_head"]
+    hs = C // H
+    out = H * hs * C + bias * C
+    if spec["attn"] != "mla":
+        kv = {"mha": H, "mqa": 1, "gqa": spec.get("n_kv_heads")}[spec["attn"]]
+        return C * (H + 2 * kv) * hs + bias * (H + 2 * kv) * hs + out
+    dr = spec["rope_head_dim"] if rope else 0
+    dq, dc = spec.get("q_latent_dim") or 0, spec["kv_latent_dim"]
+    q = (C * dq + bias * dq + dq + dq * H * (hs + dr)) if dq else C * H * (hs + dr)
+    kv = C * (dc + dr) + bias * (dc + dr) + dc + dc * H * 2 * hs
+    return q + kv + out
+
+
+def mlp_params(C: int, up: int, gated: bool, bias: bool) -> int:
+    """Closed form of one dense MLP's parameters."""
+    first = (2 if gated else 1) * up
+    return C * first + bias * first + up * C + bias * C
+
+
+def model_params(config: LLMconfig) -> int:
+    """Closed form of the whole model's parameters (padded vocabulary rows included, tied weights once)."""
+    C, V = config.n_embd, padded_vocab_size(config.vocab_size)
+    norm = C + (C if config.norm == "layer" and config.bias else 0)
+    total = V * C * (1 if config.tie_embeddings else 2) + norm
+    total += config.block_size * C if config.pos_emb == "learn" else 0
+    for b in config.layers:
+        spec = {k: getattr(b, k) for k in ("attn", "n_head", "n_kv_heads", "q_latent_dim", "kv_latent_dim", "rope_head_dim")}
+        gated = ACTIVATION_ALIASES.get(b.non_linearity, b.non_linearity) in GATED_ACTIVATIONS
+        total += 2 * norm + attention_params(spec, C, config.bias, config.pos_emb == "rope")
+        total += mlp_params(C, b.up_dim, gated, config.bias)
+    return total
+
+
+def variants() -> list:
+    params = []
+    for name, spec in ATTENTION_SPECS.items():
+        for pos in POSITIONS:
+            for norm in NORMS:
+                params.append(pytest.param(spec, pos, norm, id=f"{name}-{pos}-{norm}"))
+    return params
+
+
+def check_model(config: LLMconfig) -> None:
+    """Shapes, loss at init, gradient flow, causality and parameter count of one configuration."""
+    model = LLM(config)
+    B, T, V = 3, config.block_size, config.vocab_size
+    idx = torch.randint(0, V, (B, T))
+    targets = torch.randint(0, V, (B, T))
+    logits, loss = model(idx, targets)
+    assert logits.shape == (B, T, V)
+    assert abs(loss.item() - math.log(V)) < 0.25, f"loss at init {loss.item():.3f} vs ln(V)={math.log(V):.3f}"
+
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+    model.eval()
+    t = T // 2
+    changed = idx.clone()
+    changed[:, t] = (changed[:, t] + 1) % V
+    with torch.no_grad():
+        before, _ = model(idx)
+        after, _ = model(changed)
+    torch.testing.assert_close(after[:, :t], before[:, :t], rtol=0, atol=1e-6)
+    assert (after[:, t] - before[:, t]).abs().max() > 1e-4, "changing token t must change the logits at t"
+
+    total, active = model.get_num_params()
+    assert total == active == model_params(config)
+
+
+@pytest.mark.parametrize("spec,pos,norm", variants())
+def test_attention_variants(spec, pos, norm):
+    check_model(make_config(spec, pos_emb=pos, norm=norm))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("tie", [False, True])
+def test_bias_and_tying(bias, tie):
+    check_model(make_config(ATTENTION_SPECS["mla"], bias=bias, tie_embeddings=tie, pos_emb="rope", vocab_size=130))
+
+
+@pytest.mark.parametrize("act", [a for a in ACTIVATIONS] + list(ACTIVATION_ALIASES))
+def test_activations(act):
+    check_model(make_config(dict(attn="gqa", n_head=4, n_kv_heads=2, non_linearity=act, up_dim=40), pos_emb="rope"))
+
+
+def test_gated_activations_are_gated():
+    for act in GATED_ACTIVATIONS:
+        model = LLM(make_config(dict(non_linearity=act, up_dim=40)))
+        assert model.blocks[0].ffn.c_fc.out_features == 80
+
+
+def test_heterogeneous_stack():
+    layers = [ATTENTION_SPECS["mla"], ATTENTION_SPECS["gqa"], dict(attn="mqa", n_head=2, non_linearity="swiglu")]
+    config = make_config(layers, pos_emb="rope", norm="rms")
+    check_model(config)
+    kinds = [type(b.attn).__name__ for b in LLM(config).blocks]
+    assert kinds == ["MultiHeadLatentAttention", "GroupedQueryAttention", "GroupedQueryAttention"]
+
+
+def test_vocab_is_padded_and_logits_sliced():
+    model = LLM(make_config(vocab_size=97))
+    assert model.tok_emb.weight.shape[0] == 128
+    logits, _ = model(torch.zeros(1, 4, dtype=torch.long))
+    assert logits.shape[-1] == 97
+
+
+def test_sequence_longer_than_block_size_is_refused():
+    model = LLM(make_config(block_size=8))
+    with pytest.raises(ValueError, match="block_size=8"):
+        model(torch.zeros(1, 9, dtype=torch.long))
+
+
+def test_residual_projections_scaled_by_depth():
+    config = make_config(n_layer=8, n_embd=256, layers=[dict(n_head=4)] * 8)
+    model = LLM(config)
+    std = model.blocks[0].attn.c_proj.weight.std().item()
+    assert abs(std - 0.02 / math.sqrt(16)) < 1e-3
+    assert abs(model.blocks[0].attn.c_attn.weight.std().item() - 0.02) < 1e-3
+
+
+def test_llama3_8b_preset_parameter_count_on_meta():
+    model_cfg, block, _ = PRESETS["llama3-8b-genomic"]
+    config = LLMconfig(**{**model_cfg.__dict__, "layers": [resolve_block(block, model_cfg.n_embd)] * model_cfg.n_layer})
+    with torch.device("meta"):
+        model = LLM(config)
+    total, _ = model.get_num_params()
+    C, L, F, kv = 4096, 32, 14336, 1024
+    per_layer = 2 * C * C + 2 * C * kv + 3 * C * F + 2 * C
+    assert total == L * per_layer + 2 * 256 * C + C == model_params(config)
+    assert 6.9e9 < total < 7.0e9  # Llama-3-8B's 8.03B includes 1.05B of 128256-token embeddings; here vocab is 256
