@@ -67,8 +67,8 @@ class BlockConfig:
 class LLMconfig:
     """The model: sizes, positions and norm shared by all layers, plus the list of per-layer specs."""
 
-    vocab_size: int = 50257
-    """Vocabulary size (the embedding is padded up to a multiple of 64 for speed; logits are sliced back)."""
+    vocab_size: int | None = None
+    """Vocabulary size; unset takes the prepared dataset's (the embedding is padded to a multiple of 64, logits are sliced back)."""
     block_size: int = 128
     """Context length in tokens."""
     n_embd: int = 128
@@ -100,7 +100,11 @@ class Trainconfig:
     """The training run: data, batch, optimisation, evaluation, checkpoints and logging."""
 
     dataset: str = "shakespeare_char"
-    """Dataset folder name under data/."""
+    """Dataset folder name under data_dir (prepared by python -m llm.data.prepare)."""
+    data_dir: str = "data"
+    """Folder holding the prepared datasets."""
+    out_dir: str = "out"
+    """Folder for run directories (out_dir/<run name>/)."""
     total_batch_size_str: str = "2**11"
     """Tokens per optimizer step, as integer arithmetic ('2**19', '8*1024'); gradient accumulation makes up the rest."""
     batch_size: int = 16
@@ -117,6 +121,8 @@ class Trainconfig:
     """Recompute each block's activations in the backward pass to save memory."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    log_interval: int = 10
+    """Steps between metric lines."""
     eval: bool = False
     """Evaluate train and val loss every eval_interval steps."""
     eval_interval: int = 100

@@ -57,7 +57,8 @@ def validate_block(b: BlockConfig, m: LLMconfig, where: str) -> None:
 
 def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     """Checks model-wide values and every layer; `wheres[i]` tells where layer i was specified."""
-    for name in ("vocab_size", "block_size", "n_embd", "n_layer"):
+    _require(m.vocab_size is None or m.vocab_size >= 1, f"vocab_size={m.vocab_size} must be >= 1")
+    for name in ("block_size", "n_embd", "n_layer"):
         value = getattr(m, name)
         _require(value >= 1, f"{name}={value} must be >= 1")
     _require(0.0 <= m.dropout < 1.0, f"dropout={m.dropout} must be in [0, 1)")
@@ -81,7 +82,7 @@ def total_batch_tokens(t: Trainconfig) -> int:
 def validate_train(t: Trainconfig, m: LLMconfig) -> None:
     """Checks the run's values, including that the batch splits into whole micro-steps."""
     for name, low in (("batch_size", 1), ("max_iters", 0), ("warmup_steps", 0), ("eval_interval", 1),
-                      ("eval_iters", 1), ("ckpt_interval", 1)):
+                      ("eval_iters", 1), ("ckpt_interval", 1), ("log_interval", 1)):
         value = getattr(t, name)
         _require(value >= low, f"{name}={value} must be >= {low}")
     _require(t.learning_rate > 0, f"learning_rate={t.learning_rate} must be > 0")

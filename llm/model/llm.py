@@ -4,6 +4,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import LLMconfig
 from .block import Block
@@ -23,7 +24,10 @@ class LLM(nn.Module):
 
     def __init__(self, config: LLMconfig):
         super().__init__()
+        if config.vocab_size is None:
+            raise ValueError("LLMconfig.vocab_size is unset; set it or take it from the dataset's meta.json")
         self.config = config
+        self.act_recomp = False  # recompute each block's activations in backward (set by the trainer)
         vocab = padded_vocab_size(config.vocab_size)
         self.tok_emb = nn.Embedding(vocab, config.n_embd)
         self.pos_emb = POSITIONS[config.pos_emb](config) if config.pos_emb in POSITIONS else None
@@ -61,7 +65,7 @@ class LLM(nn.Module):
             x = x + self.pos_emb(T)  # (B, T, C)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x)
+            x = checkpoint(block, x, use_reentrant=False) if self.act_recomp and self.training else block(x)
         logits = self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]  # (B, T, vocab_size)
         if targets is None:
             return logits, None

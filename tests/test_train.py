@@ -1,0 +1,101 @@
+"""Data preparation, the loader and a tiny end-to-end training run."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from llm.config import ConfigError, parse
+from llm.data.loader import RandomWindows
+from llm.data.prepare import PrepareArgs, prepare
+from llm.data.tokenizers import tokenizer_from_meta
+from llm.model import LLM
+from llm.train import train
+from llm.train.loop import run_dir_name
+from tests.conftest import SHARED, make_config
+
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
+
+
+@pytest.fixture(scope="module")
+def char_data(tmp_path_factory):
+    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
+    prepare(PrepareArgs(name="shakespeare_char", source=str(SHAKESPEARE), out=str(out)))
+    return out
+
+
+def test_char_preparation_round_trips(char_data):
+    meta = json.loads((char_data / "meta.json").read_text())
+    text = SHAKESPEARE.read_text()
+    assert meta["vocab_size"] == 65 and meta["dtype"] == "uint16"
+    assert meta["train_tokens"] + meta["val_tokens"] == len(text)
+    tokenizer = tokenizer_from_meta(meta)
+    val = np.fromfile(char_data / "val.bin", dtype=np.uint16)
+    assert tokenizer.decode(val.tolist()) == text[meta["train_tokens"]:]
+
+
+def test_gpt2_preparation_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+    source = tmp_path / "small.txt"
+    source.write_text(SHAKESPEARE.read_text()[:5000])
+    out = prepare(PrepareArgs(name="shakespeare", source=str(source), out=str(tmp_path / "gpt2")))
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tokenizer"] == "gpt2" and meta["vocab_size"] == 50257
+    ids = np.concatenate([np.fromfile(out / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
+    assert tokenizer_from_meta(meta).decode(ids.tolist()) == source.read_text()
+
+
+def test_loader_windows_are_shifted_by_one(char_data):
+    loader = RandomWindows(char_data / "train.bin", "uint16", 4, 16, torch.device("cpu"), seed=0)
+    data = np.fromfile(char_data / "train.bin", dtype=np.uint16)
+    x, y = loader.next_batch()
+    assert x.shape == y.shape == (4, 16)
+    assert torch.equal(x[:, 1:], y[:, :-1])
+    for row in x:
+        starts = np.flatnonzero(np.all(np.lib.stride_tricks.sliding_window_view(data, 16) == row.numpy(), axis=1))
+        assert len(starts) >= 1
+
+
+def test_missing_dataset_names_the_prepare_command(tmp_path):
+    model, cfg = parse(["--data_dir", str(tmp_path), "--max_iters", "1"])
+    with pytest.raises(ConfigError, match="python -m llm.data.prepare shakespeare_char"):
+        train(model, cfg)
+
+
+def test_vocab_smaller_than_data_is_refused(char_data):
+    model, cfg = parse(["--data_dir", str(char_data.parent), "--vocab_size", "50"])
+    with pytest.raises(ConfigError, match="vocab_size=50 is smaller"):
+        train(model, cfg)
+
+
+def test_tiny_run_loss_falls(char_data, tmp_path):
+    argv = ["--data_dir", str(char_data.parent), "--out_dir", str(tmp_path), "--max_iters", "40", "--log_interval", "39",
+            "--batch_size", "8", "--block_size", "64", "--total_batch_size_str", "2*8*64", "--learning_rate", "3e-3",
+            "--warmup_steps", "5", "--eval", "--eval_iters", "4", "--eval_interval", "39", "--save_model",
+            "--wandb_run_name", "trial_run_w/o_mix", "--attn", "gqa", "--n_kv_heads", "2", "--pos_emb", "rope"]
+    metrics = train(*parse(argv))
+    assert metrics["step"] == 39 and metrics["val_loss"] < 3.0  # ln(65) = 4.17 at init
+    run = tmp_path / "trial_run_w_o_mix"
+    assert (run / "llm.safetensors").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert json.loads((run / "config.json").read_text())["model"]["vocab_size"] == 65
+
+
+def test_run_dir_name_is_path_safe():
+    assert run_dir_name("trial_run_w/o_mix") == "trial_run_w_o_mix"
+    assert run_dir_name("../..") == "run"
+
+
+def test_activation_recomputation_gives_identical_gradients():
+    config = make_config([dict(attn="mla", n_head=4, kv_latent_dim=16, rope_head_dim=8), dict(attn="gqa", n_head=4, n_kv_heads=2)],
+                         pos_emb="rope")
+    model = LLM(config)
+    idx = torch.randint(0, config.vocab_size, (2, 16))
+    grads = []
+    for recompute in (False, True):
+        model.zero_grad()
+        model.act_recomp = recompute
+        model(idx, idx)[1].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(plain, recomputed, rtol=0, atol=0)
