@@ -9,6 +9,7 @@ from llm.config import BlockConfig, LLMconfig, resolve_block, validate_model
 
 SHARED = Path(os.environ.get("LLM_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))  # GPT-2 BPE ranks, offline
 
 
 def make_config(layers: list[dict] | dict | None = None, **model_fields) -> LLMconfig:

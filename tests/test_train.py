@@ -1,6 +1,5 @@
 """Data preparation, the loader and a tiny end-to-end training run."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -35,8 +34,7 @@ def test_char_preparation_round_trips(char_data):
     assert tokenizer.decode(val.tolist()) == text[meta["train_tokens"]:]
 
 
-def test_gpt2_preparation_offline(tmp_path, monkeypatch):
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
+def test_gpt2_preparation_offline(tmp_path):
     source = tmp_path / "small.txt"
     source.write_text(SHAKESPEARE.read_text()[:5000])
     out = prepare(PrepareArgs(name="shakespeare", source=str(source), out=str(tmp_path / "gpt2")))
