@@ -1,5 +1,6 @@
 """Command line: flag names, switches, presets, config files, layer specs and one-line errors."""
 import json
+import os
 import subprocess
 import sys
 
@@ -136,6 +137,23 @@ def test_flags_override_config_file(tmp_path):
     assert model.n_layer == 3 and all(layer.n_head == 4 and layer.attn == "mqa" for layer in model.layers)
 
 
+def test_config_file_errors(tmp_path):
+    layer = {"attn": "mqa", "n_head": 2, "moe": False, "up_dim": 32, "non_linearity": "relu"}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"model": {"n_layer": 3, "layers": [layer] * 2}}))
+    with pytest.raises(ConfigError, match="model.n_layer=3 but model.layers has 2 specs"):
+        parse(["--config", str(path)])
+    path.write_text(json.dumps({"model": {"layers": [layer, {**layer, "attn": "mha"}]}}))
+    with pytest.raises(ConfigError, match="--n_head cannot change the heterogeneous layers"):
+        parse(["--config", str(path), "--n_head", "4"])
+    path.write_text(json.dumps({"modle": {}}))
+    with pytest.raises(ConfigError, match='unknown top-level key "modle" \\(did you mean "model"\\?\\)'):
+        parse(["--config", str(path)])
+    path.write_text(json.dumps({"train": {"learning_rat": 0.1}}))
+    with pytest.raises(ConfigError, match='unknown key "learning_rat"'):
+        parse(["--config", str(path)])
+
+
 BAD_INPUTS = [
     (["--n_head", "5"], "n_head=5 does not divide n_embd=128"),
     (["--attn", "gqa"], "attn=gqa needs n_kv_heads"),
@@ -207,3 +225,13 @@ def test_entry_point_exits_2_without_traceback(argv, needle):
 def test_block_config_defaults_make_moe_valid():
     block = BlockConfig(moe=True)
     assert block.n_exp >= block.n_act > block.n_shared >= 0
+
+
+@pytest.mark.parametrize("attn", ["mha", "mqa", "gqa", "mla"])
+def test_single_run_script_passes_every_flag(attn):
+    env = {**os.environ, "ATTN": attn}
+    result = subprocess.run(["bash", str(REPO / "scripts" / "train_single.sh"), "--print_config"], capture_output=True,
+                            text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    layers = json.loads(result.stdout)["model"]["layers"]
+    assert len(layers) == 4 and all(layer["attn"] == attn for layer in layers)

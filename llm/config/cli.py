@@ -98,12 +98,16 @@ def _read_config_file(path: str, model: LLMconfig, layer: BlockConfig, train: Tr
     specs = model_data.pop("layers", None) or []
     if not isinstance(specs, list):
         raise ConfigError(f"{path}: model.layers must be a list of layer objects")
-    model = dataclass_from_dict(LLMconfig, model_data, f"{path} model", base=model, skip=("layers",))
+    model = dataclass_from_dict(LLMconfig, model_data, f"{path} model", base=model)
     train = dataclass_from_dict(Trainconfig, data.get("train") or {}, f"{path} train", base=train)
     blocks = [block_from_spec(s, BlockConfig(), f"{path} model.layers item {i}") for i, s in enumerate(specs)]
-    if blocks and all(b == blocks[0] for b in blocks):
+    if blocks and "n_layer" in model_data and model.n_layer != len(blocks):
+        raise ConfigError(f"{path}: model.n_layer={model.n_layer} but model.layers has {len(blocks)} specs; make them equal")
+    if not blocks:
+        return model, layer, train
+    if all(b == blocks[0] for b in blocks):
         return dataclasses.replace(model, n_layer=len(blocks), layers=[]), blocks[0], train
-    return dataclasses.replace(model, n_layer=len(blocks) or model.n_layer, layers=blocks), layer, train
+    return dataclasses.replace(model, n_layer=len(blocks), layers=blocks), layer, train
 
 
 def _load_mapping(path: str) -> dict:

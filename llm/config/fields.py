@@ -20,9 +20,9 @@ def known_fields(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
-def check_keys(data: dict, cls: type, where: str, skip: tuple[str, ...] = ()) -> None:
+def check_keys(data: dict, cls: type, where: str) -> None:
     """Rejects keys that are not fields of `cls`, suggesting the closest field name."""
-    names = [n for n in known_fields(cls) if n not in skip]
+    names = list(known_fields(cls))
     for key in data:
         if key not in names:
             raise ConfigError(f'{where}: unknown key "{key}"{did_you_mean(str(key), names)}')
@@ -56,11 +56,11 @@ def coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
     return float(value) if annotation is float else value
 
 
-def dataclass_from_dict(cls: type, data: dict, where: str, base: Any = None, skip: tuple[str, ...] = ()) -> Any:
+def dataclass_from_dict(cls: type, data: dict, where: str, base: Any = None) -> Any:
     """Builds `cls` from `data` over `base` (or the defaults), checking keys and types."""
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a JSON object, got {type(data).__name__}")
-    check_keys(data, cls, where, skip)
+    check_keys(data, cls, where)
     hints = known_fields(cls)
     values = {k: coerce(v, hints[k], k, where) for k, v in data.items()}
     return dataclasses.replace(base, **values) if base is not None else cls(**values)
