@@ -30,7 +30,6 @@ class GPT2Tokenizer:
     """GPT-2's BPE through tiktoken (r50k_base: the same ranks, loadable offline from TIKTOKEN_CACHE_DIR)."""
 
     name = "gpt2"
-    eot = 50256
 
     def __init__(self):
         self.encoding = tiktoken.get_encoding("r50k_base")
