@@ -97,3 +97,18 @@ def test_activation_recomputation_gives_identical_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for plain, recomputed in zip(*grads):
         torch.testing.assert_close(plain, recomputed, rtol=0, atol=0)
+
+
+def test_failed_write_leaves_previous_file(tmp_path):
+    from llm.files import write_atomically
+
+    path = tmp_path / "weights.bin"
+    write_atomically(path, lambda tmp: tmp.write_bytes(b"old"))
+
+    def crash(tmp):
+        tmp.write_bytes(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        write_atomically(path, crash)
+    assert path.read_bytes() == b"old"

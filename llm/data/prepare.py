@@ -5,7 +5,6 @@
 """
 import hashlib
 import json
-import os
 import sys
 import urllib.request
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import numpy as np
 import tyro
 
 from ..config import ConfigError, exit_on_user_error
+from ..files import write_atomically
 from .tokenizers import CharTokenizer, GPT2Tokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -53,15 +53,6 @@ def read_source(source: str | None) -> str:
     return data.decode("utf-8")
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def prepare(args: PrepareArgs) -> Path:
     """Writes the dataset and returns its folder."""
     if not 0 < args.val_fraction < 1:
@@ -76,11 +67,11 @@ def prepare(args: PrepareArgs) -> Path:
     counts = {}
     for part, chunk in (("train", text[:split]), ("val", text[split:])):
         ids = np.array(tokenizer.encode(chunk), dtype=dtype)
-        write_atomic(out / f"{part}.bin", ids.tobytes())
+        write_atomically(out / f"{part}.bin", lambda tmp: tmp.write_bytes(ids.tobytes()))
         counts[f"{part}_tokens"] = len(ids)
     meta = {**tokenizer.meta(), "dtype": np.dtype(dtype).name, **counts, "source": args.source or SHAKESPEARE_URL,
             "md5": hashlib.md5(text.encode("utf-8")).hexdigest()}
-    write_atomic(out / "meta.json", json.dumps(meta).encode())
+    write_atomically(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta)))
     print(f"wrote {out}: {counts['train_tokens']:,} train and {counts['val_tokens']:,} val tokens, "
           f"{kind} tokenizer, vocabulary {tokenizer.vocab_size}")
     return out

@@ -10,6 +10,7 @@ import torch
 
 from ..config import ConfigError, LLMconfig, Trainconfig, config_dict, total_batch_tokens
 from ..data.loader import RandomWindows, read_meta
+from ..files import write_atomically
 from ..model import LLM
 from .checkpoint import save_weights
 from .optim import build_optimizer, learning_rate
@@ -76,7 +77,8 @@ def train(model_config: LLMconfig, cfg: Trainconfig) -> dict:
 
     run_dir = Path(cfg.out_dir) / run_dir_name(cfg.wandb_run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(config_dict(model_config, cfg), indent=2))
+    resolved = json.dumps(config_dict(model_config, cfg), indent=2)
+    write_atomically(run_dir / "config.json", lambda tmp: tmp.write_text(resolved))
     total, active = model.get_num_params()
     print(f"model: {total:,} parameters ({active:,} active); {accum_steps} micro-steps of "
           f"{cfg.batch_size}x{model_config.block_size} tokens per step on {device.type}; run dir {run_dir}")
@@ -120,7 +122,7 @@ def train(model_config: LLMconfig, cfg: Trainconfig) -> dict:
                     wandb.log(metrics, step=step)
                 t0, last_logged = time.perf_counter(), step
     if cfg.save_model:
-        print(f"saved {save_weights(model, config_dict(model_config, cfg), run_dir, cfg.file_name)}")
+        print(f"saved {save_weights(model, run_dir, cfg.file_name)}")
     if wandb is not None:
         wandb.finish()
     return metrics
