@@ -28,11 +28,11 @@ def test_flash_path_equals_sdpa_path(spec, monkeypatch):
     model = LLM(config).eval()
     idx = torch.randint(0, config.vocab_size, (2, config.block_size))
     with torch.no_grad():
-        sdpa_logits, _ = model(idx)
+        sdpa_logits = model(idx).logits
         calls = []
         monkeypatch.setattr(kernels, "flash_attn_func", lambda *a, **kw: calls.append(1) or reference_flash_attn(*a, **kw))
         monkeypatch.setattr(kernels, "flash_usable", lambda q, v: True)
-        flash_logits, _ = model(idx)
+        flash_logits = model(idx).logits
     assert len(calls) == config.n_layer
     torch.testing.assert_close(flash_logits, sdpa_logits, rtol=1e-5, atol=1e-5)
 

@@ -18,7 +18,7 @@ ALL_FLAGS = [
     "--norm", "rms", "--up_dim", "100", "--non_linearity", "swish", "--attn", "gqa", "--n_head", "8",
     "--n_kv_heads", "4", "--q_latent_dim", "16", "--kv_latent_dim", "32", "--rope_head_dim", "8", "--moe",
     "--n_exp", "6", "--n_shared", "1", "--n_act", "2", "--aux_free", "--alpha", "0.001", "--gamma", "0.01",
-    "--coeff", "0.02",
+    "--coeff", "0.02", "--router_score", "sigmoid", "--no_norm_topk",
 ]
 
 
@@ -33,6 +33,7 @@ def test_every_flag_parses():
     assert (layer.attn, layer.n_head, layer.n_kv_heads, layer.up_dim, layer.non_linearity) == ("gqa", 8, 4, 100, "swish")
     assert layer.moe and layer.aux_free and (layer.n_exp, layer.n_shared, layer.n_act) == (6, 1, 2)
     assert (layer.alpha, layer.gamma, layer.coeff) == (0.001, 0.01, 0.02)
+    assert layer.router_score == "sigmoid" and not layer.norm_topk
 
 
 def test_layer_configs_flag_parses():
@@ -164,6 +165,7 @@ BAD_INPUTS = [
     (["--attn", "mla", "--kv_latent_dim", "16", "--pos_emb", "rope", "--rope_head_dim", "5"], "rope_head_dim"),
     (["--moe", "--n_exp", "2", "--n_act", "3"], "n_exp >= n_act > n_shared"),
     (["--moe", "--n_shared", "2", "--n_act", "2"], "n_exp >= n_act > n_shared"),
+    (["--moe", "--n_act", "2"], "use --no_norm_topk or raise n_act"),
     (["--dropout", "1.5"], "dropout=1.5"),
     (["--batch_size", "3", "--total_batch_size_str", "1000"], "not a positive multiple"),
     (["--total_batch_size_str", "2**11 + exec('x')"], "total_batch_size_str"),
@@ -179,6 +181,8 @@ BAD_INPUTS = [
      "moe=1 must be bool"),
     (["--layer_configs", '[{"attn": "gqq", "n_head": 4, "moe": false, "up_dim": 8, "non_linearity": "relu"}]'],
      'did you mean "gqa"'),
+    (["--layer_configs", '[{"attn": "mha", "n_head": 4, "moe": true, "up_dim": 8, "non_linearity": "relu", '
+                         '"router_score": "softmx"}]'], 'did you mean "softmax"'),
     (["--layer_configs", '[{"attn": "mha", "n_head": 4, "moe": false, "up_dim": 8, "non_linearity": "relu"}]',
       "--n_layer", "2"], "n_layer=2 but 1 layer specs"),
     (["--config", "nope.yaml"], "no such file"),

@@ -41,18 +41,26 @@ def mlp_params(C: int, up: int, gated: bool, bias: bool) -> int:
     return C * first + bias * first + up * C + bias * C
 
 
-def model_params(config: LLMconfig) -> int:
-    """Closed form of the whole model's parameters (padded vocabulary rows included, tied weights once)."""
+def model_params(config: LLMconfig) -> tuple[int, int]:
+    """Closed form of the whole model's (total, active) parameters (padded vocabulary rows included, tied weights
+    once); a token uses n_act - n_shared of the n_exp - n_shared routed experts of an MoE layer."""
     C, V = config.n_embd, padded_vocab_size(config.vocab_size)
     norm = C + (C if config.norm == "layer" and config.bias else 0)
     total = V * C * (1 if config.tie_embeddings else 2) + norm
     total += config.block_size * C if config.pos_emb == "learn" else 0
+    inactive = 0
     for b in config.layers:
         spec = {k: getattr(b, k) for k in ("attn", "n_head", "n_kv_heads", "q_latent_dim", "kv_latent_dim", "rope_head_dim")}
         gated = ACTIVATION_ALIASES.get(b.non_linearity, b.non_linearity) in GATED_ACTIVATIONS
         total += 2 * norm + attention_params(spec, C, config.bias, config.pos_emb == "rope")
-        total += mlp_params(C, b.up_dim, gated, config.bias)
-    return total
+        if not b.moe:
+            total += mlp_params(C, b.up_dim, gated, config.bias)
+            continue
+        routed, expert = b.n_exp - b.n_shared, mlp_params(C, b.up_dim, gated, config.bias)
+        shared = mlp_params(C, b.n_shared * b.up_dim, gated, config.bias) if b.n_shared else 0
+        total += C * routed + routed * expert + shared
+        inactive += (routed - (b.n_act - b.n_shared)) * expert
+    return total, total - inactive
 
 
 def variants() -> list:
@@ -70,7 +78,7 @@ def check_model(config: LLMconfig) -> None:
     B, T, V = 3, config.block_size, config.vocab_size
     idx = torch.randint(0, V, (B, T))
     targets = torch.randint(0, V, (B, T))
-    logits, loss = model(idx, targets)
+    logits, loss = model(idx, targets)[:2]
     assert logits.shape == (B, T, V)
     assert abs(loss.item() - math.log(V)) < 0.25, f"loss at init {loss.item():.3f} vs ln(V)={math.log(V):.3f}"
 
@@ -83,13 +91,12 @@ def check_model(config: LLMconfig) -> None:
     changed = idx.clone()
     changed[:, t] = (changed[:, t] + 1) % V
     with torch.no_grad():
-        before, _ = model(idx)
-        after, _ = model(changed)
+        before = model(idx).logits
+        after = model(changed).logits
     torch.testing.assert_close(after[:, :t], before[:, :t], rtol=0, atol=1e-6)
     assert (after[:, t] - before[:, t]).abs().max() > 1e-4, "changing token t must change the logits at t"
 
-    total, active = model.get_num_params()
-    assert total == active == model_params(config)
+    assert model.get_num_params() == model_params(config)
 
 
 @pytest.mark.parametrize("spec,pos,norm", variants())
@@ -122,10 +129,32 @@ def test_heterogeneous_stack():
     assert kinds == ["MultiHeadLatentAttention", "GroupedQueryAttention", "GroupedQueryAttention"]
 
 
+MOE_SPECS = {
+    "softmax-switch": dict(moe=True, n_exp=6, n_shared=1, n_act=3, up_dim=32),
+    "sigmoid-auxfree-swiglu": dict(moe=True, n_exp=5, n_shared=2, n_act=4, router_score="sigmoid", aux_free=True,
+                                   non_linearity="swiglu", up_dim=24),
+    "no-shared-top1": dict(moe=True, n_exp=4, n_shared=0, n_act=1, norm_topk=False, non_linearity="relu", up_dim=40),
+}
+
+
+@pytest.mark.parametrize("spec", MOE_SPECS.values(), ids=MOE_SPECS.keys())
+@pytest.mark.parametrize("bias", [False, True])
+def test_moe_variants(spec, bias):
+    check_model(make_config(spec, bias=bias, n_embd=32))
+
+
+def test_heterogeneous_stack_with_moe():
+    layers = [{**ATTENTION_SPECS["mla"], **MOE_SPECS["sigmoid-auxfree-swiglu"]}, ATTENTION_SPECS["gqa"]]
+    config = make_config(layers, pos_emb="rope", norm="rms")
+    check_model(config)
+    total, active = LLM(config).get_num_params()
+    assert active < total
+
+
 def test_vocab_is_padded_and_logits_sliced():
     model = LLM(make_config(vocab_size=97))
     assert model.tok_emb.weight.shape[0] == 128
-    logits, _ = model(torch.zeros(1, 4, dtype=torch.long))
+    logits = model(torch.zeros(1, 4, dtype=torch.long)).logits
     assert logits.shape[-1] == 97
 
 
@@ -151,5 +180,5 @@ def test_llama3_8b_preset_parameter_count_on_meta():
     total, _ = model.get_num_params()
     C, L, F, kv = 4096, 32, 14336, 1024
     per_layer = 2 * C * C + 2 * C * kv + 3 * C * F + 2 * C
-    assert total == L * per_layer + 2 * 256 * C + C == model_params(config)
+    assert (total, total) == (L * per_layer + 2 * 256 * C + C,) * 2 == model_params(config)
     assert 6.9e9 < total < 7.0e9  # Llama-3-8B's 8.03B includes 1.05B of 128256-token embeddings; here vocab is 256

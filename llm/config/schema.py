@@ -12,6 +12,7 @@ import tyro
 AttentionKind = Literal["mha", "mqa", "gqa", "mla"]
 PositionKind = Literal["learn", "sin", "rope"]
 NormKind = Literal["layer", "rms"]
+RouterScore = Literal["softmax", "sigmoid"]
 Activation = Literal[
     "relu", "gelu", "gelu_tanh", "silu", "swish", "mish", "selu", "celu", "elu", "leaky_relu", "lrelu",
     "tanh", "sigmoid", "swiglu", "geglu", "reglu", "glu",
@@ -53,10 +54,14 @@ class BlockConfig:
     """MoE: shared experts that every token goes through."""
     n_act: int = 3
     """MoE: experts active per token, shared ones included (each token picks n_act - n_shared routed experts)."""
+    router_score: RouterScore = "softmax"
+    """MoE: router scores over the routed experts: softmax, or sigmoid as in DeepSeek-V3."""
+    norm_topk: bool = True
+    """MoE: renormalise the chosen experts' gate weights to sum to 1."""
     coeff: float = 0.01
-    """MoE: weight of the load-balancing loss (when aux_free is off)."""
+    """MoE: weight of the Switch-style load-balancing loss coeff * N_routed * sum_i f_i * P_i (when aux_free is off)."""
     aux_free: bool = False
-    """MoE: DeepSeek-V3 auxiliary-loss-free balancing (a selection bias updated after each step)."""
+    """MoE: DeepSeek-V3 auxiliary-loss-free balancing (a selection-only bias moved by gamma after each optimizer step)."""
     alpha: float = 1e-4
     """MoE with aux_free: weight of the complementary sequence-wise balance loss."""
     gamma: float = 1e-3

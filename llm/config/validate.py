@@ -50,6 +50,9 @@ def validate_block(b: BlockConfig, m: LLMconfig, where: str) -> None:
         _require(b.n_exp >= b.n_act > b.n_shared >= 0,
                  f"{where}moe needs n_exp >= n_act > n_shared >= 0, got n_exp={b.n_exp}, n_act={b.n_act}, "
                  f"n_shared={b.n_shared}; each token uses n_act experts, n_shared of them shared")
+        _require(not (b.norm_topk and b.n_act - b.n_shared == 1),
+                 f"{where}norm_topk with n_act - n_shared = 1 routed expert per token makes every gate weight 1, so the "
+                 "router learns nothing from the language-model loss; use --no_norm_topk or raise n_act")
         for name in ("coeff", "alpha", "gamma"):
             value = getattr(b, name)
             _require(value >= 0, f"{where}{name}={value} must be >= 0")

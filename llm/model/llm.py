@@ -1,5 +1,6 @@
 """The language model: embeddings, a stack of per-layer blocks, final norm and output head."""
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -8,6 +9,8 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import LLMconfig
 from .block import Block
+from .ffn import MoE
+from .ffn.experts import ExpertLinear
 from .norms import build_norm
 from .positions import POSITIONS
 
@@ -17,6 +20,15 @@ VOCAB_MULTIPLE = 64  # embedding rows are padded to a multiple of 64 for faster 
 def padded_vocab_size(vocab_size: int) -> int:
     """vocab_size rounded up to a multiple of 64."""
     return math.ceil(vocab_size / VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+
+
+class ModelOutput(NamedTuple):
+    """What the model returns: logits, the pure cross-entropy, and the MoE layers' balance figures."""
+
+    logits: torch.Tensor  # (B, T, vocab_size)
+    loss: torch.Tensor | None  # () mean cross-entropy when targets are given
+    balance_loss: torch.Tensor  # () sum of the MoE layers' weighted balance losses (0 without MoE)
+    expert_loads: list[torch.Tensor]  # per MoE layer, (E,) tokens each routed expert received
 
 
 class LLM(nn.Module):
@@ -45,17 +57,16 @@ class LLM(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, ExpertLinear)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits (B, T, vocab_size) for token ids idx (B, T), and the mean cross-entropy when targets are given.
-
-        Targets equal to -1 are ignored.
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+        """Logits (B, T, vocab_size) for token ids idx (B, T), the mean cross-entropy when targets are given (targets
+        equal to -1 are ignored), and the MoE balance loss and expert loads. Train on loss + balance_loss.
         """
         B, T = idx.shape
         if T > self.config.block_size:
@@ -64,18 +75,33 @@ class LLM(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(T)  # (B, T, C)
         x = self.drop(x)
+        balance_loss, expert_loads = torch.zeros((), device=idx.device), []
         for block in self.blocks:
-            x = checkpoint(block, x, use_reentrant=False) if self.act_recomp and self.training else block(x)
+            # Recomputation re-runs the block in backward but only this first call's outputs are kept, so MoE loads
+            # are counted once.
+            x, stats = checkpoint(block, x, use_reentrant=False) if self.act_recomp and self.training else block(x)
+            if stats is not None:
+                balance_loss = balance_loss + stats.balance_loss
+                expert_loads.append(stats.load)
         logits = self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]  # (B, T, vocab_size)
-        if targets is None:
-            return logits, None
-        loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), ignore_index=-1)
-        return logits, loss
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+        return ModelOutput(logits, loss, balance_loss, expert_loads)
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE feed-forward modules, in layer order (the order of ModelOutput.expert_loads)."""
+        return [block.ffn for block in self.blocks if block.moe]
+
+    def update_expert_bias(self, loads: list[torch.Tensor]) -> None:
+        """After an optimizer step: moves each aux-free MoE layer's selection bias from the step's expert loads."""
+        for moe, load in zip(self.moe_layers(), loads, strict=True):
+            moe.update_bias(load)
 
     def get_num_params(self) -> tuple[int, int]:
         """(total, active) parameter counts; tied weights count once, padded vocabulary rows included.
 
-        Active parameters are those a token uses (equal to total for dense models).
+        Active parameters are those a token uses: all but the routed experts it does not pick.
         """
         total = sum(p.numel() for p in self.parameters())
-        return total, total
+        return total, total - sum(moe.inactive_params() for moe in self.moe_layers())

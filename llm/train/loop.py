@@ -35,9 +35,23 @@ def format_metrics(m: dict) -> str:
     """One console line per logged step."""
     line = (f"step {m['step']:>5} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | norm {m['grad_norm']:.2f} | "
             f"{m['ms_per_step']:.0f} ms | {m['tokens_per_s']:,.0f} tok/s")
+    if "balance_loss" in m:
+        line += f" | balance {m['balance_loss']:.4f} | max/mean load {m['max_load_ratio']:.2f}"
     if "val_loss" in m:
         line += f" | train {m['train_loss']:.4f} | val {m['val_loss']:.4f}"
     return line
+
+
+def moe_metrics(balance_loss: float, loads: list[torch.Tensor], layers: list[int]) -> dict:
+    """Balance figures of one step: the balance loss, and per MoE layer its load fractions and max/mean load
+    ratio (1 is perfect balance); max_load_ratio is the worst layer's."""
+    metrics = {"balance_loss": balance_loss}
+    for layer, load in zip(layers, loads):
+        load = load.float().cpu()
+        metrics[f"load_fractions/layer{layer}"] = [round(v, 4) for v in (load / load.sum()).tolist()]
+        metrics[f"max_load_ratio/layer{layer}"] = (load.max() / load.mean()).item()
+    metrics["max_load_ratio"] = max(v for k, v in metrics.items() if k.startswith("max_load_ratio/"))
+    return metrics
 
 
 @torch.no_grad()
@@ -50,7 +64,7 @@ def estimate_loss(model: LLM, loaders: dict, iters: int, autocast) -> dict[str, 
         for _ in range(iters):
             x, y = loader.next_batch()
             with autocast():
-                total += model(x, y)[1].item()
+                total += model(x, y).loss.item()
         losses[f"{split}_loss"] = total / iters
     model.train()
     return losses
@@ -88,23 +102,28 @@ def train(model_config: LLMconfig, cfg: Trainconfig) -> dict:
 
         wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config_dict(model_config, cfg))
 
+    moe_layers = [i for i, block in enumerate(model_config.layers) if block.moe]
     metrics, t0, last_logged = {}, time.perf_counter(), -1
     with open(run_dir / "metrics.jsonl", "w") as log:
         for step in range(cfg.max_iters):
             lr = learning_rate(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_iters)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=device)
+            loss_sum, balance_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+            loads = [torch.zeros_like(moe.router.gate.weight[:, 0]) for moe in model.moe_layers()]
             for _ in range(accum_steps):
                 x, y = loaders["train"].next_batch()
                 with autocast():
-                    _, loss = step_model(x, y)
-                (loss / accum_steps).backward()
-                loss_sum += loss.detach()
+                    out = step_model(x, y)
+                ((out.loss + out.balance_loss) / accum_steps).backward()
+                loss_sum += out.loss.detach()
+                balance_sum += out.balance_loss.detach()
+                loads = [total + load for total, load in zip(loads, out.expert_loads)]
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            model.update_expert_bias(loads)  # loads over the whole step's batch; a no-op without aux-free layers
 
             last = step == cfg.max_iters - 1
             if step % cfg.log_interval == 0 or last:
@@ -114,6 +133,8 @@ def train(model_config: LLMconfig, cfg: Trainconfig) -> dict:
                 dt = (time.perf_counter() - t0) / (step - last_logged)
                 metrics = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
                            "ms_per_step": 1000 * dt, "tokens_per_s": tokens_per_step / dt}
+                if moe_layers:
+                    metrics.update(moe_metrics(balance_sum.item() / accum_steps, loads, moe_layers))
                 if cfg.eval and (step % cfg.eval_interval == 0 or last):
                     metrics.update(estimate_loss(model, loaders, cfg.eval_iters, autocast))
                 print(format_metrics(metrics))

@@ -1,0 +1,91 @@
+"""The Mixture-of-Experts feed-forward layer: shared experts, routed experts and their balancing."""
+from dataclasses import replace
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from ...config import BlockConfig, LLMconfig
+from .experts import RoutedExperts
+from .mlp import MLP
+from .router import Router
+
+
+class MoEStats(NamedTuple):
+    """What one MoE layer reports besides its output."""
+
+    balance_loss: torch.Tensor  # () weighted balance loss, to be added to the training loss
+    load: torch.Tensor  # (E,) tokens each routed expert received
+
+
+def normalized(scores: torch.Tensor) -> torch.Tensor:
+    """Affinities (..., E) scaled to sum to 1 over the experts (softmax scores already do)."""
+    return scores / scores.sum(dim=-1, keepdim=True)
+
+
+def switch_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Switch-style load balance N * sum_i f_i * P_i over all N tokens: f_i is the fraction of the N*k choices that
+    went to expert i, P_i the mean normalised affinity for expert i. Equals 1 when routing is uniform."""
+    E = scores.shape[-1]
+    f = torch.zeros(E, device=scores.device).scatter_add_(0, indices.reshape(-1), torch.ones(indices.numel(), device=scores.device))
+    f = f / indices.numel()  # (E,)
+    P = normalized(scores).mean(dim=0)  # (E,)
+    return E * (f * P).sum()
+
+
+def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int) -> torch.Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss sum_i f_i * P_i, averaged over sequences: per sequence
+    of T tokens, f_i = E / (k * T) * (tokens choosing i) and P_i = mean over t of the normalised affinity."""
+    E, k = scores.shape[-1], indices.shape[-1]
+    per_seq = indices.reshape(batch, -1)  # (B, T*k)
+    T = per_seq.shape[1] // k
+    f = torch.zeros(batch, E, device=scores.device).scatter_add_(1, per_seq, torch.ones(per_seq.shape, device=scores.device))
+    f = f * (E / (k * T))  # (B, E)
+    P = normalized(scores).reshape(batch, T, E).mean(dim=1)  # (B, E)
+    return (f * P).sum(dim=-1).mean()
+
+
+class MoE(nn.Module):
+    """n_shared shared experts that every token goes through plus n_exp - n_shared routed experts, of which each
+    token uses n_act - n_shared, weighted by the router's gate weights.
+
+    The shared experts are one MLP of width n_shared * up_dim (the same function as n_shared separate MLPs
+    summed). Balancing is the Switch-style loss weighted by `coeff`, or with `aux_free` DeepSeek-V3's
+    selection bias (moved by `update_bias` after each optimizer step) plus its sequence-wise loss weighted
+    by `alpha`.
+    """
+
+    def __init__(self, block: BlockConfig, config: LLMconfig):
+        super().__init__()
+        self.aux_free = block.aux_free
+        self.gamma = block.gamma
+        self.balance_weight = block.alpha if block.aux_free else block.coeff
+        self.router = Router(block, config)
+        self.experts = RoutedExperts(block, config)
+        self.shared = MLP(replace(block, up_dim=block.n_shared * block.up_dim), config) if block.n_shared else None
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
+        """x (B, T, C) -> (output (B, T, C), balance loss and expert loads)."""
+        B, T, C = x.shape
+        flat = x.reshape(B * T, C)  # (N, C)
+        route = self.router(flat)
+        routed, load = self.experts(flat, route.indices, route.weights)  # (N, C), (E,)
+        y = self.dropout(routed.view(B, T, C)).to(x.dtype)  # (B, T, C)
+        if self.shared is not None:
+            y = y + self.shared(x)  # (B, T, C)
+        if self.aux_free:
+            balance = sequence_balance_loss(route.scores, route.indices, B)
+        else:
+            balance = switch_balance_loss(route.scores, route.indices)
+        return y, MoEStats(self.balance_weight * balance, load)
+
+    def update_bias(self, load: torch.Tensor) -> None:
+        """After an optimizer step: moves the aux-free selection bias by gamma from the step's loads (E,)."""
+        if self.aux_free:
+            self.router.update_bias(load, self.gamma)
+
+    def inactive_params(self) -> int:
+        """Parameters of the routed experts a token does not use."""
+        per_expert = sum(p[0].numel() for p in self.experts.parameters())
+        return per_expert * (self.router.n_routed - self.router.top_k)

@@ -1,0 +1,55 @@
+"""The MoE router: scores over the routed experts, top-k selection, gate weights."""
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...config import BlockConfig, LLMconfig
+
+
+class Routing(NamedTuple):
+    """The router's decision for N tokens over E routed experts, choosing k each."""
+
+    scores: torch.Tensor  # (N, E) fp32 affinities: softmax or sigmoid of the router logits
+    indices: torch.Tensor  # (N, k) chosen experts
+    weights: torch.Tensor  # (N, k) fp32 gate weights of the chosen experts (unbiased scores)
+
+
+class Router(nn.Module):
+    """A linear gate over the routed experts with softmax or sigmoid scores and top-k selection.
+
+    With `aux_free` a per-expert bias (buffer `expert_bias`, DeepSeek-V3's auxiliary-loss-free balancing) is
+    added to the scores for the selection only; gate weights always come from the unbiased scores and are
+    renormalised over the chosen k when `norm_topk` is set. The router runs in fp32 even under autocast.
+    """
+
+    def __init__(self, block: BlockConfig, config: LLMconfig):
+        super().__init__()
+        self.n_routed = block.n_exp - block.n_shared
+        self.top_k = block.n_act - block.n_shared
+        self.score = block.router_score
+        self.norm_topk = block.norm_topk
+        self.gate = nn.Linear(config.n_embd, self.n_routed, bias=False)
+        bias = torch.zeros(self.n_routed) if block.aux_free else None
+        self.register_buffer("expert_bias", bias)
+
+    def forward(self, x: torch.Tensor) -> Routing:
+        """Routes tokens x (N, C)."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.gate.weight.float())  # (N, E)
+        scores = logits.softmax(dim=-1) if self.score == "softmax" else logits.sigmoid()  # (N, E)
+        choice = scores if self.expert_bias is None else scores + self.expert_bias  # (N, E)
+        indices = choice.topk(self.top_k, dim=-1).indices  # (N, k)
+        weights = scores.gather(1, indices)  # (N, k)
+        if self.norm_topk:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(scores, indices, weights)
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor, gamma: float) -> None:
+        """Moves the selection bias towards balance: + gamma for under-loaded experts, - gamma for over-loaded ones.
+
+        `load` (E,) counts the tokens each routed expert received over a whole optimizer step.
+        """
+        self.expert_bias += gamma * torch.sign(load.float().mean() - load.float())
