@@ -4,6 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MOE_FLAG=$([ "${MOE:-0}" = 1 ] && echo --moe || echo --no_moe)
+AUX_FREE_FLAG=$([ "${AUX_FREE:-0}" = 1 ] && echo --aux_free || echo --no_aux_free)
+NORM_TOPK_FLAG=$([ "${NORM_TOPK:-1}" = 1 ] && echo --norm_topk || echo --no_norm_topk)
 EVAL_FLAG=$([ "${EVAL:-1}" = 1 ] && echo --eval || echo --no_eval)
 python train.py \
   --dataset "${DATASET:-shakespeare_char}" \
@@ -30,6 +32,7 @@ python train.py \
   --non_linearity "${NON_LINEARITY:-swiglu}" \
   $MOE_FLAG \
   --n_exp "${N_EXP:-8}" --n_shared "${N_SHARED:-1}" --n_act "${N_ACT:-3}" \
+  --router_score "${ROUTER_SCORE:-softmax}" $NORM_TOPK_FLAG $AUX_FREE_FLAG \
   --coeff "${COEFF:-0.01}" --alpha "${ALPHA:-1e-4}" --gamma "${GAMMA:-1e-3}" \
   --wandb_run_name "${RUN_NAME:-${ATTN:-gqa}_single}" \
   "$@"

@@ -64,10 +64,11 @@ def test_unused_keys_of_other_kinds_are_accepted():
     model, _ = parse(["--attn", "mha", "--n_kv_heads", "3"])  # mha uses n_head KV heads
 
 
-def test_example_jsonl_mixes_attention_kinds():
+def test_example_jsonl_mixes_attention_and_ffn_kinds():
     model, _ = parse(["--layer_configs_jsonl", str(REPO / "layer_configs.jsonl"), "--pos_emb", "rope"])
-    assert {layer.attn for layer in model.layers} == {"mla", "gqa"}
-    assert model.n_layer == 4
+    assert [(layer.attn, layer.moe) for layer in model.layers] == [("mla", True), ("mla", True), ("gqa", False),
+                                                                    ("gqa", False)]
+    assert [layer.aux_free for layer in model.layers[:2]] == [False, True]
 
 
 def test_jsonl_dense_gqa_line_with_unused_keys(tmp_path):

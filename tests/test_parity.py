@@ -91,17 +91,47 @@ def test_gpt2_parity(act, hf_act):
     print(f"gpt2 {act}: max abs diff {compare_logits(ours, hf, V, T):.2e}")
 
 
+def deepseek_v3(V: int, C: int, H: int, F: int, L: int, T: int, dc: int, dr: int, q_latent: int | None, **moe):
+    hf_config = transformers.DeepseekV3Config(
+        vocab_size=V, hidden_size=C, intermediate_size=F, num_hidden_layers=L, num_attention_heads=H,
+        num_key_value_heads=H, q_lora_rank=q_latent, kv_lora_rank=dc, qk_rope_head_dim=dr, qk_nope_head_dim=C // H,
+        v_head_dim=C // H, rope_interleave=False, rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=T,
+        tie_word_embeddings=False, attention_bias=False, hidden_act="silu", **moe,
+    )
+    return transformers.DeepseekV3ForCausalLM(hf_config).float()
+
+
+def copy_mla(mine, a, q_latent: int | None) -> None:
+    with torch.no_grad():
+        if q_latent:
+            mine.q_proj[0].weight.copy_(a.q_a_proj.weight)
+            mine.q_proj[1].weight.copy_(a.q_a_layernorm.weight)
+            mine.q_proj[2].weight.copy_(a.q_b_proj.weight)
+        else:
+            mine.q_proj.weight.copy_(a.q_proj.weight)
+        mine.kv_down.weight.copy_(a.kv_a_proj_with_mqa.weight)
+        mine.kv_norm.weight.copy_(a.kv_a_layernorm.weight)
+        mine.kv_up.weight.copy_(a.kv_b_proj.weight)
+        mine.c_proj.weight.copy_(a.o_proj.weight)
+
+
+def copy_moe_into_hf(moe, hf_moe) -> None:
+    """Our MoE layer's weights and selection bias into transformers' DeepseekV3MoE (same [gate | up] layout)."""
+    with torch.no_grad():
+        hf_moe.gate.weight.copy_(moe.router.gate.weight)
+        hf_moe.gate.e_score_correction_bias.copy_(moe.router.expert_bias)
+        hf_moe.experts.gate_up_proj.copy_(moe.experts.c_fc.weight)
+        hf_moe.experts.down_proj.copy_(moe.experts.c_proj.weight)
+        gate, up = moe.shared.c_fc.weight.chunk(2)
+        hf_moe.shared_experts.gate_proj.weight.copy_(gate)
+        hf_moe.shared_experts.up_proj.weight.copy_(up)
+        hf_moe.shared_experts.down_proj.weight.copy_(moe.shared.c_proj.weight)
+
+
 @pytest.mark.parametrize("q_latent", [None, 24])
 def test_mla_parity_with_deepseek_v3(q_latent):
     V, C, H, F, L, T, dc, dr = 100, 64, 4, 96, 2, 24, 32, 8
-    hs = C // H
-    hf_config = transformers.DeepseekV3Config(
-        vocab_size=V, hidden_size=C, intermediate_size=F, num_hidden_layers=L, num_attention_heads=H,
-        num_key_value_heads=H, first_k_dense_replace=L, q_lora_rank=q_latent, kv_lora_rank=dc, qk_rope_head_dim=dr,
-        qk_nope_head_dim=hs, v_head_dim=hs, rope_interleave=False, rope_theta=10000.0, rms_norm_eps=1e-6,
-        max_position_embeddings=T, tie_word_embeddings=False, attention_bias=False, hidden_act="silu",
-    )
-    hf = transformers.DeepseekV3ForCausalLM(hf_config).float()
+    hf = deepseek_v3(V, C, H, F, L, T, dc, dr, q_latent, first_k_dense_replace=L)
     spec = dict(attn="mla", n_head=H, q_latent_dim=q_latent, kv_latent_dim=dc, rope_head_dim=dr, up_dim=F,
                 non_linearity="swiglu")
     ours = LLM(make_config(spec, vocab_size=V, n_embd=C, n_layer=L, block_size=T, pos_emb="rope", norm="rms",
@@ -109,16 +139,38 @@ def test_mla_parity_with_deepseek_v3(q_latent):
     copy_llama_ends(ours, hf)
     for block, layer in zip(ours.blocks, hf.model.layers):
         copy_llama_mlp_and_norms(block, layer)
-        a, mine = layer.self_attn, block.attn
-        with torch.no_grad():
-            if q_latent:
-                mine.q_proj[0].weight.copy_(a.q_a_proj.weight)
-                mine.q_proj[1].weight.copy_(a.q_a_layernorm.weight)
-                mine.q_proj[2].weight.copy_(a.q_b_proj.weight)
-            else:
-                mine.q_proj.weight.copy_(a.q_proj.weight)
-            mine.kv_down.weight.copy_(a.kv_a_proj_with_mqa.weight)
-            mine.kv_norm.weight.copy_(a.kv_a_layernorm.weight)
-            mine.kv_up.weight.copy_(a.kv_b_proj.weight)
-            mine.c_proj.weight.copy_(a.o_proj.weight)
+        copy_mla(block.attn, layer.self_attn, q_latent)
     print(f"deepseek-v3 mla q_latent={q_latent}: max abs diff {compare_logits(ours, hf, V, T):.2e}")
+
+
+def test_moe_parity_with_deepseek_v3():
+    """A dense first layer, then MLA + MoE layers: sigmoid router with a selection bias, shared experts."""
+    V, C, H, F, Fm, L, T, dc, dr, q_latent = 100, 64, 4, 96, 32, 3, 24, 32, 8, 24
+    routed, shared, k = 6, 2, 3
+    hf = deepseek_v3(V, C, H, F, L, T, dc, dr, q_latent, first_k_dense_replace=1, n_routed_experts=routed,
+                     n_shared_experts=shared, num_experts_per_tok=k, moe_intermediate_size=Fm, n_group=1,
+                     topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0)
+    attn = dict(attn="mla", n_head=H, q_latent_dim=q_latent, kv_latent_dim=dc, rope_head_dim=dr, non_linearity="swiglu")
+    moe = dict(moe=True, up_dim=Fm, n_exp=routed + shared, n_shared=shared, n_act=shared + k, router_score="sigmoid",
+               aux_free=True, norm_topk=True)
+    ours = LLM(make_config([dict(attn, up_dim=F)] + [dict(attn, **moe)] * (L - 1), vocab_size=V, n_embd=C,
+                           block_size=T, pos_emb="rope", norm="rms", norm_eps=1e-6, tie_embeddings=False))
+    copy_llama_ends(ours, hf)
+    copy_llama_mlp_and_norms(ours.blocks[0], hf.model.layers[0])
+    for block, layer in zip(ours.blocks, hf.model.layers):
+        copy_mla(block.attn, layer.self_attn, q_latent)
+        with torch.no_grad():
+            block.ln_1.weight.copy_(layer.input_layernorm.weight)
+            block.ln_2.weight.copy_(layer.post_attention_layernorm.weight)
+        if block.moe:
+            with torch.no_grad():
+                block.ffn.router.gate.weight.normal_(std=0.3)  # spread-out scores so that the bias matters
+                block.ffn.router.expert_bias.copy_(torch.randn(routed) * 0.1)
+            copy_moe_into_hf(block.ffn, layer.mlp)
+
+    x = torch.randn(2, T, C)
+    with torch.no_grad():
+        layer_diff = (ours.blocks[1].ffn(x)[0] - hf.model.layers[1].mlp(x)).abs().max().item()
+    assert layer_diff <= ATOL, f"MoE layer max abs difference {layer_diff:.2e}"
+    print(f"deepseek-v3 moe layer: max abs diff {layer_diff:.2e}; "
+          f"model: max abs diff {compare_logits(ours, hf, V, T):.2e}")

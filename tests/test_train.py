@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from safetensors.torch import load_file
+
 from llm.config import ConfigError, parse
 from llm.data.loader import RandomWindows
 from llm.data.prepare import PrepareArgs, prepare
@@ -12,7 +14,7 @@ from llm.data.tokenizers import tokenizer_from_meta
 from llm.model import LLM
 from llm.train import train
 from llm.train.loop import run_dir_name
-from tests.conftest import SHARED, make_config
+from tests.conftest import REPO, SHARED, make_config
 
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
 
@@ -77,6 +79,28 @@ def test_tiny_run_loss_falls(char_data, tmp_path):
     run = tmp_path / "trial_run_w_o_mix"
     assert (run / "llm.safetensors").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert json.loads((run / "config.json").read_text())["model"]["vocab_size"] == 65
+
+
+def test_example_moe_stack_trains_and_updates_the_bias_once_per_step(char_data, tmp_path, monkeypatch):
+    updates = []
+    update = LLM.update_expert_bias
+    monkeypatch.setattr(LLM, "update_expert_bias",
+                        lambda self, loads: updates.append([load.clone() for load in loads]) or update(self, loads))
+    argv = ["--data_dir", str(char_data.parent), "--out_dir", str(tmp_path), "--layer_configs_jsonl",
+            str(REPO / "layer_configs.jsonl"), "--pos_emb", "rope", "--norm", "rms", "--max_iters", "6",
+            "--batch_size", "4", "--block_size", "32", "--total_batch_size_str", "2*4*32", "--log_interval", "5",
+            "--eval", "--eval_iters", "2", "--eval_interval", "5", "--save_model"]
+    metrics = train(*parse(argv))
+    assert len(updates) == 6  # once per optimizer step: not per micro-step, not during evaluation
+    assert all(load.sum().item() == 2 * 4 * 32 * 2 for loads in updates for load in loads)  # 2 micro-steps, top-2
+    assert metrics["val_loss"] < 4.0 and metrics["balance_loss"] > 0
+    assert len(metrics["load_fractions/layer1"]) == 7 and metrics["max_load_ratio"] >= 1.0
+    assert "max_load_ratio/layer2" not in metrics  # layer 2 is dense
+    saved = load_file(tmp_path / "run" / "llm.safetensors")
+    gamma = 0.001  # layer 1 of layer_configs.jsonl is aux-free; layer 0 balances with the loss and has no bias
+    expected = sum(gamma * torch.sign(loads[1].float().mean() - loads[1].float()) for loads in updates)
+    torch.testing.assert_close(saved["blocks.1.ffn.router.expert_bias"], expected)
+    assert "blocks.0.ffn.router.expert_bias" not in saved
 
 
 def test_run_dir_name_is_path_safe():

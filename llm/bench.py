@@ -1,0 +1,118 @@
+"""Training-step benchmark on synthetic tokens: tokens/s, MFU and peak memory.
+
+    python -m llm.bench [train.py flags] [--steps N] [--warmup N] [--json PATH]
+
+Each step is one forward and backward pass over batch_size x block_size random tokens plus an AdamW step,
+with the model, device, precision, --compile and --act_recomp chosen as in training.
+"""
+import json
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import tyro
+
+from .config import ConfigError, LLMconfig, Trainconfig, exit_on_user_error, parse
+from .model import LLM
+from .train.mfu import mfu
+from .train.optim import build_optimizer
+
+SYNTHETIC_VOCAB = 256  # vocabulary when --vocab_size is unset (no dataset is read)
+
+
+@dataclass
+class BenchOptions:
+    """Benchmark settings; every other flag is train.py's."""
+
+    steps: int = 20
+    """Timed steps."""
+    warmup: int = 5
+    """Untimed steps first (compilation happens here)."""
+    json: str | None = None
+    """Also write the results to this JSON file."""
+
+
+def split_argv(argv: list[str], names: set[str]) -> tuple[list[str], list[str]]:
+    """(the flags in `names` with their values, everything else)."""
+    own, rest, i = [], [], 0
+    while i < len(argv):
+        name = argv[i].partition("=")[0].removeprefix("--").replace("-", "_")
+        takes_next = name in names and "=" not in argv[i] and i + 1 < len(argv)
+        (own if name in names else rest).extend(argv[i:i + 1 + takes_next])
+        i += 1 + takes_next
+    return own, rest
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated CUDA memory, or the process's peak resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def benchmark(model_config: LLMconfig, cfg: Trainconfig, options: BenchOptions) -> dict:
+    """Times `options.steps` training steps after `options.warmup` untimed ones."""
+    torch.manual_seed(cfg.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if model_config.vocab_size is None:
+        model_config = LLMconfig(**{**model_config.__dict__, "vocab_size": SYNTHETIC_VOCAB})
+    model = LLM(model_config).to(device)
+    model.act_recomp = cfg.act_recomp
+    step_model = torch.compile(model) if cfg.compile else model
+    optimizer = build_optimizer(model, cfg.learning_rate, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    shape = (cfg.batch_size, model_config.block_size)
+
+    def step() -> None:
+        idx = torch.randint(0, model_config.vocab_size, shape, device=device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            out = step_model(idx, idx)
+        (out.loss + out.balance_loss).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        model.update_expert_bias([load.detach() for load in out.expert_loads])
+
+    for _ in range(options.warmup):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(options.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / options.steps
+    total, active = model.get_num_params()
+    tokens_per_s = shape[0] * shape[1] / seconds
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "params": total, "active_params": active, "tokens_per_step": shape[0] * shape[1],
+            "ms_per_step": 1000 * seconds, "tokens_per_s": tokens_per_s,
+            "mfu": mfu(tokens_per_s, model_config, active, device), "peak_memory_bytes": peak_memory_bytes(device)}
+
+
+def format_result(r: dict) -> str:
+    mfu_text = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+    return (f"{r['device']}: {r['params']:,} params ({r['active_params']:,} active) | {r['ms_per_step']:.1f} ms/step | "
+            f"{r['tokens_per_s']:,.0f} tok/s | MFU {mfu_text} | peak memory {r['peak_memory_bytes'] / 2**20:,.0f} MiB")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, rest = split_argv(argv, {f.name for f in fields(BenchOptions)})
+    with exit_on_user_error():
+        options = tyro.cli(BenchOptions, args=own, use_underscores=True)
+        if options.steps < 1 or options.warmup < 0:
+            raise ConfigError(f"--steps={options.steps} must be >= 1 and --warmup={options.warmup} >= 0")
+        model_config, cfg = parse(rest)
+        result = benchmark(model_config, cfg, options)
+    print(format_result(result))
+    if options.json:
+        with open(options.json, "w") as f:
+            json.dump({**result, "config": {"model": asdict(model_config), "train": asdict(cfg)}}, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""The training-step benchmark and the MFU estimate."""
+import json
+
+import pytest
+import torch
+
+from llm import bench
+from llm.config import exit_on_user_error
+from llm.train import mfu
+from tests.conftest import make_config
+
+
+def test_benchmark_reports_and_writes_json(tmp_path):
+    path = tmp_path / "bench.json"
+    result = bench.main(["--moe", "--n_layer", "1", "--steps", "2", "--warmup=1", "--json", str(path),
+                         "--batch_size", "2", "--block_size", "16", "--total_batch_size_str", "32"])
+    assert result["tokens_per_step"] == 32 and result["tokens_per_s"] > 0 and result["peak_memory_bytes"] > 0
+    assert result["active_params"] < result["params"] and result["mfu"] is None  # no peak known for a CPU
+    written = json.loads(path.read_text())
+    assert written["tokens_per_s"] == result["tokens_per_s"] and written["config"]["model"]["layers"][0]["moe"]
+
+
+def test_split_argv_takes_only_its_own_flags():
+    own, rest = bench.split_argv(["--steps", "3", "--moe", "--json=x.json", "--n_layer", "2"], {"steps", "json"})
+    assert own == ["--steps", "3", "--json=x.json"] and rest == ["--moe", "--n_layer", "2"]
+
+
+def test_bad_steps_is_a_one_line_error(capsys):
+    with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
+        bench.main(["--steps", "0"])
+    assert exit_info.value.code == 2 and "--steps=0 must be >= 1" in capsys.readouterr().err
+
+
+def test_mfu_uses_the_palm_formula_and_the_peak_table(monkeypatch):
+    config = make_config(n_layer=2, n_embd=48, block_size=32)
+    assert mfu.flops_per_token(config, 1000) == 6 * 1000 + 12 * 2 * 48 * 32
+    assert mfu.mfu(1e6, config, 1000, torch.device("cpu")) is None
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    expected = 1e6 * mfu.flops_per_token(config, 1000) / 989e12
+    assert mfu.mfu(1e6, config, 1000, torch.device("cuda")) == pytest.approx(expected)
