@@ -79,7 +79,7 @@ class RoutedExperts(nn.Module):
         self.c_fc = ExpertLinear(self.n_experts, config.n_embd, (2 if self.gated else 1) * block.up_dim, config.bias)
         self.c_proj = ExpertLinear(self.n_experts, block.up_dim, config.n_embd, config.bias)
 
-    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor):
         """Tokens x (N, C), chosen experts indices (N, k) and gate weights (N, k) -> (output (N, C), load (E,)).
 
         load counts the tokens each expert received.
@@ -88,7 +88,8 @@ class RoutedExperts(nn.Module):
         flat = indices.reshape(-1)  # (N*k,)
         order = flat.argsort(stable=True)  # (N*k,) rows sorted by expert
         expert = flat[order]  # (N*k,)
-        load = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
+        load = torch.zeros(self.n_experts, dtype=torch.long, device=x.device)
+        load.scatter_add_(0, flat, torch.ones_like(flat))  # (E,)
         offsets = load.cumsum(0).to(torch.int32)  # (E,)
         token = order // k  # (N*k,)
         h = self.c_fc(x[token], offsets, expert)  # (N*k, up_dim or 2 * up_dim)

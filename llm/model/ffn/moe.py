@@ -23,12 +23,17 @@ def normalized(scores: torch.Tensor) -> torch.Tensor:
     return scores / scores.sum(dim=-1, keepdim=True)
 
 
+def count_choices(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """How often each expert was chosen in each row of indices (R, n) -> (R, n_experts), without a host sync."""
+    counts = torch.zeros(indices.shape[0], n_experts, device=indices.device)
+    return counts.scatter_add_(1, indices, torch.ones(indices.shape, device=indices.device))
+
+
 def switch_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """Switch-style load balance N * sum_i f_i * P_i over all N tokens: f_i is the fraction of the N*k choices that
-    went to expert i, P_i the mean normalised affinity for expert i. Equals 1 when routing is uniform."""
+    """Switch-style load balance E * sum_i f_i * P_i over all tokens and E routed experts: f_i is the fraction of
+    the choices that went to expert i, P_i the mean normalised affinity for expert i. Equals 1 when balanced."""
     E = scores.shape[-1]
-    f = torch.zeros(E, device=scores.device).scatter_add_(0, indices.reshape(-1), torch.ones(indices.numel(), device=scores.device))
-    f = f / indices.numel()  # (E,)
+    f = count_choices(indices.view(1, -1), E)[0] / indices.numel()  # (E,)
     P = normalized(scores).mean(dim=0)  # (E,)
     return E * (f * P).sum()
 
@@ -36,11 +41,9 @@ def switch_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Te
 def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: int) -> torch.Tensor:
     """DeepSeek-V3's complementary sequence-wise balance loss sum_i f_i * P_i, averaged over sequences: per sequence
     of T tokens, f_i = E / (k * T) * (tokens choosing i) and P_i = mean over t of the normalised affinity."""
-    E, k = scores.shape[-1], indices.shape[-1]
-    per_seq = indices.reshape(batch, -1)  # (B, T*k)
-    T = per_seq.shape[1] // k
-    f = torch.zeros(batch, E, device=scores.device).scatter_add_(1, per_seq, torch.ones(per_seq.shape, device=scores.device))
-    f = f * (E / (k * T))  # (B, E)
+    (N, k), E = indices.shape, scores.shape[-1]
+    T = N // batch
+    f = count_choices(indices.view(batch, T * k), E) * (E / (k * T))  # (B, E)
     P = normalized(scores).reshape(batch, T, E).mean(dim=1)  # (B, E)
     return (f * P).sum(dim=-1).mean()
 
