@@ -110,7 +110,7 @@ def train(model_config: LLMconfig, cfg: Trainconfig) -> dict:
             for group in optimizer.param_groups:
                 group["lr"] = lr
             loss_sum, balance_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-            loads = [torch.zeros_like(moe.router.gate.weight[:, 0]) for moe in model.moe_layers()]
+            loads = []  # per MoE layer, tokens per expert over the step's micro-steps
             for _ in range(accum_steps):
                 x, y = loaders["train"].next_batch()
                 with autocast():
@@ -118,7 +118,7 @@ def train(model_config: LLMconfig, cfg: Trainconfig) -> dict:
                 ((out.loss + out.balance_loss) / accum_steps).backward()
                 loss_sum += out.loss.detach()
                 balance_sum += out.balance_loss.detach()
-                loads = [total + load for total, load in zip(loads, out.expert_loads)]
+                loads = [a + b for a, b in zip(loads, out.expert_loads)] if loads else list(out.expert_loads)
             max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
             optimizer.step()
