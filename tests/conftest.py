@@ -8,6 +8,7 @@ import torch
 from llm.config import BlockConfig, LLMconfig, resolve_block, validate_model
 
 SHARED = Path(os.environ.get("LLM_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))  # GPT-2 BPE ranks, offline
 
@@ -27,3 +28,13 @@ def make_config(layers: list[dict] | dict | None = None, **model_fields) -> LLMc
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def char_data(tmp_path_factory) -> Path:
+    """Tiny Shakespeare prepared with the char tokenizer, in a temporary data folder."""
+    from llm.data.prepare import PrepareArgs, prepare
+
+    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
+    prepare(PrepareArgs(name="shakespeare_char", source=str(SHAKESPEARE), out=str(out), workers=1))
+    return out

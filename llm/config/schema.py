@@ -108,6 +108,8 @@ class Trainconfig:
     """Dataset folder name under data_dir (prepared by python -m llm.data.prepare)."""
     data_dir: str = "data"
     """Folder holding the prepared datasets."""
+    data_order: Literal["random", "epoch"] = "random"
+    """Training windows: random (uniform random offsets) or epoch (each non-overlapping window once per epoch, reshuffled)."""
     out_dir: str = "out"
     """Folder for run directories (out_dir/<run name>/)."""
     total_batch_size_str: str = "2**11"

@@ -1,11 +1,14 @@
-"""Batches of random windows from a prepared, memory-mapped token file."""
+"""Batches of token windows from a prepared, memory-mapped token file, with a state for exact resume."""
 import json
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
 from ..config import ConfigError
+
+DataOrder = Literal["random", "epoch"]
 
 
 def read_meta(folder: Path, dataset: str) -> dict:
@@ -17,24 +20,67 @@ def read_meta(folder: Path, dataset: str) -> dict:
     return json.loads(path.read_text())
 
 
-class RandomWindows:
-    """(x, y) batches of batch_size windows of block_size tokens at random offsets, y = x shifted by one."""
+class TokenLoader:
+    """(x, y) batches of batch_size windows of block_size tokens, y = x shifted by one token.
 
-    def __init__(self, path: Path, dtype: str, batch_size: int, block_size: int, device: torch.device, seed: int):
+    - order "random": windows at uniformly random offsets, drawn with replacement from a seeded generator.
+    - order "epoch": the file cut into non-overlapping windows, visited in a fresh permutation each epoch
+      (seeded by seed and epoch), every window exactly once per epoch; a batch may span two epochs.
+
+    With world_size > 1, rank r draws from its own generator (random) or takes every world_size-th window of
+    each permutation (epoch). `state_dict()` / `load_state_dict()` save and restore the position and the
+    generator, so a resumed run gets the batches an uninterrupted one would.
+    """
+
+    def __init__(self, path: Path, dtype: str, batch_size: int, block_size: int, device: torch.device, seed: int,
+                 order: DataOrder = "random", rank: int = 0, world_size: int = 1):
         self.path, self.dtype = path, np.dtype(dtype)
         self.batch_size, self.block_size, self.device = batch_size, block_size, device
-        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.seed, self.rank, self.world_size = order, seed, rank, world_size
         n_tokens = path.stat().st_size // self.dtype.itemsize
         if n_tokens <= block_size:
             raise ConfigError(f"{path} holds {n_tokens} tokens, too few for block_size={block_size}; lower --block_size")
-        self.n_windows = n_tokens - block_size
+        self.n_offsets = n_tokens - block_size  # random windows start at 0 .. n_offsets - 1
+        self.per_rank = (n_tokens - 1) // block_size // world_size  # epoch windows of each rank per epoch
+        if order == "epoch" and self.per_rank < 1:
+            raise ConfigError(f"{path} has too few block_size={block_size} windows for {world_size} ranks; "
+                              "lower --block_size")
+        self.generator = torch.Generator().manual_seed(seed + rank)
+        self.position = 0  # windows served so far
+        self._permutation = (-1, None)  # (epoch, its permutation), cached
+
+    def _epoch_starts(self, count: int) -> list[int]:
+        """Token offsets of the next `count` windows of the epoch order."""
+        starts = []
+        for position in range(self.position, self.position + count):
+            epoch, index = divmod(position, self.per_rank)
+            if self._permutation[0] != epoch:
+                generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                self._permutation = (epoch, torch.randperm(self.per_rank * self.world_size, generator=generator))
+            starts.append(int(self._permutation[1][self.rank + index * self.world_size]) * self.block_size)
+        return starts
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.order == "random":
+            starts = torch.randint(self.n_offsets, (self.batch_size,), generator=self.generator).tolist()
+        else:
+            starts = self._epoch_starts(self.batch_size)
+        self.position += self.batch_size
         data = np.memmap(self.path, dtype=self.dtype, mode="r")  # reopened each batch so pages are not kept
-        starts = torch.randint(self.n_windows, (self.batch_size,), generator=self.generator).tolist()
         rows = np.stack([data[s : s + self.block_size + 1] for s in starts]).astype(np.int64)
         batch = torch.from_numpy(rows)  # (B, T + 1)
         x, y = batch[:, :-1], batch[:, 1:]  # (B, T) each
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)
+
+    def state_dict(self) -> dict:
+        """Position and generator state (tensors and ints only: loadable with torch.load(weights_only=True))."""
+        return {"order": self.order, "position": self.position, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["order"] != self.order:
+            raise ConfigError(f"the saved data order is {state['order']!r} but this run uses {self.order!r}; "
+                              f"pass --data_order {state['order']}")
+        self.position = state["position"]
+        self.generator.set_state(state["generator"])

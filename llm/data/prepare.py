@@ -1,79 +1,260 @@
-"""Prepare a dataset: tokenize a text corpus into train.bin / val.bin (uint16 or uint32) and meta.json.
+"""Prepare a dataset: tokenize a corpus into train.bin / val.bin (uint16 or uint32) and meta.json.
 
-    python -m llm.data.prepare shakespeare_char                  # downloads Tiny Shakespeare, char tokens
-    python -m llm.data.prepare shakespeare --source input.txt    # a local copy, GPT-2 tokens
+    python -m llm.data.prepare shakespeare_char                      # downloads Tiny Shakespeare, char tokens
+    python -m llm.data.prepare shakespeare --source input.txt        # a local copy, GPT-2 tokens
+    python -m llm.data.prepare fineweb --max_tokens 100_000_000      # streamed from Hugging Face (pip install 'llm[data]')
+    python -m llm.data.prepare text --source corpus/ --out data/mine # local .txt/.jsonl/.parquet files
+
+Text is streamed to disk in bounded parts and tokenized by worker processes; documents are separated by the
+tokenizer's end-of-text token. A dataset without its own validation split holds out the last val_fraction of
+its tokens. A second run with the same inputs and options is skipped unless --force.
 """
 import hashlib
 import json
+import os
 import sys
-import urllib.request
-from dataclasses import dataclass
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from multiprocessing import Pool
 from pathlib import Path
-from typing import Literal
+from typing import Iterator, Literal
 
 import numpy as np
 import tyro
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import ConfigError, exit_on_user_error
 from ..files import write_atomically
-from .tokenizers import CharTokenizer, GPT2Tokenizer
+from .sources import HF_DATASETS, Corpus, Piece, local_corpus, shakespeare_corpus, hf_corpus
+from .tokenizers import ByteTokenizer, CharTokenizer, GPT2Tokenizer, tokenizer_from_meta
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-SHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
-DATASETS = {"shakespeare_char": "char", "shakespeare": "gpt2"}  # name -> default tokenizer
+DatasetName = Literal["shakespeare_char", "shakespeare", "tinystories", "fineweb", "wikitext", "text"]
+DEFAULT_TOKENIZER = {"shakespeare_char": "char"}  # every other dataset: gpt2
+BATCH_CHARS = 1 << 20  # text per task sent to a worker
+IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: bounds memory while keeping workers busy
 
 
 @dataclass
 class PrepareArgs:
     """Tokenize a corpus into data/NAME/{train,val}.bin and meta.json."""
 
-    name: tyro.conf.Positional[Literal["shakespeare_char", "shakespeare"]]
-    """Dataset to prepare."""
-    tokenizer: Literal["char", "gpt2"] | None = None
-    """Tokenizer (default: char for shakespeare_char, gpt2 for shakespeare)."""
+    name: tyro.conf.Positional[DatasetName]
+    """Dataset: shakespeare_char, shakespeare, tinystories, fineweb, wikitext, or text (local files via --source)."""
+    tokenizer: Literal["gpt2", "char", "byte"] | None = None
+    """Tokenizer (default: char for shakespeare_char, else gpt2)."""
     source: str | None = None
-    """A local copy of the corpus (default: download it)."""
+    """A local .txt/.jsonl/.parquet file or folder; for tinystories/fineweb/wikitext also a Hugging Face id."""
     out: str | None = None
     """Output folder (default: data/NAME)."""
     val_fraction: float = 0.1
-    """Fraction of the text, taken from the end, held out for validation."""
+    """Fraction of the tokens, taken from the end, held out for validation (datasets without their own split)."""
+    text_field: str = "text"
+    """The text field of .jsonl records and .parquet columns."""
+    max_tokens: int | None = None
+    """Read at most this many tokens of the train split, before any validation tail is held out (a FineWeb subset)."""
+    upper: bool = False
+    """Byte tokenizer: upper-case the text first (soft-masked DNA)."""
+    workers: int = 0
+    """Tokenizer processes (0: one per CPU core, at most 8; 1: tokenize in this process)."""
+    force: bool = False
+    """Prepare again even if the folder already holds this dataset."""
 
 
-def read_source(source: str | None) -> str:
-    if source is not None:
-        if not Path(source).is_file():
-            raise ConfigError(f"--source={source!r}: no such file; pass the path of the Tiny Shakespeare input.txt")
-        return Path(source).read_text(encoding="utf-8")
+def load_corpus(args: PrepareArgs) -> Corpus:
+    """The documents the arguments name."""
+    source_is_local = args.source is not None and Path(args.source).exists()
+    if args.name == "text" and args.source is None:
+        raise ConfigError("dataset text needs --source PATH (a .txt/.jsonl/.parquet file or folder)")
+    if args.name in HF_DATASETS and not source_is_local:
+        return hf_corpus(HF_DATASETS[args.name], args.source, args.text_field)
+    if args.name.startswith("shakespeare") and args.source is None:
+        return shakespeare_corpus()
+    return local_corpus(args.source, args.text_field)
+
+
+def build_tokenizer(kind: str, corpus: Corpus, upper: bool):
+    """The tokenizer; the char tokenizer reads the corpus once for its alphabet and document count."""
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "byte":
+        return ByteTokenizer(upper)
+    chars, documents = set(), 0
+    for stream in (corpus.train, corpus.val):
+        for piece in stream() if stream else ():
+            chars.update(piece.text)
+            documents += piece.new_document
+    return CharTokenizer(sorted(chars), end_of_text=documents > 1)
+
+
+_worker_tokenizer = None  # set in each worker process by _start_worker
+
+
+def _start_worker(meta: dict) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = tokenizer_from_meta(meta)
+
+
+def _encode(batch: list[Piece]) -> np.ndarray:
+    """Token ids of a batch of pieces, the end-of-text token before each new document."""
+    ids: list[int] = []
+    for text, new_document in batch:
+        if new_document and _worker_tokenizer.eot is not None:
+            ids.append(_worker_tokenizer.eot)
+        ids.extend(_worker_tokenizer.encode(text))
+    return np.array(ids, dtype=np.uint32)
+
+
+def batches(pieces: Iterator[Piece]) -> Iterator[list[Piece]]:
+    """Pieces grouped into about BATCH_CHARS of text; the stream's first document gets no separator."""
+    batch, size, first = [], 0, True
+    for piece in pieces:
+        batch.append(Piece(piece.text, piece.new_document and not first))
+        first, size = False, size + len(piece.text)
+        if size >= BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+class Encoder:
+    """Tokenizes batches in order, in worker processes with a bounded number of batches in flight."""
+
+    def __init__(self, meta: dict, workers: int):
+        self.pool = Pool(workers, _start_worker, (meta,)) if workers > 1 else None
+        self.in_flight = IN_FLIGHT_PER_WORKER * workers
+        if self.pool is None:
+            _start_worker(meta)
+
+    def map(self, work: Iterator[list[Piece]]) -> Iterator[tuple[list[Piece], np.ndarray]]:
+        if self.pool is None:
+            yield from ((batch, _encode(batch)) for batch in work)
+            return
+        pending: deque = deque()
+        for batch in work:
+            pending.append((batch, self.pool.apply_async(_encode, (batch,))))
+            if len(pending) >= self.in_flight:
+                batch, result = pending.popleft()
+                yield batch, result.get()
+        while pending:
+            batch, result = pending.popleft()
+            yield batch, result.get()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool.join()
+
+
+class TokenWriter:
+    """Streams token ids to a file, counting them, their largest id and a checksum of the text they came from."""
+
+    def __init__(self, dtype: np.dtype, progress: Progress, task):
+        self.dtype, self.progress, self.task = dtype, progress, task
+        self.md5 = hashlib.md5()
+        self.max_id = -1
+
+    def write(self, encoder: Encoder, pieces: Iterator[Piece], path: Path, limit: int | None) -> int:
+        """Writes the tokens of `pieces` to path (atomically), at most `limit` of them; returns the count."""
+        count = 0
+
+        def stream(tmp: Path) -> None:
+            nonlocal count
+            with open(tmp, "wb") as f:
+                for batch, ids in encoder.map(batches(pieces)):
+                    if limit is not None:
+                        ids = ids[: limit - count]
+                    f.write(ids.astype(self.dtype).tobytes())
+                    count += len(ids)
+                    self.max_id = max(self.max_id, int(ids.max()) if len(ids) else -1)
+                    text = "".join(piece.text for piece in batch).encode("utf-8")
+                    self.md5.update(text)
+                    self.progress.update(self.task, advance=len(text), description=f"{path.name}: {count:,} tokens")
+                    if limit is not None and count >= limit:
+                        break
+
+        write_atomically(path, stream)
+        return count
+
+
+def split_tail(all_path: Path, out: Path, dtype: np.dtype, val_fraction: float) -> tuple[int, int]:
+    """Moves the last val_fraction of the tokens in all_path to out/val.bin and renames the rest out/train.bin."""
+    total = all_path.stat().st_size // dtype.itemsize
+    n_val = max(1, int(total * val_fraction))
+    if total - n_val < 2:
+        raise ConfigError(f"the corpus has only {total} tokens; give it more text or lower --val_fraction")
+    tokens = np.memmap(all_path, dtype=dtype, mode="r")
+    write_atomically(out / "val.bin", lambda tmp: tokens[total - n_val:].tofile(tmp))
+    del tokens
+    with open(all_path, "r+b") as f:
+        f.truncate((total - n_val) * dtype.itemsize)
+        os.fsync(f.fileno())
+    os.replace(all_path, out / "train.bin")
+    return total - n_val, n_val
+
+
+def already_prepared(out: Path, inputs: dict) -> bool:
+    """Whether out holds a complete dataset prepared from the same inputs and options."""
     try:
-        data = urllib.request.urlopen(SHAKESPEARE_URL, timeout=30).read()
-    except OSError as e:
-        raise ConfigError(f"could not download {SHAKESPEARE_URL} ({e}); pass --source PATH to a local copy") from None
-    if hashlib.md5(data).hexdigest() != SHAKESPEARE_MD5:
-        raise ConfigError(f"the download from {SHAKESPEARE_URL} has an unexpected checksum; pass --source PATH")
-    return data.decode("utf-8")
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    itemsize = np.dtype(meta.get("dtype", "uint16")).itemsize
+    sizes_match = all((out / f"{split}.bin").is_file() and
+                      (out / f"{split}.bin").stat().st_size == meta.get(f"{split}_tokens", -1) * itemsize
+                      for split in ("train", "val"))
+    return meta.get("inputs") == inputs and sizes_match
+
+
+def check_args(args: PrepareArgs) -> None:
+    if not 0 < args.val_fraction < 1:
+        raise ConfigError(f"--val_fraction={args.val_fraction} must be in (0, 1)")
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise ConfigError(f"--max_tokens={args.max_tokens} must be >= 1")
+    if args.workers < 0:
+        raise ConfigError(f"--workers={args.workers} must be >= 0 (0: one per CPU core)")
+    if args.upper and (args.tokenizer or DEFAULT_TOKENIZER.get(args.name, "gpt2")) != "byte":
+        raise ConfigError("--upper applies to the byte tokenizer only; add --tokenizer byte or drop --upper")
 
 
 def prepare(args: PrepareArgs) -> Path:
-    """Writes the dataset and returns its folder."""
-    if not 0 < args.val_fraction < 1:
-        raise ConfigError(f"--val_fraction={args.val_fraction} must be in (0, 1)")
-    text = read_source(args.source)
-    kind = args.tokenizer or DATASETS[args.name]
-    tokenizer = CharTokenizer.fit(text) if kind == "char" else GPT2Tokenizer()
-    split = int(len(text) * (1 - args.val_fraction))
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    """Writes the dataset (unless already there) and returns its folder."""
+    check_args(args)
+    corpus = load_corpus(args)
     out = Path(args.out or Path("data") / args.name)
+    kind = args.tokenizer or DEFAULT_TOKENIZER.get(args.name, "gpt2")
+    options = {k: v for k, v in asdict(args).items() if k not in ("out", "workers", "force")}
+    inputs = {**options, "tokenizer": kind, **corpus.stamp}
+    if not args.force and already_prepared(out, inputs):
+        print(f"{out} already holds this dataset; pass --force to prepare it again")
+        return out
     out.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    for part, chunk in (("train", text[:split]), ("val", text[split:])):
-        ids = np.array(tokenizer.encode(chunk), dtype=dtype)
-        write_atomically(out / f"{part}.bin", lambda tmp: tmp.write_bytes(ids.tobytes()))
-        counts[f"{part}_tokens"] = len(ids)
-    meta = {**tokenizer.meta(), "dtype": np.dtype(dtype).name, **counts, "source": args.source or SHAKESPEARE_URL,
-            "md5": hashlib.md5(text.encode("utf-8")).hexdigest()}
+    tokenizer = build_tokenizer(kind, corpus, args.upper)
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+    workers = args.workers or min(8, os.cpu_count() or 1)
+    encoder = Encoder(tokenizer.meta(), workers)
+    start = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn())
+    try:
+        with Progress(*columns, console=Console(stderr=True)) as progress:
+            writer = TokenWriter(dtype, progress, progress.add_task("tokenizing", total=corpus.size_bytes))
+            if corpus.val is None:
+                writer.write(encoder, corpus.train(), out / "all.bin", args.max_tokens)
+                n_train, n_val = split_tail(out / "all.bin", out, dtype, args.val_fraction)
+            else:
+                n_train = writer.write(encoder, corpus.train(), out / "train.bin", args.max_tokens)
+                n_val = writer.write(encoder, corpus.val(), out / "val.bin", None)
+    finally:
+        encoder.close()
+    seconds = time.perf_counter() - start
+    meta = {**tokenizer.meta(), "dtype": dtype.name, "train_tokens": n_train, "val_tokens": n_val,
+            "max_token_id": writer.max_id, "source": corpus.source, "source_md5": writer.md5.hexdigest(),
+            "inputs": inputs}
     write_atomically(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta)))
-    print(f"wrote {out}: {counts['train_tokens']:,} train and {counts['val_tokens']:,} val tokens, "
-          f"{kind} tokenizer, vocabulary {tokenizer.vocab_size}")
+    print(f"wrote {out}: {n_train:,} train and {n_val:,} val tokens ({kind}, vocabulary {tokenizer.vocab_size:,}, "
+          f"{dtype.name}) in {seconds:.1f} s, {(n_train + n_val) / seconds:,.0f} tokens/s with {workers} workers")
     return out
 
 

@@ -1,39 +1,49 @@
 """Tokenizers, chosen by name and recorded in each prepared dataset's meta.json."""
 import tiktoken
 
+from ..config import ConfigError
+
+END_OF_TEXT = "<|endoftext|>"
+
 
 class CharTokenizer:
-    """One token per character of the corpus; the vocabulary is saved with the data."""
+    """One token per character of the corpus, sorted; the vocabulary is saved with the data.
+
+    A corpus of several documents gets one more id, after the characters, for the end-of-text separator.
+    """
 
     name = "char"
 
-    def __init__(self, chars: list[str]):
+    def __init__(self, chars: list[str], end_of_text: bool = False):
         self.chars = chars
         self.index = {c: i for i, c in enumerate(chars)}
-        self.vocab_size = len(chars)
-
-    @classmethod
-    def fit(cls, text: str) -> "CharTokenizer":
-        return cls(sorted(set(text)))
+        self.eot = len(chars) if end_of_text else None
+        self.vocab_size = len(chars) + end_of_text
 
     def encode(self, text: str) -> list[int]:
         return [self.index[c] for c in text]
 
     def decode(self, ids: list[int]) -> str:
-        return "".join(self.chars[i] for i in ids)
+        return "".join(END_OF_TEXT if i == self.eot else self.chars[i] for i in ids)
 
     def meta(self) -> dict:
-        return {"tokenizer": self.name, "vocab_size": self.vocab_size, "chars": self.chars}
+        return {"tokenizer": self.name, "vocab_size": self.vocab_size, "eot": self.eot, "chars": self.chars}
 
 
 class GPT2Tokenizer:
-    """GPT-2's BPE through tiktoken (r50k_base: the same ranks, loadable offline from TIKTOKEN_CACHE_DIR)."""
+    """GPT-2's BPE through tiktoken (r50k_base: the same ranks, loadable offline from TIKTOKEN_CACHE_DIR);
+    50,257 tokens, end-of-text = 50256."""
 
     name = "gpt2"
 
     def __init__(self):
-        self.encoding = tiktoken.get_encoding("r50k_base")
+        try:
+            self.encoding = tiktoken.get_encoding("r50k_base")
+        except Exception as e:  # tiktoken downloads its ranks on first use; offline this fails in many ways
+            raise ConfigError(f"the GPT-2 tokenizer could not be loaded ({type(e).__name__}); offline, set "
+                              "TIKTOKEN_CACHE_DIR to a tiktoken cache holding r50k_base") from None
         self.vocab_size = self.encoding.n_vocab
+        self.eot = self.encoding.eot_token
 
     def encode(self, text: str) -> list[int]:
         return self.encoding.encode_ordinary(text)
@@ -42,9 +52,36 @@ class GPT2Tokenizer:
         return self.encoding.decode(ids)
 
     def meta(self) -> dict:
-        return {"tokenizer": self.name, "vocab_size": self.vocab_size}
+        return {"tokenizer": self.name, "vocab_size": self.vocab_size, "eot": self.eot}
+
+
+class ByteTokenizer:
+    """UTF-8 bytes, vocabulary 256, end-of-text = 0 (the genomic preset's nucleotide convention).
+
+    With `upper` the text is upper-cased first (soft-masked lower-case DNA becomes ACGT).
+    """
+
+    name = "byte"
+
+    def __init__(self, upper: bool = False):
+        self.upper = upper
+        self.vocab_size = 256
+        self.eot = 0
+
+    def encode(self, text: str) -> list[int]:
+        return list((text.upper() if self.upper else text).encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(ids).decode("utf-8", errors="replace")
+
+    def meta(self) -> dict:
+        return {"tokenizer": self.name, "vocab_size": self.vocab_size, "eot": self.eot, "upper": self.upper}
 
 
 def tokenizer_from_meta(meta: dict):
     """The tokenizer a prepared dataset was written with."""
-    return CharTokenizer(meta["chars"]) if meta["tokenizer"] == "char" else GPT2Tokenizer()
+    if meta["tokenizer"] == "char":
+        return CharTokenizer(meta["chars"], end_of_text=meta.get("eot") is not None)
+    if meta["tokenizer"] == "byte":
+        return ByteTokenizer(upper=meta.get("upper", False))
+    return GPT2Tokenizer()

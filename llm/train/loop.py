@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, LLMconfig, Trainconfig, config_dict, total_batch_tokens
-from ..data.loader import RandomWindows, read_meta
+from ..data.loader import TokenLoader, read_meta
 from ..files import write_atomically
 from ..model import LLM
 from .checkpoint import save_weights
@@ -22,12 +22,14 @@ def run_dir_name(run_name: str) -> str:
 
 
 def resolve_vocab(model_config: LLMconfig, meta: dict, dataset: str) -> LLMconfig:
-    """Takes the dataset's vocabulary when vocab_size is unset; refuses one too small for the data."""
+    """Takes the dataset's vocabulary when vocab_size is unset; refuses one that cannot hold the data's token ids."""
     if model_config.vocab_size is None:
         return dataclasses.replace(model_config, vocab_size=meta["vocab_size"])
-    if model_config.vocab_size < meta["vocab_size"]:
-        raise ConfigError(f"vocab_size={model_config.vocab_size} is smaller than dataset {dataset!r}'s vocabulary of "
-                          f"{meta['vocab_size']}; raise --vocab_size or leave it unset")
+    largest = meta.get("max_token_id", meta["vocab_size"] - 1)
+    if model_config.vocab_size <= largest:
+        raise ConfigError(f"vocab_size={model_config.vocab_size} is smaller than dataset {dataset!r}'s largest token id "
+                          f"{largest} (its {meta['tokenizer']} vocabulary has {meta['vocab_size']}); raise --vocab_size "
+                          "or leave it unset")
     return model_config
 
 
@@ -77,8 +79,9 @@ def train(model_config: LLMconfig, cfg: Trainconfig) -> dict:
     data = Path(cfg.data_dir) / cfg.dataset
     meta = read_meta(data, cfg.dataset)
     model_config = resolve_vocab(model_config, meta, cfg.dataset)
-    loaders = {split: RandomWindows(data / f"{split}.bin", meta["dtype"], cfg.batch_size, model_config.block_size,
-                                    device, cfg.seed + i) for i, split in enumerate(("train", "val"))}
+    loaders = {split: TokenLoader(data / f"{split}.bin", meta["dtype"], cfg.batch_size, model_config.block_size,
+                                  device, cfg.seed + i, order) for i, (split, order) in
+               enumerate((("train", cfg.data_order), ("val", "random")))}
     tokens_per_step = total_batch_tokens(cfg)
     accum_steps = tokens_per_step // (cfg.batch_size * model_config.block_size)
 
