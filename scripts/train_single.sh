@@ -9,6 +9,7 @@ NORM_TOPK_FLAG=$([ "${NORM_TOPK:-1}" = 1 ] && echo --norm_topk || echo --no_norm
 EVAL_FLAG=$([ "${EVAL:-1}" = 1 ] && echo --eval || echo --no_eval)
 python train.py \
   --dataset "${DATASET:-shakespeare_char}" \
+  --data_order "${DATA_ORDER:-random}" \
   --total_batch_size_str "${TOTAL_BATCH:-2**11}" \
   --batch_size "${BATCH_SIZE:-16}" \
   --max_iters "${MAX_ITERS:-500}" \
