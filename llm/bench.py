@@ -3,10 +3,10 @@
     python -m llm.bench [train.py flags] [--steps N] [--warmup N] [--json PATH]
 
 Each step is one forward and backward pass over batch_size x block_size random tokens plus an AdamW step,
-with the model, device, precision, --compile and --act_recomp chosen as in training.
+with the model, device, precision, --compile and --act_recomp chosen as in training (no data loading, no
+gradient accumulation or clipping).
 """
 import json
-import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -16,8 +16,10 @@ import tyro
 
 from .config import ConfigError, LLMconfig, Trainconfig, exit_on_user_error, parse
 from .model import LLM
+from .train.metrics import peak_memory_bytes
 from .train.mfu import mfu
 from .train.optim import build_optimizer
+from .train.precision import pick_precision
 
 SYNTHETIC_VOCAB = 256  # vocabulary when --vocab_size is unset (no dataset is read)
 
@@ -45,34 +47,32 @@ def split_argv(argv: list[str], names: set[str]) -> tuple[list[str], list[str]]:
     return own, rest
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated CUDA memory, or the process's peak resident set size on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def benchmark(model_config: LLMconfig, cfg: Trainconfig, options: BenchOptions) -> dict:
     """Times `options.steps` training steps after `options.warmup` untimed ones."""
     torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = pick_precision(cfg.device, cfg.dtype)
+    device = precision.device
     if model_config.vocab_size is None:
         model_config = LLMconfig(**{**model_config.__dict__, "vocab_size": SYNTHETIC_VOCAB})
     model = LLM(model_config).to(device)
     model.act_recomp = cfg.act_recomp
     step_model = torch.compile(model) if cfg.compile else model
-    optimizer = build_optimizer(model, cfg.learning_rate, device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    optimizer = build_optimizer(model, cfg, device)
     shape = (cfg.batch_size, model_config.block_size)
 
     def step() -> None:
         idx = torch.randint(0, model_config.vocab_size, shape, device=device)
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        with precision.autocast():
             out = step_model(idx, idx)
-        (out.loss + out.balance_loss).backward()
-        optimizer.step()
+        loss = out.loss + out.balance_loss
+        (precision.scaler.scale(loss) if precision.scaler else loss).backward()
+        if precision.scaler:
+            precision.scaler.step(optimizer)
+            precision.scaler.update()
+        else:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        model.update_expert_bias([load.detach() for load in out.expert_loads])
+        model.update_expert_bias(out.expert_loads)
 
     for _ in range(options.warmup):
         step()

@@ -4,14 +4,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model
 
 from llm.model import LLM
 from llm.model.ffn import MoE
 from llm.model.ffn.activations import activation
 from llm.model.ffn.experts import padded_bmm
 from llm.model.ffn.moe import sequence_balance_loss, switch_balance_loss
-from llm.train.checkpoint import save_weights
+from llm.config import Trainconfig, config_dict
+from llm.train.checkpoint import load_checkpoint, save_checkpoint
 from tests.conftest import make_config
 
 C = 32
@@ -256,9 +256,10 @@ def test_forward_and_eval_leave_the_bias_unchanged():
 def test_bias_round_trips_through_a_checkpoint(tmp_path):
     model = moe_model()
     model.blocks[0].ffn.router.expert_bias.copy_(torch.randn(5))
-    path = save_weights(model, tmp_path, "m")
+    config = config_dict(model.config, Trainconfig())
+    path = save_checkpoint(tmp_path, 1, model, {"step": 1}, config, "m", keep_last=1)
     fresh = moe_model()
-    load_model(fresh, str(path))
+    assert load_checkpoint(path, fresh, config) == {"step": 1}
     assert torch.equal(fresh.blocks[0].ffn.router.expert_bias, model.blocks[0].ffn.router.expert_bias)
 
 

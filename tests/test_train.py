@@ -32,7 +32,8 @@ def test_tiny_run_loss_falls(char_data, tmp_path):
     metrics = train(*parse(argv))
     assert metrics["step"] == 39 and metrics["val_loss"] < 3.0  # ln(65) = 4.17 at init
     run = tmp_path / "trial_run_w_o_mix"
-    assert (run / "llm.safetensors").is_file() and len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (run / "checkpoints" / "step_0000040" / "llm.safetensors").is_file()
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
     assert json.loads((run / "config.json").read_text())["model"]["vocab_size"] == 65
 
 
@@ -51,7 +52,7 @@ def test_example_moe_stack_trains_and_updates_the_bias_once_per_step(char_data, 
     assert metrics["val_loss"] < 4.0 and metrics["balance_loss"] > 0
     assert len(metrics["load_fractions/layer1"]) == 7 and metrics["max_load_ratio"] >= 1.0
     assert "max_load_ratio/layer2" not in metrics  # layer 2 is dense
-    saved = load_file(tmp_path / "run" / "llm.safetensors")
+    saved = load_file(tmp_path / "run" / "checkpoints" / "step_0000006" / "llm.safetensors")
     gamma = 0.001  # layer 1 of layer_configs.jsonl is aux-free; layer 0 balances with the loss and has no bias
     expected = sum(gamma * torch.sign(loads[1].float().mean() - loads[1].float()) for loads in updates)
     torch.testing.assert_close(saved["blocks.1.ffn.router.expert_bias"], expected)

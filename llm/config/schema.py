@@ -120,10 +120,22 @@ class Trainconfig:
     """Optimizer steps to run."""
     learning_rate: float = 1e-3
     """Peak learning rate."""
+    min_lr: float | None = None
+    """Learning rate at the end of the cosine decay; unset means 0.1 * learning_rate."""
     warmup_steps: int = 50
     """Steps of linear warmup before cosine decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    weight_decay: float = 0.1
+    """AdamW weight decay, applied to matrices and embeddings only."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this value (0 disables)."""
+    device: str = "auto"
+    """Device: auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Compute precision: auto (bf16 autocast on CUDA, fp16 with a grad scaler on GPUs without bf16, fp32 on CPU)."""
     act_recomp: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
     compile: bool = False
@@ -139,9 +151,13 @@ class Trainconfig:
     save_model: bool = False
     """Save checkpoints."""
     ckpt_interval: int = 500
-    """Steps between checkpoints."""
+    """Steps between checkpoints (one is also written at the end, and for the best validation loss)."""
+    keep_last: int = 3
+    """Step checkpoints kept (the best one is kept besides them)."""
+    resume: str | None = None
+    """Continue a run: latest (this run's newest checkpoint), or the path of a checkpoint or run directory."""
     file_name: str = "llm"
-    """Base name of the saved model files."""
+    """Base name of the saved weights file."""
     wandb_log: bool = False
     """Log metrics to Weights & Biases."""
     wandb_project: str = "llm"

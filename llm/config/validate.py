@@ -1,5 +1,6 @@
 """Every cross-field check in one place. Each failure is a ConfigError naming the field, value and fix."""
 import importlib.util
+import re
 from dataclasses import replace
 
 from .errors import ConfigError
@@ -85,10 +86,19 @@ def total_batch_tokens(t: Trainconfig) -> int:
 def validate_train(t: Trainconfig, m: LLMconfig) -> None:
     """Checks the run's values, including that the batch splits into whole micro-steps."""
     for name, low in (("batch_size", 1), ("max_iters", 0), ("warmup_steps", 0), ("eval_interval", 1),
-                      ("eval_iters", 1), ("ckpt_interval", 1), ("log_interval", 1)):
+                      ("eval_iters", 1), ("ckpt_interval", 1), ("log_interval", 1),
+                      ("keep_last", 1)):
         value = getattr(t, name)
         _require(value >= low, f"{name}={value} must be >= {low}")
     _require(t.learning_rate > 0, f"learning_rate={t.learning_rate} must be > 0")
+    _require(t.min_lr is None or 0 <= t.min_lr <= t.learning_rate,
+             f"min_lr={t.min_lr} must be in [0, learning_rate={t.learning_rate}]")
+    for name in ("beta1", "beta2"):
+        value = getattr(t, name)
+        _require(0 <= value < 1, f"{name}={value} must be in [0, 1)")
+    _require(t.weight_decay >= 0, f"weight_decay={t.weight_decay} must be >= 0")
+    _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
+             f"device={t.device!r} is not a device; use auto, cpu, cuda or cuda:N")
     _require(t.grad_clip >= 0, f"grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     total = total_batch_tokens(t)
     micro = t.batch_size * m.block_size

@@ -1,15 +1,98 @@
-"""Saving model weights (safetensors, keys of the uncompiled module), atomically."""
+"""Checkpoints: one folder per saved step under RUN/checkpoints/, written atomically.
+
+    step_0000500/llm.safetensors  weights (keys of the uncompiled module, buffers such as MoE biases included)
+    step_0000500/state.pt         optimizer, grad scaler, next step, best validation loss, RNG and loader states
+    step_0000500/config.json      the resolved config
+    best.json                     which step had the best validation loss (that folder is never pruned)
+
+Everything loads with safetensors or `torch.load(weights_only=True)`.
+"""
+import json
+import re
+import shutil
 from pathlib import Path
 
-from safetensors.torch import save_model
+import torch
+from safetensors.torch import load_model, save_model
 from torch import nn
 
-from ..files import write_atomically
+from ..config import ConfigError
+from ..files import write_atomically, write_folder_atomically
+
+STEP_FOLDER = re.compile(r"step_(\d+)")
+STATE_FILE = "state.pt"
+# Train settings that change the trajectory: a resumed run must use the same ones.
+TRAJECTORY_FIELDS = ("dataset", "data_order", "total_batch_size_str", "batch_size", "learning_rate", "min_lr",
+                     "warmup_steps", "beta1", "beta2", "weight_decay", "grad_clip", "dtype", "seed")
 
 
-def save_weights(model: nn.Module, folder: Path, name: str) -> Path:
-    """Writes folder/name.safetensors through a temporary file, so a crash leaves the previous one."""
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{name}.safetensors"
-    write_atomically(path, lambda tmp: save_model(model, str(tmp)))
+def checkpoints_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """The complete step folders of a run, oldest first (unfinished `.tmp` folders are ignored)."""
+    folder = checkpoints_dir(run_dir)
+    found = [p for p in folder.iterdir() if STEP_FOLDER.fullmatch(p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(STEP_FOLDER.fullmatch(p.name).group(1)))
+
+
+def best_step(run_dir: Path) -> int | None:
+    path = checkpoints_dir(run_dir) / "best.json"
+    return json.loads(path.read_text())["step"] if path.is_file() else None
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict, config: dict, file_name: str,
+                    keep_last: int) -> Path:
+    """Writes the checkpoint taken after `step` optimizer steps and prunes all but the last keep_last (and best)."""
+    path = checkpoints_dir(run_dir) / f"step_{step:07d}"
+
+    def write(tmp: Path) -> None:
+        save_model(model, str(tmp / f"{file_name}.safetensors"))
+        torch.save(state, tmp / STATE_FILE)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+    write_folder_atomically(path, write)
+    keep = {best_step(run_dir)}
+    for old in step_checkpoints(run_dir)[:-keep_last]:
+        if int(STEP_FOLDER.fullmatch(old.name).group(1)) not in keep:
+            shutil.rmtree(old)
     return path
+
+
+def mark_best(run_dir: Path, step: int, val_loss: float) -> None:
+    """Records that the checkpoint of `step` has the best validation loss so far."""
+    text = json.dumps({"step": step, "val_loss": val_loss})
+    write_atomically(checkpoints_dir(run_dir) / "best.json", lambda tmp: tmp.write_text(text))
+
+
+def find_checkpoint(resume: str, run_dir: Path) -> Path:
+    """The checkpoint folder `--resume` names: latest (this run's newest), a checkpoint folder, or a run folder."""
+    where = run_dir if resume == "latest" else Path(resume)
+    if (where / STATE_FILE).is_file():
+        return where
+    found = step_checkpoints(where)
+    if not found:
+        raise ConfigError(f"--resume={resume}: no checkpoint in {where}; pass a checkpoint or run folder, or drop --resume")
+    return found[-1]
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """'name: saved -> current' for every model field (the attention kernel aside) and trajectory field that differ."""
+    pairs = [(k, saved["model"].get(k), v) for k, v in current["model"].items() if k != "attn_backend"]
+    pairs += [(k, saved["train"].get(k), current["train"][k]) for k in TRAJECTORY_FIELDS]
+    return [f"{name}: {old!r} -> {new!r}" for name, old, new in pairs if old != new]
+
+
+def load_checkpoint(path: Path, model: nn.Module, config: dict) -> dict:
+    """Loads the weights into model and returns the saved state; refuses a checkpoint of another configuration."""
+    saved = json.loads((path / "config.json").read_text())
+    differences = config_differences(saved, config)
+    if differences:
+        raise ConfigError(f"checkpoint {path} was written with a different config ({'; '.join(differences)}); "
+                          f"pass the same flags or --config {path / 'config.json'}")
+    weights = sorted(path.glob("*.safetensors"))
+    if len(weights) != 1:
+        raise ConfigError(f"checkpoint {path} should hold one .safetensors file, found {len(weights)}")
+    load_model(model, str(weights[0]))
+    return torch.load(path / STATE_FILE, weights_only=True)

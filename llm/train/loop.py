@@ -1,8 +1,10 @@
-"""The training loop: gradient accumulation, autocast, clipping, warmup + cosine schedule, eval and logging."""
+"""The training loop: accumulation, precision, clipping, schedule, evaluation, logging, checkpoints and resume."""
 import dataclasses
 import json
 import math
 import re
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -12,8 +14,11 @@ from ..config import ConfigError, LLMconfig, Trainconfig, config_dict, total_bat
 from ..data.loader import TokenLoader, read_meta
 from ..files import write_atomically
 from ..model import LLM
-from .checkpoint import save_weights
+from .checkpoint import find_checkpoint, load_checkpoint, mark_best, save_checkpoint, step_checkpoints
+from .metrics import MetricsLog, moe_metrics, peak_memory_bytes
+from .mfu import mfu
 from .optim import build_optimizer, learning_rate
+from .precision import Precision, pick_precision
 
 
 def run_dir_name(run_name: str) -> str:
@@ -33,120 +38,174 @@ def resolve_vocab(model_config: LLMconfig, meta: dict, dataset: str) -> LLMconfi
     return model_config
 
 
-def format_metrics(m: dict) -> str:
-    """One console line per logged step."""
-    line = (f"step {m['step']:>5} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | norm {m['grad_norm']:.2f} | "
-            f"{m['ms_per_step']:.0f} ms | {m['tokens_per_s']:,.0f} tok/s")
-    if "balance_loss" in m:
-        line += f" | balance {m['balance_loss']:.4f} | max/mean load {m['max_load_ratio']:.2f}"
-    if "val_loss" in m:
-        line += f" | train {m['train_loss']:.4f} | val {m['val_loss']:.4f}"
-    return line
+class StopRequest:
+    """Turns SIGINT and SIGTERM into a request to stop after the current step; restores the handlers on exit."""
 
+    def __enter__(self) -> "StopRequest":
+        self.signal_name, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
 
-def moe_metrics(balance_loss: float, loads: list[torch.Tensor], layers: list[int]) -> dict:
-    """Balance figures of one step: the balance loss, and per MoE layer its load fractions and max/mean load
-    ratio (1 is perfect balance); max_load_ratio is the worst layer's."""
-    metrics = {"balance_loss": balance_loss}
-    for layer, load in zip(layers, loads):
-        load = load.float().cpu()
-        metrics[f"load_fractions/layer{layer}"] = [round(v, 4) for v in (load / load.sum()).tolist()]
-        metrics[f"max_load_ratio/layer{layer}"] = (load.max() / load.mean()).item()
-    metrics["max_load_ratio"] = max(v for k, v in metrics.items() if k.startswith("max_load_ratio/"))
-    return metrics
+    def _handle(self, signum, frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
 
 
 @torch.no_grad()
-def estimate_loss(model: LLM, loaders: dict, iters: int, autocast) -> dict[str, float]:
-    """Mean loss over `iters` batches of each split."""
+def estimate_loss(model: LLM, loaders: dict[str, TokenLoader], iters: int, precision: Precision) -> dict[str, float]:
+    """Mean cross-entropy over `iters` batches of each split."""
     model.eval()
     losses = {}
     for split, loader in loaders.items():
-        total = 0.0
+        total = torch.zeros((), device=precision.device)
         for _ in range(iters):
             x, y = loader.next_batch()
-            with autocast():
-                total += model(x, y).loss.item()
-        losses[f"{split}_loss"] = total / iters
+            with precision.autocast():
+                total += model(x, y).loss.float()
+        losses[f"{split}_loss"] = total.item() / iters
     model.train()
     return losses
 
 
+def train_step(model: LLM, step_model, loader: TokenLoader, accum_steps: int, precision: Precision,
+               optimizer: torch.optim.Optimizer, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor, list, torch.Tensor]:
+    """One optimizer step over accum_steps micro-batches; returns the summed cross-entropy and balance losses,
+    the expert loads over the whole step and the gradient norm (all left on the device)."""
+    loss_sum, balance_sum, loads = torch.zeros((), device=precision.device), torch.zeros((), device=precision.device), []
+    for _ in range(accum_steps):
+        x, y = loader.next_batch()
+        with precision.autocast():
+            out = step_model(x, y)
+        loss = (out.loss + out.balance_loss) / accum_steps
+        (precision.scaler.scale(loss) if precision.scaler else loss).backward()
+        loss_sum += out.loss.detach().float()
+        balance_sum += out.balance_loss.detach().float()
+        loads = [a + b for a, b in zip(loads, out.expert_loads)] if loads else list(out.expert_loads)
+    if precision.scaler:
+        precision.scaler.unscale_(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if precision.scaler:
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.update_expert_bias(loads)  # loads over the whole step's batch; a no-op without aux-free layers
+    return loss_sum, balance_sum, loads, grad_norm
+
+
 def train(model_config: LLMconfig, cfg: Trainconfig) -> dict:
-    """Trains the model described by the configs and returns the last metrics."""
-    torch.manual_seed(cfg.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Trains the model described by the configs (resuming when asked) and returns the last metrics."""
+    precision = pick_precision(cfg.device, cfg.dtype)
+    device = precision.device
     data = Path(cfg.data_dir) / cfg.dataset
     meta = read_meta(data, cfg.dataset)
     model_config = resolve_vocab(model_config, meta, cfg.dataset)
-    loaders = {split: TokenLoader(data / f"{split}.bin", meta["dtype"], cfg.batch_size, model_config.block_size,
-                                  device, cfg.seed + i, order) for i, (split, order) in
-               enumerate((("train", cfg.data_order), ("val", "random")))}
+    config = config_dict(model_config, cfg)
+    torch.manual_seed(cfg.seed)
+    split_orders = {"train": ("train", cfg.data_order), "train_eval": ("train", "random"), "val": ("val", "random")}
+    loaders = {name: TokenLoader(data / f"{split}.bin", meta["dtype"], cfg.batch_size, model_config.block_size, device,
+                                 cfg.seed + i, order) for i, (name, (split, order)) in enumerate(split_orders.items())}
     tokens_per_step = total_batch_tokens(cfg)
     accum_steps = tokens_per_step // (cfg.batch_size * model_config.block_size)
 
     model = LLM(model_config).to(device)
     model.act_recomp = cfg.act_recomp
-    step_model = torch.compile(model) if cfg.compile else model
-    optimizer = build_optimizer(model, cfg.learning_rate, device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    autocast = lambda: torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)  # noqa: E731
-
+    optimizer = build_optimizer(model, cfg, device)
     run_dir = Path(cfg.out_dir) / run_dir_name(cfg.wandb_run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = json.dumps(config_dict(model_config, cfg), indent=2)
+    start_step, best_val = 0, math.inf
+    if cfg.resume is not None:
+        path = find_checkpoint(cfg.resume, run_dir)
+        state = load_checkpoint(path, model, config)
+        optimizer.load_state_dict(state["optimizer"])
+        if precision.scaler is not None and state["scaler"] is not None:
+            precision.scaler.load_state_dict(state["scaler"])
+        for name, loader in loaders.items():
+            loader.load_state_dict(state["loaders"][name])
+        torch.set_rng_state(state["rng"]["cpu"])
+        if device.type == "cuda" and state["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        start_step, best_val = state["step"], state["best_val_loss"]
+        print(f"resumed from {path} at step {start_step}")
+    step_model = torch.compile(model) if cfg.compile else model
+    resolved = json.dumps(config, indent=2)
     write_atomically(run_dir / "config.json", lambda tmp: tmp.write_text(resolved))
     total, active = model.get_num_params()
     print(f"model: {total:,} parameters ({active:,} active); {accum_steps} micro-steps of "
-          f"{cfg.batch_size}x{model_config.block_size} tokens per step on {device.type}; run dir {run_dir}")
-    wandb = None
+          f"{cfg.batch_size}x{model_config.block_size} tokens per step on {device.type} ({precision.dtype}); "
+          f"run dir {run_dir}")
+    wandb_run = None
     if cfg.wandb_log:
         import wandb
 
-        wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config_dict(model_config, cfg))
+        wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config)
+    log = MetricsLog(run_dir, wandb_run)
+
+    def state(next_step: int) -> dict:
+        cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else []
+        return {"step": next_step, "best_val_loss": best_val, "optimizer": optimizer.state_dict(),
+                "scaler": precision.scaler.state_dict() if precision.scaler else None,
+                "rng": {"cpu": torch.get_rng_state(), "cuda": cuda_rng},
+                "loaders": {name: loader.state_dict() for name, loader in loaders.items()}}
+
+    def check_finite(first_bad: torch.Tensor) -> None:
+        """Stops the run at the first step whose loss was not finite, before anything is saved from it."""
+        bad = int(first_bad.item())
+        if bad >= 0:
+            found = step_checkpoints(run_dir)
+            kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved"
+            raise SystemExit(f"error: the loss became NaN or infinite at step {bad}; {kept}; lower --learning_rate "
+                             "or raise --warmup_steps")
 
     moe_layers = [i for i, block in enumerate(model_config.layers) if block.moe]
-    metrics, t0, last_logged = {}, time.perf_counter(), -1
-    with open(run_dir / "metrics.jsonl", "w") as log:
-        for step in range(cfg.max_iters):
-            lr = learning_rate(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_iters)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            loss_sum, balance_sum = torch.zeros((), device=device), torch.zeros((), device=device)
-            loads = []  # per MoE layer, tokens per expert over the step's micro-steps
-            for _ in range(accum_steps):
-                x, y = loaders["train"].next_batch()
-                with autocast():
-                    out = step_model(x, y)
-                ((out.loss + out.balance_loss) / accum_steps).backward()
-                loss_sum += out.loss.detach()
-                balance_sum += out.balance_loss.detach()
-                loads = [a + b for a, b in zip(loads, out.expert_loads)] if loads else list(out.expert_loads)
-            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            model.update_expert_bias(loads)  # loads over the whole step's batch; a no-op without aux-free layers
+    metrics, t0, last_logged = {}, time.perf_counter(), start_step - 1
+    first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, tracked without a host sync
+    try:
+        with StopRequest() as stop:
+            for step in range(start_step, cfg.max_iters):
+                lr = learning_rate(step, cfg)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                loss_sum, balance_sum, loads, grad_norm = train_step(model, step_model, loaders["train"], accum_steps,
+                                                                     precision, optimizer, cfg.grad_clip)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_sum), step, first_bad)
 
-            last = step == cfg.max_iters - 1
-            if step % cfg.log_interval == 0 or last:
-                loss_value = loss_sum.item() / accum_steps
-                if not math.isfinite(loss_value):
-                    raise SystemExit(f"error: the loss became {loss_value} at step {step}; lower --learning_rate")
-                dt = (time.perf_counter() - t0) / (step - last_logged)
-                metrics = {"step": step, "loss": loss_value, "lr": lr, "grad_norm": grad_norm.item(),
-                           "ms_per_step": 1000 * dt, "tokens_per_s": tokens_per_step / dt}
-                if moe_layers:
-                    metrics.update(moe_metrics(balance_sum.item() / accum_steps, loads, moe_layers))
-                if cfg.eval and (step % cfg.eval_interval == 0 or last):
-                    metrics.update(estimate_loss(model, loaders, cfg.eval_iters, autocast))
-                print(format_metrics(metrics))
-                log.write(json.dumps(metrics) + "\n")
-                if wandb is not None:
-                    wandb.log(metrics, step=step)
-                t0, last_logged = time.perf_counter(), step
-    if cfg.save_model:
-        print(f"saved {save_weights(model, run_dir, cfg.file_name)}")
-    if wandb is not None:
-        wandb.finish()
+                last = step == cfg.max_iters - 1
+                if step % cfg.log_interval == 0 or last or stop.signal_name:
+                    check_finite(first_bad)
+                    dt = (time.perf_counter() - t0) / (step - last_logged)
+                    metrics = {"step": step, "loss": loss_sum.item() / accum_steps, "lr": lr,
+                               "grad_norm": grad_norm.item(), "ms_per_step": 1000 * dt,
+                               "tokens_per_s": tokens_per_step / dt,
+                               "mfu": mfu(tokens_per_step / dt, model_config, active, device),
+                               "peak_memory_bytes": peak_memory_bytes(device)}
+                    if moe_layers:
+                        metrics.update(moe_metrics(balance_sum.item() / accum_steps, loads, moe_layers))
+                    if cfg.eval and (step % cfg.eval_interval == 0 or last):
+                        evaluated = {"train": loaders["train_eval"], "val": loaders["val"]}
+                        metrics.update(estimate_loss(model, evaluated, cfg.eval_iters, precision))
+                    log.log(metrics)
+                    t0, last_logged = time.perf_counter(), step
+
+                new_best = metrics.get("step") == step and metrics.get("val_loss", math.inf) < best_val
+                if new_best:
+                    best_val = metrics["val_loss"]
+                due = cfg.save_model and ((step + 1) % cfg.ckpt_interval == 0 or last or new_best)
+                if due or stop.signal_name:
+                    check_finite(first_bad)
+                    path = save_checkpoint(run_dir, step + 1, model, state(step + 1), config, cfg.file_name,
+                                           cfg.keep_last)
+                    if new_best and cfg.save_model:
+                        mark_best(run_dir, step + 1, best_val)
+                    print(f"saved {path}")
+                if stop.signal_name:
+                    print(f"stopped by {stop.signal_name} after step {step}; continue with --resume latest")
+                    break
+    finally:
+        log.close()
     return metrics

@@ -1,0 +1,34 @@
+"""The run's device and numeric precision."""
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ConfigError
+
+
+@dataclass
+class Precision:
+    """Where and in which precision a run computes; fp16 comes with a gradient scaler."""
+
+    device: torch.device
+    dtype: torch.dtype
+    scaler: torch.amp.GradScaler | None
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+
+def pick_precision(device_name: str, dtype_name: str) -> Precision:
+    """auto: CUDA with bf16 autocast (fp16 and a grad scaler where the GPU lacks bf16), else CPU in fp32."""
+    cuda = torch.cuda.is_available()
+    if device_name.startswith("cuda") and not cuda:
+        raise ConfigError(f"device={device_name} but no CUDA GPU is visible; use --device cpu or --device auto")
+    device = torch.device("cuda" if cuda else "cpu") if device_name == "auto" else torch.device(device_name)
+    if dtype_name != "auto":
+        dtype = getattr(torch, dtype_name)
+    elif device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    else:
+        dtype = torch.float32
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    return Precision(device, dtype, scaler)
