@@ -1,0 +1,164 @@
+"""Checkpoints and exact resume, signals, NaN stops, accumulation, and the shell scripts' flags end to end."""
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llm.config import ConfigError, parse
+from llm.model import LLM
+from llm.train import checkpoint as checkpoint_module
+from llm.train import loop, train
+from llm.train.checkpoint import find_checkpoint, step_checkpoints
+from tests.conftest import REPO, make_config
+
+# A small MoE model with dropout, gradient accumulation and evaluation: everything a resume must restore.
+SMALL = ["--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--block_size", "32", "--batch_size", "4",
+         "--total_batch_size_str", "2*4*32", "--dropout", "0.1", "--moe", "--n_exp", "4", "--n_act", "3",
+         "--aux_free", "--gamma", "0.01", "--up_dim", "32", "--learning_rate", "3e-3", "--warmup_steps", "3",
+         "--log_interval", "1", "--eval", "--eval_interval", "3", "--eval_iters", "2", "--max_iters", "10"]
+
+
+def run(char_data, tmp_path, name: str, *extra: str) -> list[dict]:
+    argv = SMALL + ["--data_dir", str(char_data.parent), "--out_dir", str(tmp_path), "--wandb_run_name", name, *extra]
+    train(*parse(argv))
+    return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(metrics: list[dict]) -> dict[int, tuple]:
+    return {m["step"]: (m["loss"], m["grad_norm"], m.get("val_loss")) for m in metrics}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(char_data, tmp_path_factory):
+    return losses(run(char_data, tmp_path_factory.mktemp("full"), "full"))
+
+
+@pytest.mark.parametrize("stop_after,order", [(1, "random"), (4, "random"), (7, "epoch")])
+def test_resume_is_bit_exact(char_data, tmp_path, uninterrupted, stop_after, order, tmp_path_factory):
+    reference = uninterrupted
+    if order == "epoch":
+        reference = losses(run(char_data, tmp_path_factory.mktemp("epoch"), "full", "--data_order", order))
+    run(char_data, tmp_path, "first", "--data_order", order, "--save_model", "--ckpt_interval", str(stop_after),
+        "--keep_last", "20")
+    checkpoint = tmp_path / "first" / "checkpoints" / f"step_{stop_after:07d}"
+    resumed = losses(run(char_data, tmp_path, "second", "--data_order", order, "--resume", str(checkpoint)))
+    assert sorted(resumed) == list(range(stop_after, 10))
+    assert all(resumed[step] == reference[step] for step in resumed), (resumed, reference)
+
+
+def test_sigterm_saves_and_resume_latest_continues_exactly(char_data, tmp_path, uninterrupted, monkeypatch):
+    schedule = loop.learning_rate
+
+    def signal_at_step_3(step, cfg):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return schedule(step, cfg)
+
+    monkeypatch.setattr(loop, "learning_rate", signal_at_step_3)
+    first = losses(run(char_data, tmp_path, "r"))
+    assert sorted(first) == [0, 1, 2, 3]  # stopped after the step during which the signal came
+    assert [p.name for p in step_checkpoints(tmp_path / "r")] == ["step_0000004"]
+    monkeypatch.setattr(loop, "learning_rate", schedule)
+    resumed = run(char_data, tmp_path, "r", "--resume", "latest")
+    assert all(losses(resumed)[step] == uninterrupted[step] for step in range(4, 10))
+    assert len(resumed) == 10  # metrics.jsonl is appended to
+
+
+def test_checkpoints_are_pruned_to_keep_last_and_best(char_data, tmp_path):
+    run(char_data, tmp_path, "k", "--save_model", "--ckpt_interval", "1", "--keep_last", "2")
+    best = json.loads((tmp_path / "k" / "checkpoints" / "best.json").read_text())
+    names = [p.name for p in step_checkpoints(tmp_path / "k")]
+    assert names[-2:] == ["step_0000009", "step_0000010"] and len(names) == 2 + (best["step"] < 9)
+    assert f"step_{best['step']:07d}" in names and best["step"] in (1, 4, 7, 10)  # evaluated steps 0, 3, 6, 9
+
+
+def test_interrupted_save_leaves_the_previous_checkpoint(char_data, tmp_path, monkeypatch):
+    run(char_data, tmp_path, "c", "--save_model", "--ckpt_interval", "5", "--max_iters", "5")
+    real_save = torch.save
+
+    def crash(obj, path):
+        real_save(obj, path)
+        with open(path, "r+b") as f:  # half-written, then the machine dies
+            f.truncate(10)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", crash)
+    with pytest.raises(OSError):
+        run(char_data, tmp_path, "c", "--save_model", "--ckpt_interval", "5", "--resume", "latest")
+    monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
+    assert find_checkpoint("latest", tmp_path / "c").name == "step_0000005"
+    assert list((tmp_path / "c" / "checkpoints").glob("step_*.tmp"))  # the unfinished one is left aside
+    resumed = run(char_data, tmp_path, "c", "--resume", "latest")
+    assert resumed[-1]["step"] == 9
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp_path, monkeypatch):
+    step_fn = loop.train_step
+    calls = []
+
+    def nan_from_step_3(*args):
+        loss_sum, *rest = step_fn(*args)
+        calls.append(1)
+        return (loss_sum * float("nan") if len(calls) > 3 else loss_sum), *rest
+
+    monkeypatch.setattr(loop, "train_step", nan_from_step_3)
+    with pytest.raises(SystemExit, match=r"NaN or infinite at step 3; the last good checkpoint is .*step_0000002"):
+        run(char_data, tmp_path, "n", "--save_model", "--ckpt_interval", "2", "--log_interval", "5")
+    assert [p.name for p in step_checkpoints(tmp_path / "n")][-1] == "step_0000002"  # nothing saved after step 3
+
+
+def test_resume_with_other_flags_lists_the_differences(char_data, tmp_path):
+    run(char_data, tmp_path, "d", "--save_model", "--max_iters", "2", "--ckpt_interval", "2")
+    with pytest.raises(ConfigError, match=r"different config \(n_embd: 32 -> 64; learning_rate: 0.003 -> 0.001\)"):
+        run(char_data, tmp_path, "d", "--resume", "latest", "--n_embd", "64", "--learning_rate", "1e-3")
+    with pytest.raises(ConfigError, match="no checkpoint in"):
+        run(char_data, tmp_path, "empty", "--resume", "latest")
+
+
+def test_four_micro_batches_equal_one_batch_four_times_larger():
+    torch.manual_seed(0)
+    model = LLM(make_config(dict(attn="gqa", n_head=4, n_kv_heads=2), pos_emb="rope"))
+    idx = torch.randint(0, 97, (8, 32))
+    model(idx, idx).loss.backward()
+    whole = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for micro in idx.chunk(4):
+        (model(micro, micro).loss / 4).backward()
+    for a, b in zip(whole, (p.grad for p in model.parameters())):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_min_lr_and_betas_reach_the_optimizer(char_data, tmp_path):
+    metrics = run(char_data, tmp_path, "o", "--min_lr", "1e-4", "--beta2", "0.99", "--weight_decay", "0.05",
+                  "--max_iters", "4", "--warmup_steps", "1")
+    assert metrics[-1]["lr"] == pytest.approx(1e-4 + 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 2 / 3)).item())
+                                              * (3e-3 - 1e-4))
+
+
+def test_float16_with_grad_scaler_trains_on_cpu(char_data, tmp_path):
+    metrics = run(char_data, tmp_path, "h", "--dtype", "float16", "--max_iters", "3", "--no_eval")
+    assert len(metrics) == 3 and all(m["loss"] < 5 for m in metrics)
+
+
+def test_single_run_script_with_the_usual_flags(char_data, tmp_path):
+    env = {**os.environ, "MAX_ITERS": "4", "N_LAYER": "1", "BATCH_SIZE": "4", "TOTAL_BATCH": "4*128",
+           "EVAL_INTERVAL": "2", "EVAL_ITERS": "2", "MOE": "1", "AUX_FREE": "1", "WANDB_MODE": "offline",
+           "WANDB_DIR": str(tmp_path), "RUN_NAME": "trial_run_w/o_mix"}
+    result = subprocess.run(["bash", str(REPO / "scripts" / "train_single.sh"), "--data_dir", str(char_data.parent),
+                             "--out_dir", str(tmp_path), "--save_model", "--act_recomp", "--wandb_log",
+                             "--log_interval", "1"], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    run_dir = tmp_path / "trial_run_w_o_mix"
+    assert [p.name for p in step_checkpoints(run_dir)][-1] == "step_0000004"
+    assert "val" in result.stdout and (tmp_path / "wandb").is_dir()
+
+
+def test_train_py_reports_a_bad_resume_in_one_line(tmp_path, char_data):
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), "--data_dir", str(char_data.parent),
+                             "--out_dir", str(tmp_path), "--resume", "latest"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 2 and result.stderr.startswith("error: --resume=latest: no checkpoint in")
