@@ -64,13 +64,8 @@ def benchmark(model_config: LLMconfig, cfg: Trainconfig, options: BenchOptions) 
         idx = torch.randint(0, model_config.vocab_size, shape, device=device)
         with precision.autocast():
             out = step_model(idx, idx)
-        loss = out.loss + out.balance_loss
-        (precision.scaler.scale(loss) if precision.scaler else loss).backward()
-        if precision.scaler:
-            precision.scaler.step(optimizer)
-            precision.scaler.update()
-        else:
-            optimizer.step()
+        precision.backward(out.loss + out.balance_loss)
+        precision.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
         model.update_expert_bias(out.expert_loads)
 

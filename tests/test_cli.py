@@ -18,7 +18,9 @@ ALL_FLAGS = [
     "--norm", "rms", "--up_dim", "100", "--non_linearity", "swish", "--attn", "gqa", "--n_head", "8",
     "--n_kv_heads", "4", "--q_latent_dim", "16", "--kv_latent_dim", "32", "--rope_head_dim", "8", "--moe",
     "--n_exp", "6", "--n_shared", "1", "--n_act", "2", "--aux_free", "--alpha", "0.001", "--gamma", "0.01",
-    "--coeff", "0.02", "--router_score", "sigmoid", "--no_norm_topk",
+    "--coeff", "0.02", "--router_score", "sigmoid", "--no_norm_topk", "--min_lr", "1e-5", "--beta1", "0.8",
+    "--beta2", "0.99", "--weight_decay", "0.05", "--device", "cuda:1", "--dtype", "bfloat16", "--keep_last", "2",
+    "--resume", "latest", "--data_order", "epoch",
 ]
 
 
@@ -34,6 +36,9 @@ def test_every_flag_parses():
     assert layer.moe and layer.aux_free and (layer.n_exp, layer.n_shared, layer.n_act) == (6, 1, 2)
     assert (layer.alpha, layer.gamma, layer.coeff) == (0.001, 0.01, 0.02)
     assert layer.router_score == "sigmoid" and not layer.norm_topk
+    assert (train.min_lr, train.beta1, train.beta2, train.weight_decay) == (1e-5, 0.8, 0.99, 0.05)
+    assert (train.device, train.dtype, train.keep_last, train.resume, train.data_order) == \
+        ("cuda:1", "bfloat16", 2, "latest", "epoch")
 
 
 def test_layer_configs_flag_parses():
@@ -168,6 +173,10 @@ BAD_INPUTS = [
     (["--moe", "--n_shared", "2", "--n_act", "2"], "n_exp >= n_act > n_shared"),
     (["--moe", "--n_act", "2"], "use --no_norm_topk or raise n_act"),
     (["--dropout", "1.5"], "dropout=1.5"),
+    (["--device", "gpu"], "device='gpu' is not a device; use auto, cpu, cuda or cuda:N"),
+    (["--beta2", "1.0"], "beta2=1.0 must be in [0, 1)"),
+    (["--min_lr", "0.1"], "min_lr=0.1 must be in [0, learning_rate=0.001]"),
+    (["--keep_last", "0"], "keep_last=0 must be >= 1"),
     (["--batch_size", "3", "--total_batch_size_str", "1000"], "not a positive multiple"),
     (["--total_batch_size_str", "2**11 + exec('x')"], "total_batch_size_str"),
     (["--layer_configs", "[]", "--layer_configs_jsonl", "x.jsonl"], "pass only one"),

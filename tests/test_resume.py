@@ -162,3 +162,9 @@ def test_train_py_reports_a_bad_resume_in_one_line(tmp_path, char_data):
                              "--out_dir", str(tmp_path), "--resume", "latest"], capture_output=True, text=True,
                             timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: --resume=latest: no checkpoint in")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown where no GPU is visible")
+def test_cuda_device_without_a_gpu_is_a_clear_error(char_data, tmp_path):
+    with pytest.raises(ConfigError, match="device=cuda but no CUDA GPU is visible; use --device cpu"):
+        run(char_data, tmp_path, "g", "--device", "cuda")

@@ -81,18 +81,13 @@ def train_step(model: LLM, step_model, loader: TokenLoader, accum_steps: int, pr
         with precision.autocast():
             out = step_model(x, y)
         loss = (out.loss + out.balance_loss) / accum_steps
-        (precision.scaler.scale(loss) if precision.scaler else loss).backward()
+        precision.backward(loss)
         loss_sum += out.loss.detach().float()
         balance_sum += out.balance_loss.detach().float()
         loads = [a + b for a, b in zip(loads, out.expert_loads)] if loads else list(out.expert_loads)
-    if precision.scaler:
-        precision.scaler.unscale_(optimizer)
+    precision.unscale(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
-    if precision.scaler:
-        precision.scaler.step(optimizer)
-        precision.scaler.update()
-    else:
-        optimizer.step()
+    precision.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
     model.update_expert_bias(loads)  # loads over the whole step's batch; a no-op without aux-free layers
     return loss_sum, balance_sum, loads, grad_norm

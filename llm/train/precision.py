@@ -17,6 +17,23 @@ class Precision:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
 
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward pass, through the gradient scaler under fp16."""
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def unscale(self, optimizer: torch.optim.Optimizer) -> None:
+        """Brings scaled fp16 gradients back to their true size (before clipping)."""
+        if self.scaler:
+            self.scaler.unscale_(optimizer)
+
+    def step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer step; under fp16 the scaler skips steps with non-finite gradients and adapts its scale."""
+        if self.scaler:
+            self.scaler.step(optimizer)
+            self.scaler.update()
+        else:
+            optimizer.step()
+
 
 def pick_precision(device_name: str, dtype_name: str) -> Precision:
     """auto: CUDA with bf16 autocast (fp16 and a grad scaler where the GPU lacks bf16), else CPU in fp32."""
