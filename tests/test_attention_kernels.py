@@ -9,14 +9,16 @@ from llm.model.attention import kernels
 from tests.conftest import make_config
 
 
-def reference_flash_attn(q, k, v, dropout_p=0.0, causal=True):
-    """flash_attn_func's contract on (B, T, H, D) inputs with KV heads dividing H, by explicit scores."""
+def reference_flash_attn(q, k, v, dropout_p=0.0, causal=True, softmax_scale=None):
+    """flash_attn_func's contract on (B, T, H, D) queries over (B, S, KV, D) keys with KV dividing H, by explicit
+    scores; the causal mask is aligned to the bottom right when S > T."""
     assert causal and dropout_p == 0.0
     B, T, H, D = q.shape
-    k = k.repeat_interleave(H // k.size(2), dim=2)  # (B, T, H, D)
-    v = v.repeat_interleave(H // v.size(2), dim=2)  # (B, T, H, Dv)
-    scores = torch.einsum("bthd,bshd->bhts", q, k) / math.sqrt(D)  # (B, H, T, T)
-    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    S = k.size(1)
+    k = k.repeat_interleave(H // k.size(2), dim=2)  # (B, S, H, D)
+    v = v.repeat_interleave(H // v.size(2), dim=2)  # (B, S, H, Dv)
+    scores = torch.einsum("bthd,bshd->bhts", q, k) * (softmax_scale or 1 / math.sqrt(D))  # (B, H, T, S)
+    mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
     weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
     return torch.einsum("bhts,bshd->bthd", weights, v)  # (B, T, H, Dv)
 

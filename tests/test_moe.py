@@ -257,7 +257,7 @@ def test_bias_round_trips_through_a_checkpoint(tmp_path):
     model = moe_model()
     model.blocks[0].ffn.router.expert_bias.copy_(torch.randn(5))
     config = config_dict(model.config, Trainconfig())
-    path = save_checkpoint(tmp_path, 1, model, {"step": 1}, config, "m", keep_last=1)
+    path = save_checkpoint(tmp_path, 1, model, {"step": 1}, config, {"tokenizer": "byte"}, "m", keep_last=1)
     fresh = moe_model()
     assert load_checkpoint(path, fresh, config) == {"step": 1}
     assert torch.equal(fresh.blocks[0].ffn.router.expert_bias, model.blocks[0].ffn.router.expert_bias)

@@ -6,6 +6,7 @@ import typing
 from typing import Any, Literal, Union
 
 from .errors import ConfigError
+from .schema import BlockConfig, LLMconfig
 
 
 def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
@@ -64,3 +65,10 @@ def dataclass_from_dict(cls: type, data: dict, where: str, base: Any = None) -> 
     hints = known_fields(cls)
     values = {k: coerce(v, hints[k], k, where) for k, v in data.items()}
     return dataclasses.replace(base, **values) if base is not None else cls(**values)
+
+
+def model_config_from_dict(data: dict, where: str) -> LLMconfig:
+    """An LLMconfig with its per-layer specs from JSON (the "model" part of a saved config.json)."""
+    fields = {k: v for k, v in data.items() if k != "layers"}
+    layers = [dataclass_from_dict(BlockConfig, spec, f"{where} layer {i}") for i, spec in enumerate(data.get("layers", []))]
+    return dataclasses.replace(dataclass_from_dict(LLMconfig, fields, where), layers=layers)

@@ -4,6 +4,7 @@ import tiktoken
 from ..config import ConfigError
 
 END_OF_TEXT = "<|endoftext|>"
+TOKENIZER_KEYS = ("tokenizer", "vocab_size", "eot", "chars", "upper")  # the meta.json keys that define a tokenizer
 
 
 class CharTokenizer:

@@ -22,8 +22,10 @@ class Block(nn.Module):
         self.ln_2 = build_norm(config)
         self.ffn = build_ffn(block, config)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats | None]:
-        x = x + self.attn(self.ln_1(x))  # (B, T, C)
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
+                cache=None) -> tuple[torch.Tensor, MoEStats | None]:
+        """x (B, T, C) at positions (B or 1, T); mask and cache as in the attention modules."""
+        x = x + self.attn(self.ln_1(x), positions, mask, cache)  # (B, T, C)
         if not self.moe:
             return x + self.ffn(self.ln_2(x)), None  # (B, T, C)
         h, stats = self.ffn(self.ln_2(x))  # (B, T, C)

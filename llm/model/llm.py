@@ -9,6 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import LLMconfig
 from .block import Block
+from .cache import Cache
 from .ffn import MoE
 from .ffn.experts import ExpertLinear
 from .norms import build_norm
@@ -64,30 +65,55 @@ class LLM(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> ModelOutput:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None) -> ModelOutput:
         """Logits (B, T, vocab_size) for token ids idx (B, T), the mean cross-entropy when targets are given (targets
         equal to -1 are ignored), and the MoE balance loss and expert loads. Train on loss + balance_loss.
+
+        With a cache (generation), idx continues the cached tokens and the cache is extended by them.
         """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
+        start = 0 if cache is None else cache.length
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds block_size={self.config.block_size}")
+        positions = torch.arange(T, device=idx.device)[None] if cache is None else cache.positions(T)  # (B or 1, T)
+        mask = None if cache is None else cache.mask(T)
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
-            x = x + self.pos_emb(T)  # (B, T, C)
+            x = x + self.pos_emb(positions)  # (B, T, C)
         x = self.drop(x)
         balance_loss, expert_loads = torch.zeros((), device=idx.device), []
-        for block in self.blocks:
-            # Recomputation re-runs the block in backward but only this first call's outputs are kept, so MoE loads
-            # are counted once.
-            x, stats = checkpoint(block, x, use_reentrant=False) if self.act_recomp and self.training else block(x)
+        for i, block in enumerate(self.blocks):
+            layer_cache = None if cache is None else cache.layers[i]
+            if self.act_recomp and self.training:
+                # Recomputation re-runs the block in backward but only this first call's outputs are kept, so MoE
+                # loads are counted once.
+                x, stats = checkpoint(block, x, positions, mask, layer_cache, use_reentrant=False)
+            else:
+                x, stats = block(x, positions, mask, layer_cache)
             if stats is not None:
                 balance_loss = balance_loss + stats.balance_loss
                 expert_loads.append(stats.load)
+        if cache is not None:
+            cache.length += T
         logits = self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]  # (B, T, vocab_size)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), ignore_index=-1)
         return ModelOutput(logits, loss, balance_loss, expert_loads)
+
+    def new_cache(self, batch: int, pad: torch.Tensor | None = None, max_len: int | None = None) -> Cache:
+        """An empty cache for `batch` rows, each left-padded by pad[b] tokens (none by default), holding up to
+        max_len (default block_size) positions in the dtype of the parameters."""
+        device, dtype = self.tok_emb.weight.device, self.tok_emb.weight.dtype
+        pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad.to(device)
+        layers = [b.attn.new_cache(batch, max_len or self.config.block_size, dtype, device) for b in self.blocks]
+        return Cache(layers, 0, pad, bool(pad.any()))
+
+    def cache_bytes_per_token(self) -> int:
+        """Bytes each token adds to the generation cache, summed over the layers."""
+        cache = self.new_cache(1, max_len=1)
+        return sum(t.numel() * t.element_size() for layer in cache.layers for t in vars(layer).values()
+                   if isinstance(t, torch.Tensor))
 
     def moe_layers(self) -> list[MoE]:
         """The MoE feed-forward modules, in layer order (the order of ModelOutput.expert_loads)."""

@@ -14,8 +14,9 @@ class LearnedPositions(nn.Module):
         super().__init__()
         self.table = nn.Embedding(config.block_size, config.n_embd)
 
-    def forward(self, seq_len: int) -> torch.Tensor:
-        return self.table.weight[:seq_len]  # (T, C)
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """Vectors for positions (B or 1, T)."""
+        return self.table(positions)  # (B or 1, T, C)
 
 
 class SinusoidalPositions(nn.Module):
@@ -30,23 +31,24 @@ class SinusoidalPositions(nn.Module):
         table[:, 1::2] = torch.cos(position * rates[: config.n_embd // 2])
         self.register_buffer("table", table, persistent=False)  # (block_size, C)
 
-    def forward(self, seq_len: int) -> torch.Tensor:
-        return self.table[:seq_len]  # (T, C)
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        """Vectors for positions (B or 1, T)."""
+        return self.table[positions]  # (B or 1, T, C)
 
 
 POSITIONS = {"learn": LearnedPositions, "sin": SinusoidalPositions}
 
 
-def rope_angles(seq_len: int, dim: int, theta: float, device: torch.device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotary angles for positions start..start+seq_len, each (T, 1, dim), in fp32.
+def rope_angles(positions: torch.Tensor, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of the rotary angles for positions (B or 1, T), each (B or 1, T, 1, dim), in fp32.
 
     Computed on the fly (a T x dim/2 outer product, negligible next to attention) so no buffer has to
     follow the model across devices, meta initialisation or checkpoints.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))  # (dim/2,)
-    positions = torch.arange(start, start + seq_len, dtype=torch.float32, device=device)
-    freqs = torch.outer(positions, inv_freq)  # (T, dim/2)
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # (T, 1, dim)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64, device=positions.device).float() / dim
+    inv_freq = 1.0 / (theta ** exponents)  # (dim/2,)
+    freqs = positions.float()[..., None] * inv_freq  # (B or 1, T, dim/2)
+    angles = torch.cat((freqs, freqs), dim=-1)[:, :, None, :]  # (B or 1, T, 1, dim)
     return angles.cos(), angles.sin()
 
 

@@ -3,6 +3,7 @@
     step_0000500/llm.safetensors  weights (keys of the uncompiled module, buffers such as MoE biases included)
     step_0000500/state.pt         optimizer, grad scaler, next step, best validation loss, RNG and loader states
     step_0000500/config.json      the resolved config
+    step_0000500/tokenizer.json   the dataset's tokenizer (what sample.py decodes with)
     best.json                     which step had the best validation loss (that folder is never pruned)
 
 Everything loads with safetensors or `torch.load(weights_only=True)`.
@@ -42,8 +43,8 @@ def best_step(run_dir: Path) -> int | None:
     return json.loads(path.read_text())["step"] if path.is_file() else None
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict, config: dict, file_name: str,
-                    keep_last: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict, config: dict, tokenizer: dict,
+                    file_name: str, keep_last: int) -> Path:
     """Writes the checkpoint taken after `step` optimizer steps and prunes all but the last keep_last (and best)."""
     path = checkpoints_dir(run_dir) / f"step_{step:07d}"
 
@@ -51,6 +52,7 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict, con
         save_model(model, str(tmp / f"{file_name}.safetensors"))
         torch.save(state, tmp / STATE_FILE)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        (tmp / "tokenizer.json").write_text(json.dumps(tokenizer))
 
     write_folder_atomically(path, write)
     keep = {best_step(run_dir)}
@@ -84,6 +86,27 @@ def config_differences(saved: dict, current: dict) -> list[str]:
     return [f"{name}: {old!r} -> {new!r}" for name, old, new in pairs if old != new]
 
 
+def best_or_latest(path: Path) -> Path:
+    """A checkpoint folder as given, or a run folder's best checkpoint (its newest when none was marked best)."""
+    if (path / STATE_FILE).is_file():
+        return path
+    best = best_step(path)
+    if best is not None and (checkpoints_dir(path) / f"step_{best:07d}").is_dir():
+        return checkpoints_dir(path) / f"step_{best:07d}"
+    found = step_checkpoints(path)
+    if not found:
+        raise ConfigError(f"--ckpt={path}: no checkpoint there; pass a run folder (out/RUN) or a checkpoint folder")
+    return found[-1]
+
+
+def load_weights(path: Path, model: nn.Module) -> None:
+    """Loads the checkpoint folder's safetensors weights into model."""
+    weights = sorted(path.glob("*.safetensors"))
+    if len(weights) != 1:
+        raise ConfigError(f"checkpoint {path} should hold one .safetensors file, found {len(weights)}")
+    load_model(model, str(weights[0]))
+
+
 def load_checkpoint(path: Path, model: nn.Module, config: dict) -> dict:
     """Loads the weights into model and returns the saved state; refuses a checkpoint of another configuration."""
     saved = json.loads((path / "config.json").read_text())
@@ -91,8 +114,5 @@ def load_checkpoint(path: Path, model: nn.Module, config: dict) -> dict:
     if differences:
         raise ConfigError(f"checkpoint {path} was written with a different config ({'; '.join(differences)}); "
                           f"pass the same flags or --config {path / 'config.json'}")
-    weights = sorted(path.glob("*.safetensors"))
-    if len(weights) != 1:
-        raise ConfigError(f"checkpoint {path} should hold one .safetensors file, found {len(weights)}")
-    load_model(model, str(weights[0]))
+    load_weights(path, model)
     return torch.load(path / STATE_FILE, weights_only=True)

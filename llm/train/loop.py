@@ -12,6 +12,7 @@ import torch
 
 from ..config import ConfigError, LLMconfig, Trainconfig, config_dict, total_batch_tokens
 from ..data.loader import TokenLoader, read_meta
+from ..data.tokenizers import TOKENIZER_KEYS
 from ..files import write_atomically
 from ..model import LLM
 from .checkpoint import find_checkpoint, load_checkpoint, mark_best, save_checkpoint, step_checkpoints
@@ -101,6 +102,7 @@ def train(model_config: LLMconfig, cfg: Trainconfig) -> dict:
     meta = read_meta(data, cfg.dataset)
     model_config = resolve_vocab(model_config, meta, cfg.dataset)
     config = config_dict(model_config, cfg)
+    tokenizer = {k: v for k, v in meta.items() if k in TOKENIZER_KEYS}
     torch.manual_seed(cfg.seed)
     split_orders = {"train": ("train", cfg.data_order), "train_eval": ("train", "random"), "val": ("val", "random")}
     loaders = {name: TokenLoader(data / f"{split}.bin", meta["dtype"], cfg.batch_size, model_config.block_size, device,
@@ -193,8 +195,8 @@ def train(model_config: LLMconfig, cfg: Trainconfig) -> dict:
                 due = cfg.save_model and ((step + 1) % cfg.ckpt_interval == 0 or last or new_best)
                 if due or stop.signal_name:
                     check_finite(first_bad)
-                    path = save_checkpoint(run_dir, step + 1, model, state(step + 1), config, cfg.file_name,
-                                           cfg.keep_last)
+                    path = save_checkpoint(run_dir, step + 1, model, state(step + 1), config, tokenizer,
+                                           cfg.file_name, cfg.keep_last)
                     if new_best and cfg.save_model:
                         mark_best(run_dir, step + 1, best_val)
                     print(f"saved {path}")

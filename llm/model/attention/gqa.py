@@ -3,6 +3,7 @@ import torch
 from torch import nn
 
 from ...config import BlockConfig, LLMconfig
+from ..cache import KVCache
 from ..positions import apply_rope, rope_angles
 from .kernels import causal_attention
 
@@ -29,7 +30,12 @@ class GroupedQueryAttention(nn.Module):
         self.dropout, self.backend = config.dropout, config.attn_backend
         self.rope_theta = config.rope_theta if config.pos_emb == "rope" else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+        return KVCache(batch, max_len, self.n_kv, self.head_size, dtype, device)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, T, C) at positions (B or 1, T); with a cache, attends over the cached keys and values as well."""
         B, T, _ = x.shape
         hs = self.head_size
         q, k, v = self.c_attn(x).split([self.n_head * hs, self.n_kv * hs, self.n_kv * hs], dim=-1)
@@ -37,7 +43,9 @@ class GroupedQueryAttention(nn.Module):
         k = k.view(B, T, self.n_kv, hs)  # (B, T, KV, hs)
         v = v.view(B, T, self.n_kv, hs)  # (B, T, KV, hs)
         if self.rope_theta is not None:
-            cos, sin = rope_angles(T, hs, self.rope_theta, x.device)
+            cos, sin = rope_angles(positions, hs, self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        y = causal_attention(q, k, v, self.backend, self.dropout if self.training else 0.0)  # (B, T, H, hs)
+        if cache is not None:
+            k, v = cache.append(k, v)  # (B, S, KV, hs) each
+        y = causal_attention(q, k, v, self.backend, self.dropout if self.training else 0.0, mask)  # (B, T, H, hs)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, self.n_head * hs)))  # (B, T, C)

@@ -14,19 +14,27 @@ def flash_usable(q: torch.Tensor, v: torch.Tensor) -> bool:
             and q.size(-1) == v.size(-1))
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, dropout_p: float) -> torch.Tensor:
-    """Causal attention over q (B, T, H, D), k (B, T, KV, D), v (B, T, KV, Dv) with KV dividing H.
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, dropout_p: float,
+                     mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Causal attention of queries q (B, T, H, D) over keys k (B, S, KV, D) and values v (B, S, KV, Dv), KV dividing H.
 
-    Returns (B, T, H, Dv). The softmax scale is 1/sqrt(D).
+    The T queries are the last T of the S positions (S > T when earlier keys come from a cache), so query t
+    sees keys up to S - T + t: the causal mask is aligned to the bottom right. `mask` (B, 1, T, S), True where
+    attention is allowed, replaces that rule (left-padded batches). The softmax scale defaults to 1/sqrt(D).
+    Returns (B, T, H, Dv).
     """
-    use_flash = backend != "sdpa" and flash_usable(q, v)
+    T, S = q.size(1), k.size(1)
+    use_flash = backend != "sdpa" and mask is None and flash_usable(q, v)
     if backend == "flash" and not use_flash:
-        raise RuntimeError("attn_backend=flash needs flash-attn, CUDA tensors in fp16/bf16 and equal q/v head sizes; "
-                           "use --attn_backend auto")
-    if use_flash:
-        return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True)  # (B, T, H, Dv)
+        raise RuntimeError("attn_backend=flash needs flash-attn, CUDA tensors in fp16/bf16, equal q/v head sizes and "
+                           "no padding mask; use --attn_backend auto")
+    if use_flash:  # flash-attn aligns its causal mask to the bottom right
+        return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True, softmax_scale=scale)  # (B, T, H, Dv)
+    if mask is None and 1 < T < S:
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)  # (T, S)
     y = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H|KV, T, D)
-        dropout_p=dropout_p, is_causal=True, enable_gqa=k.size(2) != q.size(2),
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H|KV, T|S, D)
+        attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None and T == S, scale=scale,
+        enable_gqa=k.size(2) != q.size(2),
     )  # (B, H, T, Dv)
     return y.transpose(1, 2)  # (B, T, H, Dv)

@@ -1,8 +1,11 @@
 """Multi-head latent attention (MLA) as in DeepSeek-V2/V3."""
+import math
+
 import torch
 from torch import nn
 
 from ...config import BlockConfig, LLMconfig
+from ..cache import LatentCache
 from ..positions import apply_rope, rope_angles
 from .kernels import causal_attention
 
@@ -17,6 +20,11 @@ class MultiHeadLatentAttention(nn.Module):
     Queries: x -> (down to dq -> RMSNorm ->) up to H * (hs + dr). Keys and values: x -> [latent dc | rope key dr];
     the RMS-normed latent is up-projected to H * (hs + hs) (per head: key part, value). The single rope key is
     shared by all heads. Scores use scale 1/sqrt(hs + dr); the output projection mixes the heads.
+
+    With a cache (generation) only the normalised latent and the rotated rope key are stored per token, and
+    attention runs in the absorbed form: the key up-projection is folded into the queries and the value
+    up-projection into the output, so every head attends over the shared latent (DeepSeek-V2, section 2.1.3).
+    The folded weights are views of kv_up's, so they always match the trained ones.
     """
 
     def __init__(self, block: BlockConfig, config: LLMconfig):
@@ -40,20 +48,34 @@ class MultiHeadLatentAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout, self.backend, self.rope_theta = config.dropout, config.attn_backend, config.rope_theta
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> LatentCache:
+        return LatentCache(batch, max_len, self.kv_latent_dim, self.rope_dim, dtype, device)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
+                cache: LatentCache | None = None) -> torch.Tensor:
+        """x (B, T, C) at positions (B or 1, T); with a cache, attends over the cached latents as well."""
         B, T, _ = x.shape
         H, hs, dr = self.n_head, self.head_size, self.rope_dim
-        q = self.q_proj(x).view(B, T, H, hs + dr)  # (B, T, H, hs + dr)
+        q_nope, q_rope = self.q_proj(x).view(B, T, H, hs + dr).split([hs, dr], dim=-1)  # (B, T, H, hs), (B, T, H, dr)
         latent, k_rope = self.kv_down(x).split([self.kv_latent_dim, dr], dim=-1)  # (B, T, dc), (B, T, dr)
-        k_nope, v = self.kv_up(self.kv_norm(latent)).view(B, T, H, 2 * hs).split([hs, hs], dim=-1)  # (B, T, H, hs) each
+        latent = self.kv_norm(latent)
         if dr:
-            q_nope, q_rope = q.split([hs, dr], dim=-1)
-            cos, sin = rope_angles(T, dr, self.rope_theta, x.device)
+            cos, sin = rope_angles(positions, dr, self.rope_theta)
             q_rope = apply_rope(q_rope, cos, sin)  # (B, T, H, dr)
-            k_rope = apply_rope(k_rope.view(B, T, 1, dr), cos, sin).expand(B, T, H, dr)  # shared by all heads
+            k_rope = apply_rope(k_rope.view(B, T, 1, dr), cos, sin).view(B, T, dr)  # one rope key for all heads
+        dropout = self.dropout if self.training else 0.0
+        if cache is None:
+            k_nope, v = self.kv_up(latent).view(B, T, H, 2 * hs).split([hs, hs], dim=-1)  # (B, T, H, hs) each
             q = torch.cat((q_nope, q_rope), dim=-1)  # (B, T, H, hs + dr)
-            k = torch.cat((k_nope, k_rope), dim=-1)  # (B, T, H, hs + dr)
+            k = torch.cat((k_nope, k_rope[:, :, None].expand(B, T, H, dr)), dim=-1)  # (B, T, H, hs + dr)
+            y = causal_attention(q, k, v, self.backend, dropout, mask)  # (B, T, H, hs)
         else:
-            k = k_nope
-        y = causal_attention(q, k, v, self.backend, self.dropout if self.training else 0.0)  # (B, T, H, hs)
+            latent, k_rope = cache.append(latent, k_rope)  # (B, S, dc), (B, S, dr)
+            w_k, w_v = self.kv_up.weight.view(H, 2 * hs, self.kv_latent_dim).split([hs, hs], dim=1)  # (H, hs, dc)
+            q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_k)  # (B, T, H, dc)
+            q = torch.cat((q_latent, q_rope), dim=-1)  # (B, T, H, dc + dr)
+            k = torch.cat((latent, k_rope), dim=-1)[:, :, None]  # (B, S, 1, dc + dr): one "head" shared by all
+            y_latent = causal_attention(q, k, latent[:, :, None], self.backend, dropout, mask,
+                                        scale=1 / math.sqrt(hs + dr))  # (B, T, H, dc)
+            y = torch.einsum("bthc,hdc->bthd", y_latent, w_v)  # (B, T, H, hs)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, H * hs)))  # (B, T, C)

@@ -1,0 +1,124 @@
+"""Generate text from a trained checkpoint.
+
+    python sample.py --ckpt out/run                              # the run's best (else newest) checkpoint
+    python sample.py --ckpt out/run --prompt "ROMEO:" --temperature 0 --max_new_tokens 100
+    python sample.py --ckpt out/run/checkpoints/step_0000500 --prompt "Once" "Upon a" --num_samples 2
+"""
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import tyro
+
+from llm.config import ConfigError, exit_on_user_error
+from llm.config.fields import model_config_from_dict
+
+
+@dataclass
+class SampleArgs:
+    """Generate text from a checkpoint; its config and tokenizer come with it."""
+
+    ckpt: str
+    """A run folder (its best checkpoint, else its newest) or a checkpoint folder."""
+    prompt: tuple[str, ...] = ()
+    """One or more prompts, generated as one batch (default: the end-of-text token, or a newline)."""
+    prompt_file: str | None = None
+    """A file whose whole text is one more prompt."""
+    max_new_tokens: int = 200
+    """Tokens to generate per sample (a sample stops early at end-of-text)."""
+    temperature: float = 0.8
+    """Sampling temperature; 0 is greedy decoding."""
+    top_k: int | None = 200
+    """Sample among the k most likely tokens only (unset: all)."""
+    top_p: float | None = None
+    """Sample among the most likely tokens whose probabilities add up to p (nucleus sampling)."""
+    num_samples: int = 1
+    """Samples per prompt."""
+    seed: int = 1337
+    """Random seed."""
+    device: str = "auto"
+    """auto (cuda when available), cpu, cuda or cuda:N."""
+    cache: bool = True
+    """Decode with the key/value cache (--no_cache recomputes the whole context at every step)."""
+
+
+def check(args: SampleArgs) -> None:
+    if args.max_new_tokens < 1 or args.num_samples < 1:
+        raise ConfigError(f"--max_new_tokens={args.max_new_tokens} and --num_samples={args.num_samples} must be >= 1")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature={args.temperature} must be >= 0 (0 is greedy)")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top_k={args.top_k} must be >= 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise ConfigError(f"--top_p={args.top_p} must be in (0, 1]")
+
+
+class Printer:
+    """Streams the text of a single sample as tokens arrive; several samples are printed when all are done."""
+
+    def __init__(self, tokenizer, streaming: bool):
+        self.tokenizer, self.streaming, self.tokens, self.shown = tokenizer, streaming, [], 0
+
+    def __call__(self, logits: torch.Tensor, new: list) -> None:
+        if not self.streaming or new[0] is None:
+            return
+        self.tokens.append(new[0])
+        text = self.tokenizer.decode(self.tokens)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            print(text[self.shown:], end="", flush=True)
+            self.shown = len(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = tyro.cli(SampleArgs, args=argv, use_underscores=True)
+    with exit_on_user_error():
+        check(args)
+        from llm.data.tokenizers import tokenizer_from_meta
+        from llm.generate import generate
+        from llm.model import LLM
+        from llm.train.checkpoint import best_or_latest, load_weights
+        from llm.train.precision import pick_precision
+
+        folder = best_or_latest(Path(args.ckpt))
+        saved = json.loads((folder / "config.json").read_text())
+        tokenizer = tokenizer_from_meta(json.loads((folder / "tokenizer.json").read_text()))
+        device = pick_precision(args.device, "float32").device
+        model = LLM(model_config_from_dict(saved["model"], f"{folder}/config.json model"))
+        load_weights(folder, model)
+        model.to(device).eval()
+
+        if args.prompt_file is not None and not Path(args.prompt_file).is_file():
+            raise ConfigError(f"--prompt_file={args.prompt_file!r}: no such file")
+        texts = list(args.prompt) + ([Path(args.prompt_file).read_text()] if args.prompt_file else [])
+        if not texts:
+            texts = [""]
+        eot = tokenizer.eot
+        prompts = [tokenizer.encode(t) or ([eot] if eot is not None else tokenizer.encode("\n"))
+                   for t in texts for _ in range(args.num_samples)]
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+        printer = Printer(tokenizer, streaming=len(prompts) == 1)
+        print(f"{folder} ({sum(p.numel() for p in model.parameters()):,} parameters) on {device}", file=sys.stderr)
+        if printer.streaming:
+            print(texts[0], end="", flush=True)
+        start = time.perf_counter()
+        try:
+            outputs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eot,
+                               generator, use_cache=args.cache, on_step=printer)
+        except ValueError as e:  # a prompt longer than block_size
+            raise ConfigError(str(e)) from None
+        seconds = time.perf_counter() - start
+    for i, (prompt, output) in enumerate(zip(prompts, outputs)):
+        if printer.streaming:
+            print()
+        else:
+            print(f"--- sample {i + 1}\n{tokenizer.decode(prompt)}{tokenizer.decode(output)}")
+    n = sum(len(o) for o in outputs)
+    print(f"{n} tokens in {seconds:.2f} s ({n / seconds:,.0f} tokens/s, {'with' if args.cache else 'without'} cache)",
+          file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
