@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
         from llm.data.tokenizers import tokenizer_from_meta
         from llm.generate import generate
         from llm.model import LLM
-        from llm.train.checkpoint import best_or_latest, load_weights
+        from llm.train.checkpoint import best_or_latest, read_weights
         from llm.train.precision import pick_precision
 
         folder = best_or_latest(Path(args.ckpt))
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer = tokenizer_from_meta(json.loads((folder / "tokenizer.json").read_text()))
         device = pick_precision(args.device, "float32").device
         model = LLM(model_config_from_dict(saved["model"], f"{folder}/config.json model"))
-        load_weights(folder, model)
+        model.load_state_dict(read_weights(folder))
         model.to(device).eval()
 
         if args.prompt_file is not None and not Path(args.prompt_file).is_file():

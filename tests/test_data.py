@@ -236,8 +236,11 @@ def test_ranks_split_each_epoch(tmp_path):
         loader = TokenLoader(path, "uint32", 5, 4, CPU, seed=0, order="epoch", rank=rank, world_size=2)
         seen.append([w for _ in range(2) for w in (loader.next_batch()[0][:, 0] // 4).tolist()])
     assert not set(seen[0]) & set(seen[1]) and sorted(seen[0] + seen[1]) == list(range(20))
-    randoms = [TokenLoader(path, "uint32", 4, 4, CPU, seed=0, rank=r, world_size=2).next_batch()[0] for r in range(2)]
-    assert not torch.equal(randoms[0], randoms[1])
+    for order in ("random", "epoch"):  # two ranks together see what one process with their global batch sees
+        one = TokenLoader(path, "uint32", 8, 4, CPU, seed=0, order=order).next_batch()[0]
+        halves = [TokenLoader(path, "uint32", 4, 4, CPU, seed=0, order=order, rank=r, world_size=2).next_batch()[0]
+                  for r in range(2)]
+        assert torch.equal(torch.cat(halves), one) and not torch.equal(halves[0], halves[1])
 
 
 @pytest.mark.parametrize("order", ["random", "epoch"])

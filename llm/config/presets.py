@@ -18,6 +18,6 @@ PRESETS: dict[str, tuple[LLMconfig, BlockConfig, Trainconfig]] = {
                   norm="rms", bias=False, tie_embeddings=False),
         BlockConfig(attn="gqa", n_head=32, n_kv_heads=8, up_dim=14336, non_linearity="swiglu"),
         Trainconfig(dataset="genomic", total_batch_size_str="2**20", batch_size=1, max_iters=100000,
-                    learning_rate=3e-4, warmup_steps=2000, act_recomp=True, compile=True),
+                    learning_rate=3e-4, warmup_steps=2000, dist="fsdp", act_recomp=True, compile=True),
     ),
 }

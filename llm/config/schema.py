@@ -136,6 +136,9 @@ class Trainconfig:
     """Device: auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Compute precision: auto (bf16 autocast on CUDA, fp16 with a grad scaler on GPUs without bf16, fp32 on CPU)."""
+    dist: Literal["ddp", "fsdp"] = "ddp"
+    """Data parallelism under torchrun: ddp (DistributedDataParallel, a full copy per GPU) or fsdp (FSDP2: parameters,
+    gradients and optimizer state sharded across ranks)."""
     act_recomp: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
     compile: bool = False

@@ -27,9 +27,10 @@ class TokenLoader:
     - order "epoch": the file cut into non-overlapping windows, visited in a fresh permutation each epoch
       (seeded by seed and epoch), every window exactly once per epoch; a batch may span two epochs.
 
-    With world_size > 1, rank r draws from its own generator (random) or takes every world_size-th window of
-    each permutation (epoch). `state_dict()` / `load_state_dict()` save and restore the position and the
-    generator, so a resumed run gets the batches an uninterrupted one would.
+    Every rank draws the same global batch of batch_size * world_size windows and keeps its own slice, so the
+    union over ranks, and the state, depend only on the global batch: a run can resume on another number of
+    ranks. `state_dict()` / `load_state_dict()` save and restore the position and the generator, so a resumed
+    run gets the batches an uninterrupted one would.
     """
 
     def __init__(self, path: Path, dtype: str, batch_size: int, block_size: int, device: torch.device, seed: int,
@@ -41,33 +42,32 @@ class TokenLoader:
         if n_tokens <= block_size:
             raise ConfigError(f"{path} holds {n_tokens} tokens, too few for block_size={block_size}; lower --block_size")
         self.n_offsets = n_tokens - block_size  # random windows start at 0 .. n_offsets - 1
-        self.per_rank = (n_tokens - 1) // block_size // world_size  # epoch windows of each rank per epoch
-        if order == "epoch" and self.per_rank < 1:
-            raise ConfigError(f"{path} has too few block_size={block_size} windows for {world_size} ranks; "
-                              "lower --block_size")
-        self.generator = torch.Generator().manual_seed(seed + rank)
-        self.position = 0  # windows served so far
+        self.n_windows = (n_tokens - 1) // block_size  # non-overlapping windows of the epoch order
+        self.generator = torch.Generator().manual_seed(seed)
+        self.position = 0  # windows of the global stream served so far
         self._permutation = (-1, None)  # (epoch, its permutation), cached
 
     def _epoch_starts(self, count: int) -> list[int]:
-        """Token offsets of the next `count` windows of the epoch order."""
+        """Token offsets of the next `count` windows of the global epoch order."""
         starts = []
         for position in range(self.position, self.position + count):
-            epoch, index = divmod(position, self.per_rank)
+            epoch, index = divmod(position, self.n_windows)
             if self._permutation[0] != epoch:
                 generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                self._permutation = (epoch, torch.randperm(self.per_rank * self.world_size, generator=generator))
-            starts.append(int(self._permutation[1][self.rank + index * self.world_size]) * self.block_size)
+                self._permutation = (epoch, torch.randperm(self.n_windows, generator=generator))
+            starts.append(int(self._permutation[1][index]) * self.block_size)
         return starts
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        count = self.batch_size * self.world_size
         if self.order == "random":
-            starts = torch.randint(self.n_offsets, (self.batch_size,), generator=self.generator).tolist()
+            starts = torch.randint(self.n_offsets, (count,), generator=self.generator).tolist()
         else:
-            starts = self._epoch_starts(self.batch_size)
-        self.position += self.batch_size
+            starts = self._epoch_starts(count)
+        self.position += count
+        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         data = np.memmap(self.path, dtype=self.dtype, mode="r")  # reopened each batch so pages are not kept
-        rows = np.stack([data[s : s + self.block_size + 1] for s in starts]).astype(np.int64)
+        rows = np.stack([data[s : s + self.block_size + 1] for s in mine]).astype(np.int64)
         batch = torch.from_numpy(rows)  # (B, T + 1)
         x, y = batch[:, :-1], batch[:, 1:]  # (B, T) each
         if self.device.type == "cuda":

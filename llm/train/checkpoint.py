@@ -1,12 +1,14 @@
 """Checkpoints: one folder per saved step under RUN/checkpoints/, written atomically.
 
-    step_0000500/llm.safetensors  weights (keys of the uncompiled module, buffers such as MoE biases included)
-    step_0000500/state.pt         optimizer, grad scaler, next step, best validation loss, RNG and loader states
+    step_0000500/llm.safetensors  full weights (keys of the uncompiled module, buffers such as MoE biases included)
+    step_0000500/state.pt         optimizer (full, keyed by parameter name), grad scaler, next step, best validation
+                                  loss, RNG and loader states
     step_0000500/config.json      the resolved config
     step_0000500/tokenizer.json   the dataset's tokenizer (what sample.py decodes with)
     best.json                     which step had the best validation loss (that folder is never pruned)
 
-Everything loads with safetensors or `torch.load(weights_only=True)`.
+Everything loads with safetensors or `torch.load(weights_only=True)`. Full (gathered) state dicts make a
+checkpoint independent of how it was trained: one process, DDP or FSDP on any number of ranks.
 """
 import json
 import re
@@ -14,17 +16,17 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
-from torch import nn
+from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError
 from ..files import write_atomically, write_folder_atomically
 
 STEP_FOLDER = re.compile(r"step_(\d+)")
 STATE_FILE = "state.pt"
-# Train settings that change the trajectory: a resumed run must use the same ones.
-TRAJECTORY_FIELDS = ("dataset", "data_order", "total_batch_size_str", "batch_size", "learning_rate", "min_lr",
-                     "warmup_steps", "beta1", "beta2", "weight_decay", "grad_clip", "dtype", "seed")
+# Train settings that change the trajectory: a resumed run must use the same ones (and the same global micro-batch,
+# batch_size x ranks, which may be split over another number of ranks).
+TRAJECTORY_FIELDS = ("dataset", "data_order", "total_batch_size_str", "learning_rate", "min_lr", "warmup_steps",
+                     "beta1", "beta2", "weight_decay", "grad_clip", "dtype", "seed")
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -43,13 +45,20 @@ def best_step(run_dir: Path) -> int | None:
     return json.loads(path.read_text())["step"] if path.is_file() else None
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict, config: dict, tokenizer: dict,
+TIED = ("lm_head.weight", "tok_emb.weight")  # the output head may share the token embedding
+
+
+def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, config: dict, tokenizer: dict,
                     file_name: str, keep_last: int) -> Path:
-    """Writes the checkpoint taken after `step` optimizer steps and prunes all but the last keep_last (and best)."""
+    """Writes the checkpoint taken after `step` optimizer steps (a full model state dict and the training state) and
+    prunes all but the last keep_last (and the best)."""
     path = checkpoints_dir(run_dir) / f"step_{step:07d}"
+    head, embedding = TIED
+    if head in weights and embedding in weights and weights[head].data_ptr() == weights[embedding].data_ptr():
+        weights = {k: v for k, v in weights.items() if k != head}  # stored once; read_weights restores it
 
     def write(tmp: Path) -> None:
-        save_model(model, str(tmp / f"{file_name}.safetensors"))
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / f"{file_name}.safetensors"))
         torch.save(state, tmp / STATE_FILE)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "tokenizer.json").write_text(json.dumps(tokenizer))
@@ -79,11 +88,16 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path:
     return found[-1]
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """'name: saved -> current' for every model field (the attention kernel aside) and trajectory field that differ."""
+def config_differences(saved: dict, saved_ranks: int, current: dict, ranks: int) -> list[str]:
+    """'name: saved -> current' for every model field (the attention kernel aside), trajectory field and global
+    micro-batch that differ."""
     pairs = [(k, saved["model"].get(k), v) for k, v in current["model"].items() if k != "attn_backend"]
     pairs += [(k, saved["train"].get(k), current["train"][k]) for k in TRAJECTORY_FIELDS]
-    return [f"{name}: {old!r} -> {new!r}" for name, old, new in pairs if old != new]
+    differences = [f"{name}: {old!r} -> {new!r}" for name, old, new in pairs if old != new]
+    old_batch, new_batch = saved["train"]["batch_size"], current["train"]["batch_size"]
+    if old_batch * saved_ranks != new_batch * ranks:
+        differences.append(f"batch_size x ranks: {old_batch} x {saved_ranks} -> {new_batch} x {ranks}")
+    return differences
 
 
 def best_or_latest(path: Path) -> Path:
@@ -99,20 +113,24 @@ def best_or_latest(path: Path) -> Path:
     return found[-1]
 
 
-def load_weights(path: Path, model: nn.Module) -> None:
-    """Loads the checkpoint folder's safetensors weights into model."""
-    weights = sorted(path.glob("*.safetensors"))
-    if len(weights) != 1:
-        raise ConfigError(f"checkpoint {path} should hold one .safetensors file, found {len(weights)}")
-    load_model(model, str(weights[0]))
+def read_weights(path: Path) -> dict:
+    """The checkpoint folder's full model state dict (a tied output head shares the embedding again)."""
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ConfigError(f"checkpoint {path} should hold one .safetensors file, found {len(files)}")
+    weights = load_file(str(files[0]))
+    head, embedding = TIED
+    if head not in weights and embedding in weights:
+        weights[head] = weights[embedding]
+    return weights
 
 
-def load_checkpoint(path: Path, model: nn.Module, config: dict) -> dict:
-    """Loads the weights into model and returns the saved state; refuses a checkpoint of another configuration."""
+def read_checkpoint(path: Path, config: dict, ranks: int) -> tuple[dict, dict]:
+    """(model state dict, training state) of a checkpoint; refuses one written with another configuration."""
     saved = json.loads((path / "config.json").read_text())
-    differences = config_differences(saved, config)
+    state = torch.load(path / STATE_FILE, weights_only=True)
+    differences = config_differences(saved, state.get("world_size", 1), config, ranks)
     if differences:
         raise ConfigError(f"checkpoint {path} was written with a different config ({'; '.join(differences)}); "
                           f"pass the same flags or --config {path / 'config.json'}")
-    load_weights(path, model)
-    return torch.load(path / STATE_FILE, weights_only=True)
+    return read_weights(path), state

@@ -1,4 +1,5 @@
-"""The training loop: accumulation, precision, clipping, schedule, evaluation, logging, checkpoints and resume."""
+"""The training loop: accumulation, precision, clipping, schedule, evaluation, logging, checkpoints and resume,
+in one process or on every rank of a torchrun job."""
 import dataclasses
 import json
 import math
@@ -9,13 +10,16 @@ import time
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from ..config import ConfigError, LLMconfig, Trainconfig, config_dict, total_batch_tokens
 from ..data.loader import TokenLoader, read_meta
 from ..data.tokenizers import TOKENIZER_KEYS
 from ..files import write_atomically
 from ..model import LLM
-from .checkpoint import find_checkpoint, load_checkpoint, mark_best, save_checkpoint, step_checkpoints
+from .checkpoint import find_checkpoint, mark_best, read_checkpoint, save_checkpoint, step_checkpoints
+from .distributed import Distributed, check_divisible, gradient_sync, init_distributed, wrap
 from .metrics import MetricsLog, moe_metrics, peak_memory_bytes
 from .mfu import mfu
 from .optim import build_optimizer, learning_rate
@@ -57,8 +61,9 @@ class StopRequest:
 
 
 @torch.no_grad()
-def estimate_loss(model: LLM, loaders: dict[str, TokenLoader], iters: int, precision: Precision) -> dict[str, float]:
-    """Mean cross-entropy over `iters` batches of each split."""
+def estimate_loss(model: LLM, loaders: dict[str, TokenLoader], iters: int, precision: Precision,
+                  job: Distributed) -> dict[str, float]:
+    """Mean cross-entropy over `iters` global batches of each split (each rank evaluates its share)."""
     model.eval()
     losses = {}
     for split, loader in loaders.items():
@@ -67,88 +72,130 @@ def estimate_loss(model: LLM, loaders: dict[str, TokenLoader], iters: int, preci
             x, y = loader.next_batch()
             with precision.autocast():
                 total += model(x, y).loss.float()
-        losses[f"{split}_loss"] = total.item() / iters
+        losses[f"{split}_loss"] = job.sum(total).item() / (iters * job.world_size)
     model.train()
     return losses
 
 
 def train_step(model: LLM, step_model, loader: TokenLoader, accum_steps: int, precision: Precision,
-               optimizer: torch.optim.Optimizer, grad_clip: float) -> tuple[torch.Tensor, torch.Tensor, list, torch.Tensor]:
-    """One optimizer step over accum_steps micro-batches; returns the summed cross-entropy and balance losses,
-    the expert loads over the whole step and the gradient norm (all left on the device)."""
-    loss_sum, balance_sum, loads = torch.zeros((), device=precision.device), torch.zeros((), device=precision.device), []
-    for _ in range(accum_steps):
+               optimizer: torch.optim.Optimizer, cfg: Trainconfig, job: Distributed):
+    """One optimizer step over accum_steps micro-batches, gradients reduced across ranks on the last one only.
+
+    Returns the cross-entropy and balance losses summed over micro-steps and averaged over ranks, the expert
+    loads of the whole global batch and the gradient norm, all left on the device.
+    """
+    zero = torch.zeros((), device=precision.device)
+    loss_sum, balance_sum, loads = zero.clone(), zero.clone(), []
+    for micro_step in range(accum_steps):
         x, y = loader.next_batch()
-        with precision.autocast():
-            out = step_model(x, y)
-        loss = (out.loss + out.balance_loss) / accum_steps
-        precision.backward(loss)
+        with gradient_sync(step_model, cfg.dist, micro_step == accum_steps - 1, job):
+            with precision.autocast():
+                out = step_model(x, y)
+            precision.backward((out.loss + out.balance_loss) / accum_steps)
         loss_sum += out.loss.detach().float()
         balance_sum += out.balance_loss.detach().float()
         loads = [a + b for a, b in zip(loads, out.expert_loads)] if loads else list(out.expert_loads)
     precision.unscale(optimizer)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     precision.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
-    model.update_expert_bias(loads)  # loads over the whole step's batch; a no-op without aux-free layers
-    return loss_sum, balance_sum, loads, grad_norm
+    loads = [job.sum(load) for load in loads]  # every rank moves its selection biases by the same global loads
+    model.update_expert_bias(loads)  # a no-op without aux-free layers
+    grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+    return job.sum(loss_sum) / job.world_size, job.sum(balance_sum) / job.world_size, loads, grad_norm
+
+
+def full_state(model: LLM, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """Full model and optimizer state dicts on the CPU, keyed by parameter name (gathered from FSDP shards)."""
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def train(model_config: LLMconfig, cfg: Trainconfig) -> dict:
-    """Trains the model described by the configs (resuming when asked) and returns the last metrics."""
-    precision = pick_precision(cfg.device, cfg.dtype)
+    """Trains the model described by the configs (resuming when asked) and returns the last metrics.
+
+    Under torchrun every rank runs this; rank 0 alone prints, logs and writes files.
+    """
+    job = init_distributed(cfg.device)
+    try:
+        metrics = run(model_config, cfg, job)
+    except BaseException:
+        if job.world_size > 1:
+            torch.distributed.destroy_process_group()
+        raise
+    job.close()
+    return metrics
+
+
+def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
+    precision = pick_precision(cfg.device, cfg.dtype, job.local_rank)
     device = precision.device
     data = Path(cfg.data_dir) / cfg.dataset
     meta = read_meta(data, cfg.dataset)
     model_config = resolve_vocab(model_config, meta, cfg.dataset)
     config = config_dict(model_config, cfg)
     tokenizer = {k: v for k, v in meta.items() if k in TOKENIZER_KEYS}
-    torch.manual_seed(cfg.seed)
+    tokens_per_step = total_batch_tokens(cfg)
+    accum_steps = check_divisible(tokens_per_step, cfg.batch_size, model_config.block_size, job)
+    torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
     split_orders = {"train": ("train", cfg.data_order), "train_eval": ("train", "random"), "val": ("val", "random")}
     loaders = {name: TokenLoader(data / f"{split}.bin", meta["dtype"], cfg.batch_size, model_config.block_size, device,
-                                 cfg.seed + i, order) for i, (name, (split, order)) in enumerate(split_orders.items())}
-    tokens_per_step = total_batch_tokens(cfg)
-    accum_steps = tokens_per_step // (cfg.batch_size * model_config.block_size)
+                                 cfg.seed + i, order, job.rank, job.world_size)
+               for i, (name, (split, order)) in enumerate(split_orders.items())}
 
     model = LLM(model_config).to(device)
     model.act_recomp = cfg.act_recomp
+    step_model = wrap(model, cfg.dist, precision.dtype, cfg.compile, device, job)
+    if cfg.compile and not (job.world_size > 1 and cfg.dist == "fsdp"):  # FSDP compiles each block in wrap()
+        step_model = torch.compile(step_model)
     optimizer = build_optimizer(model, cfg, device)
     run_dir = Path(cfg.out_dir) / run_dir_name(cfg.wandb_run_name)
-    run_dir.mkdir(parents=True, exist_ok=True)
     start_step, best_val = 0, math.inf
     if cfg.resume is not None:
         path = find_checkpoint(cfg.resume, run_dir)
-        state = load_checkpoint(path, model, config)
-        optimizer.load_state_dict(state["optimizer"])
+        weights, state = read_checkpoint(path, config, job.world_size)
+        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
         if precision.scaler is not None and state["scaler"] is not None:
             precision.scaler.load_state_dict(state["scaler"])
         for name, loader in loaders.items():
             loader.load_state_dict(state["loaders"][name])
         torch.set_rng_state(state["rng"]["cpu"])
         if device.type == "cuda" and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
         start_step, best_val = state["step"], state["best_val_loss"]
-        print(f"resumed from {path} at step {start_step}")
-    step_model = torch.compile(model) if cfg.compile else model
-    resolved = json.dumps(config, indent=2)
-    write_atomically(run_dir / "config.json", lambda tmp: tmp.write_text(resolved))
+        if job.is_main:
+            print(f"resumed from {path} at step {start_step}")
     total, active = model.get_num_params()
-    print(f"model: {total:,} parameters ({active:,} active); {accum_steps} micro-steps of "
-          f"{cfg.batch_size}x{model_config.block_size} tokens per step on {device.type} ({precision.dtype}); "
-          f"run dir {run_dir}")
-    wandb_run = None
-    if cfg.wandb_log:
-        import wandb
+    log = None
+    if job.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        resolved = json.dumps(config, indent=2)
+        write_atomically(run_dir / "config.json", lambda tmp: tmp.write_text(resolved))
+        ranks = f" x {job.world_size} ranks ({cfg.dist})" if job.world_size > 1 else ""
+        print(f"model: {total:,} parameters ({active:,} active); {accum_steps} micro-steps of "
+              f"{cfg.batch_size}x{model_config.block_size} tokens{ranks} per step on {device.type} "
+              f"({precision.dtype}); run dir {run_dir}")
+        wandb_run = None
+        if cfg.wandb_log:
+            import wandb
 
-        wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config)
-    log = MetricsLog(run_dir, wandb_run)
+            wandb_run = wandb.init(project=cfg.wandb_project, name=cfg.wandb_run_name, config=config)
+        log = MetricsLog(run_dir, wandb_run)
 
-    def state(next_step: int) -> dict:
-        cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else []
-        return {"step": next_step, "best_val_loss": best_val, "optimizer": optimizer.state_dict(),
-                "scaler": precision.scaler.state_dict() if precision.scaler else None,
-                "rng": {"cpu": torch.get_rng_state(), "cuda": cuda_rng},
-                "loaders": {name: loader.state_dict() for name, loader in loaders.items()}}
+    def save(next_step: int, new_best: bool) -> None:
+        """Gathers the full state on every rank; rank 0 writes it."""
+        weights, optimizer_state = full_state(model, optimizer)
+        if not job.is_main:
+            return
+        cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        state = {"step": next_step, "world_size": job.world_size, "best_val_loss": best_val, "optimizer": optimizer_state,
+                 "scaler": precision.scaler.state_dict() if precision.scaler else None,
+                 "rng": {"cpu": torch.get_rng_state(), "cuda": cuda_rng},
+                 "loaders": {name: loader.state_dict() for name, loader in loaders.items()}}
+        path = save_checkpoint(run_dir, next_step, weights, state, config, tokenizer, cfg.file_name, cfg.keep_last)
+        if new_best:
+            mark_best(run_dir, next_step, best_val)
+        print(f"saved {path}")
 
     def check_finite(first_bad: torch.Tensor) -> None:
         """Stops the run at the first step whose loss was not finite, before anything is saved from it."""
@@ -169,40 +216,40 @@ def train(model_config: LLMconfig, cfg: Trainconfig) -> dict:
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss_sum, balance_sum, loads, grad_norm = train_step(model, step_model, loaders["train"], accum_steps,
-                                                                     precision, optimizer, cfg.grad_clip)
+                                                                     precision, optimizer, cfg, job)
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_sum), step, first_bad)
+                # Ranks must stop at the same step; agreeing on it costs a host sync per step, paid only under torchrun.
+                stopping = job.any(stop.signal_name is not None, device)
 
                 last = step == cfg.max_iters - 1
-                if step % cfg.log_interval == 0 or last or stop.signal_name:
+                if step % cfg.log_interval == 0 or last or stopping:
                     check_finite(first_bad)
                     dt = (time.perf_counter() - t0) / (step - last_logged)
                     metrics = {"step": step, "loss": loss_sum.item() / accum_steps, "lr": lr,
                                "grad_norm": grad_norm.item(), "ms_per_step": 1000 * dt,
                                "tokens_per_s": tokens_per_step / dt,
-                               "mfu": mfu(tokens_per_step / dt, model_config, active, device),
+                               "mfu": mfu(tokens_per_step / dt / job.world_size, model_config, active, device),
                                "peak_memory_bytes": peak_memory_bytes(device)}
                     if moe_layers:
                         metrics.update(moe_metrics(balance_sum.item() / accum_steps, loads, moe_layers))
                     if cfg.eval and (step % cfg.eval_interval == 0 or last):
                         evaluated = {"train": loaders["train_eval"], "val": loaders["val"]}
-                        metrics.update(estimate_loss(model, evaluated, cfg.eval_iters, precision))
-                    log.log(metrics)
+                        metrics.update(estimate_loss(model, evaluated, cfg.eval_iters, precision, job))
+                    if log is not None:
+                        log.log(metrics)
                     t0, last_logged = time.perf_counter(), step
 
                 new_best = metrics.get("step") == step and metrics.get("val_loss", math.inf) < best_val
                 if new_best:
                     best_val = metrics["val_loss"]
-                due = cfg.save_model and ((step + 1) % cfg.ckpt_interval == 0 or last or new_best)
-                if due or stop.signal_name:
+                if (cfg.save_model and ((step + 1) % cfg.ckpt_interval == 0 or last or new_best)) or stopping:
                     check_finite(first_bad)
-                    path = save_checkpoint(run_dir, step + 1, model, state(step + 1), config, tokenizer,
-                                           cfg.file_name, cfg.keep_last)
-                    if new_best and cfg.save_model:
-                        mark_best(run_dir, step + 1, best_val)
-                    print(f"saved {path}")
-                if stop.signal_name:
-                    print(f"stopped by {stop.signal_name} after step {step}; continue with --resume latest")
+                    save(step + 1, new_best and cfg.save_model)
+                if stopping:
+                    if job.is_main:
+                        print(f"stopped by a signal after step {step}; continue with --resume latest")
                     break
     finally:
-        log.close()
+        if log is not None:
+            log.close()
     return metrics

@@ -35,12 +35,16 @@ class Precision:
             optimizer.step()
 
 
-def pick_precision(device_name: str, dtype_name: str) -> Precision:
-    """auto: CUDA with bf16 autocast (fp16 and a grad scaler where the GPU lacks bf16), else CPU in fp32."""
+def pick_precision(device_name: str, dtype_name: str, local_rank: int = 0) -> Precision:
+    """auto: CUDA with bf16 autocast (fp16 and a grad scaler where the GPU lacks bf16), else CPU in fp32. Under
+    torchrun, `cuda` and `auto` mean this process's GPU (its local rank)."""
     cuda = torch.cuda.is_available()
     if device_name.startswith("cuda") and not cuda:
         raise ConfigError(f"device={device_name} but no CUDA GPU is visible; use --device cpu or --device auto")
-    device = torch.device("cuda" if cuda else "cpu") if device_name == "auto" else torch.device(device_name)
+    if device_name in ("auto", "cuda"):
+        device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    else:
+        device = torch.device(device_name)
     if dtype_name != "auto":
         dtype = getattr(torch, dtype_name)
     elif device.type == "cuda":

@@ -1,0 +1,98 @@
+"""Data parallelism with PyTorch's own engine: DDP or FSDP2 under torchrun, nothing when run as one process."""
+import contextlib
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel
+
+from ..config import ConfigError
+
+
+@dataclass
+class Distributed:
+    """This process's place in the job (rank 0 of 1 without torchrun)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor summed over all ranks (in place; no host sync)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def any(self, flag: bool, device: torch.device) -> bool:
+        """Whether any rank's flag is set (every rank gets the same answer)."""
+        if self.world_size == 1:
+            return flag
+        return bool(self.sum(torch.tensor(float(flag), device=device)).item())
+
+    def close(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()  # without it, a rank may abort while others still talk to it
+            dist.destroy_process_group()
+
+
+def init_distributed(device_name: str) -> Distributed:
+    """Joins the torchrun job described by RANK/WORLD_SIZE/LOCAL_RANK (NCCL on CUDA, gloo on CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return Distributed()
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    cuda = torch.cuda.is_available() and device_name != "cpu"
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Distributed(rank, world_size, local_rank)
+
+
+def wrap(model: nn.Module, kind: str, param_dtype: torch.dtype, compile_blocks: bool, device: torch.device,
+         job: Distributed) -> nn.Module:
+    """The model ready for data-parallel training: DistributedDataParallel, or FSDP2 (each block sharded, then the
+    root) with parameters in param_dtype for compute and gradients reduced in fp32."""
+    if job.world_size == 1:
+        return model
+    if kind == "ddp":
+        # MoE selection biases are kept equal by all-reducing the loads, not by broadcasting buffers.
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       broadcast_buffers=False)
+    # The root returns logits sliced from the padded vocabulary (a view); nothing modifies them in place.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.blocks:
+        if compile_blocks:
+            block.compile()
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def gradient_sync(model: nn.Module, kind: str, sync: bool, job: Distributed):
+    """A context in which backward passes reduce gradients across ranks only when `sync` (the last micro-step)."""
+    if job.world_size == 1 or sync:
+        if kind == "fsdp" and job.world_size > 1:
+            model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if kind == "ddp":
+        return model.no_sync()
+    model.set_requires_gradient_sync(False)
+    return contextlib.nullcontext()
+
+
+def check_divisible(tokens_per_step: int, batch_size: int, block_size: int, job: Distributed) -> int:
+    """Micro-steps per optimizer step: total tokens / (batch_size * block_size * world_size), which must divide."""
+    per_micro_step = batch_size * block_size * job.world_size
+    if tokens_per_step % per_micro_step:
+        raise ConfigError(f"total_batch_size_str = {tokens_per_step} tokens is not a multiple of batch_size * block_size "
+                          f"* world_size = {batch_size} * {block_size} * {job.world_size}; change one of them")
+    return tokens_per_step // per_micro_step
