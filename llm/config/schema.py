@@ -157,6 +157,9 @@ class Trainconfig:
     """Steps between checkpoints (one is also written at the end, and for the best validation loss)."""
     keep_last: int = 3
     """Step checkpoints kept (the best one is kept besides them)."""
+    init_from: str | None = None
+    """Start from pretrained weights: hf:DIR, a transformers GPT-2, Llama or DeepseekV3 directory (its architecture
+    replaces the model flags)."""
     resume: str | None = None
     """Continue a run: latest (this run's newest checkpoint), or the path of a checkpoint or run directory."""
     file_name: str = "llm"

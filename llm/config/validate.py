@@ -99,6 +99,8 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
     _require(t.weight_decay >= 0, f"weight_decay={t.weight_decay} must be >= 0")
     _require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
              f"device={t.device!r} is not a device; use auto, cpu, cuda or cuda:N")
+    _require(t.init_from is None or (t.init_from.startswith("hf:") and len(t.init_from) > 3),
+             f"init_from={t.init_from!r} is not supported; use hf:DIR (a transformers model directory)")
     _require(t.grad_clip >= 0, f"grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     total = total_batch_tokens(t)
     micro = t.batch_size * m.block_size

@@ -131,6 +131,13 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
     device = precision.device
     data = Path(cfg.data_dir) / cfg.dataset
     meta = read_meta(data, cfg.dataset)
+    pretrained = None
+    if cfg.init_from is not None:
+        from ..hf import from_hf
+
+        pretrained = from_hf(cfg.init_from.removeprefix("hf:"), dropout=model_config.dropout,
+                             attn_backend=model_config.attn_backend)
+        model_config = pretrained.config
     model_config = resolve_vocab(model_config, meta, cfg.dataset)
     config = config_dict(model_config, cfg)
     tokenizer = {k: v for k, v in meta.items() if k in TOKENIZER_KEYS}
@@ -142,7 +149,7 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
                                  cfg.seed + i, order, job.rank, job.world_size)
                for i, (name, (split, order)) in enumerate(split_orders.items())}
 
-    model = LLM(model_config).to(device)
+    model = (pretrained or LLM(model_config)).to(device)
     model.act_recomp = cfg.act_recomp
     step_model = wrap(model, cfg.dist, precision.dtype, cfg.compile, device, job)
     if cfg.compile and not (job.world_size > 1 and cfg.dist == "fsdp"):  # FSDP compiles each block in wrap()

@@ -1,0 +1,73 @@
+"""Export a checkpoint as a transformers model directory (config.json, model.safetensors, tokenizer files).
+
+    python -m llm.export --ckpt out/run --out hf/run
+    python -c "import transformers; transformers.AutoModelForCausalLM.from_pretrained('hf/run')"
+"""
+import base64
+import json
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import tyro
+
+from .config import ConfigError, exit_on_user_error
+from .config.fields import model_config_from_dict
+from .data.tokenizers import END_OF_TEXT, GPT2Tokenizer
+from .hf import to_hf
+from .model import LLM
+from .train.checkpoint import best_or_latest, read_weights
+
+
+@dataclass
+class ExportArgs:
+    """Write a checkpoint as a transformers model directory."""
+
+    ckpt: str
+    """A run folder (its best checkpoint, else its newest) or a checkpoint folder."""
+    out: str
+    """The directory to write."""
+
+
+def save_gpt2_tokenizer(out: Path) -> None:
+    """tokenizer.json (and its config) for tiktoken's GPT-2 BPE, built offline from the ranks tiktoken already has."""
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    encoding = GPT2Tokenizer().encoding
+    with tempfile.TemporaryDirectory() as tmp:
+        ranks = Path(tmp) / "r50k_base.tiktoken"
+        ranks.write_text("".join(f"{base64.b64encode(token).decode()} {rank}\n"
+                                 for token, rank in encoding._mergeable_ranks.items()))
+        converted = TikTokenConverter(str(ranks), pattern=encoding._pat_str, extra_special_tokens=[END_OF_TEXT]).converted()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=converted, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT,
+                                        unk_token=END_OF_TEXT)
+    tokenizer.save_pretrained(out)
+
+
+def export(ckpt: str, out: str) -> Path:
+    """Writes the checkpoint as a transformers directory and returns its path."""
+    folder = best_or_latest(Path(ckpt))
+    saved = json.loads((folder / "config.json").read_text())
+    model = LLM(model_config_from_dict(saved["model"], f"{folder}/config.json model"))
+    model.load_state_dict(read_weights(folder))
+    tokenizer = json.loads((folder / "tokenizer.json").read_text())
+    hf = to_hf(model.eval(), tokenizer.get("eot"))
+    target = Path(out)
+    hf.save_pretrained(target)
+    if tokenizer["tokenizer"] == "gpt2":
+        save_gpt2_tokenizer(target)
+    print(f"wrote {target} ({type(hf).__name__}"
+          f"{', GPT-2 tokenizer' if tokenizer['tokenizer'] == 'gpt2' else '; no tokenizer files for ' + tokenizer['tokenizer']})")
+    return target
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = tyro.cli(ExportArgs, args=argv, use_underscores=True)
+    with exit_on_user_error():
+        export(args.ckpt, args.out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

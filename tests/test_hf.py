@@ -1,0 +1,125 @@
+"""Export to and import from transformers, checked by logit parity; refusals name the blocking feature."""
+import json
+
+import pytest
+import tiktoken
+import torch
+import transformers
+
+from llm.config import ConfigError, parse
+from llm.export import export
+from llm.hf import from_hf, to_hf
+from llm.model import LLM
+from llm.train import train
+from llm.train.checkpoint import best_or_latest, read_weights
+from tests.conftest import make_config
+
+MLA = dict(attn="mla", n_head=4, kv_latent_dim=16, rope_head_dim=8, q_latent_dim=24, non_linearity="swiglu", up_dim=64)
+MOE = dict(MLA, up_dim=32, moe=True, n_exp=6, n_shared=1, n_act=3, router_score="sigmoid", aux_free=True)
+FAMILIES = {
+    "gpt2": (make_config(dict(attn="mha", n_head=4, non_linearity="gelu_tanh", up_dim=64), bias=True),
+             transformers.GPT2LMHeadModel),
+    "gpt2-untied-no-bias-gelu": (make_config(dict(attn="mha", n_head=4, non_linearity="gelu", up_dim=64),
+                                             tie_embeddings=False), transformers.GPT2LMHeadModel),
+    "llama-gqa": (make_config(dict(attn="gqa", n_head=4, n_kv_heads=2, non_linearity="swiglu", up_dim=64),
+                              pos_emb="rope", norm="rms", rope_theta=5e5), transformers.LlamaForCausalLM),
+    "llama-mqa-untied-bias": (make_config(dict(attn="mqa", n_head=4, non_linearity="swiglu", up_dim=64),
+                                          pos_emb="rope", norm="rms", bias=True, tie_embeddings=False),
+                              transformers.LlamaForCausalLM),
+    "deepseek-v3-moe": (make_config([MLA, MOE, MOE], pos_emb="rope", norm="rms", norm_eps=1e-6,
+                                    tie_embeddings=False), transformers.DeepseekV3ForCausalLM),
+    "deepseek-v3-dense-no-q-latent": (make_config(dict(MLA, q_latent_dim=None), pos_emb="rope", norm="rms",
+                                                  norm_eps=1e-6), transformers.DeepseekV3ForCausalLM),
+}
+
+
+def logit_difference(ours: LLM, theirs: torch.nn.Module, vocab: int) -> float:
+    idx = torch.randint(0, vocab, (2, 24))
+    with torch.no_grad():
+        return (ours.eval()(idx).logits - theirs.eval()(input_ids=idx).logits).abs().max().item()
+
+
+def with_random_biases(model: LLM) -> LLM:
+    """Nonzero MoE selection biases, so that export must carry them."""
+    for moe in model.moe_layers():
+        moe.router.gate.weight.data.normal_(std=0.3)
+        moe.router.expert_bias.copy_(torch.randn_like(moe.router.expert_bias) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_export_loads_in_transformers_with_equal_logits(name, tmp_path):
+    config, cls = FAMILIES[name]
+    ours = with_random_biases(LLM(config))
+    to_hf(ours).save_pretrained(tmp_path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    assert type(theirs) is cls
+    diff = logit_difference(ours, theirs, config.vocab_size)
+    print(f"export {name}: max abs logit difference {diff:.2e}")
+    assert diff <= 1e-5
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_import_of_a_transformers_model_has_equal_logits(name, tmp_path):
+    config, cls = FAMILIES[name]
+    hf_config = to_hf(LLM(config)).config  # a transformers config of this family and shape
+    theirs = cls(hf_config).float()
+    torch.manual_seed(1)
+    with torch.no_grad():  # every tensor random, norms around 1, so that each one's mapping is checked
+        for param_name, param in theirs.named_parameters():
+            is_norm = param.dim() == 1 and ("norm" in param_name or "ln" in param_name) and param_name.endswith("weight")
+            param.copy_(1 + 0.1 * torch.randn_like(param) if is_norm else 0.02 * torch.randn_like(param))
+        for layer in getattr(getattr(theirs, "model", None), "layers", []):
+            if hasattr(layer.mlp, "gate"):
+                layer.mlp.gate.weight.normal_(std=0.3)
+                layer.mlp.gate.e_score_correction_bias.normal_(std=0.1)
+    theirs.save_pretrained(tmp_path)
+    ours = from_hf(str(tmp_path))
+    diff = logit_difference(ours, theirs, config.vocab_size)
+    print(f"import {name}: max abs logit difference {diff:.2e}")
+    assert diff <= 1e-5
+
+
+REFUSED = [
+    (make_config([dict(attn="mla", n_head=4, kv_latent_dim=16, rope_head_dim=8), dict(attn="gqa", n_head=4, n_kv_heads=2)],
+                 pos_emb="rope"), "the layers mix attention kinds (gqa, mla)"),
+    (make_config(dict(attn="mha", n_head=4), pos_emb="sin"), "sinusoidal positions"),
+    (make_config(dict(attn="gqa", n_head=4, n_kv_heads=2, non_linearity="gelu"), pos_emb="rope", norm="rms"),
+     "needs RMSNorm and SwiGLU"),
+    (make_config(dict(attn="mha", n_head=4, non_linearity="mish"), pos_emb="learn"), "one of the activations"),
+    (make_config(dict(MOE, router_score="softmax"), pos_emb="rope", norm="rms", norm_eps=1e-6), "sigmoid scores"),
+    (make_config(MLA, pos_emb="rope", norm="rms"), "train with --norm_eps 1e-6"),
+    (make_config([MOE, MLA], pos_emb="rope", norm="rms", norm_eps=1e-6), "dense layers first"),
+    (make_config(dict(attn="gqa", n_head=4, n_kv_heads=2, moe=True), pos_emb="rope"), "only with MLA attention"),
+    (make_config([dict(attn="mha", n_head=4, up_dim=32), dict(attn="mha", n_head=4, up_dim=64)]), "layers differ in up_dim"),
+]
+
+
+@pytest.mark.parametrize("config,message", REFUSED, ids=[m for _, m in REFUSED])
+def test_unsupported_models_are_refused_with_the_blocking_feature(config, message):
+    with pytest.raises(ConfigError, match=r"cannot export: .*" + message.replace("(", r"\(").replace(")", r"\)")):
+        to_hf(LLM(config))
+
+
+def test_export_cli_writes_a_gpt2_tokenizer_and_init_from_reads_it_back(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("Hello world. " * 400)
+    from llm.data.prepare import PrepareArgs, prepare
+
+    prepare(PrepareArgs("text", source=str(text), out=str(tmp_path / "data" / "gpt2text"), workers=1))
+    flags = ["--data_dir", str(tmp_path / "data"), "--dataset", "gpt2text", "--out_dir", str(tmp_path), "--max_iters",
+             "2", "--save_model", "--n_layer", "1", "--n_embd", "32", "--block_size", "16", "--batch_size", "4",
+             "--total_batch_size_str", "64", "--non_linearity", "gelu_tanh", "--bias"]
+    train(*parse(flags))
+    out = export(str(tmp_path / "run"), str(tmp_path / "hf"))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    sample = "Hello world<|endoftext|> héllo  \n\n x's 123"
+    assert tokenizer.encode(sample) == tiktoken.get_encoding("r50k_base").encode(sample, allowed_special="all")
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == 50256
+    trained = read_weights(best_or_latest(tmp_path / "run"))
+    imported = from_hf(str(out)).state_dict()
+    assert all(torch.equal(imported[k][:50257], v[:50257]) for k, v in trained.items())  # padded vocab rows aside
+    metrics = train(*parse(flags + ["--init_from", f"hf:{out}", "--wandb_run_name", "finetune"]))
+    assert metrics["step"] == 1  # fine-tuning ran from the exported weights (architecture from the directory)
+    with pytest.raises(ConfigError, match="cannot load a transformers model"):
+        train(*parse(flags + ["--init_from", f"hf:{tmp_path / 'missing'}"]))
