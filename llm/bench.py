@@ -1,6 +1,6 @@
 """Training-step benchmark on synthetic tokens: tokens/s, MFU and peak memory.
 
-    python -m llm.bench [train.py flags] [--steps N] [--warmup N] [--json PATH]
+    python -m llm.bench [train.py flags] [--steps N] [--warmup N] [--json PATH] [--compare FLAG]
 
 Each step is one forward and backward pass over batch_size x block_size random tokens plus an AdamW step,
 with the model, device, precision, --compile and --act_recomp chosen as in training (no data loading, no
@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import tyro
 
-from .config import ConfigError, LLMconfig, Trainconfig, exit_on_user_error, parse
+from .config import BlockConfig, ConfigError, LLMconfig, Trainconfig, exit_on_user_error, parse
+from .config.fields import known_fields
 from .model import LLM
 from .train.metrics import peak_memory_bytes
 from .train.mfu import mfu
@@ -34,6 +35,8 @@ class BenchOptions:
     """Untimed steps first (compilation happens here)."""
     json: str | None = None
     """Also write the results to this JSON file."""
+    compare: str | None = None
+    """A boolean flag (act_recomp, compile, moe, ...) to run off and then on in this process, printing the ratio."""
 
 
 def split_argv(argv: list[str], names: set[str]) -> tuple[list[str], list[str]]:
@@ -52,6 +55,8 @@ def benchmark(model_config: LLMconfig, cfg: Trainconfig, options: BenchOptions) 
     torch.manual_seed(cfg.seed)
     precision = pick_precision(cfg.device, cfg.dtype)
     device = precision.device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     if model_config.vocab_size is None:
         model_config = LLMconfig(**{**model_config.__dict__, "vocab_size": SYNTHETIC_VOCAB})
     model = LLM(model_config).to(device)
@@ -93,6 +98,11 @@ def format_result(r: dict) -> str:
             f"{r['tokens_per_s']:,.0f} tok/s | MFU {mfu_text} | peak memory {r['peak_memory_bytes'] / 2**20:,.0f} MiB")
 
 
+def boolean_flags() -> set[str]:
+    return {name for cls in (LLMconfig, BlockConfig, Trainconfig) for name, kind in known_fields(cls).items()
+            if kind is bool}
+
+
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     own, rest = split_argv(argv, {f.name for f in fields(BenchOptions)})
@@ -100,10 +110,26 @@ def main(argv: list[str] | None = None) -> dict:
         options = tyro.cli(BenchOptions, args=own, use_underscores=True)
         if options.steps < 1 or options.warmup < 0:
             raise ConfigError(f"--steps={options.steps} must be >= 1 and --warmup={options.warmup} >= 0")
-        model_config, cfg = parse(rest)
-        result = benchmark(model_config, cfg, options)
-    print(format_result(result))
+        if options.compare is not None and options.compare not in boolean_flags():
+            raise ConfigError(f"--compare={options.compare!r} is not a boolean flag; use one of "
+                              f"{', '.join(sorted(boolean_flags()))}")
+        settings = [rest] if options.compare is None else [rest + [f"--no_{options.compare}"],
+                                                           rest + [f"--{options.compare}"]]
+        configs = [parse(argv_) for argv_ in settings]
+        results = [benchmark(model_config, cfg, options) for model_config, cfg in configs]
+    for argv_, result in zip(settings, results):
+        label = f"{argv_[-1]}: " if options.compare else ""
+        print(label + format_result(result))
+    result = results[0]
+    if options.compare:
+        off, on = results
+        result = {"off": off, "on": on, "tokens_per_s_ratio": on["tokens_per_s"] / off["tokens_per_s"],
+                  "peak_memory_ratio": on["peak_memory_bytes"] / off["peak_memory_bytes"]}
+        note = "" if off["device"] != "cpu" else " (on CPU, peak RSS is the process's high-water mark so far)"
+        print(f"--{options.compare} / --no_{options.compare}: tokens/s x{result['tokens_per_s_ratio']:.3f}, "
+              f"peak memory x{result['peak_memory_ratio']:.3f}{note}")
     if options.json:
+        model_config, cfg = configs[-1]
         with open(options.json, "w") as f:
             json.dump({**result, "config": {"model": asdict(model_config), "train": asdict(cfg)}}, f, indent=2)
     return result

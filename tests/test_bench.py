@@ -38,3 +38,17 @@ def test_mfu_uses_the_palm_formula_and_the_peak_table(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
     expected = 1e6 * mfu.flops_per_token(config, 1000) / 989e12
     assert mfu.mfu(1e6, config, 1000, torch.device("cuda")) == pytest.approx(expected)
+
+
+def test_compare_runs_a_flag_off_and_on(capsys):
+    result = bench.main(["--compare", "act_recomp", "--n_layer", "1", "--steps", "1", "--warmup", "0",
+                         "--batch_size", "2", "--block_size", "16", "--total_batch_size_str", "32"])
+    out = capsys.readouterr().out
+    assert "--no_act_recomp: cpu" in out and "--act_recomp: cpu" in out and "--act_recomp / --no_act_recomp" in out
+    assert result["tokens_per_s_ratio"] == pytest.approx(result["on"]["tokens_per_s"] / result["off"]["tokens_per_s"])
+
+
+def test_compare_needs_a_boolean_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
+        bench.main(["--compare", "n_layer"])
+    assert exit_info.value.code == 2 and "--compare='n_layer' is not a boolean flag" in capsys.readouterr().err

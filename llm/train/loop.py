@@ -110,6 +110,23 @@ def full_state(model: LLM, optimizer: torch.optim.Optimizer) -> tuple[dict, dict
     return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
+def restore(path: Path, config: dict, model: LLM, optimizer: torch.optim.Optimizer, precision: Precision,
+            loaders: dict[str, TokenLoader], job: Distributed) -> tuple[int, float]:
+    """Loads a checkpoint into the (possibly sharded) model, optimizer, scaler, loaders and RNG; returns the step to
+    continue from and the best validation loss so far."""
+    weights, state = read_checkpoint(path, config, job.world_size)
+    set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=state["optimizer"],
+                   options=StateDictOptions(full_state_dict=True))
+    if precision.scaler is not None and state["scaler"] is not None:
+        precision.scaler.load_state_dict(state["scaler"])
+    for name, loader in loaders.items():
+        loader.load_state_dict(state["loaders"][name])
+    torch.set_rng_state(state["rng"]["cpu"])
+    if precision.device.type == "cuda" and state["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], precision.device)
+    return state["step"], state["best_val_loss"]
+
+
 def train(model_config: LLMconfig, cfg: Trainconfig) -> dict:
     """Trains the model described by the configs (resuming when asked) and returns the last metrics.
 
@@ -159,17 +176,7 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
     start_step, best_val = 0, math.inf
     if cfg.resume is not None:
         path = find_checkpoint(cfg.resume, run_dir)
-        weights, state = read_checkpoint(path, config, job.world_size)
-        set_state_dict(model, optimizer, model_state_dict=weights, optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
-        if precision.scaler is not None and state["scaler"] is not None:
-            precision.scaler.load_state_dict(state["scaler"])
-        for name, loader in loaders.items():
-            loader.load_state_dict(state["loaders"][name])
-        torch.set_rng_state(state["rng"]["cpu"])
-        if device.type == "cuda" and state["rng"]["cuda"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"])
-        start_step, best_val = state["step"], state["best_val_loss"]
+        start_step, best_val = restore(path, config, model, optimizer, precision, loaders, job)
         if job.is_main:
             print(f"resumed from {path} at step {start_step}")
     total, active = model.get_num_params()

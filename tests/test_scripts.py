@@ -1,0 +1,55 @@
+"""The ablation scripts and the report, end to end on a few steps."""
+import os
+import subprocess
+
+import pytest
+
+from llm import report
+from llm.config import exit_on_user_error
+from tests.conftest import REPO
+
+FAST = {"MAX_ITERS": "3", "BATCH_SIZE": "4", "TOTAL_BATCH": "4*128", "EVAL_INTERVAL": "2",
+        "EVAL_ITERS": "2"}
+
+
+def script(name: str, env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "scripts" / name), *args], env={**os.environ, **env},
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_sweep_runs_a_grid_then_the_report_compares_it(char_data, tmp_path):
+    env = {**FAST, "ATTNS": "mha mla", "MOES": "0", "OUT_DIR": str(tmp_path)}
+    result = script("sweep.sh", env, "--data_dir", str(char_data.parent), "--n_layer", "1", "--log_interval", "1")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert "all runs finished" in result.stdout
+    runs = sorted(str(p) for p in tmp_path.glob("sweep_*"))
+    assert [os.path.basename(r) for r in runs] == ["sweep_mha_dense", "sweep_mla_dense"]
+
+    table = report.report(runs, str(tmp_path / "report"))
+    lines = table.splitlines()
+    assert len(lines) == 4 and lines[2].startswith("| sweep_mha_dense |") and lines[3].startswith("| sweep_mla_dense |")
+    assert "| 1,536 |" in lines[2]  # tokens seen: 3 steps of 4 x 128
+    assert (tmp_path / "report" / "report.md").read_text() == table
+    assert (tmp_path / "report" / "loss.png").stat().st_size > 1000
+
+
+def test_sweep_goes_on_past_a_failed_run_and_names_it(char_data, tmp_path):
+    env = {**FAST, "ATTNS": "gqa", "MOES": "1 0", "OUT_DIR": str(tmp_path), "N_KV_HEADS": "3"}  # 3 does not divide 4
+    result = script("sweep.sh", env, "--data_dir", str(char_data.parent), "--n_layer", "1")
+    assert result.returncode == 1
+    assert "failed runs: sweep_gqa_moe sweep_gqa_dense" in result.stdout
+    assert "n_kv_heads=3 does not divide n_head=4" in result.stderr
+
+
+def test_custom_layers_script_trains_the_example_stack(char_data, tmp_path):
+    env = {"MAX_ITERS": "2", "BATCH_SIZE": "4", "TOTAL_BATCH": "4*128", "EVAL_INTERVAL": "1", "EVAL_ITERS": "1",
+           "RUN_NAME": "custom"}
+    result = script("train_custom_layers.sh", env, "--data_dir", str(char_data.parent), "--out_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "max/mean load" in result.stdout and (tmp_path / "custom" / "metrics.jsonl").is_file()
+
+
+def test_report_of_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
+        report.main([str(tmp_path)])
+    assert exit_info.value.code == 2 and "not a run directory" in capsys.readouterr().err
