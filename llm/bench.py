@@ -27,7 +27,7 @@ SYNTHETIC_VOCAB = 256  # vocabulary when --vocab_size is unset (no dataset is re
 
 @dataclass
 class BenchOptions:
-    """Benchmark settings; every other flag is train.py's."""
+    """Benchmark training steps on synthetic tokens. Every other flag is train.py's (see python train.py --help)."""
 
     steps: int = 20
     """Timed steps."""
@@ -105,6 +105,8 @@ def boolean_flags() -> set[str]:
 
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        tyro.cli(BenchOptions, args=["--help"], use_underscores=True)  # prints this tool's own flags and exits
     own, rest = split_argv(argv, {f.name for f in fields(BenchOptions)})
     with exit_on_user_error():
         options = tyro.cli(BenchOptions, args=own, use_underscores=True)
