@@ -12,7 +12,7 @@ from pathlib import Path
 
 import tyro
 
-from .config import ConfigError, exit_on_user_error
+from .config import exit_on_user_error
 from .config.fields import model_config_from_dict
 from .data.tokenizers import END_OF_TEXT, GPT2Tokenizer
 from .hf import to_hf

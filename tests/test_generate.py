@@ -139,9 +139,15 @@ def test_sample_py_streams_from_a_trained_checkpoint(char_data, tmp_path, capsys
 
 @pytest.mark.parametrize("argv,message", [
     (["--ckpt", "nowhere"], "no checkpoint there"),
+    (["--ckpt", "TRAINED", "--prompt", "Ωmega"], "character 'Ω' is not in this char vocabulary"),
     (["--ckpt", "x", "--temperature", "-1"], "--temperature=-1.0 must be >= 0"),
 ])
-def test_sample_py_bad_input_is_one_line(argv, message, capsys):
+def test_sample_py_bad_input_is_one_line(argv, message, capsys, char_data, tmp_path):
+    if "TRAINED" in argv:
+        train(*parse(["--data_dir", str(char_data.parent), "--out_dir", str(tmp_path), "--max_iters", "1",
+                      "--save_model", "--n_layer", "1"]))
+        argv = [str(tmp_path / "run") if a == "TRAINED" else a for a in argv]
+        capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         sample.main(argv)
     err = capsys.readouterr().err

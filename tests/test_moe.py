@@ -172,8 +172,8 @@ def test_balance_losses_equal_their_definitions():
 
 
 def test_uniform_routing_gives_balance_loss_one():
-    E, k = 4, 2
-    indices = torch.tensor([[0, 1], [2, 3]] * 4)
+    E = 4
+    indices = torch.tensor([[0, 1], [2, 3]] * 4)  # every expert chosen equally often, top-2
     scores = torch.full((8, E), 1 / E)
     assert switch_balance_loss(scores, indices).item() == pytest.approx(1.0)
     assert sequence_balance_loss(scores, indices, 2).item() == pytest.approx(1.0)

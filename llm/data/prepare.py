@@ -185,9 +185,11 @@ def split_tail(all_path: Path, out: Path, dtype: np.dtype, val_fraction: float) 
     n_val = max(1, int(total * val_fraction))
     if total - n_val < 2:
         raise ConfigError(f"the corpus has only {total} tokens; give it more text or lower --val_fraction")
-    tokens = np.memmap(all_path, dtype=dtype, mode="r")
-    write_atomically(out / "val.bin", lambda tmp: tokens[total - n_val:].tofile(tmp))
-    del tokens
+
+    def write_val(tmp: Path) -> None:
+        np.memmap(all_path, dtype=dtype, mode="r")[total - n_val:].tofile(tmp)  # the map closes on return
+
+    write_atomically(out / "val.bin", write_val)
     with open(all_path, "r+b") as f:
         f.truncate((total - n_val) * dtype.itemsize)
         os.fsync(f.fileno())

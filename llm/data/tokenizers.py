@@ -22,7 +22,11 @@ class CharTokenizer:
         self.vocab_size = len(chars) + end_of_text
 
     def encode(self, text: str) -> list[int]:
-        return [self.index[c] for c in text]
+        try:
+            return [self.index[c] for c in text]
+        except KeyError as e:
+            raise ConfigError(f"character {e.args[0]!r} is not in this char vocabulary of {len(self.chars)} characters "
+                              "(those of the training text); leave it out of the prompt") from None
 
     def decode(self, ids: list[int]) -> str:
         return "".join(END_OF_TEXT if i == self.eot else self.chars[i] for i in ids)

@@ -178,7 +178,8 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
         path = find_checkpoint(cfg.resume, run_dir)
         start_step, best_val = restore(path, config, model, optimizer, precision, loaders, job)
         if job.is_main:
-            print(f"resumed from {path} at step {start_step}")
+            print(f"resumed from {path} at step {start_step}"
+                  + (f"; nothing to train: raise --max_iters above {start_step}" if start_step >= cfg.max_iters else ""))
     total, active = model.get_num_params()
     log = None
     if job.is_main:
