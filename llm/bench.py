@@ -104,6 +104,7 @@ def boolean_flags() -> set[str]:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Parses the benchmark's own flags and train.py's, runs the benchmark (twice with --compare) and reports it."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
         tyro.cli(BenchOptions, args=["--help"], use_underscores=True)  # prints this tool's own flags and exits

@@ -63,7 +63,7 @@ def generate(model: LLM, prompts: list[list[int]], max_new_tokens: int, temperat
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
     cache = None
-    for step in range(max_new_tokens):
+    for _ in range(max_new_tokens):
         if not use_cache:
             logits = recompute(model, [r[-block:] for r in rows])
         elif cache is None or cache.length == block:

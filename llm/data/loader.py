@@ -59,6 +59,7 @@ class TokenLoader:
         return starts
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (x, y), each (batch_size, block_size), from the next global batch."""
         count = self.batch_size * self.world_size
         if self.order == "random":
             starts = torch.randint(self.n_offsets, (count,), generator=self.generator).tolist()

@@ -144,6 +144,7 @@ def train(model_config: LLMconfig, cfg: Trainconfig) -> dict:
 
 
 def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
+    """The whole run on this rank: data, model, optional resume, then the step loop with logging and checkpoints."""
     precision = pick_precision(cfg.device, cfg.dtype, job.local_rank)
     device = precision.device
     data = Path(cfg.data_dir) / cfg.dataset
