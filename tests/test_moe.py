@@ -277,3 +277,15 @@ def test_compiled_model_sees_bias_updates():
         expected = model(idx)
     assert torch.equal(got.expert_loads[0][2:], torch.zeros(3, dtype=torch.long))
     torch.testing.assert_close(got.logits, expected.logits)
+
+
+def test_without_torch_grouped_mm_the_padded_path_gives_the_same_layer(monkeypatch):
+    from llm.model.ffn import experts
+
+    moe = moe_layer(n_exp=5, n_shared=1, n_act=3, up_dim=16)
+    x = torch.randn(1, 11, C)
+    grouped, _ = moe(x)
+    monkeypatch.setattr(experts, "GROUPED_MM", None)
+    padded, _ = moe(x)
+    torch.testing.assert_close(padded, grouped, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(padded.view(11, C), naive_moe(moe, x.view(11, C), "gelu"), rtol=1e-5, atol=1e-5)

@@ -7,6 +7,7 @@ from ...config import BlockConfig, LLMconfig
 from .activations import activation
 
 GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the CPU kernel takes in eager mode
+GROUPED_MM = getattr(F, "grouped_mm", None)  # public in recent torch; older builds use the padded fallback
 
 
 def rows_aligned(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -17,7 +18,7 @@ def rows_aligned(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def grouped_mm_compiles(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether torch's grouped matmul runs here inside torch.compile: bf16 on CPU or on CUDA (SM >= 80)."""
-    if x.dtype != torch.bfloat16 or not rows_aligned(x, weight):
+    if GROUPED_MM is None or x.dtype != torch.bfloat16 or not rows_aligned(x, weight):
         return False
     return x.device.type == "cpu" or (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
@@ -25,8 +26,8 @@ def grouped_mm_compiles(x: torch.Tensor, weight: torch.Tensor) -> bool:
 @torch.compiler.disable
 def grouped_mm_eager(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Grouped matmul outside the compiled graph: torch's CPU kernel, or a padded batched matmul elsewhere."""
-    if x.device.type == "cpu" and x.dtype in GROUPED_MM_DTYPES and rows_aligned(x, weight):
-        return F.grouped_mm(x, weight, offs=offsets)
+    if GROUPED_MM is not None and x.device.type == "cpu" and x.dtype in GROUPED_MM_DTYPES and rows_aligned(x, weight):
+        return GROUPED_MM(x, weight, offs=offsets)
     return padded_bmm(x, weight, offsets)
 
 
@@ -45,7 +46,7 @@ def padded_bmm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """Rows of x (M, K), sorted by group, times their group's weight (E, K, N); group g ends at offsets[g]."""
     if grouped_mm_compiles(x, weight):
-        return F.grouped_mm(x, weight, offs=offsets)  # (M, N)
+        return GROUPED_MM(x, weight, offs=offsets)  # (M, N)
     return grouped_mm_eager(x, weight, offsets)  # (M, N)
 
 
