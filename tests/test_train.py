@@ -14,7 +14,10 @@ from tests.conftest import REPO, make_config
 
 def test_missing_dataset_names_the_prepare_command(tmp_path):
     model, cfg = parse(["--data_dir", str(tmp_path), "--max_iters", "1"])
-    with pytest.raises(ConfigError, match="python -m llm.data.prepare shakespeare_char"):
+    with pytest.raises(ConfigError, match="python -m llm.data.prepare shakespeare_char --out"):
+        train(model, cfg)
+    model, cfg = parse(["--data_dir", str(tmp_path), "--dataset", "genomic"])
+    with pytest.raises(ConfigError, match="python -m llm.data.prepare text --source PATH_TO_YOUR_FILES --out"):
         train(model, cfg)
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from .prepare import DATASET_NAMES
 
 DataOrder = Literal["random", "epoch"]
 
@@ -15,8 +16,9 @@ def read_meta(folder: Path, dataset: str) -> dict:
     """The dataset's meta.json, or a clear error with the command that prepares it."""
     path = folder / "meta.json"
     if not path.is_file():
-        raise ConfigError(f"dataset={dataset!r}: {path} not found; prepare it first with "
-                          f"`python -m llm.data.prepare {dataset} --out {folder}`")
+        command = (f"python -m llm.data.prepare {dataset} --out {folder}" if dataset in DATASET_NAMES
+                   else f"python -m llm.data.prepare text --source PATH_TO_YOUR_FILES --out {folder}")
+        raise ConfigError(f"dataset={dataset!r}: {path} not found; prepare it first with `{command}`")
     return json.loads(path.read_text())
 
 

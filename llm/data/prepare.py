@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator, Literal, get_args
 
 import numpy as np
 import tyro
@@ -31,6 +31,7 @@ from .sources import HF_DATASETS, Corpus, Piece, local_corpus, shakespeare_corpu
 from .tokenizers import ByteTokenizer, CharTokenizer, GPT2Tokenizer, tokenizer_from_meta
 
 DatasetName = Literal["shakespeare_char", "shakespeare", "tinystories", "fineweb", "wikitext", "text"]
+DATASET_NAMES = get_args(DatasetName)
 DEFAULT_TOKENIZER = {"shakespeare_char": "char"}  # every other dataset: gpt2
 BATCH_CHARS = 1 << 20  # text per task sent to a worker
 IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: bounds memory while keeping workers busy
