@@ -4,7 +4,6 @@
     python sample.py --ckpt out/run --prompt "ROMEO:" --temperature 0 --max_new_tokens 100
     python sample.py --ckpt out/run/checkpoints/step_0000500 --prompt "Once" "Upon a" --num_samples 2
 """
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -14,7 +13,6 @@ import torch
 import tyro
 
 from llm.config import ConfigError, exit_on_user_error
-from llm.config.fields import model_config_from_dict
 
 
 @dataclass
@@ -78,17 +76,13 @@ def main(argv: list[str] | None = None) -> None:
         check(args)
         from llm.data.tokenizers import tokenizer_from_meta
         from llm.generate import generate
-        from llm.model import LLM
-        from llm.train.checkpoint import best_or_latest, read_weights
+        from llm.train.checkpoint import load_trained
         from llm.train.precision import pick_precision
 
-        folder = best_or_latest(Path(args.ckpt))
-        saved = json.loads((folder / "config.json").read_text())
-        tokenizer = tokenizer_from_meta(json.loads((folder / "tokenizer.json").read_text()))
+        folder, model, tokenizer_meta = load_trained(args.ckpt)
+        tokenizer = tokenizer_from_meta(tokenizer_meta)
         device = pick_precision(args.device, "float32").device
-        model = LLM(model_config_from_dict(saved["model"], f"{folder}/config.json model"))
-        model.load_state_dict(read_weights(folder))
-        model.to(device).eval()
+        model.to(device)
 
         if args.prompt_file is not None and not Path(args.prompt_file).is_file():
             raise ConfigError(f"--prompt_file={args.prompt_file!r}: no such file")

@@ -4,7 +4,6 @@
     python -c "import transformers; transformers.AutoModelForCausalLM.from_pretrained('hf/run')"
 """
 import base64
-import json
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -13,11 +12,9 @@ from pathlib import Path
 import tyro
 
 from .config import exit_on_user_error
-from .config.fields import model_config_from_dict
 from .data.tokenizers import END_OF_TEXT, GPT2Tokenizer
 from .hf import to_hf
-from .model import LLM
-from .train.checkpoint import best_or_latest, read_weights
+from .train.checkpoint import load_trained
 
 
 @dataclass
@@ -48,12 +45,8 @@ def save_gpt2_tokenizer(out: Path) -> None:
 
 def export(ckpt: str, out: str) -> Path:
     """Writes the checkpoint as a transformers directory and returns its path."""
-    folder = best_or_latest(Path(ckpt))
-    saved = json.loads((folder / "config.json").read_text())
-    model = LLM(model_config_from_dict(saved["model"], f"{folder}/config.json model"))
-    model.load_state_dict(read_weights(folder))
-    tokenizer = json.loads((folder / "tokenizer.json").read_text())
-    hf = to_hf(model.eval(), tokenizer.get("eot"))
+    _, model, tokenizer = load_trained(ckpt)
+    hf = to_hf(model, tokenizer.get("eot"))
     target = Path(out)
     hf.save_pretrained(target)
     if tokenizer["tokenizer"] == "gpt2":

@@ -13,6 +13,7 @@ from llm.model import LLM
 from llm.train import checkpoint as checkpoint_module
 from llm.train import loop, train
 from llm.train.checkpoint import find_checkpoint, step_checkpoints
+from llm.train.optim import build_optimizer
 from tests.conftest import REPO, make_config
 
 # A small MoE model with dropout, gradient accumulation and evaluation: everything a resume must restore.
@@ -137,6 +138,12 @@ def test_min_lr_and_betas_reach_the_optimizer(char_data, tmp_path):
                   "--max_iters", "4", "--warmup_steps", "1")
     assert metrics[-1]["lr"] == pytest.approx(1e-4 + 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 2 / 3)).item())
                                               * (3e-3 - 1e-4))
+    _, cfg = parse(SMALL + ["--beta1", "0.8", "--beta2", "0.99", "--weight_decay", "0.05"])
+    model = LLM(make_config())
+    decayed, plain = build_optimizer(model, cfg, torch.device("cpu")).param_groups
+    assert decayed["betas"] == plain["betas"] == (0.8, 0.99)
+    assert (decayed["weight_decay"], plain["weight_decay"]) == (0.05, 0.0)
+    assert all(p.dim() >= 2 for p in decayed["params"]) and all(p.dim() < 2 for p in plain["params"])
 
 
 def test_float16_with_grad_scaler_trains_on_cpu(char_data, tmp_path):

@@ -4,36 +4,39 @@ from dataclasses import dataclass
 import torch
 
 
-class KVCache:
+class TokenCache:
+    """Per-token tensors of one layer for B rows, (B, max_len, *shape) each, filled left to right."""
+
+    def __init__(self, batch: int, max_len: int, shapes: list[tuple[int, ...]], dtype: torch.dtype,
+                 device: torch.device):
+        self.tensors = [torch.zeros(batch, max_len, *shape, dtype=dtype, device=device) for shape in shapes]
+        self.length = 0
+
+    def append(self, *new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Stores the new tensors (B, T, *shape) after the cached ones and returns everything cached so far."""
+        start, self.length = self.length, self.length + new[0].size(1)
+        for cached, tensor in zip(self.tensors, new):
+            cached[:, start:self.length] = tensor
+        return tuple(cached[:, :self.length] for cached in self.tensors)  # (B, S, *shape) each
+
+    def nbytes_per_token(self) -> int:
+        return sum(t[0, 0].numel() * t.element_size() for t in self.tensors)
+
+
+class KVCache(TokenCache):
     """Keys and values of one MHA/MQA/GQA layer: (B, max_len, n_kv, head_size) each, so memory grows with n_kv."""
 
     def __init__(self, batch: int, max_len: int, n_kv: int, head_size: int, dtype: torch.dtype, device: torch.device):
-        self.k = torch.zeros(batch, max_len, n_kv, head_size, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-        self.length = 0
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stores the new k, v (B, T, n_kv, hs) after the cached ones and returns all keys and values so far."""
-        start, self.length = self.length, self.length + k.size(1)
-        self.k[:, start:self.length], self.v[:, start:self.length] = k, v
-        return self.k[:, :self.length], self.v[:, :self.length]  # (B, S, n_kv, hs) each
+        super().__init__(batch, max_len, [(n_kv, head_size)] * 2, dtype, device)
 
 
-class LatentCache:
+class LatentCache(TokenCache):
     """MLA's compressed cache: per token the normalised key/value latent (kv_latent_dim) and the rotated rope key
     shared by all heads (rope_head_dim); keys and values are never materialised."""
 
     def __init__(self, batch: int, max_len: int, latent_dim: int, rope_dim: int, dtype: torch.dtype,
                  device: torch.device):
-        self.latent = torch.zeros(batch, max_len, latent_dim, dtype=dtype, device=device)
-        self.k_rope = torch.zeros(batch, max_len, rope_dim, dtype=dtype, device=device)
-        self.length = 0
-
-    def append(self, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stores latent (B, T, dc) and k_rope (B, T, dr) after the cached ones and returns all cached so far."""
-        start, self.length = self.length, self.length + latent.size(1)
-        self.latent[:, start:self.length], self.k_rope[:, start:self.length] = latent, k_rope
-        return self.latent[:, :self.length], self.k_rope[:, :self.length]  # (B, S, dc), (B, S, dr)
+        super().__init__(batch, max_len, [(latent_dim,), (rope_dim,)], dtype, device)
 
 
 @dataclass

@@ -111,9 +111,7 @@ class LLM(nn.Module):
 
     def cache_bytes_per_token(self) -> int:
         """Bytes each token adds to the generation cache, summed over the layers."""
-        cache = self.new_cache(1, max_len=1)
-        return sum(t.numel() * t.element_size() for layer in cache.layers for t in vars(layer).values()
-                   if isinstance(t, torch.Tensor))
+        return sum(layer.nbytes_per_token() for layer in self.new_cache(1, max_len=1).layers)
 
     def moe_layers(self) -> list[MoE]:
         """The MoE feed-forward modules, in layer order (the order of ModelOutput.expert_loads)."""

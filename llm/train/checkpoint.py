@@ -19,6 +19,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..config import ConfigError
+from ..config.fields import model_config_from_dict
+from ..model import LLM
 from ..files import write_atomically, write_folder_atomically
 
 STEP_FOLDER = re.compile(r"step_(\d+)")
@@ -134,3 +136,13 @@ def read_checkpoint(path: Path, config: dict, ranks: int) -> tuple[dict, dict]:
         raise ConfigError(f"checkpoint {path} was written with a different config ({'; '.join(differences)}); "
                           f"pass the same flags or --config {path / 'config.json'}")
     return read_weights(path), state
+
+
+def load_trained(ckpt: str) -> tuple[Path, LLM, dict]:
+    """(checkpoint folder, model in eval mode on the CPU, tokenizer meta) for a run or checkpoint folder, as sampling
+    and export use it: the best checkpoint of a run (else its newest), built from its own config.json."""
+    folder = best_or_latest(Path(ckpt))
+    saved = json.loads((folder / "config.json").read_text())
+    model = LLM(model_config_from_dict(saved["model"], f"{folder}/config.json model"))
+    model.load_state_dict(read_weights(folder))
+    return folder, model.eval(), json.loads((folder / "tokenizer.json").read_text())

@@ -99,7 +99,8 @@ def train_step(model: LLM, step_model, loader: TokenLoader, accum_steps: int, pr
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     precision.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
-    loads = [job.sum(load) for load in loads]  # every rank moves its selection biases by the same global loads
+    if loads:  # one all-reduce for all layers: every rank moves its selection biases by the same global loads
+        loads = list(job.sum(torch.cat(loads)).split([load.numel() for load in loads]))
     model.update_expert_bias(loads)  # a no-op without aux-free layers
     grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
     return job.sum(loss_sum) / job.world_size, job.sum(balance_sum) / job.world_size, loads, grad_norm

@@ -29,11 +29,12 @@ def count_choices(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
     return counts.scatter_add_(1, indices, torch.ones(indices.shape, device=indices.device))
 
 
-def switch_balance_loss(scores: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+def switch_balance_loss(scores: torch.Tensor, load: torch.Tensor) -> torch.Tensor:
     """Switch-style load balance E * sum_i f_i * P_i over all tokens and E routed experts: f_i is the fraction of
-    the choices that went to expert i, P_i the mean normalised affinity for expert i. Equals 1 when balanced."""
+    the choices that went to expert i (from the layer's load counts (E,)), P_i the mean normalised affinity for
+    expert i. Equals 1 when balanced."""
     E = scores.shape[-1]
-    f = count_choices(indices.view(1, -1), E)[0] / indices.numel()  # (E,)
+    f = load.float() / load.sum()  # (E,)
     P = normalized(scores).mean(dim=0)  # (E,)
     return E * (f * P).sum()
 
@@ -80,7 +81,7 @@ class MoE(nn.Module):
         if self.aux_free:
             balance = sequence_balance_loss(route.scores, route.indices, B)
         else:
-            balance = switch_balance_loss(route.scores, route.indices)
+            balance = switch_balance_loss(route.scores, load)
         return y, MoEStats(self.balance_weight * balance, load)
 
     def update_bias(self, load: torch.Tensor) -> None:
