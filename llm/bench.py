@@ -69,10 +69,10 @@ def benchmark(model_config: LLMconfig, cfg: Trainconfig, options: BenchOptions) 
         idx = torch.randint(0, model_config.vocab_size, shape, device=device)
         with precision.autocast():
             out = step_model(idx, idx)
-        precision.backward(out.loss + out.balance_loss)
+        precision.backward(out.loss + out.aux_loss)
         precision.step(optimizer)
         optimizer.zero_grad(set_to_none=True)
-        model.update_expert_bias(out.expert_loads)
+        model.after_step(out.layer_stats)
 
     for _ in range(options.warmup):
         step()
@@ -99,8 +99,9 @@ def format_result(r: dict) -> str:
 
 
 def boolean_flags() -> set[str]:
+    """The switches --compare accepts: every boolean field, and moe (the --moe / --no_moe spelling of --ffn)."""
     return {name for cls in (LLMconfig, BlockConfig, Trainconfig) for name, kind in known_fields(cls).items()
-            if kind is bool}
+            if kind is bool} | {"moe"}
 
 
 def main(argv: list[str] | None = None) -> dict:

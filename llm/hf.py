@@ -9,6 +9,8 @@ import torch
 
 from .config import ACTIVATION_ALIASES, BlockConfig, ConfigError, LLMconfig, resolve_block, validate_model
 from .model import LLM
+from .model.ffn.moe import MoE
+from .model.mixers.gqa import kv_heads
 
 GPT2_ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu", "tanh": "tanh"}
 
@@ -47,7 +49,7 @@ def family(config: LLMconfig) -> str:
             _refuse(f"DeepseekV3 fixes the eps of its latent RMSNorms at 1e-6 while ours use norm_eps={config.norm_eps}; "
                     "train with --norm_eps 1e-6")
         return "deepseek_v3"
-    if any(b.moe for b in config.layers):
+    if any(b.ffn == "moe" for b in config.layers):
         _refuse("Mixture-of-Experts layers export only with MLA attention (DeepseekV3)")
     if config.pos_emb == "learn":
         if kinds != {"mha"} or config.norm != "layer" or not acts <= set(GPT2_ACTIVATIONS):
@@ -79,14 +81,14 @@ def hf_config(config: LLMconfig, eot: int | None = None):
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                             tie_word_embeddings=config.tie_embeddings, bos_token_id=eot, eos_token_id=eot)
     if kind == "llama":
-        kv = _same([{"mha": n_head, "mqa": 1, "gqa": b.n_kv_heads}[b.attn] for b in layers], "key/value heads")
+        kv = _same([kv_heads(b) for b in layers], "key/value heads")
         return t.LlamaConfig(**common, num_key_value_heads=kv, intermediate_size=_same([b.up_dim for b in layers],
                              "up_dim"), max_position_embeddings=config.block_size, rms_norm_eps=config.norm_eps,
                              rope_theta=config.rope_theta, attention_bias=config.bias, mlp_bias=config.bias,
                              hidden_act="silu")
-    dense = [b for b in layers if not b.moe]
-    moe = [b for b in layers if b.moe]
-    if any(b.moe for b in layers[: len(dense)]) or (moe and not layers[-1].moe):
+    dense = [b for b in layers if b.ffn != "moe"]
+    moe = [b for b in layers if b.ffn == "moe"]
+    if any(b.ffn == "moe" for b in layers[: len(dense)]) or (moe and layers[-1].ffn != "moe"):
         _refuse("DeepseekV3 puts its dense layers first and MoE layers after them")
     mla = dict(q_lora_rank=_same([b.q_latent_dim or None for b in layers], "q_latent_dim"),
                kv_lora_rank=_same([b.kv_latent_dim for b in layers], "kv_latent_dim"),
@@ -144,7 +146,7 @@ def _layer_pairs(kind: str, block, i: int) -> list[tuple[str, torch.Tensor]]:
         pairs += [(p + "self_attn.kv_a_proj_with_mqa.weight", attn.kv_down.weight),
                   (p + "self_attn.kv_a_layernorm.weight", attn.kv_norm.weight),
                   (p + "self_attn.kv_b_proj.weight", attn.kv_up.weight), (p + "self_attn.o_proj.weight", attn.c_proj.weight)]
-    if block.moe:
+    if isinstance(block.ffn, MoE):
         moe = block.ffn
         gate, up = moe.shared.c_fc.weight.chunk(2)
         bias = moe.router.expert_bias if moe.router.expert_bias is not None else torch.zeros(moe.router.n_routed)
@@ -239,7 +241,7 @@ def config_from_hf(hf_cfg) -> LLMconfig:
             mla = BlockConfig(attn="mla", n_head=H, q_latent_dim=hf_cfg.q_lora_rank or 0, kv_latent_dim=hf_cfg.kv_lora_rank,
                               rope_head_dim=hf_cfg.qk_rope_head_dim, up_dim=hf_cfg.intermediate_size, non_linearity="swiglu")
             moe = dataclasses.replace(
-                mla, moe=True, up_dim=hf_cfg.moe_intermediate_size, n_exp=hf_cfg.n_routed_experts + hf_cfg.n_shared_experts,
+                mla, ffn="moe", up_dim=hf_cfg.moe_intermediate_size, n_exp=hf_cfg.n_routed_experts + hf_cfg.n_shared_experts,
                 n_shared=hf_cfg.n_shared_experts, n_act=hf_cfg.num_experts_per_tok + hf_cfg.n_shared_experts,
                 router_score="sigmoid", norm_topk=hf_cfg.norm_topk_prob, aux_free=True)
             n_dense = min(hf_cfg.first_k_dense_replace, hf_cfg.num_hidden_layers)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from llm.model import LLM
-from llm.model.attention import kernels
+from llm.model.mixers import attention as kernels
 from tests.conftest import make_config
 
 

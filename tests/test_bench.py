@@ -17,7 +17,7 @@ def test_benchmark_reports_and_writes_json(tmp_path):
     assert result["tokens_per_step"] == 32 and result["tokens_per_s"] > 0 and result["peak_memory_bytes"] > 0
     assert result["active_params"] < result["params"] and result["mfu"] is None  # no peak known for a CPU
     written = json.loads(path.read_text())
-    assert written["tokens_per_s"] == result["tokens_per_s"] and written["config"]["model"]["layers"][0]["moe"]
+    assert written["tokens_per_s"] == result["tokens_per_s"] and written["config"]["model"]["layers"][0]["ffn"] == "moe"
 
 
 def test_split_argv_takes_only_its_own_flags():

@@ -1,5 +1,6 @@
 """Command line: flag names, switches, presets, config files, layer specs and one-line errors."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -33,7 +34,7 @@ def test_every_flag_parses():
     assert len(model.layers) == 3 and all(layer == model.layers[0] for layer in model.layers)
     layer = model.layers[0]
     assert (layer.attn, layer.n_head, layer.n_kv_heads, layer.up_dim, layer.non_linearity) == ("gqa", 8, 4, 100, "swish")
-    assert layer.moe and layer.aux_free and (layer.n_exp, layer.n_shared, layer.n_act) == (6, 1, 2)
+    assert layer.ffn == "moe" and layer.aux_free and (layer.n_exp, layer.n_shared, layer.n_act) == (6, 1, 2)
     assert (layer.alpha, layer.gamma, layer.coeff) == (0.001, 0.01, 0.02)
     assert layer.router_score == "sigmoid" and not layer.norm_topk
     assert (train.min_lr, train.beta1, train.beta2, train.weight_decay) == (1e-5, 0.8, 0.99, 0.05)
@@ -52,7 +53,7 @@ def test_switches_and_negations():
     _, train = parse(["--eval", "--no_eval"])
     assert not train.eval
     model, _ = parse(["--no-moe"])
-    assert not model.layers[0].moe
+    assert model.layers[0].ffn == "dense"
 
 
 def test_hyphenated_spellings_are_accepted():
@@ -66,14 +67,14 @@ def test_unused_keys_of_other_kinds_are_accepted():
     model, _ = parse(["--attn", "gqa", "--n_kv_heads", "2", "--q_latent_dim", "7", "--kv_latent_dim", "9"])
     assert model.layers[0].n_kv_heads == 2
     model, _ = parse(["--n_exp", "2", "--n_act", "5", "--alpha", "0.5"])  # MoE fields ignored without --moe
-    assert not model.layers[0].moe
+    assert model.layers[0].ffn == "dense"
     model, _ = parse(["--attn", "mha", "--n_kv_heads", "3"])  # mha uses n_head KV heads
 
 
 def test_example_jsonl_mixes_attention_and_ffn_kinds():
     model, _ = parse(["--layer_configs_jsonl", str(REPO / "layer_configs.jsonl"), "--pos_emb", "rope"])
-    assert [(layer.attn, layer.moe) for layer in model.layers] == [("mla", True), ("mla", True), ("gqa", False),
-                                                                    ("gqa", False)]
+    assert [(layer.attn, layer.ffn) for layer in model.layers] == [("mla", "moe"), ("mla", "moe"), ("gqa", "dense"),
+                                                                    ("gqa", "dense")]
     assert [layer.aux_free for layer in model.layers[:2]] == [False, True]
 
 
@@ -239,7 +240,7 @@ def test_entry_point_exits_2_without_traceback(argv, needle):
 
 
 def test_block_config_defaults_make_moe_valid():
-    block = BlockConfig(moe=True)
+    block = BlockConfig(ffn="moe")
     assert block.n_exp >= block.n_act > block.n_shared >= 0
 
 
@@ -251,3 +252,31 @@ def test_single_run_script_passes_every_flag(attn):
     assert result.returncode == 0, result.stderr
     layers = json.loads(result.stdout)["model"]["layers"]
     assert len(layers) == 4 and all(layer["attn"] == attn for layer in layers)
+
+
+def test_moe_is_a_spelling_of_ffn_everywhere(tmp_path, capsys):
+    assert parse(["--moe"])[0].layers[0].ffn == "moe" and parse(["--ffn", "moe", "--moe"])[0].layers[0].ffn == "moe"
+    assert parse(["--no_moe"])[0].layers[0].ffn == "dense"
+    spec = {"attn": "mha", "n_head": 4, "moe": True, "up_dim": 8, "non_linearity": "relu"}
+    assert parse(["--layer_configs", json.dumps([spec])])[0].layers[0].ffn == "moe"
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"model": {"layers": [spec, {**spec, "moe": False}]}}))
+    assert [b.ffn for b in parse(["--config", str(path)])[0].layers] == ["moe", "dense"]
+    with pytest.raises(SystemExit):
+        parse(["--moe", "--print_config"])
+    printed = json.loads(capsys.readouterr().out)["model"]["layers"][0]
+    assert printed["ffn"] == "moe" and "moe" not in printed
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--ffn", "dense", "--moe"], "--ffn dense contradicts --moe; pass only one of them"),
+    (["--moe", "--no-moe"], "--moe contradicts --no-moe"),
+    (["--layer_configs", '[{"attn": "mha", "n_head": 4, "moe": true, "ffn": "dense", "up_dim": 8, '
+                         '"non_linearity": "relu"}]'], '"moe": true contradicts "ffn": "dense"; keep only "ffn"'),
+    (["--ffn", "mo"], "ffn='mo' is not a registered kind; use --ffn with one of dense, moe"),
+    (["--attn", "gqq"], 'attn=\'gqq\' is not a registered kind; use --attn with one of mha, mqa, gqa, mla (did you mean "gqa"?)'),
+    (["--objective", "mlm"], "objective='mlm' is not a registered kind"),
+])
+def test_kind_names_and_their_spellings_are_checked(argv, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse(argv)

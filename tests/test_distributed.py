@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 
 from llm.config import parse
 from llm.model import LLM
+from llm.model.ffn.moe import MoE
 from llm.train import train
 from tests.conftest import REPO
 
@@ -63,13 +64,13 @@ def record_biases(rank: int, argv: list[str], out: str, port: str) -> None:
     """One rank of a 2-process job that saves every MoE selection bias after each optimizer step."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     history = []
-    update = LLM.update_expert_bias
+    update = LLM.after_step
 
-    def recording(self, loads):
-        update(self, loads)
-        history.append([moe.router.expert_bias.clone() for moe in self.moe_layers()])
+    def recording(self, layer_stats):
+        update(self, layer_stats)
+        history.append([block.ffn.router.expert_bias.clone() for block in self.blocks if isinstance(block.ffn, MoE)])
 
-    LLM.update_expert_bias = recording
+    LLM.after_step = recording
     train(*parse(argv))
     torch.save(history, f"{out}/biases{rank}.pt")
 

@@ -10,12 +10,13 @@ from llm.config import ConfigError, parse
 from llm.export import export
 from llm.hf import from_hf, to_hf
 from llm.model import LLM
+from llm.model.ffn.moe import MoE
 from llm.train import train
 from llm.train.checkpoint import best_or_latest, read_weights
 from tests.conftest import make_config
 
 MLA = dict(attn="mla", n_head=4, kv_latent_dim=16, rope_head_dim=8, q_latent_dim=24, non_linearity="swiglu", up_dim=64)
-MOE = dict(MLA, up_dim=32, moe=True, n_exp=6, n_shared=1, n_act=3, router_score="sigmoid", aux_free=True)
+MOE = dict(MLA, up_dim=32, ffn="moe", n_exp=6, n_shared=1, n_act=3, router_score="sigmoid", aux_free=True)
 FAMILIES = {
     "gpt2": (make_config(dict(attn="mha", n_head=4, non_linearity="gelu_tanh", up_dim=64), bias=True),
              transformers.GPT2LMHeadModel),
@@ -41,7 +42,7 @@ def logit_difference(ours: LLM, theirs: torch.nn.Module, vocab: int) -> float:
 
 def with_random_biases(model: LLM) -> LLM:
     """Nonzero MoE selection biases, so that export must carry them."""
-    for moe in model.moe_layers():
+    for moe in [block.ffn for block in model.blocks if isinstance(block.ffn, MoE)]:
         moe.router.gate.weight.data.normal_(std=0.3)
         moe.router.expert_bias.copy_(torch.randn_like(moe.router.expert_bias) * 0.1)
     return model
@@ -90,7 +91,7 @@ REFUSED = [
     (make_config(dict(MOE, router_score="softmax"), pos_emb="rope", norm="rms", norm_eps=1e-6), "sigmoid scores"),
     (make_config(MLA, pos_emb="rope", norm="rms"), "train with --norm_eps 1e-6"),
     (make_config([MOE, MLA], pos_emb="rope", norm="rms", norm_eps=1e-6), "dense layers first"),
-    (make_config(dict(attn="gqa", n_head=4, n_kv_heads=2, moe=True), pos_emb="rope"), "only with MLA attention"),
+    (make_config(dict(attn="gqa", n_head=4, n_kv_heads=2, ffn="moe"), pos_emb="rope"), "only with MLA attention"),
     (make_config([dict(attn="mha", n_head=4, up_dim=32), dict(attn="mha", n_head=4, up_dim=64)]), "layers differ in up_dim"),
 ]
 

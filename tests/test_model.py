@@ -4,7 +4,11 @@ import math
 import pytest
 import torch
 
-from llm.config import ACTIVATIONS, ACTIVATION_ALIASES, GATED_ACTIVATIONS, PRESETS, resolve_block
+from typing import get_args
+
+from llm.config import ACTIVATION_ALIASES, PRESETS, resolve_block
+from llm.config.schema import Activation
+from llm.model.ffn.activations import GATED, PLAIN, activation
 from llm.config import LLMconfig
 from llm.model import LLM, padded_vocab_size
 from tests.conftest import make_config
@@ -51,9 +55,9 @@ def model_params(config: LLMconfig) -> tuple[int, int]:
     inactive = 0
     for b in config.layers:
         spec = {k: getattr(b, k) for k in ("attn", "n_head", "n_kv_heads", "q_latent_dim", "kv_latent_dim", "rope_head_dim")}
-        gated = ACTIVATION_ALIASES.get(b.non_linearity, b.non_linearity) in GATED_ACTIVATIONS
+        gated = activation(b.non_linearity)[1]
         total += 2 * norm + attention_params(spec, C, config.bias, config.pos_emb == "rope")
-        if not b.moe:
+        if b.ffn == "dense":
             total += mlp_params(C, b.up_dim, gated, config.bias)
             continue
         routed, expert = b.n_exp - b.n_shared, mlp_params(C, b.up_dim, gated, config.bias)
@@ -110,13 +114,18 @@ def test_bias_and_tying(bias, tie):
     check_model(make_config(ATTENTION_SPECS["mla"], bias=bias, tie_embeddings=tie, pos_emb="rope", vocab_size=130))
 
 
-@pytest.mark.parametrize("act", [a for a in ACTIVATIONS] + list(ACTIVATION_ALIASES))
+@pytest.mark.parametrize("act", get_args(Activation))
 def test_activations(act):
     check_model(make_config(dict(attn="gqa", n_head=4, n_kv_heads=2, non_linearity=act, up_dim=40), pos_emb="rope"))
 
 
+def test_every_activation_name_has_one_function():
+    assert set(get_args(Activation)) == set(PLAIN) | set(GATED) | set(ACTIVATION_ALIASES)
+    assert not set(PLAIN) & set(GATED) and set(ACTIVATION_ALIASES.values()) <= set(PLAIN)
+
+
 def test_gated_activations_are_gated():
-    for act in GATED_ACTIVATIONS:
+    for act in GATED:
         model = LLM(make_config(dict(non_linearity=act, up_dim=40)))
         assert model.blocks[0].ffn.c_fc.out_features == 80
 
@@ -130,10 +139,10 @@ def test_heterogeneous_stack():
 
 
 MOE_SPECS = {
-    "softmax-switch": dict(moe=True, n_exp=6, n_shared=1, n_act=3, up_dim=32),
-    "sigmoid-auxfree-swiglu": dict(moe=True, n_exp=5, n_shared=2, n_act=4, router_score="sigmoid", aux_free=True,
+    "softmax-switch": dict(ffn="moe", n_exp=6, n_shared=1, n_act=3, up_dim=32),
+    "sigmoid-auxfree-swiglu": dict(ffn="moe", n_exp=5, n_shared=2, n_act=4, router_score="sigmoid", aux_free=True,
                                    non_linearity="swiglu", up_dim=24),
-    "no-shared-top1": dict(moe=True, n_exp=4, n_shared=0, n_act=1, norm_topk=False, non_linearity="relu", up_dim=40),
+    "no-shared-top1": dict(ffn="moe", n_exp=4, n_shared=0, n_act=1, norm_topk=False, non_linearity="relu", up_dim=40),
 }
 
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from llm.model import LLM
-from llm.model.ffn import MoE
+from llm.model.ffn.moe import MoE
 from llm.model.ffn.activations import activation
 from llm.model.ffn.experts import padded_bmm
 from llm.model.ffn.moe import sequence_balance_loss, switch_balance_loss
@@ -18,7 +18,7 @@ C = 32
 
 
 def moe_layer(**spec) -> MoE:
-    config = make_config(dict(moe=True, **spec), n_embd=C, n_layer=1)
+    config = make_config(dict(ffn="moe", **spec), n_embd=C, n_layer=1)
     return LLM(config).blocks[0].ffn
 
 
@@ -101,17 +101,17 @@ MOE_SHAPES = [
 @pytest.mark.parametrize("spec", MOE_SHAPES)
 @pytest.mark.parametrize("bias", [False, True])
 def test_layer_equals_per_token_loop(spec, bias):
-    config = make_config(dict(moe=True, **spec), n_embd=C, n_layer=1, bias=bias)
+    config = make_config(dict(ffn="moe", **spec), n_embd=C, n_layer=1, bias=bias)
     moe = LLM(config).blocks[0].ffn
     for name, p in moe.named_parameters():
         if name.endswith("bias"):
             torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(2, 9, C)
-    y, stats = moe(x)
+    y, _, stats = moe(x)
     expected = naive_moe(moe, x.view(-1, C), spec["non_linearity"]).view_as(y)
     assert (y - expected).abs().max().item() <= 1e-5
     k = spec["n_act"] - spec["n_shared"]
-    assert stats.load.sum().item() == 18 * k
+    assert stats["load"].sum().item() == 18 * k
 
     y.square().sum().backward()
     assert moe.router.gate.weight.grad.abs().sum() > 0
@@ -141,7 +141,7 @@ def test_padded_fallback_equals_grouped_mm(counts):
 def test_float64_layer_uses_the_fallback_and_matches_the_loop():
     moe = moe_layer(n_exp=5, n_shared=1, n_act=3, up_dim=16).double()
     x = torch.randn(11, C, dtype=torch.float64)
-    y, _ = moe(x.view(1, 11, C))
+    y = moe(x.view(1, 11, C)).out
     torch.testing.assert_close(y.view(11, C), naive_moe(moe, x, "gelu"), rtol=1e-9, atol=1e-9)
 
 
@@ -149,10 +149,10 @@ def test_compiled_bf16_grouped_path_matches_eager():
     moe = moe_layer(n_exp=6, n_shared=1, n_act=3, up_dim=32)
     x = torch.randn(2, 8, C)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        eager, _ = moe(x)
-        compiled, _ = torch.compile(moe)(x)
+        eager = moe(x).out
+        compiled = torch.compile(moe)(x).out
     torch.testing.assert_close(compiled, eager, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(eager.float(), moe(x)[0], rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(eager.float(), moe(x).out, rtol=5e-2, atol=5e-2)
 
 
 def test_balance_losses_equal_their_definitions():
@@ -187,7 +187,7 @@ def test_balance_loss_is_weighted_by_coeff_or_alpha():
         route = moe.router(x.view(-1, C))
         raw = sequence_balance_loss(route.scores, route.indices, 2) if "aux_free" in spec else \
             switch_balance_loss(route.scores, torch.bincount(route.indices.flatten(), minlength=5))
-        torch.testing.assert_close(moe(x)[1].balance_loss, weight * raw)
+        torch.testing.assert_close(moe(x).aux_loss, weight * raw)
 
 
 def max_mean(load: torch.Tensor) -> float:
@@ -200,26 +200,26 @@ def test_aux_free_bias_updates_balance_a_skewed_router():
         moe.router.gate.weight.normal_(std=0.2)  # a router with spread-out scores, as after some training
         moe.router.gate.weight[:2] += 0.3  # experts 0 and 1 are preferred by most tokens
     batch = lambda tokens: torch.randn(16, tokens, C) + 0.5  # noqa: E731
-    first = moe(batch(256))[1].load
+    first = moe(batch(256)).stats["load"]
     assert max_mean(first) > 3
     for _ in range(1000):  # one update per optimizer step, each on a fresh batch
-        moe.update_bias(moe(batch(64))[1].load)
-    last = moe(batch(256))[1].load
+        moe.after_step(moe(batch(64)).stats)
+    last = moe(batch(256)).stats["load"]
     print(f"aux-free balancing: max/mean load {max_mean(first):.2f} -> {max_mean(last):.2f} after 1000 updates")
     assert max_mean(last) < 1.2
 
 
 def test_bias_moves_by_gamma_towards_balance():
     moe = moe_layer(n_exp=5, n_shared=1, n_act=3, aux_free=True, gamma=0.1)
-    moe.update_bias(torch.tensor([10, 2, 4, 4]))
+    moe.after_step({"load": torch.tensor([10, 2, 4, 4])})
     torch.testing.assert_close(moe.router.expert_bias, torch.tensor([-0.1, 0.1, 0.1, 0.1]))
     moe_no_bias = moe_layer(n_exp=5, n_shared=1, n_act=3, aux_free=False)
-    moe_no_bias.update_bias(torch.tensor([10, 2, 4, 4]))
+    moe_no_bias.after_step({"load": torch.tensor([10, 2, 4, 4])})
     assert moe_no_bias.router.expert_bias is None
 
 
 def moe_model(**overrides) -> LLM:
-    layers = [dict(moe=True, n_exp=6, n_shared=1, n_act=3, aux_free=True, gamma=0.05, **overrides), dict()]
+    layers = [dict(ffn="moe", n_exp=6, n_shared=1, n_act=3, aux_free=True, gamma=0.05, **overrides), dict()]
     return LLM(make_config(layers, n_embd=C))
 
 
@@ -233,11 +233,11 @@ def test_recomputation_counts_loads_once_and_gives_identical_gradients():
     outs = []
     for model in (plain, recomputed):
         out = model(idx, idx)
-        (out.loss + out.balance_loss).backward()
-        model.update_expert_bias(out.expert_loads)
+        (out.loss + out.aux_loss).backward()
+        model.after_step(out.layer_stats)
         outs.append(out)
-    assert outs[1].expert_loads[0].sum().item() == 3 * 16 * 2
-    assert torch.equal(outs[0].expert_loads[0], outs[1].expert_loads[0])
+    assert outs[1].layer_stats[0]["load"].sum().item() == 3 * 16 * 2 and outs[1].layer_stats[1] == {}
+    assert torch.equal(outs[0].layer_stats[0]["load"], outs[1].layer_stats[0]["load"])
     assert torch.equal(plain.blocks[0].ffn.router.expert_bias, recomputed.blocks[0].ffn.router.expert_bias)
     for (name, a), b in zip(plain.named_parameters(), recomputed.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0, msg=name)
@@ -276,7 +276,7 @@ def test_compiled_model_sees_bias_updates():
         model.blocks[0].ffn.router.expert_bias.copy_(torch.tensor([5.0, 5.0, 0.0, 0.0, 0.0]))
         got = compiled(idx)
         expected = model(idx)
-    assert torch.equal(got.expert_loads[0][2:], torch.zeros(3, dtype=torch.long))
+    assert torch.equal(got.layer_stats[0]["load"][2:], torch.zeros(3, dtype=torch.long))
     torch.testing.assert_close(got.logits, expected.logits)
 
 
@@ -285,8 +285,8 @@ def test_without_torch_grouped_mm_the_padded_path_gives_the_same_layer(monkeypat
 
     moe = moe_layer(n_exp=5, n_shared=1, n_act=3, up_dim=16)
     x = torch.randn(1, 11, C)
-    grouped, _ = moe(x)
+    grouped = moe(x).out
     monkeypatch.setattr(experts, "GROUPED_MM", None)
-    padded, _ = moe(x)
+    padded = moe(x).out
     torch.testing.assert_close(padded, grouped, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(padded.view(11, C), naive_moe(moe, x.view(11, C), "gelu"), rtol=1e-5, atol=1e-5)

@@ -4,6 +4,7 @@ import torch
 import transformers
 
 from llm.model import LLM
+from llm.model.ffn.moe import MoE
 from tests.conftest import make_config
 
 ATOL = 1e-5
@@ -151,7 +152,7 @@ def test_moe_parity_with_deepseek_v3():
                      n_shared_experts=shared, num_experts_per_tok=k, moe_intermediate_size=Fm, n_group=1,
                      topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.0)
     attn = dict(attn="mla", n_head=H, q_latent_dim=q_latent, kv_latent_dim=dc, rope_head_dim=dr, non_linearity="swiglu")
-    moe = dict(moe=True, up_dim=Fm, n_exp=routed + shared, n_shared=shared, n_act=shared + k, router_score="sigmoid",
+    moe = dict(ffn="moe", up_dim=Fm, n_exp=routed + shared, n_shared=shared, n_act=shared + k, router_score="sigmoid",
                aux_free=True, norm_topk=True)
     ours = LLM(make_config([dict(attn, up_dim=F)] + [dict(attn, **moe)] * (L - 1), vocab_size=V, n_embd=C,
                            block_size=T, pos_emb="rope", norm="rms", norm_eps=1e-6, tie_embeddings=False))
@@ -162,7 +163,7 @@ def test_moe_parity_with_deepseek_v3():
         with torch.no_grad():
             block.ln_1.weight.copy_(layer.input_layernorm.weight)
             block.ln_2.weight.copy_(layer.post_attention_layernorm.weight)
-        if block.moe:
+        if isinstance(block.ffn, MoE):
             with torch.no_grad():
                 block.ffn.router.gate.weight.normal_(std=0.3)  # spread-out scores so that the bias matters
                 block.ffn.router.expert_bias.copy_(torch.randn(routed) * 0.1)
@@ -170,7 +171,7 @@ def test_moe_parity_with_deepseek_v3():
 
     x = torch.randn(2, T, C)
     with torch.no_grad():
-        layer_diff = (ours.blocks[1].ffn(x)[0] - hf.model.layers[1].mlp(x)).abs().max().item()
+        layer_diff = (ours.blocks[1].ffn(x).out - hf.model.layers[1].mlp(x)).abs().max().item()
     assert layer_diff <= ATOL, f"MoE layer max abs difference {layer_diff:.2e}"
     print(f"deepseek-v3 moe layer: max abs diff {layer_diff:.2e}; "
           f"model: max abs diff {compare_logits(ours, hf, V, T):.2e}")

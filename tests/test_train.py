@@ -42,9 +42,9 @@ def test_tiny_run_loss_falls(char_data, tmp_path):
 
 def test_example_moe_stack_trains_and_updates_the_bias_once_per_step(char_data, tmp_path, monkeypatch):
     updates = []
-    update = LLM.update_expert_bias
-    monkeypatch.setattr(LLM, "update_expert_bias",
-                        lambda self, loads: updates.append([load.clone() for load in loads]) or update(self, loads))
+    update = LLM.after_step
+    monkeypatch.setattr(LLM, "after_step", lambda self, layer_stats: updates.append(
+        [stats["load"].clone() for stats in layer_stats if stats]) or update(self, layer_stats))
     argv = ["--data_dir", str(char_data.parent), "--out_dir", str(tmp_path), "--layer_configs_jsonl",
             str(REPO / "layer_configs.jsonl"), "--pos_emb", "rope", "--norm", "rms", "--max_iters", "6",
             "--batch_size", "4", "--block_size", "32", "--total_batch_size_str", "2*4*32", "--log_interval", "5",
@@ -52,7 +52,7 @@ def test_example_moe_stack_trains_and_updates_the_bias_once_per_step(char_data, 
     metrics = train(*parse(argv))
     assert len(updates) == 6  # once per optimizer step: not per micro-step, not during evaluation
     assert all(load.sum().item() == 2 * 4 * 32 * 2 for loads in updates for load in loads)  # 2 micro-steps, top-2
-    assert metrics["val_loss"] < 4.0 and metrics["balance_loss"] > 0
+    assert metrics["val_loss"] < 4.0 and metrics["aux_loss"] > 0
     assert len(metrics["load_fractions/layer1"]) == 7 and metrics["max_load_ratio"] >= 1.0
     assert "max_load_ratio/layer2" not in metrics  # layer 2 is dense
     saved = load_file(tmp_path / "run" / "checkpoints" / "step_0000006" / "llm.safetensors")

@@ -1,13 +1,13 @@
 """Configuration: dataclasses, presets, validation and the command line."""
 from .cli import config_dict, parse
-from .errors import ConfigError, exit_on_user_error
+from .errors import ConfigError, exit_on_user_error, require
 from .expr import eval_int_expr
 from .presets import PRESETS
-from .schema import ACTIVATION_ALIASES, ACTIVATIONS, GATED_ACTIVATIONS, BlockConfig, LLMconfig, Trainconfig
-from .validate import resolve_block, total_batch_tokens, validate, validate_model
+from .schema import ACTIVATION_ALIASES, BlockConfig, LLMconfig, Trainconfig
+from .validate import micro_steps, resolve_block, total_batch_tokens, validate, validate_model
 
 __all__ = [
-    "ACTIVATIONS", "ACTIVATION_ALIASES", "GATED_ACTIVATIONS", "PRESETS", "BlockConfig", "ConfigError", "LLMconfig",
-    "Trainconfig", "config_dict", "eval_int_expr", "exit_on_user_error", "parse", "resolve_block",
-    "total_batch_tokens", "validate", "validate_model",
+    "ACTIVATION_ALIASES", "PRESETS", "BlockConfig", "ConfigError", "LLMconfig", "Trainconfig", "config_dict",
+    "eval_int_expr", "exit_on_user_error", "micro_steps", "parse", "require", "resolve_block", "total_batch_tokens",
+    "validate", "validate_model",
 ]

@@ -16,7 +16,7 @@ from .presets import PRESETS
 from .schema import BlockConfig, LLMconfig, Trainconfig
 from .validate import resolve_block, validate
 
-PresetName = Literal["tiny", "gpt2-124m", "llama3-8b-genomic"]
+PresetName = Literal[tuple(PRESETS)]
 
 
 @dataclass
@@ -48,7 +48,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[LLMconfig, Trainconfig]:
 
     Raises ConfigError for user mistakes (entry points turn it into one line and exit code 2).
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = ffn_flag_spelling(list(sys.argv[1:] if argv is None else argv))
     args = tyro.cli(Args, args=argv, default=_defaults(argv), use_underscores=True)
     model, wheres = _with_layers(args, _given_flags(argv))
     validate(model, args.train, wheres)
@@ -56,6 +56,25 @@ def parse(argv: Sequence[str] | None = None) -> tuple[LLMconfig, Trainconfig]:
         print(json.dumps(config_dict(model, args.train), indent=2))
         sys.exit(0)
     return model, args.train
+
+
+def ffn_flag_spelling(argv: list[str]) -> list[str]:
+    """argv with `--moe` / `--no_moe` rewritten as `--ffn moe` / `--ffn dense`; refuses flags that disagree."""
+    rewritten, spelled = [], []
+    for arg in argv:
+        name = arg[2:].replace("-", "_") if arg.startswith("--") else None
+        if name in ("moe", "no_moe"):
+            kind = "moe" if name == "moe" else "dense"
+            spelled.append((arg, kind))
+            rewritten += ["--ffn", kind]
+        else:
+            rewritten.append(arg)
+    given = _flag_value(argv, "ffn")
+    flags = ([(f"--ffn {given}", given)] if given is not None else []) + spelled
+    if len({kind for _, kind in flags}) > 1:
+        other = next(flag for flag, kind in flags if kind != flags[0][1])
+        raise ConfigError(f"{flags[0][0]} contradicts {other}; pass only one of them")
+    return rewritten
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:

@@ -3,7 +3,6 @@ import contextlib
 import sys
 
 
-
 class ConfigError(ValueError):
     """A user mistake in a config, a flag or a layer spec.
 
@@ -20,3 +19,9 @@ def exit_on_user_error():
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+def require(ok: bool, message: str) -> None:
+    """Raises ConfigError(message) unless ok: the one-line form of every config check."""
+    if not ok:
+        raise ConfigError(message)

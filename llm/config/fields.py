@@ -57,6 +57,20 @@ def coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
     return float(value) if annotation is float else value
 
 
+def ffn_spelling(spec: dict, where: str) -> dict:
+    """A layer spec with `"moe": true|false` rewritten as `"ffn": "moe"|"dense"`; both keys must then agree."""
+    if "moe" not in spec:
+        return spec
+    spec = dict(spec)
+    moe = spec.pop("moe")
+    if not isinstance(moe, bool):
+        raise ConfigError(f"{where}: moe={moe!r} must be bool, got {type(moe).__name__}")
+    spelled = "moe" if moe else "dense"
+    if spec.setdefault("ffn", spelled) != spelled:
+        raise ConfigError(f'{where}: "moe": {str(moe).lower()} contradicts "ffn": "{spec["ffn"]}"; keep only "ffn"')
+    return spec
+
+
 def dataclass_from_dict(cls: type, data: dict, where: str, base: Any = None) -> Any:
     """Builds `cls` from `data` over `base` (or the defaults), checking keys and types."""
     if not isinstance(data, dict):
@@ -70,5 +84,6 @@ def dataclass_from_dict(cls: type, data: dict, where: str, base: Any = None) -> 
 def model_config_from_dict(data: dict, where: str) -> LLMconfig:
     """An LLMconfig with its per-layer specs from JSON (the "model" part of a saved config.json)."""
     fields = {k: v for k, v in data.items() if k != "layers"}
-    layers = [dataclass_from_dict(BlockConfig, spec, f"{where} layer {i}") for i, spec in enumerate(data.get("layers", []))]
+    layers = [dataclass_from_dict(BlockConfig, ffn_spelling(spec, f"{where} layer {i}"), f"{where} layer {i}")
+              for i, spec in enumerate(data.get("layers", []))]
     return dataclasses.replace(dataclass_from_dict(LLMconfig, fields, where), layers=layers)

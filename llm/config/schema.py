@@ -5,11 +5,10 @@ checkpoints all derive from them. Field names are unique across the three classe
 field has one flat flag (`--n_layer`, `--attn`, `--learning_rate`).
 """
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal
 
 import tyro
 
-AttentionKind = Literal["mha", "mqa", "gqa", "mla"]
 PositionKind = Literal["learn", "sin", "rope"]
 NormKind = Literal["layer", "rms"]
 RouterScore = Literal["softmax", "sigmoid"]
@@ -17,21 +16,18 @@ Activation = Literal[
     "relu", "gelu", "gelu_tanh", "silu", "swish", "mish", "selu", "celu", "elu", "leaky_relu", "lrelu",
     "tanh", "sigmoid", "swiglu", "geglu", "reglu", "glu",
 ]
-GATED_ACTIVATIONS = ("swiglu", "geglu", "reglu", "glu")
 ACTIVATION_ALIASES = {"swish": "silu", "lrelu": "leaky_relu"}
-ACTIVATIONS = tuple(a for a in get_args(Activation) if a not in ACTIVATION_ALIASES)
 
 
 @dataclass
 class BlockConfig:
-    """One transformer layer: its attention kind and its feed-forward (dense MLP or Mixture-of-Experts).
+    """One layer: its sequence-mixer kind (`attn`) and its feed-forward kind (`ffn`), each a registered name.
 
-    Fields that the chosen `attn`/`moe` does not use are accepted and ignored, so one template may
-    carry every key.
+    Fields that the chosen kinds do not use are accepted and ignored, so one template may carry every key.
     """
 
-    attn: AttentionKind = "mha"
-    """Attention kind: mha (n_head KV heads), mqa (one KV head), gqa (n_kv_heads), mla (latent attention)."""
+    attn: str = "mha"
+    """Sequence-mixer kind: mha (n_head KV heads), mqa (one KV head), gqa (n_kv_heads), mla (latent attention)."""
     n_head: int = 4
     """Number of query heads; must divide n_embd (head size = n_embd // n_head)."""
     n_kv_heads: int | None = None
@@ -42,8 +38,8 @@ class BlockConfig:
     """MLA joint key/value compression width (DeepSeek kv_lora_rank); required by mla."""
     rope_head_dim: int | None = None
     """MLA decoupled RoPE width per head (one rope key shared by all heads); required by mla with rope."""
-    moe: bool = False
-    """Replace this layer's dense MLP by a Mixture-of-Experts layer."""
+    ffn: str = "dense"
+    """Feed-forward kind: dense (MLP) or moe (Mixture-of-Experts); --moe is short for --ffn moe, --no_moe for --ffn dense."""
     up_dim: int | None = None
     """Hidden width of the MLP (and of each expert); unset means 4 * n_embd."""
     non_linearity: Activation = "gelu"
@@ -94,6 +90,8 @@ class LLMconfig:
     """Biases in linear layers and LayerNorm."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head."""
+    objective: str = "clm"
+    """Training objective: clm (causal language modelling: next-token cross-entropy)."""
     attn_backend: Literal["auto", "sdpa", "flash"] = "auto"
     """Attention kernel: auto (flash-attn when importable on CUDA with 16-bit inputs, else SDPA), sdpa, or flash (requires flash-attn)."""
     layers: tyro.conf.Suppress[list[BlockConfig]] = field(default_factory=list)

@@ -1,4 +1,4 @@
 """Model modules: pure torch, no I/O."""
-from .llm import LLM, padded_vocab_size
+from .llm import LLM, ModelOutput, padded_vocab_size
 
-__all__ = ["LLM", "padded_vocab_size"]
+__all__ = ["LLM", "ModelOutput", "padded_vocab_size"]

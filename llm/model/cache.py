@@ -1,4 +1,5 @@
-"""Inference caches: per-layer keys and values (MHA/MQA/GQA) or MLA's compressed latent, and the batch bookkeeping."""
+"""Inference caches: per-token tensors of one layer (what each mixer kind stores is declared in its file), and the
+batch bookkeeping shared by all layers."""
 from dataclasses import dataclass
 
 import torch
@@ -20,23 +21,8 @@ class TokenCache:
         return tuple(cached[:, :self.length] for cached in self.tensors)  # (B, S, *shape) each
 
     def nbytes_per_token(self) -> int:
+        """Bytes one token adds to this cache."""
         return sum(t[0, 0].numel() * t.element_size() for t in self.tensors)
-
-
-class KVCache(TokenCache):
-    """Keys and values of one MHA/MQA/GQA layer: (B, max_len, n_kv, head_size) each, so memory grows with n_kv."""
-
-    def __init__(self, batch: int, max_len: int, n_kv: int, head_size: int, dtype: torch.dtype, device: torch.device):
-        super().__init__(batch, max_len, [(n_kv, head_size)] * 2, dtype, device)
-
-
-class LatentCache(TokenCache):
-    """MLA's compressed cache: per token the normalised key/value latent (kv_latent_dim) and the rotated rope key
-    shared by all heads (rope_head_dim); keys and values are never materialised."""
-
-    def __init__(self, batch: int, max_len: int, latent_dim: int, rope_dim: int, dtype: torch.dtype,
-                 device: torch.device):
-        super().__init__(batch, max_len, [(latent_dim,), (rope_dim,)], dtype, device)
 
 
 @dataclass

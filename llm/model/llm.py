@@ -3,17 +3,16 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import LLMconfig
 from .block import Block
 from .cache import Cache
-from .ffn import MoE
 from .ffn.experts import ExpertLinear
 from .norms import build_norm
 from .positions import POSITIONS
+from .registry import OBJECTIVES
 
 VOCAB_MULTIPLE = 64  # embedding rows are padded to a multiple of 64 for faster matmuls
 
@@ -24,12 +23,12 @@ def padded_vocab_size(vocab_size: int) -> int:
 
 
 class ModelOutput(NamedTuple):
-    """What the model returns: logits, the pure cross-entropy, and the MoE layers' balance figures."""
+    """What the model returns: logits, the objective's loss, and the feed-forward layers' auxiliary figures."""
 
     logits: torch.Tensor  # (B, T, vocab_size)
-    loss: torch.Tensor | None  # () mean cross-entropy when targets are given
-    balance_loss: torch.Tensor  # () sum of the MoE layers' weighted balance losses (0 without MoE)
-    expert_loads: list[torch.Tensor]  # per MoE layer, (E,) tokens each routed expert received
+    loss: torch.Tensor | None  # () the objective's loss (mean cross-entropy) when targets are given
+    aux_loss: torch.Tensor  # () sum of the layers' weighted auxiliary losses (0 when no layer has one)
+    layer_stats: list[dict[str, torch.Tensor]]  # per layer, its feed-forward stats (MoE: {"load": (E,)}; dense: {})
 
 
 class LLM(nn.Module):
@@ -48,6 +47,7 @@ class LLM(nn.Module):
         self.blocks = nn.ModuleList(Block(block, config) for block in config.layers)
         self.ln_f = build_norm(config)
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
+        self.objective = OBJECTIVES[config.objective].build(config)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -66,12 +66,12 @@ class LLM(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None) -> ModelOutput:
-        """Logits (B, T, vocab_size) for token ids idx (B, T), the mean cross-entropy when targets are given (targets
-        equal to -1 are ignored), and the MoE balance loss and expert loads. Train on loss + balance_loss.
+        """Logits (B, T, vocab_size) for token ids idx (B, T), the objective's loss when targets are given (targets
+        equal to -1 are ignored), and the layers' auxiliary loss and stats. Train on loss + aux_loss.
 
         With a cache (generation), idx continues the cached tokens and the cache is extended by them.
         """
-        B, T = idx.shape
+        T = idx.shape[1]
         start = 0 if cache is None else cache.length
         if start + T > self.config.block_size:
             raise ValueError(f"sequence length {start + T} exceeds block_size={self.config.block_size}")
@@ -81,25 +81,26 @@ class LLM(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)  # (B, T, C)
         x = self.drop(x)
-        balance_loss, expert_loads = torch.zeros((), device=idx.device), []
+        aux_loss, layer_stats = torch.zeros((), device=idx.device), []
         for i, block in enumerate(self.blocks):
             layer_cache = None if cache is None else cache.layers[i]
             if self.act_recomp and self.training:
-                # Recomputation re-runs the block in backward but only this first call's outputs are kept, so MoE
-                # loads are counted once.
-                x, stats = checkpoint(block, x, positions, mask, layer_cache, use_reentrant=False)
+                # Recomputation re-runs the block in backward but only this first call's outputs are kept, so stats
+                # such as MoE loads are counted once.
+                x, aux, stats = checkpoint(block, x, positions, mask, layer_cache, use_reentrant=False)
             else:
-                x, stats = block(x, positions, mask, layer_cache)
-            if stats is not None:
-                balance_loss = balance_loss + stats.balance_loss
-                expert_loads.append(stats.load)
+                x, aux, stats = block(x, positions, mask, layer_cache)
+            aux_loss = aux_loss + aux
+            layer_stats.append(stats)
         if cache is not None:
             cache.length += T
-        logits = self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]  # (B, T, vocab_size)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.reshape(B * T, -1), targets.reshape(B * T), ignore_index=-1)
-        return ModelOutput(logits, loss, balance_loss, expert_loads)
+        logits, loss = self.objective(x, self.head, targets)  # (B, T, vocab_size), () or None
+        return ModelOutput(logits, loss, aux_loss, layer_stats)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, T, vocab_size) of final hidden states x (B, T, C): final norm, output projection, padded
+        vocabulary rows sliced off."""
+        return self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]
 
     def new_cache(self, batch: int, pad: torch.Tensor | None = None, max_len: int | None = None) -> Cache:
         """An empty cache for `batch` rows, each left-padded by pad[b] tokens (none by default), holding up to
@@ -113,19 +114,17 @@ class LLM(nn.Module):
         """Bytes each token adds to the generation cache, summed over the layers."""
         return sum(layer.nbytes_per_token() for layer in self.new_cache(1, max_len=1).layers)
 
-    def moe_layers(self) -> list[MoE]:
-        """The MoE feed-forward modules, in layer order (the order of ModelOutput.expert_loads)."""
-        return [block.ffn for block in self.blocks if block.moe]
-
-    def update_expert_bias(self, loads: list[torch.Tensor]) -> None:
-        """After an optimizer step: moves each aux-free MoE layer's selection bias from the step's expert loads."""
-        for moe, load in zip(self.moe_layers(), loads, strict=True):
-            moe.update_bias(load)
+    def after_step(self, layer_stats: list[dict[str, torch.Tensor]]) -> None:
+        """After an optimizer step, with each layer's stats summed over the step: every feed-forward layer's hook
+        (MoE: the aux-free selection bias moves from the step's expert loads)."""
+        for block, stats in zip(self.blocks, layer_stats, strict=True):
+            block.ffn.after_step(stats)
 
     def get_num_params(self) -> tuple[int, int]:
         """(total, active) parameter counts; tied weights count once, padded vocabulary rows included.
 
-        Active parameters are those a token uses: all but the routed experts it does not pick.
+        Active parameters are those a token uses: all but those its feed-forward layers leave out (MoE: the routed
+        experts it does not pick).
         """
         total = sum(p.numel() for p in self.parameters())
-        return total, total - sum(moe.inactive_params() for moe in self.moe_layers())
+        return total, total - sum(block.ffn.inactive_params() for block in self.blocks)

@@ -10,7 +10,6 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-from ..config import ConfigError
 
 
 @dataclass
@@ -30,6 +29,13 @@ class Distributed:
         if self.world_size > 1:
             dist.all_reduce(tensor)
         return tensor
+
+    def sum_all(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Each tensor summed over all ranks, in one all-reduce (exact for counts below 2**53)."""
+        if self.world_size == 1 or not tensors:
+            return tensors
+        flat = self.sum(torch.cat([t.reshape(-1).double() for t in tensors]))
+        return [part.view(t.shape).to(t.dtype) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
     def any(self, flag: bool, device: torch.device) -> bool:
         """Whether any rank's flag is set (every rank gets the same answer)."""
@@ -87,12 +93,3 @@ def gradient_sync(model: nn.Module, kind: str, sync: bool, job: Distributed):
         return model.no_sync()
     model.set_requires_gradient_sync(False)
     return contextlib.nullcontext()
-
-
-def check_divisible(tokens_per_step: int, batch_size: int, block_size: int, job: Distributed) -> int:
-    """Micro-steps per optimizer step: total tokens / (batch_size * block_size * world_size), which must divide."""
-    per_micro_step = batch_size * block_size * job.world_size
-    if tokens_per_step % per_micro_step:
-        raise ConfigError(f"total_batch_size_str = {tokens_per_step} tokens is not a multiple of batch_size * block_size "
-                          f"* world_size = {batch_size} * {block_size} * {job.world_size}; change one of them")
-    return tokens_per_step // per_micro_step

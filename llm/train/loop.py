@@ -13,14 +13,14 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
-from ..config import ConfigError, LLMconfig, Trainconfig, config_dict, total_batch_tokens
+from ..config import ConfigError, LLMconfig, Trainconfig, config_dict, micro_steps, total_batch_tokens
 from ..data.loader import TokenLoader, read_meta
 from ..data.tokenizers import TOKENIZER_KEYS
 from ..files import write_atomically
 from ..model import LLM
 from .checkpoint import find_checkpoint, mark_best, read_checkpoint, save_checkpoint, step_checkpoints
-from .distributed import Distributed, check_divisible, gradient_sync, init_distributed, wrap
-from .metrics import MetricsLog, moe_metrics, peak_memory_bytes
+from .distributed import Distributed, gradient_sync, init_distributed, wrap
+from .metrics import MetricsLog, layer_metrics, peak_memory_bytes
 from .mfu import mfu
 from .optim import build_optimizer, learning_rate
 from .precision import Precision, pick_precision
@@ -81,29 +81,39 @@ def train_step(model: LLM, step_model, loader: TokenLoader, accum_steps: int, pr
                optimizer: torch.optim.Optimizer, cfg: Trainconfig, job: Distributed):
     """One optimizer step over accum_steps micro-batches, gradients reduced across ranks on the last one only.
 
-    Returns the cross-entropy and balance losses summed over micro-steps and averaged over ranks, the expert
-    loads of the whole global batch and the gradient norm, all left on the device.
+    Returns the objective's and the auxiliary losses summed over micro-steps and averaged over ranks, each layer's
+    stats summed over the whole global batch, and the gradient norm, all left on the device.
     """
     zero = torch.zeros((), device=precision.device)
-    loss_sum, balance_sum, loads = zero.clone(), zero.clone(), []
+    loss_sum, aux_sum, stats = zero.clone(), zero.clone(), None
     for micro_step in range(accum_steps):
         x, y = loader.next_batch()
         with gradient_sync(step_model, cfg.dist, micro_step == accum_steps - 1, job):
             with precision.autocast():
                 out = step_model(x, y)
-            precision.backward((out.loss + out.balance_loss) / accum_steps)
+            precision.backward((out.loss + out.aux_loss) / accum_steps)
         loss_sum += out.loss.detach().float()
-        balance_sum += out.balance_loss.detach().float()
-        loads = [a + b for a, b in zip(loads, out.expert_loads)] if loads else list(out.expert_loads)
+        aux_sum += out.aux_loss.detach().float()
+        stats = out.layer_stats if stats is None else [{k: s[k] + new[k] for k in s} for s, new in
+                                                       zip(stats, out.layer_stats)]
     precision.unscale(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     precision.step(optimizer)
     optimizer.zero_grad(set_to_none=True)
-    if loads:  # one all-reduce for all layers: every rank moves its selection biases by the same global loads
-        loads = list(job.sum(torch.cat(loads)).split([load.numel() for load in loads]))
-    model.update_expert_bias(loads)  # a no-op without aux-free layers
+    stats = sum_over_ranks(stats, job)  # every rank runs the layers' hooks on the same global figures
+    model.after_step(stats)
     grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
-    return job.sum(loss_sum) / job.world_size, job.sum(balance_sum) / job.world_size, loads, grad_norm
+    return job.sum(loss_sum) / job.world_size, job.sum(aux_sum) / job.world_size, stats, grad_norm
+
+
+def sum_over_ranks(layer_stats: list[dict[str, torch.Tensor]], job: Distributed) -> list[dict[str, torch.Tensor]]:
+    """Every layer's stats summed over all ranks, in one all-reduce."""
+    names = [(i, name) for i, stats in enumerate(layer_stats) for name in stats]
+    summed = job.sum_all([layer_stats[i][name] for i, name in names])
+    result = [{} for _ in layer_stats]
+    for (i, name), tensor in zip(names, summed):
+        result[i][name] = tensor
+    return result
 
 
 def full_state(model: LLM, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
@@ -161,7 +171,7 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
     config = config_dict(model_config, cfg)
     tokenizer = {k: v for k, v in meta.items() if k in TOKENIZER_KEYS}
     tokens_per_step = total_batch_tokens(cfg)
-    accum_steps = check_divisible(tokens_per_step, cfg.batch_size, model_config.block_size, job)
+    accum_steps = micro_steps(cfg, model_config, job.world_size)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
     split_orders = {"train": ("train", cfg.data_order), "train_eval": ("train", "random"), "val": ("val", "random")}
     loaders = {name: TokenLoader(data / f"{split}.bin", meta["dtype"], cfg.batch_size, model_config.block_size, device,
@@ -223,7 +233,6 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
             raise SystemExit(f"error: the loss became NaN or infinite at step {bad}; {kept}; lower --learning_rate "
                              "or raise --warmup_steps")
 
-    moe_layers = [i for i, block in enumerate(model_config.layers) if block.moe]
     metrics, t0, last_logged = {}, time.perf_counter(), start_step - 1
     first_bad = torch.full((), -1, device=device)  # first step with a non-finite loss, tracked without a host sync
     try:
@@ -232,7 +241,7 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
                 lr = learning_rate(step, cfg)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum, balance_sum, loads, grad_norm = train_step(model, step_model, loaders["train"], accum_steps,
+                loss_sum, aux_sum, layer_stats, grad_norm = train_step(model, step_model, loaders["train"], accum_steps,
                                                                      precision, optimizer, cfg, job)
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_sum), step, first_bad)
                 # Ranks must stop at the same step; agreeing on it costs a host sync per step, paid only under torchrun.
@@ -247,8 +256,7 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
                                "tokens_per_s": tokens_per_step / dt,
                                "mfu": mfu(tokens_per_step / dt / job.world_size, model_config, active, device),
                                "peak_memory_bytes": peak_memory_bytes(device)}
-                    if moe_layers:
-                        metrics.update(moe_metrics(balance_sum.item() / accum_steps, loads, moe_layers))
+                    metrics.update(layer_metrics(model, aux_sum.item() / accum_steps, layer_stats))
                     if cfg.eval and (step % cfg.eval_interval == 0 or last):
                         evaluated = {"train": loaders["train_eval"], "val": loaders["val"]}
                         metrics.update(estimate_loss(model, evaluated, cfg.eval_iters, precision, job))

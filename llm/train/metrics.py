@@ -1,9 +1,12 @@
-"""What a run reports: the console line, balance figures of MoE layers, memory, and the metrics sinks."""
+"""What a run reports: the console line, the layers' own figures, memory, and the metrics sinks."""
 import json
 import resource
 from pathlib import Path
 
 import torch
+
+from ..model import LLM
+from ..model.registry import FFNS
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -19,23 +22,25 @@ def format_metrics(m: dict) -> str:
     line = (f"step {m['step']:>5} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | norm {m['grad_norm']:.2f} | "
             f"{m['ms_per_step']:.0f} ms | {m['tokens_per_s']:,.0f} tok/s | mfu {mfu} | "
             f"mem {m['peak_memory_bytes'] / 2**20:,.0f} MiB")
-    if "balance_loss" in m:
-        line += f" | balance {m['balance_loss']:.4f} | max/mean load {m['max_load_ratio']:.2f}"
+    if "aux_loss" in m:
+        line += f" | aux {m['aux_loss']:.4f}"
+    labels = {name: label for kind in FFNS.values() for name, label in kind.summaries.items()}
+    line += "".join(f" | {labels[name]} {value:.2f}" for name, value in m.items() if name in labels)
     if "val_loss" in m:
         line += f" | train {m['train_loss']:.4f} | val {m['val_loss']:.4f}"
     return line
 
 
-def moe_metrics(balance_loss: float, loads: list[torch.Tensor], layers: list[int]) -> dict:
-    """Balance figures of one step: the balance loss, and per MoE layer its load fractions and max/mean load
-    ratio (1 is perfect balance); max_load_ratio is the worst layer's."""
-    metrics = {"balance_loss": balance_loss}
-    for layer, load in zip(layers, loads):
-        load = load.float().cpu()
-        metrics[f"load_fractions/layer{layer}"] = [round(v, 4) for v in (load / load.sum()).tolist()]
-        metrics[f"max_load_ratio/layer{layer}"] = (load.max() / load.mean()).item()
-    metrics["max_load_ratio"] = max(v for k, v in metrics.items() if k.startswith("max_load_ratio/"))
-    return metrics
+def layer_metrics(model: LLM, aux_loss: float, layer_stats: list[dict[str, torch.Tensor]]) -> dict:
+    """The step's auxiliary loss (when some layer has one) and each feed-forward layer's figures, as NAME/layerI;
+    the figures a kind lists in `summaries` are also reported model-wide as their maximum over the layers."""
+    metrics, summaries = {}, {}
+    for i, (block, config, stats) in enumerate(zip(model.blocks, model.config.layers, layer_stats)):
+        for name, value in block.ffn.metrics(stats).items():
+            metrics[f"{name}/layer{i}"] = value
+            if name in FFNS[config.ffn].summaries:
+                summaries[name] = max(summaries.get(name, value), value)
+    return {"aux_loss": aux_loss, **metrics, **summaries} if metrics or aux_loss else {}
 
 
 class MetricsLog:

@@ -1,4 +1,8 @@
-"""Activation functions by name; gated ones multiply act(gate) by a second projection."""
+"""Activation functions by name; gated ones multiply act(gate) by a second projection.
+
+The names a config may use are the `Activation` Literal in `llm/config/schema.py` (aliases included); this module
+maps each to its function, and is the one place that says which activations are gated.
+"""
 from functools import partial
 
 import torch
@@ -6,7 +10,7 @@ import torch.nn.functional as F
 
 from ...config import ACTIVATION_ALIASES
 
-ACTIVATIONS = {
+PLAIN = {
     "relu": F.relu,
     "gelu": F.gelu,
     "gelu_tanh": partial(F.gelu, approximate="tanh"),
@@ -20,10 +24,10 @@ ACTIVATIONS = {
     "sigmoid": torch.sigmoid,
 }
 # Gated linear units: the activation applied to the gate half (GLU uses a sigmoid gate).
-GATES = {"swiglu": F.silu, "geglu": F.gelu, "reglu": F.relu, "glu": torch.sigmoid}
+GATED = {"swiglu": F.silu, "geglu": F.gelu, "reglu": F.relu, "glu": torch.sigmoid}
 
 
 def activation(name: str):
     """(function, gated) for an activation name, aliases (swish, lrelu) included."""
     name = ACTIVATION_ALIASES.get(name, name)
-    return (GATES[name], True) if name in GATES else (ACTIVATIONS[name], False)
+    return (GATED[name], True) if name in GATED else (PLAIN[name], False)

@@ -1,21 +1,14 @@
-"""The Mixture-of-Experts feed-forward layer: shared experts, routed experts and their balancing."""
+"""The Mixture-of-Experts feed-forward kind (`ffn: moe`): shared experts, routed experts and their balancing."""
 from dataclasses import replace
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ...config import BlockConfig, LLMconfig
+from ...config import BlockConfig, LLMconfig, require
+from ..kinds import FeedForward, FFNKind, FFNOutput
 from .experts import RoutedExperts
-from .mlp import MLP
+from .mlp import MLP, check_width
 from .router import Router
-
-
-class MoEStats(NamedTuple):
-    """What one MoE layer reports besides its output."""
-
-    balance_loss: torch.Tensor  # () weighted balance loss, to be added to the training loss
-    load: torch.Tensor  # (E,) tokens each routed expert received
 
 
 def normalized(scores: torch.Tensor) -> torch.Tensor:
@@ -49,7 +42,7 @@ def sequence_balance_loss(scores: torch.Tensor, indices: torch.Tensor, batch: in
     return (f * P).sum(dim=-1).mean()
 
 
-class MoE(nn.Module):
+class MoE(FeedForward):
     """n_shared shared experts that every token goes through plus n_exp - n_shared routed experts, of which each
     token uses n_act - n_shared, weighted by the router's gate weights.
 
@@ -69,27 +62,55 @@ class MoE(nn.Module):
         self.shared = MLP(replace(block, up_dim=block.n_shared * block.up_dim), config) if block.n_shared else None
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEStats]:
-        """x (B, T, C) -> (output (B, T, C), balance loss and expert loads)."""
+    def forward(self, x: torch.Tensor) -> FFNOutput:
+        """x (B, T, C) -> output (B, T, C), the weighted balance loss, and stats {"load": (E,) tokens per routed
+        expert}."""
         B, T, C = x.shape
         flat = x.reshape(B * T, C)  # (N, C)
         route = self.router(flat)
         routed, load = self.experts(flat, route.indices, route.weights)  # (N, C), (E,)
         y = self.dropout(routed.view(B, T, C)).to(x.dtype)  # (B, T, C)
         if self.shared is not None:
-            y = y + self.shared(x)  # (B, T, C)
+            y = y + self.shared.project(x)  # (B, T, C)
         if self.aux_free:
             balance = sequence_balance_loss(route.scores, route.indices, B)
         else:
             balance = switch_balance_loss(route.scores, load)
-        return y, MoEStats(self.balance_weight * balance, load)
+        return FFNOutput(y, self.balance_weight * balance, {"load": load})
 
-    def update_bias(self, load: torch.Tensor) -> None:
+    def after_step(self, stats: dict[str, torch.Tensor]) -> None:
         """After an optimizer step: moves the aux-free selection bias by gamma from the step's loads (E,)."""
         if self.aux_free:
-            self.router.update_bias(load, self.gamma)
+            self.router.update_bias(stats["load"], self.gamma)
+
+    def metrics(self, stats: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
+        """The step's load fractions per routed expert and the max/mean load ratio (1 is perfect balance)."""
+        load = stats["load"].float().cpu()
+        return {"load_fractions": [round(v, 4) for v in (load / load.sum()).tolist()],
+                "max_load_ratio": (load.max() / load.mean()).item()}
 
     def inactive_params(self) -> int:
         """Parameters of the routed experts a token does not use."""
         per_expert = sum(p[0].numel() for p in self.experts.parameters())
         return per_expert * (self.router.n_routed - self.router.top_k)
+
+
+def validate(block: BlockConfig, config: LLMconfig) -> None:
+    """Expert counts that leave at least one routed expert per token, a router that can learn, weights >= 0."""
+    check_width(block, config)
+    require(block.n_exp >= block.n_act > block.n_shared >= 0,
+            f"moe needs n_exp >= n_act > n_shared >= 0, got n_exp={block.n_exp}, n_act={block.n_act}, "
+            f"n_shared={block.n_shared}; each token uses n_act experts, n_shared of them shared")
+    require(not (block.norm_topk and block.n_act - block.n_shared == 1),
+            "norm_topk with n_act - n_shared = 1 routed expert per token makes every gate weight 1, so the router "
+            "learns nothing from the language-model loss; use --no_norm_topk or raise n_act")
+    for name in ("coeff", "alpha", "gamma"):
+        value = getattr(block, name)
+        require(value >= 0, f"{name}={value} must be >= 0")
+
+
+MOE = FFNKind("moe", MoE, validate, {
+    "moe_softmax_switch": dict(ffn="moe", n_exp=6, n_shared=1, n_act=3, up_dim=32),
+    "moe_sigmoid_aux_free": dict(ffn="moe", n_exp=5, n_shared=2, n_act=4, router_score="sigmoid", aux_free=True,
+                                 up_dim=24, non_linearity="swiglu"),
+}, summaries={"max_load_ratio": "max/mean load"})

@@ -1,6 +1,9 @@
-"""The causal attention kernel: PyTorch SDPA by default, flash-attn when importable on CUDA."""
+"""What the attention kinds share: the causal attention kernel (PyTorch SDPA by default, flash-attn when importable
+on CUDA) and the check of the head count."""
 import torch
 import torch.nn.functional as F
+
+from ...config import BlockConfig, LLMconfig, require
 
 try:
     from flash_attn import flash_attn_func
@@ -38,3 +41,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
         enable_gqa=k.size(2) != q.size(2),
     )  # (B, H, T, Dv)
     return y.transpose(1, 2)  # (B, T, H, Dv)
+
+
+def check_heads(block: BlockConfig, config: LLMconfig) -> None:
+    """n_head must be positive and divide n_embd (head size = n_embd // n_head)."""
+    require(block.n_head >= 1, f"n_head={block.n_head} must be >= 1")
+    require(config.n_embd % block.n_head == 0,
+            f"n_head={block.n_head} does not divide n_embd={config.n_embd}; choose n_head dividing n_embd")

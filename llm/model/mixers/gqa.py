@@ -1,11 +1,19 @@
-"""Multi-head attention with a configurable number of key/value heads: MHA, MQA and GQA in one class."""
+"""Multi-head attention with a configurable number of key/value heads: the kinds mha, mqa and gqa in one class."""
 import torch
 from torch import nn
 
-from ...config import BlockConfig, LLMconfig
-from ..cache import KVCache
+from ...config import BlockConfig, LLMconfig, require
+from ..cache import TokenCache
+from ..kinds import MixerKind
 from ..positions import apply_rope, rope_angles
-from .kernels import causal_attention
+from .attention import causal_attention, check_heads
+
+
+class KVCache(TokenCache):
+    """Keys and values of one layer: (B, max_len, n_kv, head_size) each, so memory grows with n_kv."""
+
+    def __init__(self, batch: int, max_len: int, n_kv: int, head_size: int, dtype: torch.dtype, device: torch.device):
+        super().__init__(batch, max_len, [(n_kv, head_size)] * 2, dtype, device)
 
 
 def kv_heads(block: BlockConfig) -> int:
@@ -49,3 +57,21 @@ class GroupedQueryAttention(nn.Module):
             k, v = cache.append(k, v)  # (B, S, KV, hs) each
         y = causal_attention(q, k, v, self.backend, self.dropout if self.training else 0.0, mask)  # (B, T, H, hs)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, self.n_head * hs)))  # (B, T, C)
+
+
+def validate(block: BlockConfig, config: LLMconfig) -> None:
+    """Heads divide the width; gqa's n_kv_heads divide n_head; RoPE needs an even head size."""
+    check_heads(block, config)
+    if block.attn == "gqa":
+        require(block.n_kv_heads is not None, "attn=gqa needs n_kv_heads; set --n_kv_heads (a divisor of n_head)")
+        require(block.n_kv_heads >= 1 and block.n_head % block.n_kv_heads == 0,
+                f"n_kv_heads={block.n_kv_heads} does not divide n_head={block.n_head}; choose a divisor of n_head")
+    head_size = config.n_embd // block.n_head
+    if config.pos_emb == "rope":
+        require(head_size % 2 == 0, f"pos_emb=rope needs an even head size, got n_embd/n_head={head_size}; "
+                                    "change n_head or n_embd")
+
+
+MHA = MixerKind("mha", GroupedQueryAttention, validate, {"mha": dict(attn="mha", n_head=4)})
+MQA = MixerKind("mqa", GroupedQueryAttention, validate, {"mqa": dict(attn="mqa", n_head=4)})
+GQA = MixerKind("gqa", GroupedQueryAttention, validate, {"gqa": dict(attn="gqa", n_head=6, n_kv_heads=2)})

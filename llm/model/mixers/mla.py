@@ -4,10 +4,20 @@ import math
 import torch
 from torch import nn
 
-from ...config import BlockConfig, LLMconfig
-from ..cache import LatentCache
+from ...config import BlockConfig, LLMconfig, require
+from ..cache import TokenCache
+from ..kinds import MixerKind
 from ..positions import apply_rope, rope_angles
-from .kernels import causal_attention
+from .attention import causal_attention, check_heads
+
+
+class LatentCache(TokenCache):
+    """MLA's compressed cache: per token the normalised key/value latent (kv_latent_dim) and the rotated rope key
+    shared by all heads (rope_head_dim); keys and values are never materialised."""
+
+    def __init__(self, batch: int, max_len: int, latent_dim: int, rope_dim: int, dtype: torch.dtype,
+                 device: torch.device):
+        super().__init__(batch, max_len, [(latent_dim,), (rope_dim,)], dtype, device)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -79,3 +89,25 @@ class MultiHeadLatentAttention(nn.Module):
                                         scale=1 / math.sqrt(hs + dr))  # (B, T, H, dc)
             y = torch.einsum("bthc,hdc->bthd", y_latent, w_v)  # (B, T, H, hs)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, H * hs)))  # (B, T, C)
+
+
+def validate(block: BlockConfig, config: LLMconfig) -> None:
+    """A key/value latent is required; with RoPE an even rope_head_dim, and no flash-attn (q/k wider than v)."""
+    check_heads(block, config)
+    require(block.kv_latent_dim is not None and block.kv_latent_dim >= 1,
+            f"attn=mla needs kv_latent_dim >= 1, got {block.kv_latent_dim}; set --kv_latent_dim")
+    require(block.q_latent_dim is None or block.q_latent_dim >= 0,
+            f"q_latent_dim={block.q_latent_dim} must be >= 0 (0 or unset: no query compression)")
+    if config.pos_emb == "rope":
+        require(config.attn_backend != "flash",
+                "attn=mla with pos_emb=rope has query/key heads wider than value heads, which flash-attn does not "
+                "run; use --attn_backend auto")
+        require(block.rope_head_dim is not None and block.rope_head_dim >= 2 and block.rope_head_dim % 2 == 0,
+                f"attn=mla with pos_emb=rope needs an even rope_head_dim >= 2, got {block.rope_head_dim}; "
+                "set --rope_head_dim")
+
+
+MLA = MixerKind("mla", MultiHeadLatentAttention, validate, {
+    "mla": dict(attn="mla", n_head=4, q_latent_dim=24, kv_latent_dim=16, rope_head_dim=8),
+    "mla_no_q_latent": dict(attn="mla", n_head=4, kv_latent_dim=16, rope_head_dim=4),
+})

@@ -1,0 +1,90 @@
+"""What a layer kind declares: the contracts of sequence mixers, feed-forward layers and training objectives.
+
+A kind is a name in the config (`attn`, `ffn`, `objective`) bound to one of these records in `registry.py`. The
+record says how to build the module and how to check the config fields the kind reads; the module classes below
+fix what every kind's forward pass returns, so the block, the model and the training loop never branch on a kind.
+"""
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from ..config import BlockConfig, LLMconfig
+
+
+def no_checks(block: BlockConfig, config: LLMconfig) -> None:
+    """The validation of a kind that reads no field beyond the model-wide ones."""
+
+
+@dataclass(frozen=True)
+class MixerKind:
+    """A sequence-mixer kind (the layer's `attn` string).
+
+    `build(block, config)` returns a module with
+      - `forward(x (B, T, C), positions (B or 1, T), mask (B, 1, T, S) or None, cache or None) -> (B, T, C)`:
+        causal over the sequence; with a cache it continues the cached tokens and extends the cache;
+      - `new_cache(batch, max_len, dtype, device)`: its generation cache (a `cache.TokenCache` subclass for
+        per-token state, declared in the kind's file).
+    `validate(block, config)` raises ConfigError (via `llm.config.require`) naming the field, value and fix.
+    `examples` are small valid layer specs (with attn set) that the generic model tests run.
+    """
+
+    name: str
+    build: Callable[[BlockConfig, LLMconfig], nn.Module]
+    validate: Callable[[BlockConfig, LLMconfig], None] = no_checks
+    examples: dict[str, dict] = field(default_factory=dict)
+
+
+class FFNOutput(NamedTuple):
+    """What every feed-forward kind returns."""
+
+    out: torch.Tensor  # (B, T, C) the layer's output, added to the residual stream
+    aux_loss: torch.Tensor  # () weighted auxiliary loss, added to the training loss (0 when the kind has none)
+    stats: dict[str, torch.Tensor]  # tensors that are summed over micro-steps and ranks (e.g. MoE "load" (E,))
+
+
+class FeedForward(nn.Module):
+    """Base class of feed-forward modules: `forward(x (B, T, C)) -> FFNOutput`.
+
+    The hooks below have neutral defaults; a kind overrides the ones it needs. `stats` passed to them are the
+    layer's FFNOutput.stats summed over all micro-steps and ranks of one optimizer step.
+    """
+
+    def after_step(self, stats: dict[str, torch.Tensor]) -> None:
+        """Called once after each optimizer step (MoE: moves its selection bias)."""
+
+    def metrics(self, stats: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
+        """This layer's figures for the metrics line and metrics.jsonl (logged as NAME/layerI)."""
+        return {}
+
+    def inactive_params(self) -> int:
+        """Parameters a token does not use (MoE: the routed experts it does not pick)."""
+        return 0
+
+    def no_aux(self, out: torch.Tensor) -> FFNOutput:
+        """The FFNOutput of a kind without auxiliary loss or statistics."""
+        return FFNOutput(out, out.new_zeros((), dtype=torch.float32), {})
+
+
+@dataclass(frozen=True)
+class FFNKind:
+    """A feed-forward kind (the layer's `ffn` string): `build(block, config)` returns a FeedForward;
+    `validate` and `examples` as for MixerKind. `summaries` maps metrics that are also reported model-wide, as the
+    maximum over this kind's layers, to their label in the console line (MoE: the worst max/mean load ratio)."""
+
+    name: str
+    build: Callable[[BlockConfig, LLMconfig], FeedForward]
+    validate: Callable[[BlockConfig, LLMconfig], None] = no_checks
+    examples: dict[str, dict] = field(default_factory=dict)
+    summaries: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ObjectiveKind:
+    """A training objective (the model's `objective` string): `build(config)` returns a module with
+    `forward(hidden (B, T, C), head, targets (B, T) or None) -> (logits (B, T, V), loss () or None)`, where
+    `head(hidden)` is the model's final norm and output projection."""
+
+    name: str
+    build: Callable[[LLMconfig], nn.Module]

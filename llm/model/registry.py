@@ -1,0 +1,37 @@
+"""The open registries of layer kinds: a config string (`attn`, `ffn`, `objective`) -> the kind's record.
+
+Adding a kind is one new file that defines its record (see `kinds.py` and docs/extending.md) and one line below.
+Code outside the package (a test, a research fork) registers its own kinds with the `register_*` functions before
+it builds a model or parses a config; configs then name them like the built-in ones.
+"""
+from .ffn.mlp import DENSE
+from .ffn.moe import MOE
+from .kinds import FFNKind, MixerKind, ObjectiveKind
+from .mixers.gqa import GQA, MHA, MQA
+from .mixers.mla import MLA
+from .objectives import CLM
+
+MIXERS: dict[str, MixerKind] = {kind.name: kind for kind in (MHA, MQA, GQA, MLA)}
+FFNS: dict[str, FFNKind] = {kind.name: kind for kind in (DENSE, MOE)}
+OBJECTIVES: dict[str, ObjectiveKind] = {kind.name: kind for kind in (CLM,)}
+
+
+def _register(registry: dict, kind) -> None:
+    if kind.name in registry and registry[kind.name] is not kind:
+        raise ValueError(f"a kind named {kind.name!r} is already registered; choose another name")
+    registry[kind.name] = kind
+
+
+def register_mixer(kind: MixerKind) -> None:
+    """Makes `attn: kind.name` available in flags, layer specs and config files."""
+    _register(MIXERS, kind)
+
+
+def register_ffn(kind: FFNKind) -> None:
+    """Makes `ffn: kind.name` available in flags, layer specs and config files."""
+    _register(FFNS, kind)
+
+
+def register_objective(kind: ObjectiveKind) -> None:
+    """Makes `objective: kind.name` available."""
+    _register(OBJECTIVES, kind)
