@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         check(args)
         from llm.data.tokenizers import tokenizer_from_meta
         from llm.generate import generate
-        from llm.train.checkpoint import load_trained
+        from llm.checkpoint import load_trained
         from llm.train.precision import pick_precision
 
         folder, model, tokenizer_meta = load_trained(args.ckpt)

@@ -14,7 +14,7 @@ import tyro
 from .config import exit_on_user_error
 from .data.tokenizers import END_OF_TEXT, GPT2Tokenizer
 from .hf import to_hf
-from .train.checkpoint import load_trained
+from .checkpoint import load_trained
 
 
 @dataclass

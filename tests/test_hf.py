@@ -12,7 +12,7 @@ from llm.hf import from_hf, to_hf
 from llm.model import LLM
 from llm.model.ffn.moe import MoE
 from llm.train import train
-from llm.train.checkpoint import best_or_latest, read_weights
+from llm.checkpoint import best_or_latest, read_weights
 from tests.conftest import make_config
 
 MLA = dict(attn="mla", n_head=4, kv_latent_dim=16, rope_head_dim=8, q_latent_dim=24, non_linearity="swiglu", up_dim=64)

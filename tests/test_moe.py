@@ -11,7 +11,7 @@ from llm.model.ffn.activations import activation
 from llm.model.ffn.experts import padded_bmm
 from llm.model.ffn.moe import sequence_balance_loss, switch_balance_loss
 from llm.config import Trainconfig, config_dict
-from llm.train.checkpoint import read_checkpoint, save_checkpoint
+from llm.checkpoint import read_checkpoint, save_checkpoint
 from tests.conftest import make_config
 
 C = 32

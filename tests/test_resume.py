@@ -12,7 +12,7 @@ from llm.config import ConfigError, parse
 from llm.model import LLM
 from llm.train import checkpoint as checkpoint_module
 from llm.train import loop, train
-from llm.train.checkpoint import find_checkpoint, step_checkpoints
+from llm.checkpoint import find_checkpoint, step_checkpoints
 from llm.train.optim import build_optimizer
 from tests.conftest import REPO, make_config
 

@@ -18,7 +18,7 @@ from ..data.loader import TokenLoader, read_meta
 from ..data.tokenizers import TOKENIZER_KEYS
 from ..files import write_atomically
 from ..model import LLM
-from .checkpoint import find_checkpoint, mark_best, read_checkpoint, save_checkpoint, step_checkpoints
+from ..checkpoint import find_checkpoint, mark_best, read_checkpoint, save_checkpoint, step_checkpoints
 from .distributed import Distributed, gradient_sync, init_distributed, wrap
 from .metrics import MetricsLog, layer_metrics, peak_memory_bytes
 from .mfu import mfu

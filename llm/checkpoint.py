@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..config import ConfigError
-from ..config.fields import model_config_from_dict
-from ..model import LLM
-from ..files import write_atomically, write_folder_atomically
+from .config import ConfigError
+from .config.fields import model_config_from_dict
+from .model import LLM
+from .files import write_atomically, write_folder_atomically
 
 STEP_FOLDER = re.compile(r"step_(\d+)")
 STATE_FILE = "state.pt"
