@@ -10,7 +10,7 @@ import torch
 
 from llm.config import ConfigError, parse
 from llm.model import LLM
-from llm.train import checkpoint as checkpoint_module
+from llm import checkpoint as checkpoint_module
 from llm.train import loop, train
 from llm.checkpoint import find_checkpoint, step_checkpoints
 from llm.train.optim import build_optimizer
