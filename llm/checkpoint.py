@@ -10,6 +10,7 @@
 Everything loads with safetensors or `torch.load(weights_only=True)`. Full (gathered) state dicts make a
 checkpoint independent of how it was trained: one process, DDP or FSDP on any number of ranks.
 """
+import dataclasses
 import json
 import re
 import shutil
@@ -35,11 +36,21 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
+def step_folder(run_dir: Path, step: int) -> Path:
+    """The folder of the checkpoint taken after `step` optimizer steps."""
+    return checkpoints_dir(run_dir) / f"step_{step:07d}"
+
+
+def folder_step(folder: Path) -> int:
+    """The step of a step folder's name."""
+    return int(STEP_FOLDER.fullmatch(folder.name).group(1))
+
+
 def step_checkpoints(run_dir: Path) -> list[Path]:
     """The complete step folders of a run, oldest first (unfinished `.tmp` folders are ignored)."""
     folder = checkpoints_dir(run_dir)
     found = [p for p in folder.iterdir() if STEP_FOLDER.fullmatch(p.name)] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(STEP_FOLDER.fullmatch(p.name).group(1)))
+    return sorted(found, key=folder_step)
 
 
 def best_step(run_dir: Path) -> int | None:
@@ -54,7 +65,7 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, config
                     file_name: str, keep_last: int) -> Path:
     """Writes the checkpoint taken after `step` optimizer steps (a full model state dict and the training state) and
     prunes all but the last keep_last (and the best)."""
-    path = checkpoints_dir(run_dir) / f"step_{step:07d}"
+    path = step_folder(run_dir, step)
     head, embedding = TIED
     if head in weights and embedding in weights and weights[head].data_ptr() == weights[embedding].data_ptr():
         weights = {k: v for k, v in weights.items() if k != head}  # stored once; read_weights restores it
@@ -68,7 +79,7 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, config
     write_folder_atomically(path, write)
     keep = {best_step(run_dir)}
     for old in step_checkpoints(run_dir)[:-keep_last]:
-        if int(STEP_FOLDER.fullmatch(old.name).group(1)) not in keep:
+        if folder_step(old) not in keep:
             shutil.rmtree(old)
     return path
 
@@ -79,12 +90,15 @@ def mark_best(run_dir: Path, step: int, val_loss: float) -> None:
     write_atomically(checkpoints_dir(run_dir) / "best.json", lambda tmp: tmp.write_text(text))
 
 
-def find_checkpoint(resume: str, run_dir: Path) -> Path:
-    """The checkpoint folder `--resume` names: latest (this run's newest), a checkpoint folder, or a run folder."""
-    where = run_dir if resume == "latest" else Path(resume)
+def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
+    """The checkpoint folder `--resume` names: latest (this run's newest), auto (the same, or None when the run has
+    none), a checkpoint folder, or a run folder."""
+    where = run_dir if resume in ("latest", "auto") else Path(resume)
     if (where / STATE_FILE).is_file():
         return where
     found = step_checkpoints(where)
+    if not found and resume == "auto":
+        return None
     if not found:
         raise ConfigError(f"--resume={resume}: no checkpoint in {where}; pass a checkpoint or run folder, or drop --resume")
     return found[-1]
@@ -92,8 +106,10 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path:
 
 def config_differences(saved: dict, saved_ranks: int, current: dict, ranks: int) -> list[str]:
     """'name: saved -> current' for every model field (the attention kernel aside), trajectory field and global
-    micro-batch that differ."""
-    pairs = [(k, saved["model"].get(k), v) for k, v in current["model"].items() if k != "attn_backend"]
+    micro-batch that differ. The saved model is read as a config first, so fields added since it was written take
+    their defaults and older spellings (`moe`) their current form."""
+    saved_model = dataclasses.asdict(model_config_from_dict(saved["model"], "checkpoint config.json model"))
+    pairs = [(k, saved_model.get(k), v) for k, v in current["model"].items() if k != "attn_backend"]
     pairs += [(k, saved["train"].get(k), current["train"][k]) for k in TRAJECTORY_FIELDS]
     differences = [f"{name}: {old!r} -> {new!r}" for name, old, new in pairs if old != new]
     old_batch, new_batch = saved["train"]["batch_size"], current["train"]["batch_size"]
@@ -107,8 +123,8 @@ def best_or_latest(path: Path) -> Path:
     if (path / STATE_FILE).is_file():
         return path
     best = best_step(path)
-    if best is not None and (checkpoints_dir(path) / f"step_{best:07d}").is_dir():
-        return checkpoints_dir(path) / f"step_{best:07d}"
+    if best is not None and step_folder(path, best).is_dir():
+        return step_folder(path, best)
     found = step_checkpoints(path)
     if not found:
         raise ConfigError(f"--ckpt={path}: no checkpoint there; pass a run folder (out/RUN) or a checkpoint folder")

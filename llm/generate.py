@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from .model import LLM
+from .model.cache import Cache
 
 
 def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
@@ -30,7 +31,7 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
-def prefill(model: LLM, contexts: list[list[int]]) -> tuple[torch.Tensor, object]:
+def prefill(model: LLM, contexts: list[list[int]]) -> tuple[torch.Tensor, Cache]:
     """Left-pads the contexts into one batch, fills a fresh cache with it, and returns the last logits (B, V)."""
     device = model.tok_emb.weight.device
     width = max(len(c) for c in contexts)

@@ -102,9 +102,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp
     calls = []
 
     def nan_from_step_3(*args):
-        loss_sum, *rest = step_fn(*args)
+        result = step_fn(*args)
         calls.append(1)
-        return (loss_sum * float("nan") if len(calls) > 3 else loss_sum), *rest
+        return result._replace(loss=result.loss * float("nan")) if len(calls) > 3 else result
 
     monkeypatch.setattr(loop, "train_step", nan_from_step_3)
     with pytest.raises(SystemExit, match=r"NaN or infinite at step 3; the last good checkpoint is .*step_0000002"):
@@ -175,3 +175,35 @@ def test_train_py_reports_a_bad_resume_in_one_line(tmp_path, char_data):
 def test_cuda_device_without_a_gpu_is_a_clear_error(char_data, tmp_path):
     with pytest.raises(ConfigError, match="device=cuda but no CUDA GPU is visible; use --device cpu"):
         run(char_data, tmp_path, "g", "--device", "cuda")
+
+
+@pytest.mark.parametrize("killed_at", [2, 5])  # before and after the first checkpoint (after step 2)
+def test_resume_auto_continues_a_killed_run_with_the_same_command(char_data, tmp_path, uninterrupted, monkeypatch,
+                                                                   capsys, killed_at):
+    command = ("r", "--resume", "auto", "--save_model", "--ckpt_interval", "3", "--no_eval")
+    schedule = loop.learning_rate
+
+    def killed(step, cfg):
+        if step == killed_at:
+            raise RuntimeError("killed")
+        return schedule(step, cfg)
+
+    monkeypatch.setattr(loop, "learning_rate", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        run(char_data, tmp_path, *command)
+    assert "starting fresh (--resume auto)" in capsys.readouterr().out
+    monkeypatch.setattr(loop, "learning_rate", schedule)
+    rows = run(char_data, tmp_path, *command)
+    out = capsys.readouterr().out
+    assert ("resumed from" in out and "step_0000003 at step 3" in out) if killed_at > 3 else "starting fresh" in out, out
+    assert [row["step"] for row in rows] == list(range(10))  # the killed run's rows past the checkpoint are gone
+    assert {step: figures[:2] for step, figures in losses(rows).items()} == \
+        {step: figures[:2] for step, figures in uninterrupted.items()}  # evaluation never changes training
+
+
+def test_resume_drops_a_torn_last_row(char_data, tmp_path):
+    run(char_data, tmp_path, "t", "--save_model", "--ckpt_interval", "2", "--max_iters", "4")
+    path = tmp_path / "t" / "metrics.jsonl"
+    path.write_text(path.read_text() + '{"step": 4, "lo')  # a write cut short by a kill
+    rows = run(char_data, tmp_path, "t", "--resume", "auto", "--max_iters", "6")
+    assert [row["step"] for row in rows] == list(range(6))

@@ -159,7 +159,8 @@ class Trainconfig:
     """Start from pretrained weights: hf:DIR, a transformers GPT-2, Llama or DeepseekV3 directory (its architecture
     replaces the model flags)."""
     resume: str | None = None
-    """Continue a run: latest (this run's newest checkpoint), or the path of a checkpoint or run directory."""
+    """Continue a run: auto (this run's newest checkpoint if it has one, else start fresh: for requeued jobs), latest
+    (this run's newest checkpoint, which must exist), or the path of a checkpoint or run directory."""
     file_name: str = "llm"
     """Base name of the saved weights file."""
     wandb_log: bool = False

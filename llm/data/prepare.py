@@ -1,6 +1,6 @@
 """Prepare a dataset: tokenize a corpus into train.bin / val.bin (uint16 or uint32) and meta.json.
 
-    python -m llm.data.prepare shakespeare_char                      # downloads Tiny Shakespeare, char tokens
+    python -m llm.data.prepare shakespeare_char                      # the shipped Tiny Shakespeare, char tokens
     python -m llm.data.prepare shakespeare --source input.txt        # a local copy, GPT-2 tokens
     python -m llm.data.prepare fineweb --max_tokens 100_000_000      # streamed from Hugging Face (pip install 'llm[data]')
     python -m llm.data.prepare text --source corpus/ --out data/mine # local .txt/.jsonl/.parquet files
@@ -33,6 +33,7 @@ from .tokenizers import ByteTokenizer, CharTokenizer, GPT2Tokenizer, tokenizer_f
 DatasetName = Literal["shakespeare_char", "shakespeare", "tinystories", "fineweb", "wikitext", "text"]
 DATASET_NAMES = get_args(DatasetName)
 DEFAULT_TOKENIZER = {"shakespeare_char": "char"}  # every other dataset: gpt2
+DEFAULT_DATASET = "shakespeare_char"  # train.py prepares it by itself when missing: its text ships with the package
 BATCH_CHARS = 1 << 20  # text per task sent to a worker
 IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: bounds memory while keeping workers busy
 
@@ -222,8 +223,8 @@ def check_args(args: PrepareArgs) -> None:
         raise ConfigError("--upper applies to the byte tokenizer only; add --tokenizer byte or drop --upper")
 
 
-def prepare(args: PrepareArgs) -> Path:
-    """Writes the dataset (unless already there) and returns its folder."""
+def prepare(args: PrepareArgs, verbose: bool = True) -> Path:
+    """Writes the dataset (unless already there) and returns its folder; `verbose` shows progress and a summary."""
     check_args(args)
     corpus = load_corpus(args)
     out = Path(args.out or Path("data") / args.name)
@@ -241,7 +242,7 @@ def prepare(args: PrepareArgs) -> Path:
     start = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=Console(stderr=True)) as progress:
+        with Progress(*columns, console=Console(stderr=True), disable=not verbose) as progress:
             writer = TokenWriter(dtype, progress, progress.add_task("tokenizing", total=corpus.size_bytes))
             if corpus.val is None:
                 writer.write(encoder, corpus.train(), out / "all.bin", args.max_tokens)
@@ -256,9 +257,16 @@ def prepare(args: PrepareArgs) -> Path:
             "max_token_id": writer.max_id, "source": corpus.source, "source_md5": writer.md5.hexdigest(),
             "inputs": inputs}
     write_atomically(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta)))
-    print(f"wrote {out}: {n_train:,} train and {n_val:,} val tokens ({kind}, vocabulary {tokenizer.vocab_size:,}, "
-          f"{dtype.name}) in {seconds:.1f} s, {(n_train + n_val) / seconds:,.0f} tokens/s with {workers} workers")
+    if verbose:
+        print(f"wrote {out}: {n_train:,} train and {n_val:,} val tokens ({kind}, vocabulary {tokenizer.vocab_size:,}, "
+              f"{dtype.name}) in {seconds:.1f} s, {(n_train + n_val) / seconds:,.0f} tokens/s with {workers} workers")
     return out
+
+
+def prepare_default(out: Path) -> None:
+    """Prepares the default dataset into `out` from the text shipped with the package, saying so in one line."""
+    prepare(PrepareArgs(DEFAULT_DATASET, out=str(out), workers=1), verbose=False)
+    print(f"{out} was missing: prepared {DEFAULT_DATASET} from the Tiny Shakespeare text shipped with llm")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,18 +1,19 @@
-"""Where a dataset's text comes from: local .txt/.jsonl/.parquet files, a download, or Hugging Face `datasets`.
+"""Where a dataset's text comes from: local .txt/.jsonl/.parquet files, the text shipped with the package, or
+Hugging Face `datasets`.
 
 Every source yields `Piece`s: a document, or the next part of one (large .txt files are read in bounded parts
 cut at line starts, so no file is ever held in memory whole).
 """
 import hashlib
 import json
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 from ..config import ConfigError
 
-SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+# Tiny Shakespeare (public domain, 1,115,394 characters), shipped with the package so the first run needs no network.
+SHAKESPEARE_TEXT = Path(__file__).with_name("tinyshakespeare.txt")
 SHAKESPEARE_MD5 = "6fb458f1232090904fb40fe944165e91"
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 PIECE_CHARS = 1 << 20  # a .txt file is read in parts of about this many characters
@@ -157,16 +158,14 @@ def local_corpus(source: str, text_field: str) -> Corpus:
 
 
 def shakespeare_corpus() -> Corpus:
-    """Tiny Shakespeare downloaded (1.1 MB) and checked against its known checksum."""
-    try:
-        data = urllib.request.urlopen(SHAKESPEARE_URL, timeout=30).read()
-    except OSError as e:
-        raise ConfigError(f"could not download {SHAKESPEARE_URL} ({e}); pass --source PATH to a local copy") from None
+    """Tiny Shakespeare from the copy shipped with the package, checked against its known checksum."""
+    data = SHAKESPEARE_TEXT.read_bytes() if SHAKESPEARE_TEXT.is_file() else b""
     if hashlib.md5(data).hexdigest() != SHAKESPEARE_MD5:
-        raise ConfigError(f"the download from {SHAKESPEARE_URL} has an unexpected checksum; pass --source PATH")
+        raise ConfigError(f"{SHAKESPEARE_TEXT} is missing or damaged; reinstall llm or pass --source PATH to a copy "
+                          "of Tiny Shakespeare")
     text = data.decode("utf-8")
-    return Corpus(SHAKESPEARE_URL, lambda: iter([Piece(text, True)]), size_bytes=len(data),
-                  stamp={"url": SHAKESPEARE_URL, "md5": SHAKESPEARE_MD5})
+    return Corpus(str(SHAKESPEARE_TEXT), lambda: iter([Piece(text, True)]), size_bytes=len(data),
+                  stamp={"md5": SHAKESPEARE_MD5})
 
 
 def hf_corpus(spec: HFDataset, hf_id: str | None, text_field: str | None) -> Corpus:

@@ -43,6 +43,11 @@ class Distributed:
             return flag
         return bool(self.sum(torch.tensor(float(flag), device=device)).item())
 
+    def barrier(self) -> None:
+        """Waits until every rank gets here."""
+        if self.world_size > 1:
+            dist.barrier()
+
     def close(self) -> None:
         if self.world_size > 1:
             dist.barrier()  # without it, a rank may abort while others still talk to it

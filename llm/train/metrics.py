@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import write_atomically
 from ..model import LLM
 from ..model.registry import FFNS
 
@@ -43,11 +44,27 @@ def layer_metrics(model: LLM, aux_loss: float, layer_stats: list[dict[str, torch
     return {"aux_loss": aux_loss, **metrics, **summaries} if metrics or aux_loss else {}
 
 
-class MetricsLog:
-    """Prints each metrics line and appends it to metrics.jsonl and, when enabled, to wandb."""
+def row_step(line: str) -> float:
+    """The step of a metrics.jsonl row; infinity for a line that is not a complete row."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
-    def __init__(self, run_dir: Path, wandb_run=None):
-        self.file = open(run_dir / "metrics.jsonl", "a")
+
+class MetricsLog:
+    """Prints each metrics line and appends it to metrics.jsonl and, when enabled, to wandb.
+
+    A run resumed at step `resumed_at` first drops the rows of that step and later ones (written by the interrupted
+    run after its checkpoint, or a torn last line), so the file keeps one row per step.
+    """
+
+    def __init__(self, run_dir: Path, wandb_run=None, resumed_at: int | None = None):
+        path = run_dir / "metrics.jsonl"
+        if resumed_at is not None and path.is_file():
+            kept = [line for line in path.read_text().splitlines() if row_step(line) < resumed_at]
+            write_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+        self.file = open(path, "a")
         self.wandb_run = wandb_run
 
     def log(self, metrics: dict) -> None:

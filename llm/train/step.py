@@ -1,0 +1,96 @@
+"""One optimizer step and one evaluation, and the guard against a non-finite loss."""
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from ..checkpoint import step_checkpoints
+from ..config import Trainconfig
+from ..data.loader import TokenLoader
+from ..model import LLM
+from .distributed import Distributed, gradient_sync
+from .precision import Precision
+
+
+class StepResult(NamedTuple):
+    """One optimizer step's figures, left on the device (reading them is a host sync)."""
+
+    loss: torch.Tensor  # () the objective's loss summed over micro-steps, averaged over ranks
+    aux_loss: torch.Tensor  # () the layers' auxiliary losses, summed and averaged likewise
+    layer_stats: list[dict[str, torch.Tensor]]  # per layer, its feed-forward stats summed over the global batch
+    grad_norm: torch.Tensor  # () before clipping
+
+
+def train_step(model: LLM, step_model: nn.Module, loader: TokenLoader, accum_steps: int, precision: Precision,
+               optimizer: torch.optim.Optimizer, cfg: Trainconfig, job: Distributed) -> StepResult:
+    """One optimizer step over accum_steps micro-batches, gradients reduced across ranks on the last one only; then
+    every layer's after-step hook with the step's global stats (MoE: the aux-free bias update)."""
+    zero = torch.zeros((), device=precision.device)
+    loss_sum, aux_sum, stats = zero.clone(), zero.clone(), None
+    for micro_step in range(accum_steps):
+        x, y = loader.next_batch()
+        with gradient_sync(step_model, cfg.dist, micro_step == accum_steps - 1, job):
+            with precision.autocast():
+                out = step_model(x, y)
+            precision.backward((out.loss + out.aux_loss) / accum_steps)
+        loss_sum += out.loss.detach().float()
+        aux_sum += out.aux_loss.detach().float()
+        stats = out.layer_stats if stats is None else [{k: s[k] + new[k] for k in s} for s, new in
+                                                       zip(stats, out.layer_stats)]
+    precision.unscale(optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    precision.step(optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    stats = sum_over_ranks(stats, job)  # every rank runs the layers' hooks on the same global figures
+    model.after_step(stats)
+    grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+    return StepResult(job.sum(loss_sum) / job.world_size, job.sum(aux_sum) / job.world_size, stats, grad_norm)
+
+
+def sum_over_ranks(layer_stats: list[dict[str, torch.Tensor]], job: Distributed) -> list[dict[str, torch.Tensor]]:
+    """Every layer's stats summed over all ranks, in one all-reduce."""
+    names = [(i, name) for i, stats in enumerate(layer_stats) for name in stats]
+    summed = job.sum_all([layer_stats[i][name] for i, name in names])
+    result = [{} for _ in layer_stats]
+    for (i, name), tensor in zip(names, summed):
+        result[i][name] = tensor
+    return result
+
+
+@torch.no_grad()
+def estimate_loss(model: LLM, loaders: dict[str, TokenLoader], iters: int, precision: Precision,
+                  job: Distributed) -> dict[str, float]:
+    """Mean loss of the objective over `iters` global batches of each split (each rank evaluates its share)."""
+    model.eval()
+    losses = {}
+    for split, loader in loaders.items():
+        total = torch.zeros((), device=precision.device)
+        for _ in range(iters):
+            x, y = loader.next_batch()
+            with precision.autocast():
+                total += model(x, y).loss.float()
+        losses[f"{split}_loss"] = job.sum(total).item() / (iters * job.world_size)
+    model.train()
+    return losses
+
+
+class NonFiniteGuard:
+    """Remembers the first step whose loss was not finite, on the device (no host sync per step), and stops the run
+    when asked to check, before anything is saved from such a step."""
+
+    def __init__(self, device: torch.device, run_dir: Path):
+        self.first_bad = torch.full((), -1, device=device)
+        self.run_dir = run_dir
+
+    def record(self, step: int, loss: torch.Tensor) -> None:
+        self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss), step, self.first_bad)
+
+    def check(self) -> None:
+        bad = int(self.first_bad.item())
+        if bad >= 0:
+            found = step_checkpoints(self.run_dir)
+            kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved"
+            raise SystemExit(f"error: the loss became NaN or infinite at step {bad}; {kept}; lower --learning_rate "
+                             "or raise --warmup_steps")
