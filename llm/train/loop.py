@@ -107,7 +107,7 @@ def dataset_meta(cfg: Trainconfig, job: Distributed) -> tuple[Path, dict]:
 
 
 def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Session:
-    """Data, model, optimizer and checkpointer of this rank, with the model restored when resuming."""
+    """Data, model, optimizer and checkpointer of this rank (run() then restores a checkpoint into them)."""
     precision = pick_precision(cfg.device, cfg.dtype, job.local_rank)
     device = precision.device
     data, meta = dataset_meta(cfg, job)
