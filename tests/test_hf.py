@@ -1,16 +1,22 @@
 """Export to and import from transformers, checked by logit parity; refusals name the blocking feature."""
 import json
+from dataclasses import replace
 
 import pytest
 import tiktoken
 import torch
 import transformers
 
-from llm.config import ConfigError, parse
+from llm.config import BlockConfig, ConfigError, LLMconfig, parse
 from llm.export import export
-from llm.hf import from_hf, to_hf
+from llm.hf import FAMILIES as REGISTERED
+from llm.hf import family, from_hf, hf_config, to_hf
+from llm.hf.common import saved_tensors, weight_pairs
 from llm.model import LLM
 from llm.model.ffn.moe import MoE
+from llm.model.kinds import MixerKind
+from llm.model.mixers import gqa
+from llm.model.registry import MIXERS, register_mixer
 from llm.train import train
 from llm.checkpoint import best_or_latest, read_weights
 from tests.conftest import make_config
@@ -100,6 +106,50 @@ REFUSED = [
 def test_unsupported_models_are_refused_with_the_blocking_feature(config, message):
     with pytest.raises(ConfigError, match=r"cannot export: .*" + message.replace("(", r"\(").replace(")", r"\)")):
         to_hf(LLM(config))
+
+
+def toy_attention(block: BlockConfig, config: LLMconfig) -> torch.nn.Module:
+    """The toy mixer kind's module: GQA's, built as MHA."""
+    return gqa.GroupedQueryAttention(replace(block, attn="mha"), config)
+
+
+@pytest.fixture
+def toy_mixer():
+    """attn="toy": GQA's module and checks under a name that no family declares."""
+    register_mixer(MixerKind("toy", toy_attention, gqa.validate))
+    yield
+    MIXERS.pop("toy")
+
+
+def test_a_kind_no_family_declares_is_refused_by_name(toy_mixer):
+    """Otherwise a Llama model (RoPE, RMSNorm, SwiGLU, an MHA module): the kind's name alone blocks export."""
+    config = make_config(dict(attn="toy", n_head=4, non_linearity="swiglu", up_dim=64), pos_emb="rope", norm="rms")
+    with pytest.raises(ConfigError, match=r"^cannot export: attn='toy' is a kind no transformers family represents; "
+                                          r"use attn in gqa, mha, mla, mqa, or add a family for it in llm/hf/$"):
+        to_hf(LLM(config))
+
+
+def test_every_registered_family_has_a_model_here():
+    assert {family(config) for config, _ in FAMILIES.values()} == set(REGISTERED)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_weight_map_covers_every_tensor_on_both_sides_exactly_once(name):
+    config, _ = FAMILIES[name]
+    ours = LLM(config)
+    theirs = saved_tensors(transformers.AutoModelForCausalLM.from_config(hf_config(config)))
+    pairs = weight_pairs(ours, REGISTERED[family(config)])
+    assert sorted(p.theirs for p in pairs) == sorted(theirs)  # every transformers tensor, each once
+    with torch.no_grad():  # every element of every one of our tensors in exactly one entry's view
+        for tensor in saved_tensors(ours).values():
+            tensor.zero_()
+        for p in pairs:
+            if p.tensor is not None:
+                assert p.tensor.shape == theirs[p.theirs].shape, p.theirs
+                p.tensor.add_(1)
+    for tensor_name, tensor in saved_tensors(ours).items():
+        padded = tensor_name in ("tok_emb.weight", "lm_head.weight")  # rows past vocab_size are ours alone
+        assert bool((tensor[: config.vocab_size] if padded else tensor).eq(1).all()), tensor_name
 
 
 def test_export_cli_writes_a_gpt2_tokenizer_and_init_from_reads_it_back(tmp_path):

@@ -1,0 +1,130 @@
+"""Conversion to and from Hugging Face transformers, one module per model family.
+
+A model is exported to the one registered family whose configuration fields mean what ours do; anything no family
+can represent is refused with the feature that blocks it. transformers is imported only here (pip install 'llm[hf]').
+
+A family is a `Family` record (llm/hf/common.py) in its own module, e.g. llama.py, declaring:
+  - the mixer kinds (`attn`), feed-forward kinds (`ffn`) and `pos_emb` values it represents, and `check(config)`
+    for its other refusals ("cannot export: ..." with the fix);
+  - `config_class` with `hf_fields(config)` (our config -> transformers') and `our_fields(hf_cfg)` (the way back,
+    with its "cannot import ..." refusals);
+  - its weight map: model-wide and per-layer ("{i}") `Weight` entries pairing a transformers tensor name with our
+    tensor's name and, where the layouts differ, a named transform (transposed, q_rows, gate_rows, vocab_rows, ...)
+    that gives a view of our tensor, so that export reads it and import copies into it in place.
+
+Adding a family: write llm/hf/NAME.py ending in `NAME = Family(...)`, add it to FAMILIES below, and add a model of it
+to FAMILIES in tests/test_hf.py (the parity tests and the weight-map coverage test then run on it).
+"""
+import dataclasses
+
+import torch
+
+from ..config import ConfigError, LLMconfig, resolve_block, validate_model
+from ..model import LLM
+from .common import Family, copy_weight, refuse, saved_tensors, weight_pairs
+from .deepseek_v3 import DEEPSEEK_V3
+from .gpt2 import GPT2
+from .llama import LLAMA
+
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (GPT2, LLAMA, DEEPSEEK_V3)}
+"""transformers' model_type -> family; a model exports to the first one that represents it."""
+
+KIND_FIELDS = {"attn": "attention", "ffn": "feed-forward"}
+POSITION_NAMES = {"learn": "learned positions", "sin": "sinusoidal positions", "rope": "RoPE"}
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("Hugging Face export and import need transformers: pip install 'llm[hf]'") from None
+    return transformers
+
+
+def family(config: LLMconfig) -> str:
+    """The model_type of the registered family that represents this model exactly (its kinds and positions, then
+    its own checks); otherwise ConfigError("cannot export: ...") naming what blocks it."""
+    if config.objective != "clm":
+        refuse(f"objective={config.objective!r}; the transformers families here are causal LMs (objective clm)")
+    used = {field: {getattr(b, field) for b in config.layers} for field in KIND_FIELDS}
+    for field, label in KIND_FIELDS.items():
+        known = set().union(*(getattr(f, field) for f in FAMILIES.values()))
+        unknown = sorted(used[field] - known)
+        if unknown:
+            refuse(f"{field}={unknown[0]!r} is a kind no transformers family represents; use {field} in "
+                   f"{', '.join(sorted(known))}, or add a family for it in llm/hf/")
+        if not any(used[field] <= getattr(f, field) for f in FAMILIES.values()):
+            refuse(f"the layers mix {label} kinds ({', '.join(sorted(used[field]))}); no transformers model does")
+    fits = [f for f in FAMILIES.values() if used["attn"] <= f.attn and used["ffn"] <= f.ffn]
+    if not fits:
+        homes = [f for f in FAMILIES.values() if used["ffn"] <= f.ffn]
+        refuse(f"ffn={'/'.join(sorted(used['ffn']))} layers export only with "
+               f"{'/'.join(sorted({k.upper() for f in homes for k in f.attn}))} attention "
+               f"({', '.join(f.title for f in homes)}), not attn={'/'.join(sorted(used['attn']))}")
+    pos = config.pos_emb
+    placed = [f for f in fits if pos in f.pos_emb]
+    if not placed:
+        options = " or ".join(f"{POSITION_NAMES.get(p, p)} ({f.title})" for f in fits for p in sorted(f.pos_emb))
+        refuse(f"{POSITION_NAMES.get(pos, pos)} (pos_emb={pos}); transformers models with attn="
+               f"{'/'.join(sorted(used['attn']))} use {options}")
+    placed[0].check(config)
+    return placed[0].model_type
+
+
+def hf_config(config: LLMconfig, eot: int | None = None):
+    """The transformers configuration of our model; eot becomes its bos and eos token id."""
+    t = _transformers()
+    fam = FAMILIES[family(config)]
+    return getattr(t, fam.config_class)(vocab_size=config.vocab_size, tie_word_embeddings=config.tie_embeddings,
+                                        bos_token_id=eot, eos_token_id=eot, **fam.hf_fields(config))
+
+
+def to_hf(model: LLM, eot: int | None = None):
+    """A transformers model equal to ours (fp32), built from its config with our weights copied in."""
+    hf = _transformers().AutoModelForCausalLM.from_config(hf_config(model.config, eot)).float()
+    theirs = saved_tensors(hf)
+    pairs = weight_pairs(model, FAMILIES[family(model.config)])
+    missing = sorted(set(theirs) - {p.theirs for p in pairs})
+    unexpected = [p.theirs for p in pairs if p.theirs not in theirs]
+    if missing or unexpected:
+        raise RuntimeError(f"export mapping is incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, _, ours in pairs:
+            if ours is None:
+                theirs[name].zero_()  # a tensor transformers always has and we do not (a bias)
+            else:
+                copy_weight(theirs[name], ours, name)
+    return hf
+
+
+def config_from_hf(hf_cfg) -> LLMconfig:
+    """Our configuration of a transformers configuration of a registered family (GPT-2, Llama, DeepseekV3)."""
+    fam = FAMILIES.get(hf_cfg.model_type)
+    if fam is None:
+        raise ConfigError(f"cannot import model_type {hf_cfg.model_type!r}; supported: {', '.join(FAMILIES)}")
+    config = LLMconfig(vocab_size=hf_cfg.vocab_size, tie_embeddings=hf_cfg.tie_word_embeddings,
+                       **fam.our_fields(hf_cfg))
+    config = dataclasses.replace(config, layers=[resolve_block(b, config.n_embd) for b in config.layers])
+    validate_model(config)
+    return config
+
+
+def from_hf(directory: str, **overrides) -> LLM:
+    """Our model with the weights of a transformers directory of a registered family; `overrides` set model
+    fields that do not change the weights (dropout, attn_backend)."""
+    t = _transformers()
+    try:
+        hf = t.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load a transformers model from {directory!r}: {str(e).splitlines()[0]}") from None
+    model = LLM(dataclasses.replace(config_from_hf(hf.config), **overrides))
+    kind = family(model.config)
+    theirs = hf.state_dict()
+    with torch.no_grad():
+        for name, _, ours in weight_pairs(model, FAMILIES[kind]):
+            if ours is None:
+                continue  # transformers' tensor is zero where we have none
+            if name not in theirs:
+                raise ConfigError(f"{directory}: weight {name} not found; is it a {kind} checkpoint?")
+            copy_weight(ours, theirs[name], name)  # `ours` is a view of our parameter in transformers' layout
+    return model

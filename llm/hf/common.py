@@ -1,0 +1,165 @@
+"""What a transformers family declares (`Family`) and the pieces the families share: weight-map entries (`Weight`)
+with their layout transforms, the check that all layers agree, refusals, and applying a map to our model."""
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+from torch import nn
+
+from ..config import ACTIVATION_ALIASES, BlockConfig, ConfigError, LLMconfig
+from ..model import LLM
+
+Transform = Callable[[torch.Tensor, LLMconfig, BlockConfig | None], torch.Tensor]
+"""Our tensor, the model config and the layer's spec (None for model-wide tensors) -> a view of the tensor in
+transformers' layout."""
+
+
+def as_is(tensor: torch.Tensor, config: LLMconfig, layer: BlockConfig | None) -> torch.Tensor:
+    """The same layout on both sides."""
+    return tensor
+
+
+def transposed(tensor: torch.Tensor, config: LLMconfig, layer: BlockConfig | None) -> torch.Tensor:
+    """GPT-2's Conv1D stores (in, out) where our Linear stores (out, in)."""
+    return tensor.T  # (in, out)
+
+
+def vocab_rows(tensor: torch.Tensor, config: LLMconfig, layer: BlockConfig | None) -> torch.Tensor:
+    """Embedding or output-head rows without our padding beyond vocab_size."""
+    return tensor[: config.vocab_size]  # (vocab_size, C)
+
+
+def gate_rows(tensor: torch.Tensor, config: LLMconfig, layer: BlockConfig | None) -> torch.Tensor:
+    """The gate half of our fused [gate | up] projection (weight or bias)."""
+    return tensor.chunk(2)[0]  # (up_dim, C) or (up_dim,)
+
+
+def up_rows(tensor: torch.Tensor, config: LLMconfig, layer: BlockConfig | None) -> torch.Tensor:
+    """The up half of our fused [gate | up] projection (weight or bias)."""
+    return tensor.chunk(2)[1]  # (up_dim, C) or (up_dim,)
+
+
+@dataclass(frozen=True)
+class Weight:
+    """One entry of a weight map: a transformers tensor name and the name of our tensor it is a view of.
+
+    In per-layer entries "{i}" stands for the layer index. An entry applies where our model has the tensor `ours`,
+    so bias entries apply only to models with biases, and a layer's MLA or MoE entries only to such layers.
+    `transform` gives our tensor in transformers' layout as a view: export reads it, import copies into it in place.
+    With `zero_if_absent` transformers always has the tensor: where our module exists but has no such tensor (no
+    bias, no selection bias), export writes zeros and import skips it.
+    """
+
+    theirs: str
+    ours: str
+    transform: Transform = as_is
+    zero_if_absent: bool = False
+
+
+@dataclass(frozen=True)
+class Family:
+    """A transformers model family that our models convert to and from (one file in llm/hf/, one registry line).
+
+    - `model_type`: transformers' name for it (config.json's model_type), the registry key.
+    - `title`: its name in messages ("GPT-2").
+    - `attn`, `ffn`, `pos_emb`: the values of these config fields it represents. A model exports to the first
+      registered family whose sets hold all its layers' mixer and feed-forward kinds and its pos_emb.
+    - `check(config)`: refuses what else the family cannot represent, with `refuse(...)` ("cannot export: ...");
+      once it passes, `hf_fields` may read any layer for the fields it checked to agree.
+    - `config_class`: the transformers configuration class, by name (transformers is imported only by
+      llm/hf/__init__.py).
+    - `hf_fields(config)`: that class's arguments for our config, beyond vocab_size, tie_word_embeddings and the
+      bos/eos token ids.
+    - `our_fields(hf_cfg)`: our LLMconfig fields, unresolved layers included, for its configuration, beyond
+      vocab_size and tie_embeddings; refuses what we cannot represent with ConfigError("cannot import ...").
+    - `weights`, `layer_weights`: the weight map, model-wide entries and per-layer entries ("{i}").
+    """
+
+    model_type: str
+    title: str
+    attn: frozenset[str]
+    ffn: frozenset[str]
+    pos_emb: frozenset[str]
+    check: Callable[[LLMconfig], None]
+    config_class: str
+    hf_fields: Callable[[LLMconfig], dict]
+    our_fields: Callable[[object], dict]
+    weights: tuple[Weight, ...]
+    layer_weights: tuple[Weight, ...]
+
+
+def refuse(feature: str) -> None:
+    """Refuses an export, naming the feature that blocks it and, where there is one, the fix."""
+    raise ConfigError(f"cannot export: {feature}")
+
+
+def same(values: list, feature: str) -> None:
+    """Refuses unless every layer has the same value (transformers models use one value for all layers)."""
+    if any(v != values[0] for v in values):
+        refuse(f"layers differ in {feature} ({sorted(set(map(str, values)))}); "
+               "transformers models use one value for all layers")
+
+
+def uniform(layers: list[BlockConfig], *fields: str) -> None:
+    """Refuses unless all `layers` agree in each of the named BlockConfig fields."""
+    for field in fields:
+        same([getattr(b, field) for b in layers], field)
+
+
+def act_name(block: BlockConfig) -> str:
+    """The layer's activation with aliases resolved (swish -> silu)."""
+    return ACTIVATION_ALIASES.get(block.non_linearity, block.non_linearity)
+
+
+def hf_rope_rms_fields(config: LLMconfig) -> dict:
+    """The transformers fields of a Llama-style decoder (RoPE, RMSNorm, SiLU gates) that mean what ours do."""
+    return dict(hidden_size=config.n_embd, num_hidden_layers=config.n_layer, max_position_embeddings=config.block_size,
+                rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, hidden_act="silu")
+
+
+def our_rope_rms_fields(hf_cfg) -> dict:
+    """Our fields of a Llama-style transformers configuration: RoPE with its theta, RMSNorm with its eps."""
+    rope_theta = (getattr(hf_cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(hf_cfg, "rope_theta", 1e4))
+    return dict(block_size=hf_cfg.max_position_embeddings, n_embd=hf_cfg.hidden_size, n_layer=hf_cfg.num_hidden_layers,
+                pos_emb="rope", rope_theta=float(rope_theta), norm="rms", norm_eps=hf_cfg.rms_norm_eps)
+
+
+class Pair(NamedTuple):
+    """A weight-map entry applied to one model."""
+
+    theirs: str  # the transformers tensor name
+    ours: str  # our tensor name
+    tensor: torch.Tensor | None  # a view of our tensor in transformers' layout; None: transformers' is zero
+
+
+def saved_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """A module's parameters and saved buffers by name, a tied weight once (under its first name)."""
+    saved = module.state_dict(keep_vars=True)
+    return {name: t for name, t in [*module.named_parameters(), *module.named_buffers()] if name in saved}
+
+
+def weight_pairs(model: LLM, family: Family) -> list[Pair]:
+    """The family's weight map applied to our model: its model-wide entries, then its layer entries for each layer,
+    each where it applies. Raises RuntimeError if one of our tensors is left out (the map is incomplete)."""
+    ours, modules = saved_tensors(model), dict(model.named_modules())
+    entries = [(w, None) for w in family.weights]
+    entries += [(w, i) for i in range(len(model.config.layers)) for w in family.layer_weights]
+    pairs = []
+    for weight, i in entries:
+        theirs, name = weight.theirs.format(i=i), weight.ours.format(i=i)
+        layer = None if i is None else model.config.layers[i]
+        if name in ours:
+            pairs.append(Pair(theirs, name, weight.transform(ours[name], model.config, layer)))
+        elif weight.zero_if_absent and name.rpartition(".")[0] in modules:
+            pairs.append(Pair(theirs, name, None))
+    left_out = sorted(set(ours) - {p.ours for p in pairs})
+    if left_out:
+        raise RuntimeError(f"the {family.title} weight map leaves out our tensors {left_out[:5]}")
+    return pairs
+
+
+def copy_weight(target: torch.Tensor, source: torch.Tensor, name: str) -> None:
+    """target.copy_(source) in place, refusing different shapes (which copy_ could broadcast)."""
+    if target.shape != source.shape:
+        raise ConfigError(f"weight {name} has shape {tuple(source.shape)} where {tuple(target.shape)} is expected")
+    target.copy_(source)
