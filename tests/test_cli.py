@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from llm.config import BlockConfig, ConfigError, eval_int_expr, exit_on_user_error, parse
+from llm.model.registry import FFNS, MIXERS
 from tests.conftest import REPO
 
 ALL_FLAGS = [
@@ -273,8 +274,9 @@ def test_moe_is_a_spelling_of_ffn_everywhere(tmp_path, capsys):
     (["--moe", "--no-moe"], "--moe contradicts --no-moe"),
     (["--layer_configs", '[{"attn": "mha", "n_head": 4, "moe": true, "ffn": "dense", "up_dim": 8, '
                          '"non_linearity": "relu"}]'], '"moe": true contradicts "ffn": "dense"; keep only "ffn"'),
-    (["--ffn", "mo"], "ffn='mo' is not a registered kind; use --ffn with one of dense, moe"),
-    (["--attn", "gqq"], 'attn=\'gqq\' is not a registered kind; use --attn with one of mha, mqa, gqa, mla (did you mean "gqa"?)'),
+    (["--ffn", "mo"], f"ffn='mo' is not a registered kind; use --ffn with one of {', '.join(FFNS)}"),
+    (["--attn", "gqq"], f"attn='gqq' is not a registered kind; use --attn with one of {', '.join(MIXERS)} "
+                        '(did you mean "gqa"?)'),
     (["--objective", "mlm"], "objective='mlm' is not a registered kind"),
 ])
 def test_kind_names_and_their_spellings_are_checked(argv, message):

@@ -1,0 +1,141 @@
+"""README.md and docs/*.md: every flag they write exists in the help of the entry point that takes it, README stays
+short, its test command is the one CI runs, and their relative links point at files that exist."""
+import os
+import re
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+DOCS = [REPO / "README.md", REPO / "data" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+README_MAX_LINES = 250
+README_TEST_COMMAND = ("python -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 -e '.[dev]' && "
+                       "python -m pytest -q")
+
+# Entry point -> the command that prints its help.
+HELP_COMMANDS = {
+    "train.py": ["train.py", "--help"],
+    "sample.py": ["sample.py", "--help"],
+    "llm.data.prepare": ["-m", "llm.data.prepare", "--help"],
+    "llm.export": ["-m", "llm.export", "--help"],
+    "llm.bench": ["-m", "llm.bench", "--help"],
+    "llm.report": ["-m", "llm.report", "--help"],
+}
+# How a command line names each entry point. The scripts pass their extra arguments to train.py.
+ENTRY_PATTERNS = [
+    ("train.py", r"(?<![\w./-])(?:\S*/)?train\.py(?![\w.])"),
+    ("sample.py", r"(?<![\w./-])(?:\S*/)?sample\.py(?![\w.])"),
+    ("llm.data.prepare", r"-m\s+llm\.data\.prepare\b"),
+    ("llm.export", r"-m\s+llm\.export\b"),
+    ("llm.bench", r"-m\s+llm\.bench\b"),
+    ("llm.report", r"-m\s+llm\.report\b"),
+    ("train.py", r"\bbash\s+\S*scripts/\w+\.sh\b"),
+]
+ENTRY = re.compile("|".join(f"(?P<e{i}>{pattern})" for i, (_, pattern) in enumerate(ENTRY_PATTERNS)))
+# Flags of other tools that the docs show (torchrun, lm_eval); commands of pip, lm_eval and git are skipped whole.
+EXTERNAL_FLAGS = re.compile(r"nproc_per_node|nnodes|rdzv_\w*|model_args|tasks|model")
+EXTERNAL_COMMANDS = ("pip", "lm_eval", "git")
+FLAG = re.compile(r"(?<![\w-])--([A-Za-z][\w-]*)")
+FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
+INLINE_CODE = re.compile(r"`([^`]+)`")  # may span lines
+
+
+def flags_in(text: str) -> set[str]:
+    """Flag names in text, hyphens read as underscores (the CLIs accept both spellings)."""
+    return {name.replace("-", "_") for name in FLAG.findall(text)}
+
+
+@pytest.fixture(scope="module")
+def helps() -> dict[str, set[str]]:
+    """Entry point -> the flags its --help shows (each entry point run once, all at the same time)."""
+    env = {**os.environ, "COLUMNS": "200"}
+
+    def run(args: list[str]) -> str:
+        result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                                timeout=300, check=False)
+        assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stderr[-2000:]}"
+        return result.stdout
+
+    with ThreadPoolExecutor(len(HELP_COMMANDS)) as pool:
+        texts = dict(zip(HELP_COMMANDS, pool.map(run, HELP_COMMANDS.values())))
+    found = {entry: flags_in(text) for entry, text in texts.items()}
+    found["llm.bench"] |= found["train.py"]  # the benchmark takes every train.py flag besides its own
+    return found
+
+
+def code_commands(code: str) -> list[str]:
+    """The commands in code: lines with their backslash continuations joined, comments split off as lines of their
+    own, and pipelines and chains split."""
+    lines = re.sub(r"\\\n", " ", code).splitlines()
+    commands = []
+    for line in lines:
+        command, _, comment = line.partition(" #")
+        commands += re.split(r"&&|\|\||;|\s\|\s", command) + [comment]
+    return commands
+
+
+def flag_uses(doc: Path) -> list[tuple[str | None, str, str]]:
+    """(entry point or None, flag, where) for every flag in the doc: flags after an entry point on a command line
+    belong to it; every other flag (prose, output, other tools) belongs to None."""
+    text = doc.read_text()
+    prose = FENCE.sub("", text)
+    commands = [c for block in FENCE.findall(text) for c in code_commands(block)]
+    commands += [c for span in INLINE_CODE.findall(prose) for c in code_commands(" ".join(span.split()))]
+    uses = [(None, flag, "prose") for flag in flags_in(INLINE_CODE.sub("", prose))]
+    for command in commands:
+        words = [w for w in command.split() if not re.fullmatch(r"\w+=\S*|\$", w)]
+        if not words or words[0] in EXTERNAL_COMMANDS:
+            continue
+        match = ENTRY.search(command)
+        entry = ENTRY_PATTERNS[int(match.lastgroup[1:])][0] if match else None
+        before, after = (command[:match.start()], command[match.end():]) if match else (command, "")
+        uses += [(None, flag, command.strip()) for flag in flags_in(before)]
+        uses += [(entry, flag, command.strip()) for flag in flags_in(after)]
+    return [use for use in uses if not EXTERNAL_FLAGS.fullmatch(use[1])]
+
+
+def unknown_flags(doc: Path, helps: dict[str, set[str]]) -> list[str]:
+    everywhere = set().union(*helps.values())
+    return sorted(f"--{flag} ({where}): not in {'the help of ' + entry if entry else 'any entry point help'}"
+                  for entry, flag, where in flag_uses(doc) if flag not in (helps[entry] if entry else everywhere))
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.relative_to(REPO).as_posix() for d in DOCS])
+def test_every_flag_in_the_docs_exists(doc, helps):
+    assert unknown_flags(doc, helps) == []
+
+
+def test_flags_are_checked_against_their_entry_point(helps, tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text("Use `--max_iters` and `--made_up_flag`, not --made_up_too.\n\n```bash\n"
+                   "python sample.py --ckpt out/run --max_iters 3   # --prompt is sample.py's\n"
+                   "torchrun --nproc_per_node 2 train.py --dist fsdp\n"
+                   "python -m llm.bench --steps 3 --n_layer 2 && python -m llm.report out/run --steps 3\n```\n")
+    assert unknown_flags(doc, helps) == [
+        "--made_up_flag (--made_up_flag): not in any entry point help",
+        "--made_up_too (prose): not in any entry point help",
+        "--max_iters (python sample.py --ckpt out/run --max_iters 3): not in the help of sample.py",
+        "--steps (python -m llm.report out/run --steps 3): not in the help of llm.report",
+    ]
+
+
+def test_readme_is_short_and_its_test_command_is_the_one_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= README_MAX_LINES
+    commands = [line for block in FENCE.findall(readme) for line in block.splitlines() if "pytest" in line]
+    assert commands == [README_TEST_COMMAND]
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    ci_tests = [line.strip() for line in ci if "pytest" in line and not line.lstrip().startswith("#")]
+    assert ci_tests == [README_TEST_COMMAND.rpartition(" && ")[2]] == ["python -m pytest -q"]
+    assert any("torch==2.13.0" in line for line in ci) and any("-e '.[dev]'" in line for line in ci)
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.relative_to(REPO).as_posix() for d in DOCS])
+def test_relative_links_point_at_files(doc):
+    targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text())
+    missing = [t for t in targets if "://" not in t and not (doc.parent / t).exists()]
+    assert missing == []
