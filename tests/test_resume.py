@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from llm.config import ConfigError, parse
+from llm.config import ConfigError, config_dict, parse
 from llm.model import LLM
 from llm import checkpoint as checkpoint_module
 from llm.train import loop, train
@@ -207,3 +207,15 @@ def test_resume_drops_a_torn_last_row(char_data, tmp_path):
     path.write_text(path.read_text() + '{"step": 4, "lo')  # a write cut short by a kill
     rows = run(char_data, tmp_path, "t", "--resume", "auto", "--max_iters", "6")
     assert [row["step"] for row in rows] == list(range(6))
+
+
+def test_a_config_saved_before_ffn_and_objective_resumes_without_differences():
+    model, cfg = parse(["--moe", "--n_layer", "2"])
+    current = config_dict(model, cfg)
+    older = json.loads(json.dumps(current))
+    for layer in older["model"]["layers"]:
+        layer["moe"] = layer.pop("ffn") == "moe"  # how configs were written when the kind was a switch
+    del older["model"]["objective"]
+    assert checkpoint_module.config_differences(older, 1, current, 1) == []
+    older["model"]["layers"][1]["moe"] = False
+    assert checkpoint_module.config_differences(older, 1, current, 1)[0].startswith("layers: ")
