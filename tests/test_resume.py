@@ -60,7 +60,10 @@ def test_sigterm_saves_and_resume_latest_continues_exactly(char_data, tmp_path, 
         return schedule(step, cfg)
 
     monkeypatch.setattr(loop, "learning_rate", signal_at_step_3)
-    first = losses(run(char_data, tmp_path, "r"))
+    with pytest.raises(SystemExit) as stopped:
+        run(char_data, tmp_path, "r")
+    assert stopped.value.code == 143  # 128 + SIGTERM: schedulers requeue, shell loops stop
+    first = losses([json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()])
     assert sorted(first) == [0, 1, 2, 3]  # stopped after the step during which the signal came
     assert [p.name for p in step_checkpoints(tmp_path / "r")] == ["step_0000004"]
     monkeypatch.setattr(loop, "learning_rate", schedule)
@@ -219,3 +222,20 @@ def test_a_config_saved_before_ffn_and_objective_resumes_without_differences():
     assert checkpoint_module.config_differences(older, 1, current, 1) == []
     older["model"]["layers"][1]["moe"] = False
     assert checkpoint_module.config_differences(older, 1, current, 1)[0].startswith("layers: ")
+
+
+def test_ctrl_c_saves_then_train_py_and_the_sweep_exit_130(char_data, tmp_path):
+    """SIGINT to the sweep's process group (Ctrl-C in a terminal): the run saves, exits 130, and the sweep stops."""
+    env = {**os.environ, "ATTNS": "mha gqa", "MOES": "0", "MAX_ITERS": "100000", "BATCH_SIZE": "4",
+           "TOTAL_BATCH": "4*128", "OUT_DIR": str(tmp_path)}
+    sweep = subprocess.Popen(["bash", str(REPO / "scripts" / "sweep.sh"), "--data_dir", str(char_data.parent),
+                              "--n_layer", "1", "--log_interval", "1", "--save_model"], env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    for line in sweep.stdout:
+        if line.startswith("step"):
+            os.killpg(sweep.pid, signal.SIGINT)
+            break
+    out, _ = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, out
+    assert "=== sweep_mha_dense was interrupted (exit 130); stopping the sweep" in out
+    assert step_checkpoints(tmp_path / "sweep_mha_dense") and not (tmp_path / "sweep_gqa_dense").exists()

@@ -44,17 +44,25 @@ def resolve_vocab(model_config: LLMconfig, meta: dict, dataset: str) -> LLMconfi
     return model_config
 
 
+class Interrupted(SystemExit):
+    """Raised once the checkpoint that a signal asked for is saved: the exit status is 128 + the signal's number
+    (130 for SIGINT, 143 for SIGTERM), as shells and schedulers expect, so a sweep stops and a job is requeued."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+
+
 class StopRequest:
     """Turns SIGINT and SIGTERM into a request to stop after the current step; restores the handlers on exit."""
 
     def __enter__(self) -> "StopRequest":
-        self.signal_name, self.previous = None, {}
+        self.signum, self.previous = None, {}
         if threading.current_thread() is threading.main_thread():
             self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def _handle(self, signum, frame) -> None:
-        self.signal_name = signal.Signals(signum).name
+        self.signum = signum
 
     def __exit__(self, *exc) -> None:
         for s, handler in self.previous.items():
@@ -62,13 +70,17 @@ class StopRequest:
 
 
 def train(model_config: LLMconfig, cfg: Trainconfig) -> dict:
-    """Trains the model described by the configs (resuming when asked) and returns the last metrics.
+    """Trains the model described by the configs (resuming when asked) and returns the last metrics; raises
+    Interrupted after saving when SIGINT or SIGTERM stopped it.
 
     Under torchrun every rank runs this; rank 0 alone prints, logs and writes files.
     """
     job = init_distributed(cfg.device)
     try:
         metrics = run(model_config, cfg, job)
+    except Interrupted:
+        job.close()  # every rank stopped after the same step and saved together
+        raise
     except BaseException:
         if job.world_size > 1:
             torch.distributed.destroy_process_group()
@@ -192,7 +204,7 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
                                     s.optimizer, cfg, job)
                 s.guard.record(step, result.loss)
                 # Ranks must stop at the same step; agreeing on it costs a host sync per step, paid only under torchrun.
-                stopping = job.any(stop.signal_name is not None, s.precision.device)
+                stopping = job.any(stop.signum is not None, s.precision.device)
                 if step % cfg.log_interval == 0 or step == cfg.max_iters - 1 or stopping:
                     s.guard.check()
                     metrics = step_metrics(s, step, lr, result, (time.perf_counter() - t0) / (step - last_logged))
@@ -206,7 +218,7 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
                 if stopping:
                     if job.is_main:
                         print(f"stopped by a signal after step {step}; continue with --resume latest")
-                    break
+                    raise Interrupted(stop.signum or signal.SIGTERM)  # a rank stopped by another's signal: SIGTERM
     finally:
         if log is not None:
             log.close()
