@@ -104,12 +104,32 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
     return found[-1]
 
 
+def layer_differences(saved: list[dict], current: list[dict]) -> list[tuple[str, object, object]]:
+    """(name, saved, current) for each layer field that differs, as `layers[2].n_head`, or `layers[*].n_head` when
+    every layer changed it the same way; nothing when the layer count differs (n_layer says so)."""
+    if len(saved) != len(current):
+        return []
+    changed: dict[tuple, list[int]] = {}
+    for i, (old, new) in enumerate(zip(saved, current)):
+        for key, value in new.items():
+            if old.get(key) != value:
+                changed.setdefault((key, old.get(key), value), []).append(i)
+    return [(f"layers[{layer_set(layers, len(current))}].{key}", old, new)
+            for (key, old, new), layers in changed.items()]
+
+
+def layer_set(layers: list[int], count: int) -> str:
+    """'*' when the indices cover all `count` layers, else the indices joined by commas."""
+    return "*" if len(layers) == count else ",".join(map(str, layers))
+
+
 def config_differences(saved: dict, saved_ranks: int, current: dict, ranks: int) -> list[str]:
     """'name: saved -> current' for every model field (the attention kernel aside), trajectory field and global
     micro-batch that differ. The saved model is read as a config first, so fields added since it was written take
     their defaults and older spellings (`moe`) their current form."""
     saved_model = dataclasses.asdict(model_config_from_dict(saved["model"], "checkpoint config.json model"))
-    pairs = [(k, saved_model.get(k), v) for k, v in current["model"].items() if k != "attn_backend"]
+    pairs = [(k, saved_model.get(k), v) for k, v in current["model"].items() if k not in ("attn_backend", "layers")]
+    pairs += layer_differences(saved_model["layers"], current["model"]["layers"])
     pairs += [(k, saved["train"].get(k), current["train"][k]) for k in TRAJECTORY_FIELDS]
     differences = [f"{name}: {old!r} -> {new!r}" for name, old, new in pairs if old != new]
     old_batch, new_batch = saved["train"]["batch_size"], current["train"]["batch_size"]

@@ -221,7 +221,7 @@ def test_a_config_saved_before_ffn_and_objective_resumes_without_differences():
     del older["model"]["objective"]
     assert checkpoint_module.config_differences(older, 1, current, 1) == []
     older["model"]["layers"][1]["moe"] = False
-    assert checkpoint_module.config_differences(older, 1, current, 1)[0].startswith("layers: ")
+    assert checkpoint_module.config_differences(older, 1, current, 1) == ["layers[1].ffn: 'dense' -> 'moe'"]
 
 
 def test_ctrl_c_saves_then_train_py_and_the_sweep_exit_130(char_data, tmp_path):
@@ -239,3 +239,15 @@ def test_ctrl_c_saves_then_train_py_and_the_sweep_exit_130(char_data, tmp_path):
     assert sweep.returncode == 130, out
     assert "=== sweep_mha_dense was interrupted (exit 130); stopping the sweep" in out
     assert step_checkpoints(tmp_path / "sweep_mha_dense") and not (tmp_path / "sweep_gqa_dense").exists()
+
+
+def test_resume_with_other_layer_fields_names_only_those_fields(char_data, tmp_path):
+    run(char_data, tmp_path, "l", "--save_model", "--max_iters", "2", "--ckpt_interval", "2")
+    with pytest.raises(ConfigError) as refused:
+        run(char_data, tmp_path, "l", "--resume", "latest", "--n_head", "4")
+    message = str(refused.value)
+    assert "(layers[*].n_head: 2 -> 4)" in message and len(message) < 300, message
+    old = {"attn": "mha", "n_head": 2, "ffn": "dense"}
+    new = [old, {**old, "n_head": 4}, old, {**old, "ffn": "moe"}]
+    assert checkpoint_module.layer_differences([old] * 4, new) == [("layers[1].n_head", 2, 4),
+                                                                   ("layers[3].ffn", "dense", "moe")]
