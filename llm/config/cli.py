@@ -173,6 +173,8 @@ def _with_layers(args: Args, given: set[str]) -> tuple[LLMconfig, list[str]]:
                               "edit model.layers in the file or pass --layer_configs_jsonl")
         blocks, wheres = model.layers, [f"model.layers item {i}" for i in range(len(model.layers))]
     else:
+        if model.n_layer < 1:
+            raise ConfigError(f"n_layer={model.n_layer} must be >= 1")
         blocks, wheres = [args.layer] * model.n_layer, [""] * model.n_layer
     layers = [resolve_block(copy.copy(b), model.n_embd) for b in blocks]
     return dataclasses.replace(model, n_layer=len(layers), layers=layers), wheres

@@ -1,5 +1,7 @@
 """Every cross-field check in one place. Each failure is a ConfigError naming the field, value and fix."""
+import dataclasses
 import importlib.util
+import math
 import re
 from dataclasses import replace
 
@@ -12,6 +14,14 @@ from .schema import BlockConfig, LLMconfig, Trainconfig
 def resolve_block(block: BlockConfig, n_embd: int) -> BlockConfig:
     """Fills derived per-layer defaults (up_dim = 4 * n_embd when unset)."""
     return replace(block, up_dim=4 * n_embd) if block.up_dim is None else block
+
+
+def check_finite(config) -> None:
+    """Every float field of a config dataclass is a finite number (inf and nan parse as floats)."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        require(not isinstance(value, float) or math.isfinite(value),
+                f"{field.name}={value} must be a finite number")
 
 
 def check_kind(field: str, name: str, registry: dict) -> None:
@@ -28,6 +38,7 @@ def validate_block(b: BlockConfig, m: LLMconfig, where: str) -> None:
     from ..model.registry import FFNS, MIXERS  # the kinds, with their modules and checks
 
     try:
+        check_finite(b)
         check_kind("attn", b.attn, MIXERS)
         check_kind("ffn", b.ffn, FFNS)
         MIXERS[b.attn].validate(b, m)
@@ -41,6 +52,7 @@ def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     from ..model.registry import OBJECTIVES
 
     check_kind("objective", m.objective, OBJECTIVES)
+    check_finite(m)
     require(m.vocab_size is None or m.vocab_size >= 1, f"vocab_size={m.vocab_size} must be >= 1")
     for name in ("block_size", "n_embd", "n_layer"):
         value = getattr(m, name)
@@ -65,6 +77,7 @@ def total_batch_tokens(t: Trainconfig) -> int:
 
 def validate_train(t: Trainconfig, m: LLMconfig) -> None:
     """Checks the run's values, including that the batch splits into whole micro-steps."""
+    check_finite(t)
     for name, low in (("batch_size", 1), ("max_iters", 0), ("warmup_steps", 0), ("eval_interval", 1),
                       ("eval_iters", 1), ("ckpt_interval", 1), ("log_interval", 1),
                       ("keep_last", 1)):
