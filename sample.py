@@ -3,6 +3,9 @@
     python sample.py --ckpt out/run                              # the run's best (else newest) checkpoint
     python sample.py --ckpt out/run --prompt "ROMEO:" --temperature 0 --max_new_tokens 100
     python sample.py --ckpt out/run/checkpoints/step_0000500 --prompt "Once" "Upon a" --num_samples 2
+
+A prompt longer than the model's block_size keeps its last block_size tokens (with a notice on stderr), or is
+refused with --strict_prompt.
 """
 import sys
 import time
@@ -25,6 +28,8 @@ class SampleArgs:
     """One or more prompts, generated as one batch (default: the end-of-text token, or a newline)."""
     prompt_file: str | None = None
     """A file whose whole text is one more prompt."""
+    strict_prompt: bool = False
+    """Refuse a prompt longer than block_size (by default it keeps its last block_size tokens, with a notice)."""
     max_new_tokens: int = 200
     """Tokens to generate per sample (a sample stops early at end-of-text)."""
     temperature: float = 0.8
@@ -52,6 +57,19 @@ def check(args: SampleArgs) -> None:
         raise ConfigError(f"--top_k={args.top_k} must be >= 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ConfigError(f"--top_p={args.top_p} must be in (0, 1]")
+
+
+def fit_to_block(tokens: list[int], index: int, block_size: int, strict: bool) -> list[int]:
+    """The prompt's tokens as the model can take them: a prompt longer than block_size keeps its last block_size
+    tokens, with a notice on stderr naming it by `index` (0-based), or is refused when `strict`."""
+    if len(tokens) <= block_size:
+        return tokens
+    too_long = f"prompt {index + 1} has {len(tokens)} tokens, more than block_size={block_size}"
+    if strict:
+        raise ConfigError(f"--strict_prompt: {too_long}; shorten it, or drop --strict_prompt to keep its last "
+                          f"{block_size} tokens")
+    print(f"note: {too_long}; keeping its last {block_size}", file=sys.stderr)
+    return tokens[-block_size:]
 
 
 class Printer:
@@ -90,19 +108,17 @@ def main(argv: list[str] | None = None) -> None:
         if not texts:
             texts = [""]
         eot = tokenizer.eot
-        prompts = [tokenizer.encode(t) or ([eot] if eot is not None else tokenizer.encode("\n"))
-                   for t in texts for _ in range(args.num_samples)]
+        encoded = [fit_to_block(tokenizer.encode(t) or ([eot] if eot is not None else tokenizer.encode("\n")), i,
+                                model.config.block_size, args.strict_prompt) for i, t in enumerate(texts)]
+        prompts = [p for p in encoded for _ in range(args.num_samples)]
         generator = torch.Generator(device=device).manual_seed(args.seed)
         printer = Printer(tokenizer, streaming=len(prompts) == 1)
         print(f"{folder} ({sum(p.numel() for p in model.parameters()):,} parameters) on {device}", file=sys.stderr)
         if printer.streaming:
             print(texts[0], end="", flush=True)
         start = time.perf_counter()
-        try:
-            outputs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eot,
-                               generator, use_cache=args.cache, on_step=printer)
-        except ValueError as e:  # a prompt longer than block_size
-            raise ConfigError(str(e)) from None
+        outputs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eot,
+                           generator, use_cache=args.cache, on_step=printer)
         seconds = time.perf_counter() - start
     for i, (prompt, output) in enumerate(zip(prompts, outputs)):
         if printer.streaming:

@@ -1,9 +1,11 @@
 """Export a checkpoint as a transformers model directory (config.json, model.safetensors, tokenizer files).
 
     python -m llm.export --ckpt out/run --out hf/run
+    python -m llm.export --ckpt out/run --out hf/run --overwrite    # replace an earlier export
     python -c "import transformers; transformers.AutoModelForCausalLM.from_pretrained('hf/run')"
 """
 import base64
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -11,7 +13,7 @@ from pathlib import Path
 
 import tyro
 
-from .config import exit_on_user_error
+from .config import ConfigError, exit_on_user_error
 from .data.tokenizers import END_OF_TEXT, GPT2Tokenizer
 from .hf import to_hf
 from .checkpoint import load_trained
@@ -24,7 +26,9 @@ class ExportArgs:
     ckpt: str
     """A run folder (its best checkpoint, else its newest) or a checkpoint folder."""
     out: str
-    """The directory to write."""
+    """The directory to write; it must not exist or be empty, unless --overwrite."""
+    overwrite: bool = False
+    """Replace the --out directory when it already holds files."""
 
 
 def save_gpt2_tokenizer(out: Path) -> None:
@@ -43,11 +47,21 @@ def save_gpt2_tokenizer(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def export(ckpt: str, out: str) -> Path:
-    """Writes the checkpoint as a transformers directory and returns its path."""
-    _, model, tokenizer = load_trained(ckpt)
-    hf = to_hf(model, tokenizer.get("eot"))
+def export(ckpt: str, out: str, overwrite: bool = False) -> Path:
+    """Writes the checkpoint as a transformers directory and returns its path. A non-empty `out` is refused, or
+    replaced with `overwrite` (once the model has converted, and never when it holds the checkpoint)."""
     target = Path(out)
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"--out={out} is a file; pass a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise ConfigError(f"--out={out} exists and is not empty; pass --overwrite to replace it, or another --out")
+    folder, model, tokenizer = load_trained(ckpt)
+    hf = to_hf(model, tokenizer.get("eot"))
+    if target.is_dir():
+        if target.resolve() in (folder.resolve(), *folder.resolve().parents):
+            raise ConfigError(f"--out={out} holds the checkpoint {folder}, which --overwrite would delete; "
+                              "pass another --out")
+        shutil.rmtree(target)
     hf.save_pretrained(target)
     if tokenizer["tokenizer"] == "gpt2":
         save_gpt2_tokenizer(target)
@@ -57,9 +71,9 @@ def export(ckpt: str, out: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = tyro.cli(ExportArgs, args=argv, use_underscores=True)
+    args = tyro.cli(ExportArgs, args=argv, use_underscores=True, prog="python -m llm.export")
     with exit_on_user_error():
-        export(args.ckpt, args.out)
+        export(args.ckpt, args.out, args.overwrite)
 
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def test_sample_py_streams_from_a_trained_checkpoint(char_data, tmp_path, capsys
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--ckpt", "nowhere"], "no checkpoint there"),
+    (["--ckpt", "nowhere"], "--ckpt=nowhere: "),  # the message after it is llm/checkpoint.py's
     (["--ckpt", "TRAINED", "--prompt", "Ωmega"], "character 'Ω' is not in this char vocabulary"),
     (["--ckpt", "x", "--temperature", "-1"], "--temperature=-1.0 must be >= 0"),
 ])
@@ -153,3 +153,25 @@ def test_sample_py_bad_input_is_one_line(argv, message, capsys, char_data, tmp_p
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
 
+
+
+def test_sample_py_keeps_the_end_of_a_long_prompt_or_refuses_it_with_strict_prompt(char_data, tmp_path, capsys):
+    train(*parse(["--data_dir", str(char_data.parent), "--out_dir", str(tmp_path), "--max_iters", "1",
+                  "--save_model", "--n_layer", "1", "--block_size", "16"]))
+    capsys.readouterr()
+    greedy = ["--ckpt", str(tmp_path / "run"), "--temperature", "0", "--max_new_tokens", "10"]
+    long_prompt = "ROMEO: " * 5 + "JULIET:"  # 42 characters, one token each
+    sample.main(greedy + ["--prompt", long_prompt])
+    captured = capsys.readouterr()
+    assert "note: prompt 1 has 42 tokens, more than block_size=16; keeping its last 16\n" in captured.err
+    assert captured.out.startswith(long_prompt)
+    continuation = captured.out[len(long_prompt):]
+    sample.main(greedy + ["--prompt", long_prompt[-16:]])  # the kept tokens alone continue the same way
+    assert capsys.readouterr().out == long_prompt[-16:] + continuation
+
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(greedy + ["--prompt", "A", long_prompt, "--strict_prompt"])
+    captured = capsys.readouterr()
+    assert exit_info.value.code == 2 and captured.out == ""  # refused before anything is echoed
+    assert captured.err == ("error: --strict_prompt: prompt 2 has 42 tokens, more than block_size=16; shorten it, "
+                            "or drop --strict_prompt to keep its last 16 tokens\n")
