@@ -1,5 +1,8 @@
-"""Tokenizers, dataset preparation from local files (no network) and the loader."""
+"""Tokenizers, dataset preparation from local files (no network) and the loader; damaged inputs are one-line
+errors that name the file."""
+import io
 import json
+import subprocess
 import sys
 import types
 
@@ -11,10 +14,10 @@ import torch
 from llm.config import ConfigError, exit_on_user_error
 from llm.data import prepare as prepare_module
 from llm.data import sources
-from llm.data.loader import TokenLoader
+from llm.data.loader import TokenLoader, read_meta
 from llm.data.prepare import PrepareArgs, prepare
 from llm.data.tokenizers import ByteTokenizer, tokenizer_from_meta
-from tests.conftest import SHAKESPEARE
+from tests.conftest import REPO, SHAKESPEARE
 
 CPU = torch.device("cpu")
 
@@ -180,8 +183,10 @@ def test_named_hf_datasets_use_their_own_splits(tmp_path, monkeypatch):
 BAD_PREPARATIONS = [
     (["text"], "dataset text needs --source PATH"),
     (["text", "--source", "missing_dir"], "no such file or folder"),
+    (["shakespeare", "--source", "missing.txt"], "--source='missing.txt': no such file or folder"),
     (["shakespeare", "--upper"], "--upper applies to the byte tokenizer only"),
     (["shakespeare", "--val_fraction", "1.5"], "--val_fraction=1.5 must be in (0, 1)"),
+    (["shakespeare", "--encoding", "base64"], "--encoding='base64' is not a text encoding Python knows"),
 ]
 
 
@@ -191,12 +196,175 @@ def test_bad_preparation_is_one_line(argv, message, capsys, tmp_path):
         prepare_module.main(argv + ["--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
 
 
-def test_jsonl_without_the_text_field_names_file_line_and_keys(tmp_path):
-    (tmp_path / "d.jsonl").write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"content": "x"}) + "\n")
-    with pytest.raises(ConfigError, match=r"d.jsonl line 2: no text field 'text' \(keys: \['content'\]\)"):
-        prepare(PrepareArgs("text", source=str(tmp_path / "d.jsonl"), out=str(tmp_path / "o"), workers=1))
+def parquet_bytes(**columns) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = io.BytesIO()
+    pq.write_table(pa.table(columns), sink)
+    return sink.getvalue()
+
+
+NOT_UTF8 = ("is not valid utf-8; pass --encoding NAME (e.g. latin-1) if the file uses another encoding, "
+            "or --errors replace")
+# (case, files of the source folder, --source inside it ("": the folder), extra flags, what the one line says)
+DAMAGED_SOURCES = [
+    ("txt not utf-8", {"a.txt": b"hello\nwor\xffld\n"}, "a.txt", [], f"a.txt: byte 9 (0xff) {NOT_UTF8}"),
+    ("txt not utf-8, char tokenizer", {"a.txt": b"hello\nwor\xffld\n"}, "a.txt", ["--tokenizer", "char"],
+     f"a.txt: byte 9 (0xff) {NOT_UTF8}"),
+    ("second file of a folder not utf-8", {"a.txt": b"fine text\n", "b.txt": b"x" * 3000 + b"\xc3("}, "b.txt", [],
+     f"b.txt: byte 3000 (0xc3) {NOT_UTF8}"),
+    ("txt not in the --encoding given", {"a.txt": "café".encode()}, "a.txt", ["--encoding", "ascii"],
+     "a.txt: byte 3 (0xc3) is not valid ascii; pass --encoding NAME"),
+    ("jsonl not utf-8", {"d.jsonl": b'{"text": "ok"}\n{"text": "\xe9t\xe9"}\n'}, "d.jsonl", [],
+     f"d.jsonl: byte 25 (0xe9) {NOT_UTF8}"),
+    ("jsonl line not JSON", {"d.jsonl": b'{"text": "ok"}\n{"text": \n'}, "d.jsonl", [],
+     "d.jsonl line 2: not valid JSON (Expecting value)"),
+    ("jsonl record without the text field", {"d.jsonl": b'{"text": "ok"}\n{"content": "x"}\n'}, "d.jsonl", [],
+     "d.jsonl line 2: no text field 'text' (keys: ['content']); choose it with --text_field"),
+    ("jsonl record not an object", {"d.jsonl": b'{"text": "ok"}\n["x"]\n'}, "d.jsonl", [],
+     "d.jsonl line 2: a JSON list, not an object with a text field 'text' (--text_field)"),
+    ("jsonl text not a string", {"d.jsonl": b'{"text": 3}\n'}, "d.jsonl", [],
+     "d.jsonl line 1: text field 'text' is a int, not a string; choose another with --text_field"),
+    ("parquet damaged", {"p.parquet": b"not parquet"}, "p.parquet", [], "p.parquet: not a readable Parquet file"),
+    ("parquet without the text column", {"p.parquet": parquet_bytes(body=["x"])}, "p.parquet", [],
+     "p.parquet: no column 'text' (columns: ['body']); choose it with --text_field"),
+    ("parquet text column not strings", {"p.parquet": parquet_bytes(text=[1, 2])}, "p.parquet", [],
+     "p.parquet: column 'text' holds int64, not strings"),
+    ("txt empty", {"a.txt": b""}, "a.txt", [], "a.txt: the corpus has only 0 tokens"),
+    ("folder without a usable file", {"notes.md": b"x", "data.csv": b"a,b"}, "", [],
+     "the folder holds no .txt, .jsonl or .parquet file (2 files of other types)"),
+    ("file of another type", {"notes.md": b"x"}, "notes.md", [], ".md is not read; give a .txt, .jsonl or .parquet"),
+    ("source missing", {}, "missing.txt", [], "missing.txt': no such file or folder"),
+]
+
+
+@pytest.mark.parametrize("case,files,source,flags,message", DAMAGED_SOURCES, ids=[c[0] for c in DAMAGED_SOURCES])
+def test_damaged_source_is_one_line_naming_the_file(case, files, source, flags, message, tmp_path, capsys):
+    folder = tmp_path / "src"
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    src = folder / source
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_module.main(["text", "--source", str(src), "--out", str(tmp_path / "o"), "--workers", "1", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    assert message in err and str(src) in err, err
+    assert not (tmp_path / "o").exists()  # no partial file, and no folder this run created
+
+
+def test_prepare_command_on_undecodable_text_exits_2_with_one_line_and_no_tmp_file(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.txt").write_text("fine text\n" * 100)
+    (tmp_path / "src" / "b.txt").write_bytes(b"more text\n" * 100 + b"caf\xe9\n")
+    command = [sys.executable, "-m", "llm.data.prepare", "text", "--source", str(tmp_path / "src"), "--out",
+               str(tmp_path / "o"), "--workers", "2"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"error: {tmp_path / 'src' / 'b.txt'}: byte 1003 (0xe9) {NOT_UTF8}")
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_interrupted_preparation_removes_its_files_and_keeps_the_old_dataset(tmp_path, monkeypatch, capsys):
+    (tmp_path / "t.txt").write_text("some text to tokenize\n" * 50)
+    argv = ["text", "--source", str(tmp_path / "t.txt"), "--workers", "1"]
+    old = prepare(PrepareArgs("text", source=str(tmp_path / "t.txt"), out=str(tmp_path / "old"), workers=1))
+    before = {path.name: path.read_bytes() for path in old.iterdir()}
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prepare_module, "split_tail", interrupt)  # train.bin.tmp is written by then
+    for out in (tmp_path / "new", old):
+        with pytest.raises(SystemExit) as exit_info:
+            prepare_module.main(argv + ["--out", str(out), "--force"])
+        assert exit_info.value.code == 130 and capsys.readouterr().err.count("\n") == 1
+    assert not (tmp_path / "new").exists()
+    assert {path.name: path.read_bytes() for path in old.iterdir()} == before
+
+
+@pytest.mark.parametrize("flags,text", [(["--encoding", "latin-1"], "café\n"), (["--errors", "replace"], "caf\ufffd\n"),
+                                        (["--errors", "ignore"], "caf\n")])
+def test_encoding_and_errors_read_text_that_is_not_utf8(tmp_path, flags, text):
+    (tmp_path / "a.txt").write_bytes(b"caf\xe9\n" * 20)
+    prepare_module.main(["text", "--tokenizer", "char", "--source", str(tmp_path / "a.txt"), "--out",
+                         str(tmp_path / "o"), "--workers", "1", *flags])
+    meta, train, val = prepared(tmp_path / "o")
+    assert tokenizer_from_meta(meta).decode(np.concatenate([train, val]).tolist()) == text * 20
+
+
+def test_a_folder_with_files_of_other_types_says_what_it_skipped(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_text("text to read\n" * 20)
+    for name in ("LICENSE", "b.md", "c.md", "d.csv"):
+        (src / name).write_text("not read")
+    prepare(PrepareArgs("text", source=str(src), out=str(tmp_path / "o"), workers=1))
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: --source={str(src)!r}: skipped 4 files that are not .txt, .jsonl or .parquet "
+                     "(2 .md, 1 without extension, 1 .csv)"]
+
+
+def small_dataset(folder):
+    """A prepared char dataset of 100 uint16 tokens, written by hand."""
+    folder.mkdir()
+    meta = {"tokenizer": "char", "vocab_size": 5, "eot": None, "chars": list("abcde"), "dtype": "uint16",
+            "train_tokens": 100, "val_tokens": 100}
+    (folder / "meta.json").write_text(json.dumps(meta))
+    for split in ("train", "val"):
+        (np.arange(100) % 5).astype(np.uint16).tofile(folder / f"{split}.bin")
+    return folder
+
+
+def open_dataset(folder) -> TokenLoader:
+    """What training does with a dataset folder: read meta.json, then open train.bin with its dtype."""
+    meta = read_meta(folder, folder.name)
+    return TokenLoader(folder / "train.bin", meta["dtype"], 2, 8, CPU, seed=0)
+
+
+def write(path, data: str | bytes):
+    path.write_bytes(data.encode() if isinstance(data, str) else data)
+    return path
+
+
+def edit_meta(folder, **changes):
+    """Rewrites meta.json with keys changed (None: removed)."""
+    meta = json.loads((folder / "meta.json").read_text())
+    meta.update(changes)
+    return write(folder / "meta.json", json.dumps({k: v for k, v in meta.items() if v is not None}))
+
+
+# (case, how to damage the folder (returns the file it damaged), what the one line says)
+DAMAGED_DATASETS = [
+    ("meta.json not JSON", lambda d: write(d / "meta.json", '{"vocab'),
+     "meta.json is not valid JSON (Unterminated string"),
+    ("meta.json empty", lambda d: write(d / "meta.json", ""), "meta.json is empty"),
+    ("meta.json binary", lambda d: write(d / "meta.json", b"\x00\xff\xfe"), "meta.json is not valid JSON"),
+    ("meta.json not an object", lambda d: write(d / "meta.json", "[1, 2]"), "holds a JSON list, not an object"),
+    ("meta.json without keys", lambda d: edit_meta(d, tokenizer=None, vocab_size=None), "lacks tokenizer, vocab_size"),
+    ("char meta.json without chars", lambda d: edit_meta(d, chars=None), "meta.json lacks chars"),
+    ("meta.json value of the wrong type", lambda d: edit_meta(d, vocab_size="5"), "vocab_size is a str, not int"),
+    ("dtype not uint16 or uint32", lambda d: edit_meta(d, dtype="float32"), "dtype='float32' is not uint16 or uint32"),
+    ("train.bin of odd length", lambda d: write(d / "train.bin", (d / "train.bin").read_bytes()[:199]),
+     "train.bin: 199 bytes is not a whole number of uint16 tokens (2 bytes each)"),
+    ("train.bin missing", lambda d: (d / "train.bin").unlink() or d / "train.bin", "train.bin not found"),
+]
+
+
+@pytest.mark.parametrize("case,damage,message", DAMAGED_DATASETS, ids=[c[0] for c in DAMAGED_DATASETS])
+def test_damaged_dataset_is_one_line_naming_the_file_and_the_fix(case, damage, message, tmp_path, capsys):
+    folder = small_dataset(tmp_path / "mine")
+    open_dataset(folder)  # intact, it opens
+    damaged = damage(folder)
+    with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
+        open_dataset(folder)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and message in err and str(damaged) in err, err
+    assert f"`python -m llm.data.prepare text --source PATH_TO_YOUR_FILES --out {folder} --force`" in err
 
 
 def test_random_windows_are_shifted_by_one(char_data):

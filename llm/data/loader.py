@@ -10,16 +10,48 @@ from ..config import ConfigError
 from .prepare import DATASET_NAMES
 
 DataOrder = Literal["random", "epoch"]
+META_TYPES = {"tokenizer": str, "vocab_size": int, "dtype": str}  # the meta.json keys training reads
+TOKEN_DTYPES = ("uint16", "uint32")
+
+
+def prepare_command(folder: Path, dataset: str) -> str:
+    """The command that prepares `dataset` into `folder`."""
+    if dataset in DATASET_NAMES:
+        return f"python -m llm.data.prepare {dataset} --out {folder}"
+    return f"python -m llm.data.prepare text --source PATH_TO_YOUR_FILES --out {folder}"
+
+
+def meta_problem(meta) -> str | None:
+    """What makes a parsed meta.json unusable for training, or None."""
+    if not isinstance(meta, dict):
+        return f"holds a JSON {type(meta).__name__}, not an object"
+    required = {**META_TYPES, **({"chars": list} if meta.get("tokenizer") == "char" else {})}
+    missing = [key for key in required if key not in meta]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    wrong = [f"{key} is a {type(meta[key]).__name__}, not {kind.__name__}" for key, kind in required.items()
+             if type(meta[key]) is not kind]
+    return "; ".join(wrong) or None
 
 
 def read_meta(folder: Path, dataset: str) -> dict:
-    """The dataset's meta.json, or a clear error with the command that prepares it."""
+    """The dataset's meta.json; a missing, empty, malformed or incomplete one is a one-line error naming the file,
+    what is wrong, and the command that prepares the dataset."""
     path = folder / "meta.json"
     if not path.is_file():
-        command = (f"python -m llm.data.prepare {dataset} --out {folder}" if dataset in DATASET_NAMES
-                   else f"python -m llm.data.prepare text --source PATH_TO_YOUR_FILES --out {folder}")
-        raise ConfigError(f"dataset={dataset!r}: {path} not found; prepare it first with `{command}`")
-    return json.loads(path.read_text())
+        raise ConfigError(f"dataset={dataset!r}: {path} not found; prepare it first with "
+                          f"`{prepare_command(folder, dataset)}`")
+    text = path.read_bytes().decode("utf-8", errors="replace")
+    try:
+        meta = json.loads(text)
+    except json.JSONDecodeError as e:
+        problem = "is empty" if not text.strip() else f"is not valid JSON ({e.msg}: line {e.lineno} column {e.colno})"
+    else:
+        problem = meta_problem(meta)
+    if problem:
+        raise ConfigError(f"dataset={dataset!r}: {path} {problem}; prepare it again with "
+                          f"`{prepare_command(folder, dataset)} --force`")
+    return meta
 
 
 class TokenLoader:
@@ -37,10 +69,19 @@ class TokenLoader:
 
     def __init__(self, path: Path, dtype: str, batch_size: int, block_size: int, device: torch.device, seed: int,
                  order: DataOrder = "random", rank: int = 0, world_size: int = 1):
+        fix = f"prepare the dataset again with `{prepare_command(path.parent, path.parent.name)} --force`"
+        if dtype not in TOKEN_DTYPES:
+            raise ConfigError(f"{path.parent / 'meta.json'}: dtype={dtype!r} is not uint16 or uint32; {fix}")
+        if not path.is_file():
+            raise ConfigError(f"{path} not found; {fix}")
         self.path, self.dtype = path, np.dtype(dtype)
         self.batch_size, self.block_size, self.device = batch_size, block_size, device
         self.order, self.seed, self.rank, self.world_size = order, seed, rank, world_size
-        n_tokens = path.stat().st_size // self.dtype.itemsize
+        size = path.stat().st_size
+        if size % self.dtype.itemsize:
+            raise ConfigError(f"{path}: {size:,} bytes is not a whole number of {dtype} tokens ({self.dtype.itemsize} "
+                              f"bytes each): the file is truncated or damaged; {fix}")
+        n_tokens = size // self.dtype.itemsize
         if n_tokens <= block_size:
             raise ConfigError(f"{path} holds {n_tokens} tokens, too few for block_size={block_size}; lower --block_size")
         self.n_offsets = n_tokens - block_size  # random windows start at 0 .. n_offsets - 1
@@ -82,6 +123,7 @@ class TokenLoader:
         return {"order": self.order, "position": self.position, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores a state_dict(); a state saved under the other data order is refused."""
         if state["order"] != self.order:
             raise ConfigError(f"the saved data order is {state['order']!r} but this run uses {self.order!r}; "
                               f"pass --data_order {state['order']}")

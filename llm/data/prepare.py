@@ -7,11 +7,14 @@
 
 Text is streamed to disk in bounded parts and tokenized by worker processes; documents are separated by the
 tokenizer's end-of-text token. A dataset without its own validation split holds out the last val_fraction of
-its tokens. A second run with the same inputs and options is skipped unless --force.
+its tokens. A second run with the same inputs and options is skipped unless --force. The files are written under
+*.tmp names and renamed into place at the end; a run that fails or is interrupted removes them.
 """
 import hashlib
+import io
 import json
 import os
+import signal
 import sys
 import time
 from collections import deque
@@ -26,7 +29,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import ConfigError, exit_on_user_error
-from ..files import write_atomically
+from ..files import fsync_path, write_atomically
 from .sources import HF_DATASETS, Corpus, Piece, local_corpus, shakespeare_corpus, hf_corpus
 from .tokenizers import ByteTokenizer, CharTokenizer, GPT2Tokenizer, tokenizer_from_meta
 
@@ -36,6 +39,7 @@ DEFAULT_TOKENIZER = {"shakespeare_char": "char"}  # every other dataset: gpt2
 DEFAULT_DATASET = "shakespeare_char"  # train.py prepares it by itself when missing: its text ships with the package
 BATCH_CHARS = 1 << 20  # text per task sent to a worker
 IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: bounds memory while keeping workers busy
+SCRATCH_FILES = ("train.bin.tmp", "val.bin.tmp", "meta.json.tmp")  # removed when a preparation fails
 
 
 @dataclass
@@ -54,6 +58,11 @@ class PrepareArgs:
     """Fraction of the tokens, taken from the end, held out for validation (datasets without their own split)."""
     text_field: str = "text"
     """The text field of .jsonl records and .parquet columns."""
+    encoding: str = "utf-8"
+    """The encoding of local .txt/.jsonl files (e.g. latin-1, cp1252)."""
+    errors: Literal["strict", "replace", "ignore"] = "strict"
+    """Bytes of local .txt/.jsonl files that --encoding cannot decode: strict refuses the file, naming the offset of
+    the first; replace substitutes U+FFFD; ignore drops them."""
     max_tokens: int | None = None
     """Read at most this many tokens of the train split, before any validation tail is held out (a FineWeb subset)."""
     upper: bool = False
@@ -73,7 +82,7 @@ def load_corpus(args: PrepareArgs) -> Corpus:
         return hf_corpus(HF_DATASETS[args.name], args.source, args.text_field)
     if args.name.startswith("shakespeare") and args.source is None:
         return shakespeare_corpus()
-    return local_corpus(args.source, args.text_field)
+    return local_corpus(args.source, args.text_field, args.encoding, args.errors)
 
 
 def build_tokenizer(kind: str, corpus: Corpus, upper: bool):
@@ -95,6 +104,7 @@ _worker_tokenizer = None  # set in each worker process by _start_worker
 
 def _start_worker(meta: dict) -> None:
     global _worker_tokenizer
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C stops the main process, which stops the workers
     _worker_tokenizer = tokenizer_from_meta(meta)
 
 
@@ -145,8 +155,9 @@ class Encoder:
             yield batch, result.get()
 
     def close(self) -> None:
+        """Stops the workers, at once: every result is in by the end of a run, and none is needed after a failure."""
         if self.pool is not None:
-            self.pool.close()
+            self.pool.terminate()
             self.pool.join()
 
 
@@ -159,44 +170,74 @@ class TokenWriter:
         self.max_id = -1
 
     def write(self, encoder: Encoder, pieces: Iterator[Piece], path: Path, limit: int | None) -> int:
-        """Writes the tokens of `pieces` to path (atomically), at most `limit` of them; returns the count."""
+        """Writes the tokens of `pieces` to path, at most `limit` of them; returns the count."""
         count = 0
-
-        def stream(tmp: Path) -> None:
-            nonlocal count
-            with open(tmp, "wb") as f:
-                for batch, ids in encoder.map(batches(pieces)):
-                    if limit is not None:
-                        ids = ids[: limit - count]
-                    f.write(ids.astype(self.dtype).tobytes())
-                    count += len(ids)
-                    self.max_id = max(self.max_id, int(ids.max()) if len(ids) else -1)
-                    text = "".join(piece.text for piece in batch).encode("utf-8")
-                    self.md5.update(text)
-                    self.progress.update(self.task, advance=len(text), description=f"{path.name}: {count:,} tokens")
-                    if limit is not None and count >= limit:
-                        break
-
-        write_atomically(path, stream)
+        with open(path, "wb") as f:
+            for batch, ids in encoder.map(batches(pieces)):
+                if limit is not None:
+                    ids = ids[: limit - count]
+                f.write(ids.astype(self.dtype).tobytes())
+                count += len(ids)
+                self.max_id = max(self.max_id, int(ids.max()) if len(ids) else -1)
+                text = "".join(piece.text for piece in batch).encode("utf-8")
+                self.md5.update(text)
+                description = f"{path.name.removesuffix('.tmp')}: {count:,} tokens"
+                self.progress.update(self.task, advance=len(text), description=description)
+                if limit is not None and count >= limit:
+                    break
         return count
 
 
-def split_tail(all_path: Path, out: Path, dtype: np.dtype, val_fraction: float) -> tuple[int, int]:
-    """Moves the last val_fraction of the tokens in all_path to out/val.bin and renames the rest out/train.bin."""
-    total = all_path.stat().st_size // dtype.itemsize
+def split_tail(train: Path, val: Path, dtype: np.dtype, val_fraction: float, source: str) -> tuple[int, int]:
+    """Moves the last val_fraction of the tokens in `train` to `val`; returns both counts."""
+    total = train.stat().st_size // dtype.itemsize
     n_val = max(1, int(total * val_fraction))
     if total - n_val < 2:
-        raise ConfigError(f"the corpus has only {total} tokens; give it more text or lower --val_fraction")
-
-    def write_val(tmp: Path) -> None:
-        np.memmap(all_path, dtype=dtype, mode="r")[total - n_val:].tofile(tmp)  # the map closes on return
-
-    write_atomically(out / "val.bin", write_val)
-    with open(all_path, "r+b") as f:
+        raise ConfigError(f"{source}: the corpus has only {total} tokens; give it more text or lower --val_fraction")
+    np.memmap(train, dtype=dtype, mode="r")[total - n_val:].tofile(val)  # the map closes on return
+    with open(train, "r+b") as f:
         f.truncate((total - n_val) * dtype.itemsize)
-        os.fsync(f.fileno())
-    os.replace(all_path, out / "train.bin")
     return total - n_val, n_val
+
+
+def publish(out: Path, meta: dict) -> None:
+    """Renames the written train.bin.tmp and val.bin.tmp into place, then writes meta.json. The old meta.json goes
+    first, so a crash in between leaves a folder that reads as not prepared rather than one with mismatched files."""
+    (out / "meta.json").unlink(missing_ok=True)
+    for split in ("train", "val"):
+        fsync_path(out / f"{split}.bin.tmp")
+        os.replace(out / f"{split}.bin.tmp", out / f"{split}.bin")
+    write_atomically(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta)))
+
+
+def write_splits(corpus: Corpus, tokenizer_meta: dict, dtype: np.dtype, out: Path, args: PrepareArgs, workers: int,
+                 verbose: bool) -> tuple[TokenWriter, int, int]:
+    """Tokenizes the corpus into out/train.bin.tmp and out/val.bin.tmp; returns the writer and both token counts."""
+    encoder = Encoder(tokenizer_meta, workers)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TimeElapsedColumn())
+    train, val = out / "train.bin.tmp", out / "val.bin.tmp"
+    console = Console(stderr=True)
+    show = verbose and console.is_terminal
+    try:  # a bar on a terminal only, gone when done: an error is the only line left on stderr
+        with Progress(*columns, console=console, disable=not show, transient=True) as progress:
+            writer = TokenWriter(dtype, progress, progress.add_task("tokenizing", total=corpus.size_bytes))
+            n_train = writer.write(encoder, corpus.train(), train, args.max_tokens)
+            if corpus.val is None:
+                n_train, n_val = split_tail(train, val, dtype, args.val_fraction, corpus.source)
+            else:
+                n_val = writer.write(encoder, corpus.val(), val, None)
+    finally:
+        encoder.close()
+    return writer, n_train, n_val
+
+
+def discard_scratch(out: Path, created: bool) -> None:
+    """Removes the files of a failed preparation, and `out` itself when this run created it and it is left empty."""
+    for name in SCRATCH_FILES:
+        (out / name).unlink(missing_ok=True)
+    if created and not any(out.iterdir()):
+        out.rmdir()
 
 
 def already_prepared(out: Path, inputs: dict) -> bool:
@@ -213,6 +254,7 @@ def already_prepared(out: Path, inputs: dict) -> bool:
 
 
 def check_args(args: PrepareArgs) -> None:
+    """Refuses options that cannot work together, in one line each."""
     if not 0 < args.val_fraction < 1:
         raise ConfigError(f"--val_fraction={args.val_fraction} must be in (0, 1)")
     if args.max_tokens is not None and args.max_tokens < 1:
@@ -221,6 +263,11 @@ def check_args(args: PrepareArgs) -> None:
         raise ConfigError(f"--workers={args.workers} must be >= 0 (0: one per CPU core)")
     if args.upper and (args.tokenizer or DEFAULT_TOKENIZER.get(args.name, "gpt2")) != "byte":
         raise ConfigError("--upper applies to the byte tokenizer only; add --tokenizer byte or drop --upper")
+    try:
+        io.TextIOWrapper(io.BytesIO(), encoding=args.encoding)
+    except LookupError:
+        raise ConfigError(f"--encoding={args.encoding!r} is not a text encoding Python knows; "
+                          "give one such as utf-8, latin-1 or cp1252") from None
 
 
 def prepare(args: PrepareArgs, verbose: bool = True) -> Path:
@@ -234,29 +281,22 @@ def prepare(args: PrepareArgs, verbose: bool = True) -> Path:
     if not args.force and already_prepared(out, inputs):
         print(f"{out} already holds this dataset; pass --force to prepare it again")
         return out
+    created = not out.is_dir()
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer(kind, corpus, args.upper)
-    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
-    workers = args.workers or min(8, os.cpu_count() or 1)
-    encoder = Encoder(tokenizer.meta(), workers)
-    start = time.perf_counter()
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeElapsedColumn())
     try:
-        with Progress(*columns, console=Console(stderr=True), disable=not verbose) as progress:
-            writer = TokenWriter(dtype, progress, progress.add_task("tokenizing", total=corpus.size_bytes))
-            if corpus.val is None:
-                writer.write(encoder, corpus.train(), out / "all.bin", args.max_tokens)
-                n_train, n_val = split_tail(out / "all.bin", out, dtype, args.val_fraction)
-            else:
-                n_train = writer.write(encoder, corpus.train(), out / "train.bin", args.max_tokens)
-                n_val = writer.write(encoder, corpus.val(), out / "val.bin", None)
-    finally:
-        encoder.close()
-    seconds = time.perf_counter() - start
-    meta = {**tokenizer.meta(), "dtype": dtype.name, "train_tokens": n_train, "val_tokens": n_val,
-            "max_token_id": writer.max_id, "source": corpus.source, "source_md5": writer.md5.hexdigest(),
-            "inputs": inputs}
-    write_atomically(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta)))
+        tokenizer = build_tokenizer(kind, corpus, args.upper)
+        dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
+        workers = args.workers or min(8, os.cpu_count() or 1)
+        start = time.perf_counter()
+        writer, n_train, n_val = write_splits(corpus, tokenizer.meta(), dtype, out, args, workers, verbose)
+        seconds = time.perf_counter() - start
+        meta = {**tokenizer.meta(), "dtype": dtype.name, "train_tokens": n_train, "val_tokens": n_val,
+                "max_token_id": writer.max_id, "source": corpus.source, "source_md5": writer.md5.hexdigest(),
+                "inputs": inputs}
+        publish(out, meta)
+    except BaseException:  # a damaged input, Ctrl-C, a full disk: no partial file stays behind
+        discard_scratch(out, created)
+        raise
     if verbose:
         print(f"wrote {out}: {n_train:,} train and {n_val:,} val tokens ({kind}, vocabulary {tokenizer.vocab_size:,}, "
               f"{dtype.name}) in {seconds:.1f} s, {(n_train + n_val) / seconds:,.0f} tokens/s with {workers} workers")
@@ -270,8 +310,13 @@ def prepare_default(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: one `error: ...` line and exit 2 for a user mistake, exit 130 on Ctrl-C."""
     with exit_on_user_error():
-        prepare(tyro.cli(PrepareArgs, args=argv, use_underscores=True))
+        try:
+            prepare(tyro.cli(PrepareArgs, args=argv, use_underscores=True))
+        except KeyboardInterrupt:
+            print("interrupted: the partly written files were removed", file=sys.stderr)
+            sys.exit(130)
 
 
 if __name__ == "__main__":

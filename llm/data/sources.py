@@ -4,8 +4,10 @@ Hugging Face `datasets`.
 Every source yields `Piece`s: a document, or the next part of one (large .txt files are read in bounded parts
 cut at line starts, so no file is ever held in memory whole).
 """
+import codecs
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
@@ -75,29 +77,37 @@ class Corpus:
 
 
 def local_files(source: str) -> list[Path]:
-    """The .txt/.jsonl/.parquet files of a file or folder (recursively, sorted)."""
+    """The .txt/.jsonl/.parquet files of a file or folder (recursively, sorted). Files of other types in a folder
+    are skipped with a one-line notice; a folder without any usable file, or a file of another type, is refused."""
     path = Path(source)
     if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUFFIXES)
-    else:
+        if path.suffix.lower() not in SUFFIXES:
+            raise ConfigError(f"--source={source!r}: {path.suffix or 'a file without extension'} is not read; "
+                              "give a .txt, .jsonl or .parquet file or a folder of them")
+        return [path]
+    if not path.is_dir():
         raise ConfigError(f"--source={source!r}: no such file or folder; pass a local path (or a Hugging Face id for "
                           "tinystories, fineweb, wikitext)")
-    unknown = [p for p in files if p.suffix not in SUFFIXES]
-    if unknown or not files:
-        raise ConfigError(f"--source={source!r}: {'no files' if not files else repr(str(unknown[0]))}; "
-                          f"give .txt, .jsonl or .parquet files")
+    found = sorted(p for p in path.rglob("*") if p.is_file())
+    files = [p for p in found if p.suffix.lower() in SUFFIXES]
+    skipped = Counter(p.suffix.lower() or "without extension" for p in found if p.suffix.lower() not in SUFFIXES)
+    if not files:
+        raise ConfigError(f"--source={source!r}: the folder holds no .txt, .jsonl or .parquet file "
+                          f"({len(found)} files of other types); give a folder of such files")
+    if skipped:
+        kinds = ", ".join(f"{count} {suffix}" for suffix, count in skipped.most_common())
+        print(f"note: --source={source!r}: skipped {skipped.total()} files that are not .txt, .jsonl or .parquet "
+              f"({kinds})")
     return files
 
 
-def txt_pieces(path: Path) -> Iterator[Piece]:
+def txt_pieces(path: Path, encoding: str = "utf-8", errors: str = "strict") -> Iterator[Piece]:
     """A .txt file as one document, in parts of about PIECE_CHARS characters. A part ends after a line whose
     newline follows a non-space character and before a line that starts with one: GPT-2's pre-tokenizer splits
     there anyway, so the tokens equal those of the whole file."""
     part: list[str] = []
     size, first = 0, True
-    with open(path, encoding="utf-8", newline="") as f:  # newlines kept as written
+    with open(path, encoding=encoding, errors=errors, newline="") as f:  # newlines kept as written
         for line in f:
             previous = part[-1] if part else ""
             if size >= PIECE_CHARS and line[:1].strip() and len(previous) > 1 and not previous[-2].isspace():
@@ -109,8 +119,9 @@ def txt_pieces(path: Path) -> Iterator[Piece]:
         yield Piece("".join(part), first)
 
 
-def jsonl_pieces(path: Path, text_field: str) -> Iterator[Piece]:
-    with open(path, encoding="utf-8") as f:
+def jsonl_pieces(path: Path, text_field: str, encoding: str = "utf-8", errors: str = "strict") -> Iterator[Piece]:
+    """One document per record of a .jsonl file: its `text_field` string; blank lines are skipped."""
+    with open(path, encoding=encoding, errors=errors) as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -118,43 +129,84 @@ def jsonl_pieces(path: Path, text_field: str) -> Iterator[Piece]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ConfigError(f"{path} line {number}: not valid JSON ({e.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                keys = sorted(record) if isinstance(record, dict) else []
-                raise ConfigError(f"{path} line {number}: no text field {text_field!r} (keys: {keys}); "
+            if not isinstance(record, dict):
+                raise ConfigError(f"{path} line {number}: a JSON {type(record).__name__}, not an object with a text "
+                                  f"field {text_field!r} (--text_field)")
+            if text_field not in record:
+                raise ConfigError(f"{path} line {number}: no text field {text_field!r} (keys: {sorted(record)}); "
                                   "choose it with --text_field")
-            yield Piece(record[text_field], True)
+            text = record[text_field]
+            if not isinstance(text, str):
+                raise ConfigError(f"{path} line {number}: text field {text_field!r} is a {type(text).__name__}, not a "
+                                  "string; choose another with --text_field")
+            yield Piece(text, True)
 
 
 def parquet_pieces(path: Path, text_field: str) -> Iterator[Piece]:
+    """One document per row of a .parquet file's `text_field` string column (a null row is an empty document)."""
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise ConfigError(f"{path}: reading .parquet needs pyarrow; pip install 'llm[data]'") from None
-    table = pq.ParquetFile(path)
-    if text_field not in table.schema_arrow.names:
-        raise ConfigError(f"{path}: no column {text_field!r} (columns: {table.schema_arrow.names}); "
-                          "choose it with --text_field")
-    for batch in table.iter_batches(columns=[text_field], batch_size=1024):
-        for text in batch.column(0).to_pylist():
-            yield Piece(text or "", True)
+    try:
+        table = pq.ParquetFile(path)
+        schema = table.schema_arrow
+        if text_field not in schema.names:
+            raise ConfigError(f"{path}: no column {text_field!r} (columns: {schema.names}); "
+                              "choose it with --text_field")
+        column_type = schema.field(text_field).type
+        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
+            raise ConfigError(f"{path}: column {text_field!r} holds {column_type}, not strings; choose another with "
+                              "--text_field")
+        for batch in table.iter_batches(columns=[text_field], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                yield Piece(text or "", True)
+    except pa.ArrowException as e:
+        raise ConfigError(f"{path}: not a readable Parquet file ({' '.join(str(e).split())})") from None
 
 
-def file_pieces(files: list[Path], text_field: str) -> Iterator[Piece]:
+def first_undecodable_byte(path: Path, encoding: str) -> int | None:
+    """The offset of the first byte of `path` that `encoding` cannot decode, reading the file in parts."""
+    decoder = codecs.getincrementaldecoder(encoding)()
+    offset = 0  # bytes read so far; the decoder may still hold the last few of them
+    with open(path, "rb") as f:
+        while True:
+            part = f.read(PIECE_CHARS)
+            held = len(decoder.getstate()[0])
+            try:
+                decoder.decode(part, final=not part)
+            except UnicodeDecodeError as e:  # e.start counts from the first byte the decoder held
+                return offset - held + e.start
+            if not part:
+                return None
+            offset += len(part)
+
+
+def file_pieces(files: list[Path], text_field: str, encoding: str, errors: str) -> Iterator[Piece]:
+    """The documents of local files, in order; undecodable text is a one-line error naming the file and offset."""
     for path in files:
-        if path.suffix == ".txt":
-            yield from txt_pieces(path)
-        elif path.suffix == ".jsonl":
-            yield from jsonl_pieces(path, text_field)
-        else:
-            yield from parquet_pieces(path, text_field)
+        try:
+            if path.suffix.lower() == ".txt":
+                yield from txt_pieces(path, encoding, errors)
+            elif path.suffix.lower() == ".jsonl":
+                yield from jsonl_pieces(path, text_field, encoding, errors)
+            else:
+                yield from parquet_pieces(path, text_field)
+        except UnicodeDecodeError as e:
+            offset = first_undecodable_byte(path, encoding)
+            raise ConfigError(f"{path}: byte {offset} (0x{e.object[e.start]:02x}) is not valid {encoding}; pass "
+                              "--encoding NAME (e.g. latin-1) if the file uses another encoding, or --errors replace "
+                              "to substitute U+FFFD (--errors ignore drops such bytes)") from None
 
 
-def local_corpus(source: str, text_field: str) -> Corpus:
+def local_corpus(source: str, text_field: str, encoding: str, errors: str) -> Corpus:
+    """The documents of a local file or folder; .txt and .jsonl files are decoded with `encoding` and `errors`."""
     files = local_files(source)
     stamp = {"files": [[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in files],
              "text_field": text_field}
-    return Corpus(source, lambda: file_pieces(files, text_field), size_bytes=sum(p.stat().st_size for p in files),
-                  stamp=stamp)
+    return Corpus(source, lambda: file_pieces(files, text_field, encoding, errors),
+                  size_bytes=sum(p.stat().st_size for p in files), stamp=stamp)
 
 
 def shakespeare_corpus() -> Corpus:
