@@ -12,11 +12,13 @@ checkpoint independent of how it was trained: one process, DDP or FSDP on any nu
 """
 import dataclasses
 import json
+import pickle
 import re
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .config import ConfigError
@@ -53,18 +55,44 @@ def step_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=folder_step)
 
 
+def read_json(path: Path, fix: str) -> dict:
+    """A JSON object file, or a one-line error naming the file, what is wrong with it and `fix`."""
+    if not path.is_file():
+        raise ConfigError(f"{path} is missing; {fix}")
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a {type(data).__name__}, not a JSON object; {fix}")
+    return data
+
+
 def best_step(run_dir: Path) -> int | None:
+    """The step that best.json marks as having the best validation loss, or None without one."""
     path = checkpoints_dir(run_dir) / "best.json"
-    return json.loads(path.read_text())["step"] if path.is_file() else None
+    if not path.is_file():
+        return None
+    step = read_json(path, "delete it (the newest checkpoint then counts as the best)").get("step")
+    if not isinstance(step, int) or isinstance(step, bool):
+        raise ConfigError(f"{path} has no integer 'step'; delete it (the newest checkpoint then counts as the best)")
+    return step
+
+
+def is_checkpoint(folder: Path) -> bool:
+    """Whether a folder is a checkpoint (it holds weights), as opposed to a run folder."""
+    return folder.is_dir() and any(folder.glob("*.safetensors"))
 
 
 TIED = ("lm_head.weight", "tok_emb.weight")  # the output head may share the token embedding
 
 
 def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, config: dict, tokenizer: dict,
-                    file_name: str, keep_last: int) -> Path:
-    """Writes the checkpoint taken after `step` optimizer steps (a full model state dict and the training state) and
-    prunes all but the last keep_last (and the best)."""
+                    file_name: str, keep_last: int, interval: int, best_val: float | None = None) -> Path:
+    """Writes the checkpoint taken after `step` optimizer steps (a full model state dict and the training state),
+    marks it best when `best_val` is given, and prunes the others: a checkpoint between two multiples of `interval`
+    (a best one, or the end of an earlier run) is kept only while it is the best, so every interval holds at most
+    one checkpoint besides the best; of the rest, the last keep_last stay."""
     path = step_folder(run_dir, step)
     head, embedding = TIED
     if head in weights and embedding in weights and weights[head].data_ptr() == weights[embedding].data_ptr():
@@ -77,9 +105,14 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, config
         (tmp / "tokenizer.json").write_text(json.dumps(tokenizer))
 
     write_folder_atomically(path, write)
-    keep = {best_step(run_dir)}
-    for old in step_checkpoints(run_dir)[:-keep_last]:
-        if folder_step(old) not in keep:
+    if best_val is not None:
+        mark_best(run_dir, step, best_val)
+    best = best_step(run_dir)
+    found = step_checkpoints(run_dir)
+    regular = [p for p in found if folder_step(p) % interval == 0 or folder_step(p) == step]
+    kept = set(regular[-keep_last:])
+    for old in found:
+        if old not in kept and folder_step(old) != best:
             shutil.rmtree(old)
     return path
 
@@ -94,7 +127,7 @@ def find_checkpoint(resume: str, run_dir: Path) -> Path | None:
     """The checkpoint folder `--resume` names: latest (this run's newest), auto (the same, or None when the run has
     none), a checkpoint folder, or a run folder."""
     where = run_dir if resume in ("latest", "auto") else Path(resume)
-    if (where / STATE_FILE).is_file():
+    if is_checkpoint(where):
         return where
     found = step_checkpoints(where)
     if not found and resume == "auto":
@@ -140,15 +173,28 @@ def config_differences(saved: dict, saved_ranks: int, current: dict, ranks: int)
 
 def best_or_latest(path: Path) -> Path:
     """A checkpoint folder as given, or a run folder's best checkpoint (its newest when none was marked best)."""
-    if (path / STATE_FILE).is_file():
+    if is_checkpoint(path):
         return path
+    if not path.is_dir():
+        raise ConfigError(f"--ckpt={path}: no such folder; pass a run folder (out/RUN) or a checkpoint folder")
     best = best_step(path)
     if best is not None and step_folder(path, best).is_dir():
         return step_folder(path, best)
     found = step_checkpoints(path)
     if not found:
-        raise ConfigError(f"--ckpt={path}: no checkpoint there; pass a run folder (out/RUN) or a checkpoint folder")
+        raise ConfigError(f"--ckpt={path}: no checkpoint there (was the run trained with --no_save_model?); "
+                          "pass a run folder (out/RUN) or a checkpoint folder")
     return found[-1]
+
+
+def read_saved_config(folder: Path) -> dict:
+    """A checkpoint's config.json, checked to hold the model and run sections."""
+    fix = "it is not a checkpoint written by this trainer, or the file is damaged: use another checkpoint"
+    saved = read_json(folder / "config.json", fix)
+    for section in ("model", "train"):
+        if not isinstance(saved.get(section), dict):
+            raise ConfigError(f"{folder / 'config.json'} has no {section!r} section; {fix}")
+    return saved
 
 
 def read_weights(path: Path) -> dict:
@@ -156,29 +202,71 @@ def read_weights(path: Path) -> dict:
     files = sorted(path.glob("*.safetensors"))
     if len(files) != 1:
         raise ConfigError(f"checkpoint {path} should hold one .safetensors file, found {len(files)}")
-    weights = load_file(str(files[0]))
+    try:
+        weights = load_file(str(files[0]))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ConfigError(f"{files[0]} is damaged or truncated ({e}); use another checkpoint of the run") from None
     head, embedding = TIED
     if head not in weights and embedding in weights:
         weights[head] = weights[embedding]
     return weights
 
 
-def read_checkpoint(path: Path, config: dict, ranks: int) -> tuple[dict, dict]:
-    """(model state dict, training state) of a checkpoint; refuses one written with another configuration."""
-    saved = json.loads((path / "config.json").read_text())
-    state = torch.load(path / STATE_FILE, weights_only=True)
+STATE_KEYS = ("step", "optimizer", "scaler", "rng", "loaders", "best_val_loss")
+
+
+def read_state(path: Path) -> dict:
+    """A checkpoint's training state (state.pt), or a one-line error saying why it cannot be resumed from."""
+    file = path / STATE_FILE
+    fix = "resume from an earlier checkpoint of the run (--resume RUN/checkpoints/step_N)"
+    if not file.is_file():
+        raise ConfigError(f"{file} is missing: the checkpoint has weights but not the optimizer and loader state a "
+                          f"resume needs; {fix}")
+    try:
+        state = torch.load(file, weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError) as e:  # torch's messages run long
+        raise ConfigError(f"{file} is damaged or truncated (torch.load raised {type(e).__name__}); {fix}") from None
+    missing = [key for key in STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ConfigError(f"{file} lacks {', '.join(missing)}; {fix}")
+    return state
+
+
+def read_checkpoint(path: Path, config: dict, ranks: int) -> tuple[dict, dict, dict]:
+    """(model state dict, training state, saved config) of a checkpoint; refuses one written with another
+    configuration."""
+    saved = read_saved_config(path)
+    state = read_state(path)
     differences = config_differences(saved, state.get("world_size", 1), config, ranks)
     if differences:
         raise ConfigError(f"checkpoint {path} was written with a different config ({'; '.join(differences)}); "
                           f"pass the same flags or --config {path / 'config.json'}")
-    return read_weights(path), state
+    return read_weights(path), state, saved
+
+
+def weight_mismatches(expected: dict, weights: dict) -> list[str]:
+    """What keeps `weights` from loading into a model whose state dict is `expected`: missing, unexpected and
+    differently shaped tensors (the first few of each)."""
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in weights and weights[k].shape != v.shape]
+    found = [("missing", missing), ("unexpected", unexpected), ("shape (weights vs config)", shapes)]
+    return [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}" for label, items in found if items]
 
 
 def load_trained(ckpt: str) -> tuple[Path, LLM, dict]:
     """(checkpoint folder, model in eval mode on the CPU, tokenizer meta) for a run or checkpoint folder, as sampling
-    and export use it: the best checkpoint of a run (else its newest), built from its own config.json."""
+    and export use it: the best checkpoint of a run (else its newest), built from its own config.json. Only the
+    weights, config.json and tokenizer.json are read: the training state may be missing."""
     folder = best_or_latest(Path(ckpt))
-    saved = json.loads((folder / "config.json").read_text())
+    saved = read_saved_config(folder)
     model = LLM(model_config_from_dict(saved["model"], f"{folder}/config.json model"))
-    model.load_state_dict(read_weights(folder))
-    return folder, model.eval(), json.loads((folder / "tokenizer.json").read_text())
+    weights = read_weights(folder)
+    mismatches = weight_mismatches(model.state_dict(), weights)
+    if mismatches:
+        raise ConfigError(f"{folder}: config.json does not describe the weights ({'; '.join(mismatches)}); "
+                          "the files come from different checkpoints")
+    model.load_state_dict(weights)
+    tokenizer = read_json(folder / "tokenizer.json", "copy it from another checkpoint of the run")
+    return folder, model.eval(), tokenizer

@@ -38,14 +38,37 @@ class Run:
     rows: list[dict]
 
 
+def read_rows(path: Path) -> list[dict]:
+    """A metrics.jsonl's rows of one run: a torn last line (a killed run) is skipped, and when the steps go back
+    (a file that two runs wrote before run directories were owned) only the rows after the last restart count."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            row = json.loads(line)
+            step = row["step"]
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):
+                break
+            raise ConfigError(f"{path} line {number} is not a metrics row; the file is damaged") from None
+        if rows and step <= rows[-1]["step"]:
+            rows = []
+        rows.append(row)
+    return rows
+
+
 def read_run(folder: str) -> Run:
     path = Path(folder)
     if not (path / "config.json").is_file() or not (path / "metrics.jsonl").is_file():
         raise ConfigError(f"{folder}: not a run directory (needs config.json and metrics.jsonl written by train.py)")
-    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_rows(path / "metrics.jsonl")
     if not rows:
         raise ConfigError(f"{folder}: metrics.jsonl is empty; the run logged no step")
-    return Run(path.name, json.loads((path / "config.json").read_text()), rows)
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except ValueError as e:
+        raise ConfigError(f"{path / 'config.json'} is not valid JSON ({e})") from None
+    return Run(path.name, config, rows)
 
 
 def parameters(config: dict) -> tuple[int, int]:

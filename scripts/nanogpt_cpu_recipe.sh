@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # nanoGPT's CPU recipe on character-level Tiny Shakespeare, as an acceptance run: prints the final validation loss
 # (200 batches) and the median milliseconds per iteration. Extra arguments are passed on (e.g. --compile).
+# A rerun moves the previous run aside (OUT_DIR/RUN_NAME.replaced-N), so the figures are always this run's.
 #   SOURCE=../shared/data/tinyshakespeare/input.txt bash scripts/nanogpt_cpu_recipe.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,7 +13,7 @@ python train.py --dataset shakespeare_char --device cpu \
   --tie_embeddings --no_bias --dropout 0 --block_size 64 --batch_size 12 --total_batch_size_str '12*64' \
   --max_iters 2000 --learning_rate 1e-3 --warmup_steps 100 --min_lr 1e-4 --beta1 0.9 --beta2 0.99 \
   --weight_decay 0.1 --grad_clip 1.0 --eval --eval_interval 2000 --eval_iters 200 --log_interval 1 \
-  --out_dir "$OUT_DIR" --wandb_run_name "$RUN_NAME" "$@" | grep -E '^(model|step +[0-9]*00 |step  1999)'
+  --out_dir "$OUT_DIR" --wandb_run_name "$RUN_NAME" --overwrite "$@" | grep -E '^(model|step +[0-9]*00/|step 1999/|moved)'
 python - "$OUT_DIR/$RUN_NAME/metrics.jsonl" <<'PY'
 import json, statistics, sys
 rows = [json.loads(line) for line in open(sys.argv[1])]

@@ -14,7 +14,7 @@ python train.py \
   --batch_size "${BATCH_SIZE:-16}" \
   --max_iters "${MAX_ITERS:-500}" \
   --learning_rate "${LR:-1e-3}" \
-  --warmup_steps "${WARMUP:-50}" \
+  ${WARMUP:+--warmup_steps "$WARMUP"} \
   --eval_interval "${EVAL_INTERVAL:-100}" \
   --eval_iters "${EVAL_ITERS:-20}" \
   $EVAL_FLAG \

@@ -204,6 +204,12 @@ BAD_INPUTS = [
     (["--layer_configs", '[{"attn": "mha", "n_head": 4, "moe": false, "up_dim": 8, "non_linearity": "relu"}]',
       "--n_layer", "2"], "n_layer=2 but 1 layer specs"),
     (["--config", "nope.yaml"], "no such file"),
+    (["--max_iters", "20", "--warmup_steps", "30"], "warmup_steps=30 must be in [0, max_iters=20]"),
+    (["--layer_configs", '[{"attn": "mha", "n_head": 4, "n_head": 2, "ffn": "dense", "up_dim": 8, '
+                         '"non_linearity": "relu"}]'], 'key "n_head" appears twice'),
+    (["--layer_configs", '[{"attn": "mha", "n_head": 4, "n_embd": 64, "ffn": "dense", "up_dim": 8, '
+                         '"non_linearity": "relu"}]'], '"n_embd" is set for the whole model or run, not per layer'),
+    (["--wandb_run_name", ".."], "wandb_run_name='..' names no directory"),
 ]
 
 

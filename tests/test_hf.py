@@ -173,4 +173,4 @@ def test_export_cli_writes_a_gpt2_tokenizer_and_init_from_reads_it_back(tmp_path
     metrics = train(*parse(flags + ["--init_from", f"hf:{out}", "--wandb_run_name", "finetune"]))
     assert metrics["step"] == 1  # fine-tuning ran from the exported weights (architecture from the directory)
     with pytest.raises(ConfigError, match="cannot load a transformers model"):
-        train(*parse(flags + ["--init_from", f"hf:{tmp_path / 'missing'}"]))
+        train(*parse(flags + ["--init_from", f"hf:{tmp_path / 'missing'}", "--wandb_run_name", "missing"]))

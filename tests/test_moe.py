@@ -258,12 +258,13 @@ def test_bias_round_trips_through_a_checkpoint(tmp_path):
     model = moe_model()
     model.blocks[0].ffn.router.expert_bias.copy_(torch.randn(5))
     config = config_dict(model.config, Trainconfig())
-    path = save_checkpoint(tmp_path, 1, model.state_dict(), {"step": 1}, config, {"tokenizer": "byte"}, "m",
-                           keep_last=1)
+    state = {"step": 1, "optimizer": {}, "scaler": None, "rng": {}, "loaders": {}, "best_val_loss": 1.0}
+    path = save_checkpoint(tmp_path, 1, model.state_dict(), state, config, {"tokenizer": "byte"}, "m",
+                           keep_last=1, interval=1)
     fresh = moe_model()
-    weights, state = read_checkpoint(path, config, 1)
+    weights, read_state, _ = read_checkpoint(path, config, 1)
     fresh.load_state_dict(weights)
-    assert state == {"step": 1} and fresh.lm_head.weight is fresh.tok_emb.weight
+    assert read_state == state and fresh.lm_head.weight is fresh.tok_emb.weight
     assert torch.equal(fresh.blocks[0].ffn.router.expert_bias, model.blocks[0].ffn.router.expert_bias)
 
 

@@ -13,7 +13,7 @@ from llm.model import LLM
 from llm import checkpoint as checkpoint_module
 from llm.train import loop, train
 from llm.checkpoint import find_checkpoint, step_checkpoints
-from llm.train.optim import build_optimizer
+from llm.train.optim import Schedule, build_optimizer
 from tests.conftest import REPO, make_config
 
 # A small MoE model with dropout, gradient accumulation and evaluation: everything a resume must restore.
@@ -51,22 +51,26 @@ def test_resume_is_bit_exact(char_data, tmp_path, uninterrupted, stop_after, ord
     assert all(resumed[step] == reference[step] for step in resumed), (resumed, reference)
 
 
+def before_each_step(monkeypatch, action) -> None:
+    """Calls action(step) as the loop asks for the step's learning rate."""
+    rate = Schedule.__call__
+
+    def patched(self, step):
+        action(step)
+        return rate(self, step)
+
+    monkeypatch.setattr(Schedule, "__call__", patched)
+
+
 def test_sigterm_saves_and_resume_latest_continues_exactly(char_data, tmp_path, uninterrupted, monkeypatch):
-    schedule = loop.learning_rate
-
-    def signal_at_step_3(step, cfg):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return schedule(step, cfg)
-
-    monkeypatch.setattr(loop, "learning_rate", signal_at_step_3)
+    before_each_step(monkeypatch, lambda step: step == 3 and os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(SystemExit) as stopped:
         run(char_data, tmp_path, "r")
     assert stopped.value.code == 143  # 128 + SIGTERM: schedulers requeue, shell loops stop
     first = losses([json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()])
     assert sorted(first) == [0, 1, 2, 3]  # stopped after the step during which the signal came
-    assert [p.name for p in step_checkpoints(tmp_path / "r")] == ["step_0000004"]
-    monkeypatch.setattr(loop, "learning_rate", schedule)
+    assert [p.name for p in step_checkpoints(tmp_path / "r")] == ["step_0000003", "step_0000004"]  # best, stop
+    monkeypatch.undo()
     resumed = run(char_data, tmp_path, "r", "--resume", "latest")
     assert all(losses(resumed)[step] == uninterrupted[step] for step in range(4, 10))
     assert len(resumed) == 10  # metrics.jsonl is appended to
@@ -77,7 +81,7 @@ def test_checkpoints_are_pruned_to_keep_last_and_best(char_data, tmp_path):
     best = json.loads((tmp_path / "k" / "checkpoints" / "best.json").read_text())
     names = [p.name for p in step_checkpoints(tmp_path / "k")]
     assert names[-2:] == ["step_0000009", "step_0000010"] and len(names) == 2 + (best["step"] < 9)
-    assert f"step_{best['step']:07d}" in names and best["step"] in (1, 4, 7, 10)  # evaluated steps 0, 3, 6, 9
+    assert f"step_{best['step']:07d}" in names and best["step"] in (3, 6, 9, 10)  # evaluated after 3, 6, 9, 10 steps
 
 
 def test_interrupted_save_leaves_the_previous_checkpoint(char_data, tmp_path, monkeypatch):
@@ -110,13 +114,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp
         return result._replace(loss=result.loss * float("nan")) if len(calls) > 3 else result
 
     monkeypatch.setattr(loop, "train_step", nan_from_step_3)
-    with pytest.raises(SystemExit, match=r"NaN or infinite at step 3; the last good checkpoint is .*step_0000002"):
+    with pytest.raises(SystemExit, match=r"NaN or infinite at step 3; the last good checkpoint is .*step_0000003"):
         run(char_data, tmp_path, "n", "--save_model", "--ckpt_interval", "2", "--log_interval", "5")
-    assert [p.name for p in step_checkpoints(tmp_path / "n")][-1] == "step_0000002"  # nothing saved after step 3
+    assert [p.name for p in step_checkpoints(tmp_path / "n")][-1] == "step_0000003"  # nothing saved after step 3
 
 
 def test_resume_with_other_flags_lists_the_differences(char_data, tmp_path):
-    run(char_data, tmp_path, "d", "--save_model", "--max_iters", "2", "--ckpt_interval", "2")
+    run(char_data, tmp_path, "d", "--save_model", "--max_iters", "3", "--ckpt_interval", "3")
     with pytest.raises(ConfigError, match=r"different config \(n_embd: 32 -> 64; learning_rate: 0.003 -> 0.001\)"):
         run(char_data, tmp_path, "d", "--resume", "latest", "--n_embd", "64", "--learning_rate", "1e-3")
     with pytest.raises(ConfigError, match="no checkpoint in"):
@@ -157,14 +161,14 @@ def test_float16_with_grad_scaler_trains_on_cpu(char_data, tmp_path):
 def test_single_run_script_with_the_usual_flags(char_data, tmp_path):
     env = {**os.environ, "MAX_ITERS": "4", "N_LAYER": "1", "BATCH_SIZE": "4", "TOTAL_BATCH": "4*128",
            "EVAL_INTERVAL": "2", "EVAL_ITERS": "2", "MOE": "1", "AUX_FREE": "1", "WANDB_MODE": "offline",
-           "WANDB_DIR": str(tmp_path), "RUN_NAME": "trial_run_w/o_mix"}
+           "RUN_NAME": "trial_run_w/o_mix"}
     result = subprocess.run(["bash", str(REPO / "scripts" / "train_single.sh"), "--data_dir", str(char_data.parent),
                              "--out_dir", str(tmp_path), "--save_model", "--act_recomp", "--wandb_log",
                              "--log_interval", "1"], env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     run_dir = tmp_path / "trial_run_w_o_mix"
     assert [p.name for p in step_checkpoints(run_dir)][-1] == "step_0000004"
-    assert "val" in result.stdout and (tmp_path / "wandb").is_dir()
+    assert "val" in result.stdout and (run_dir / "wandb").is_dir()  # wandb's files stay with the run
 
 
 def test_train_py_reports_a_bad_resume_in_one_line(tmp_path, char_data):
@@ -184,18 +188,16 @@ def test_cuda_device_without_a_gpu_is_a_clear_error(char_data, tmp_path):
 def test_resume_auto_continues_a_killed_run_with_the_same_command(char_data, tmp_path, uninterrupted, monkeypatch,
                                                                    capsys, killed_at):
     command = ("r", "--resume", "auto", "--save_model", "--ckpt_interval", "3", "--no_eval")
-    schedule = loop.learning_rate
 
-    def killed(step, cfg):
+    def killed(step):
         if step == killed_at:
             raise RuntimeError("killed")
-        return schedule(step, cfg)
 
-    monkeypatch.setattr(loop, "learning_rate", killed)
+    before_each_step(monkeypatch, killed)
     with pytest.raises(RuntimeError, match="killed"):
         run(char_data, tmp_path, *command)
     assert "starting fresh (--resume auto)" in capsys.readouterr().out
-    monkeypatch.setattr(loop, "learning_rate", schedule)
+    monkeypatch.undo()
     rows = run(char_data, tmp_path, *command)
     out = capsys.readouterr().out
     assert ("resumed from" in out and "step_0000003 at step 3" in out) if killed_at > 3 else "starting fresh" in out, out
@@ -242,7 +244,7 @@ def test_ctrl_c_saves_then_train_py_and_the_sweep_exit_130(char_data, tmp_path):
 
 
 def test_resume_with_other_layer_fields_names_only_those_fields(char_data, tmp_path):
-    run(char_data, tmp_path, "l", "--save_model", "--max_iters", "2", "--ckpt_interval", "2")
+    run(char_data, tmp_path, "l", "--save_model", "--max_iters", "3", "--ckpt_interval", "3")
     with pytest.raises(ConfigError) as refused:
         run(char_data, tmp_path, "l", "--resume", "latest", "--n_head", "4")
     message = str(refused.value)

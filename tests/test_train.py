@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from llm.config import ConfigError, parse
 from llm.model import LLM
 from llm.train import train
-from llm.train.loop import run_dir_name
+from llm.config import run_dir_name
 from tests.conftest import REPO, make_config
 
 
@@ -28,16 +28,16 @@ def test_first_run_prepares_the_default_dataset_offline(tmp_path):
 
 
 def test_missing_dataset_names_the_prepare_command(tmp_path):
-    model, cfg = parse(["--data_dir", str(tmp_path), "--dataset", "shakespeare"])
+    model, cfg = parse(["--data_dir", str(tmp_path), "--out_dir", str(tmp_path), "--dataset", "shakespeare"])
     with pytest.raises(ConfigError, match="python -m llm.data.prepare shakespeare --out"):
         train(model, cfg)
-    model, cfg = parse(["--data_dir", str(tmp_path), "--dataset", "genomic"])
+    model, cfg = parse(["--data_dir", str(tmp_path), "--out_dir", str(tmp_path), "--dataset", "genomic"])
     with pytest.raises(ConfigError, match="python -m llm.data.prepare text --source PATH_TO_YOUR_FILES --out"):
         train(model, cfg)
 
 
-def test_vocab_smaller_than_data_is_refused(char_data):
-    model, cfg = parse(["--data_dir", str(char_data.parent), "--vocab_size", "50"])
+def test_vocab_smaller_than_data_is_refused(char_data, tmp_path):
+    model, cfg = parse(["--data_dir", str(char_data.parent), "--out_dir", str(tmp_path), "--vocab_size", "50"])
     with pytest.raises(ConfigError, match="vocab_size=50 is smaller than dataset 'shakespeare_char'.s largest token id 64"):
         train(model, cfg)
 
@@ -51,7 +51,7 @@ def test_tiny_run_loss_falls(char_data, tmp_path):
     assert metrics["step"] == 39 and metrics["val_loss"] < 3.0  # ln(65) = 4.17 at init
     run = tmp_path / "trial_run_w_o_mix"
     assert (run / "checkpoints" / "step_0000040" / "llm.safetensors").is_file()
-    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert [json.loads(row)["step"] for row in (run / "metrics.jsonl").open()] == [0, 38, 39]  # 38: evaluated
     assert json.loads((run / "config.json").read_text())["model"]["vocab_size"] == 65
 
 
@@ -77,9 +77,11 @@ def test_example_moe_stack_trains_and_updates_the_bias_once_per_step(char_data, 
     assert "blocks.0.ffn.router.expert_bias" not in saved
 
 
-def test_run_dir_name_is_path_safe():
+def test_run_dir_name_is_path_safe_and_never_empty():
     assert run_dir_name("trial_run_w/o_mix") == "trial_run_w_o_mix"
-    assert run_dir_name("../..") == "run"
+    for empty in ("", "..", "../..", "/", " "):
+        with pytest.raises(ConfigError, match=f"wandb_run_name={empty!r} names no directory"):
+            run_dir_name(empty)
 
 
 def test_activation_recomputation_gives_identical_gradients():

@@ -10,7 +10,7 @@ from typing import Literal, Sequence
 import tyro
 
 from .errors import ConfigError
-from .fields import dataclass_from_dict, did_you_mean, known_fields
+from .fields import dataclass_from_dict, did_you_mean, known_fields, unique_keys
 from .layers import block_from_spec, parse_layer_configs, read_layer_configs_jsonl
 from .presets import PRESETS
 from .schema import BlockConfig, LLMconfig, Trainconfig
@@ -143,7 +143,7 @@ def _load_mapping(path: str) -> dict:
             raise ConfigError(f"--config={path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
     elif file.suffix == ".json":
         try:
-            data = json.loads(text)
+            data = json.loads(text, object_pairs_hook=unique_keys(f"--config={path!r}"))
         except json.JSONDecodeError as e:
             raise ConfigError(f"--config={path!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
     else:

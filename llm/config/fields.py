@@ -6,7 +6,7 @@ import typing
 from typing import Any, Literal, Union
 
 from .errors import ConfigError
-from .schema import BlockConfig, LLMconfig
+from .schema import BlockConfig, LLMconfig, Trainconfig
 
 
 def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
@@ -21,12 +21,29 @@ def known_fields(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def unique_keys(where: str):
+    """A json.loads object_pairs_hook that refuses an object naming one key twice (instead of keeping the last)."""
+    def hook(pairs: list[tuple[str, Any]]) -> dict:
+        seen = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ConfigError(f'{where}: key "{key}" appears twice; keep one')
+            seen.add(key)
+        return dict(pairs)
+    return hook
+
+
 def check_keys(data: dict, cls: type, where: str) -> None:
-    """Rejects keys that are not fields of `cls`, suggesting the closest field name."""
+    """Rejects keys that are not fields of `cls`, suggesting the closest field name; a layer spec naming a
+    model-wide or run field is told so."""
     names = list(known_fields(cls))
     for key in data:
-        if key not in names:
-            raise ConfigError(f'{where}: unknown key "{key}"{did_you_mean(str(key), names)}')
+        if key in names:
+            continue
+        if cls is BlockConfig and (key in known_fields(LLMconfig) or key in known_fields(Trainconfig)):
+            raise ConfigError(f'{where}: "{key}" is set for the whole model or run, not per layer; pass --{key} '
+                              "instead")
+        raise ConfigError(f'{where}: unknown key "{key}"{did_you_mean(str(key), names)}')
 
 
 def coerce(value: Any, annotation: Any, key: str, where: str) -> Any:

@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 from .errors import ConfigError
-from .fields import dataclass_from_dict, ffn_spelling
+from .fields import dataclass_from_dict, ffn_spelling, unique_keys
 from .schema import BlockConfig
 
 REQUIRED_KEYS = ("attn", "n_head", "ffn", "up_dim", "non_linearity")  # "moe": true|false also names the ffn kind
@@ -24,7 +24,7 @@ def block_from_spec(spec: dict, base: BlockConfig, where: str) -> BlockConfig:
 def parse_layer_configs(text: str, base: BlockConfig) -> tuple[list[BlockConfig], list[str]]:
     """Layers from a JSON list of objects; returns the specs and where each came from."""
     try:
-        specs = json.loads(text)
+        specs = json.loads(text, object_pairs_hook=unique_keys("--layer_configs"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"--layer_configs is not valid JSON ({e.msg} at char {e.pos}); pass a JSON list of objects") from None
     if not isinstance(specs, list) or not specs:
@@ -44,7 +44,7 @@ def read_layer_configs_jsonl(path: str, base: BlockConfig) -> tuple[list[BlockCo
             continue
         where = f"{path} line {number}"
         try:
-            spec = json.loads(line)
+            spec = json.loads(line, object_pairs_hook=unique_keys(where))
         except json.JSONDecodeError as e:
             raise ConfigError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
         blocks.append(block_from_spec(spec, base, where))

@@ -120,8 +120,8 @@ class Trainconfig:
     """Peak learning rate."""
     min_lr: float | None = None
     """Learning rate at the end of the cosine decay; unset means 0.1 * learning_rate."""
-    warmup_steps: int = 50
-    """Steps of linear warmup before cosine decay."""
+    warmup_steps: int | None = None
+    """Steps of linear warmup before cosine decay; unset means a tenth of max_iters."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95
@@ -149,8 +149,8 @@ class Trainconfig:
     """Steps between evaluations."""
     eval_iters: int = 20
     """Batches per evaluation."""
-    save_model: bool = False
-    """Save checkpoints."""
+    save_model: bool = True
+    """Save checkpoints (--no_save_model: none, except when a signal stops the run)."""
     ckpt_interval: int = 500
     """Steps between checkpoints (one is also written at the end, and for the best validation loss)."""
     keep_last: int = 3
@@ -161,6 +161,8 @@ class Trainconfig:
     resume: str | None = None
     """Continue a run: auto (this run's newest checkpoint if it has one, else start fresh: for requeued jobs), latest
     (this run's newest checkpoint, which must exist), or the path of a checkpoint or run directory."""
+    overwrite: bool = False
+    """Start a new run in a run directory that holds another: the old run is moved aside to NAME.replaced-N."""
     file_name: str = "llm"
     """Base name of the saved weights file."""
     wandb_log: bool = False

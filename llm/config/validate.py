@@ -70,6 +70,15 @@ def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
         validate_block(block, m, where)
 
 
+def run_dir_name(run_name: str) -> str:
+    """A path-safe version of a run name ('trial_run_w/o_mix' -> 'trial_run_w_o_mix'); refuses a name that has
+    nothing left ('', '..', '/')."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", run_name).strip("._")
+    require(bool(name), f"wandb_run_name={run_name!r} names no directory; pass a name with letters or digits, "
+                        "as --wandb_run_name my_run")
+    return name
+
+
 def total_batch_tokens(t: Trainconfig) -> int:
     """Tokens per optimizer step, from the total_batch_size_str expression."""
     return eval_int_expr(t.total_batch_size_str, "total_batch_size_str")
@@ -78,11 +87,14 @@ def total_batch_tokens(t: Trainconfig) -> int:
 def validate_train(t: Trainconfig, m: LLMconfig) -> None:
     """Checks the run's values, including that the batch splits into whole micro-steps."""
     check_finite(t)
-    for name, low in (("batch_size", 1), ("max_iters", 0), ("warmup_steps", 0), ("eval_interval", 1),
+    for name, low in (("batch_size", 1), ("max_iters", 0), ("eval_interval", 1),
                       ("eval_iters", 1), ("ckpt_interval", 1), ("log_interval", 1),
                       ("keep_last", 1)):
         value = getattr(t, name)
         require(value >= low, f"{name}={value} must be >= {low}")
+    require(t.warmup_steps is None or 0 <= t.warmup_steps <= t.max_iters,
+            f"warmup_steps={t.warmup_steps} must be in [0, max_iters={t.max_iters}]; lower it, or leave it unset "
+            "(a tenth of max_iters)")
     require(t.learning_rate > 0, f"learning_rate={t.learning_rate} must be > 0")
     require(t.min_lr is None or 0 <= t.min_lr <= t.learning_rate,
             f"min_lr={t.min_lr} must be in [0, learning_rate={t.learning_rate}]")
@@ -94,6 +106,7 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
             f"device={t.device!r} is not a device; use auto, cpu, cuda or cuda:N")
     require(t.init_from is None or (t.init_from.startswith("hf:") and len(t.init_from) > 3),
             f"init_from={t.init_from!r} is not supported; use hf:DIR (a transformers model directory)")
+    run_dir_name(t.wandb_run_name)
     require(t.grad_clip >= 0, f"grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     micro_steps(t, m)
 

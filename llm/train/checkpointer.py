@@ -1,21 +1,24 @@
 """The run's checkpoint decisions in one object: what to resume from, when to save, which step is best."""
+import dataclasses
 import math
 from pathlib import Path
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from ..checkpoint import find_checkpoint, mark_best, read_checkpoint, save_checkpoint
+from ..checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
 from ..config import Trainconfig
 from ..data.loader import TokenLoader
 from ..model import LLM
 from .distributed import Distributed
+from .optim import Schedule
 from .precision import Precision
 
 
 class Checkpointer:
     """Saves and restores everything a run needs to continue exactly: the (possibly sharded) model, the optimizer,
-    the grad scaler, the loaders' positions, the RNG states and the best validation loss so far.
+    the grad scaler, the learning-rate schedule, the loaders' positions, the RNG states and the best validation
+    loss so far.
 
     Every rank calls `restore` and `save` (FSDP gathers the full state); rank 0 alone writes files.
     """
@@ -26,6 +29,8 @@ class Checkpointer:
         self.run_dir, self.cfg, self.config, self.tokenizer, self.job = run_dir, cfg, config, tokenizer, job
         self.model, self.optimizer, self.precision, self.loaders = model, optimizer, precision, loaders
         self.best_val = math.inf
+        self.schedule = Schedule.of(cfg)
+        self.saved: Path | None = None  # the last checkpoint written
 
     def restore(self) -> int:
         """Loads the checkpoint that --resume names and returns the step to continue from (0 when starting fresh).
@@ -39,7 +44,7 @@ class Checkpointer:
         if path is None:
             self._say(f"no checkpoint in {self.run_dir}: starting fresh (--resume auto)")
             return 0
-        weights, state = read_checkpoint(path, self.config, self.job.world_size)
+        weights, state, saved = read_checkpoint(path, self.config, self.job.world_size)
         set_state_dict(self.model, self.optimizer, model_state_dict=weights, optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True))
         if self.precision.scaler is not None and state["scaler"] is not None:
@@ -53,7 +58,20 @@ class Checkpointer:
         step = state["step"]
         done = f"; nothing to train: raise --max_iters above {step}" if step >= self.cfg.max_iters else ""
         self._say(f"resumed from {path} at step {step}{done}")
+        self.schedule = self.resumed_schedule(state, saved, step)
         return step
+
+    def resumed_schedule(self, state: dict, saved: dict, step: int) -> Schedule:
+        """The checkpoint's learning-rate schedule, continued smoothly to a changed --max_iters (checkpoints
+        written before schedules were saved rebuild theirs from their config)."""
+        schedule = (Schedule(**state["schedule"]) if "schedule" in state
+                    else Schedule.of(dataclasses.replace(self.cfg, max_iters=saved["train"]["max_iters"])))
+        if schedule.max_iters == self.cfg.max_iters or step >= self.cfg.max_iters:
+            return schedule
+        extended = schedule.extended(step, self.cfg.max_iters)
+        self._say(f"max_iters {schedule.max_iters} -> {self.cfg.max_iters}: the learning rate goes on from "
+                  f"{extended(step):.2e} at step {step} and decays to {extended.min_lr:.2e} at step {self.cfg.max_iters}")
+        return extended
 
     def is_new_best(self, metrics: dict, step: int) -> bool:
         """Whether this step was evaluated with a validation loss below the best so far (and records it)."""
@@ -78,13 +96,14 @@ class Checkpointer:
         state = {"step": next_step, "world_size": self.job.world_size, "best_val_loss": self.best_val,
                  "optimizer": optimizer_state,
                  "scaler": self.precision.scaler.state_dict() if self.precision.scaler else None,
+                 "schedule": dataclasses.asdict(self.schedule),
                  "rng": {"cpu": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
                  "loaders": {name: loader.state_dict() for name, loader in self.loaders.items()}}
         path = save_checkpoint(self.run_dir, next_step, weights, state, self.config, self.tokenizer,
-                               self.cfg.file_name, self.cfg.keep_last)
-        if new_best and self.cfg.save_model:
-            mark_best(self.run_dir, next_step, self.best_val)
+                               self.cfg.file_name, self.cfg.keep_last, self.cfg.ckpt_interval,
+                               self.best_val if new_best and self.cfg.save_model else None)
+        self.saved = path
         print(f"saved {path}")
 
     def _say(self, line: str) -> None:

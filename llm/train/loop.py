@@ -2,7 +2,6 @@
 of a torchrun job. The step itself is in step.py, checkpoint decisions in checkpointer.py."""
 import dataclasses
 import json
-import re
 import signal
 import threading
 import time
@@ -22,14 +21,10 @@ from .checkpointer import Checkpointer
 from .distributed import Distributed, init_distributed, wrap
 from .metrics import MetricsLog, layer_metrics, peak_memory_bytes
 from .mfu import mfu
-from .optim import build_optimizer, learning_rate
+from .optim import build_optimizer
 from .precision import Precision, pick_precision
-from .step import NonFiniteGuard, StepResult, estimate_loss, train_step
-
-
-def run_dir_name(run_name: str) -> str:
-    """A path-safe version of a run name ('trial_run_w/o_mix' -> 'trial_run_w_o_mix')."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", run_name).strip("._") or "run"
+from .rundir import claim
+from .step import NonFiniteGuard, StepResult, estimate_loss, out_of_memory_explained, train_step
 
 
 def resolve_vocab(model_config: LLMconfig, meta: dict, dataset: str) -> LLMconfig:
@@ -77,7 +72,8 @@ def train(model_config: LLMconfig, cfg: Trainconfig) -> dict:
     """
     job = init_distributed(cfg.device)
     try:
-        metrics = run(model_config, cfg, job)
+        with out_of_memory_explained(cfg, model_config.block_size):
+            metrics = run(model_config, cfg, job)
     except Interrupted:
         job.close()  # every rank stopped after the same step and saved together
         raise
@@ -118,8 +114,21 @@ def dataset_meta(cfg: Trainconfig, job: Distributed) -> tuple[Path, dict]:
     return data, read_meta(data, cfg.dataset)
 
 
+def check_batch_fits(loaders: dict[str, TokenLoader], cfg: Trainconfig, block_size: int, world_size: int) -> None:
+    """Refuses a micro-batch (over all ranks) that holds more tokens than a split, before anything is allocated."""
+    batch_tokens = cfg.batch_size * world_size * block_size
+    for loader in loaders.values():
+        tokens = loader.n_offsets + block_size
+        if batch_tokens > tokens:
+            ranks = f" x {world_size} ranks" if world_size > 1 else ""
+            raise ConfigError(f"batch_size={cfg.batch_size}{ranks} x block_size={block_size} = {batch_tokens:,} tokens "
+                              f"per micro-batch is more than {loader.path} holds ({tokens:,}); lower --batch_size")
+
+
 def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Session:
     """Data, model, optimizer and checkpointer of this rank (run() then restores a checkpoint into them)."""
+    run_dir = claim(cfg, job.is_main)
+    job.barrier()
     precision = pick_precision(cfg.device, cfg.dtype, job.local_rank)
     device = precision.device
     data, meta = dataset_meta(cfg, job)
@@ -137,13 +146,13 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
     loaders = {name: TokenLoader(data / f"{split}.bin", meta["dtype"], cfg.batch_size, model_config.block_size, device,
                                  cfg.seed + i, order, job.rank, job.world_size)
                for i, (name, (split, order)) in enumerate(split_orders.items())}
+    check_batch_fits(loaders, cfg, model_config.block_size, job.world_size)
     model = (pretrained or LLM(model_config)).to(device)
     model.act_recomp = cfg.act_recomp
     step_model = wrap(model, cfg.dist, precision.dtype, cfg.compile, device, job)
     if cfg.compile and not (job.world_size > 1 and cfg.dist == "fsdp"):  # FSDP compiles each block in wrap()
         step_model = torch.compile(step_model)
     optimizer = build_optimizer(model, cfg, device)
-    run_dir = Path(cfg.out_dir) / run_dir_name(cfg.wandb_run_name)
     tokenizer = {k: v for k, v in meta.items() if k in TOKENIZER_KEYS}
     checkpointer = Checkpointer(run_dir, cfg, config_dict(model_config, cfg), tokenizer, job, model, optimizer,
                                 precision, loaders)
@@ -169,8 +178,14 @@ def open_log(s: Session, start_step: int) -> MetricsLog | None:
     if s.cfg.wandb_log:
         import wandb
 
-        wandb_run = wandb.init(project=s.cfg.wandb_project, name=s.cfg.wandb_run_name, config=config)
-    return MetricsLog(run_dir, wandb_run, resumed_at=start_step if s.cfg.resume is not None else None)
+        wandb_run = wandb.init(project=s.cfg.wandb_project, name=s.cfg.wandb_run_name, config=config, dir=run_dir)
+    return MetricsLog(run_dir, s.cfg.max_iters, wandb_run, resumed_at=start_step if s.cfg.resume is not None else None)
+
+
+def evaluates(cfg: Trainconfig, step: int) -> bool:
+    """Whether the losses are estimated after this step: once every eval_interval steps are done, as checkpoints
+    are taken, and after the last step."""
+    return cfg.eval and ((step + 1) % cfg.eval_interval == 0 or step == cfg.max_iters - 1)
 
 
 def step_metrics(s: Session, step: int, lr: float, result: StepResult, seconds_per_step: float) -> dict:
@@ -178,11 +193,11 @@ def step_metrics(s: Session, step: int, lr: float, result: StepResult, seconds_p
     tokens_per_s = s.tokens_per_step / seconds_per_step
     metrics = {"step": step, "loss": result.loss.item() / s.accum_steps, "lr": lr,
                "grad_norm": result.grad_norm.item(), "ms_per_step": 1000 * seconds_per_step,
-               "tokens_per_s": tokens_per_s,
+               "eta_s": seconds_per_step * (s.cfg.max_iters - 1 - step), "tokens_per_s": tokens_per_s,
                "mfu": mfu(tokens_per_s / s.job.world_size, s.model_config, s.params[1], s.precision.device),
                "peak_memory_bytes": peak_memory_bytes(s.precision.device)}
     metrics.update(layer_metrics(s.model, result.aux_loss.item() / s.accum_steps, result.layer_stats))
-    if s.cfg.eval and (step % s.cfg.eval_interval == 0 or step == s.cfg.max_iters - 1):
+    if evaluates(s.cfg, step):
         evaluated = {"train": s.loaders["train_eval"], "val": s.loaders["val"]}
         metrics.update(estimate_loss(s.model, evaluated, s.cfg.eval_iters, s.precision, s.job))
     return metrics
@@ -197,7 +212,7 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
     try:
         with StopRequest() as stop:
             for step in range(start_step, cfg.max_iters):
-                lr = learning_rate(step, cfg)
+                lr = s.checkpointer.schedule(step)
                 for group in s.optimizer.param_groups:
                     group["lr"] = lr
                 result = train_step(s.model, s.step_model, s.loaders["train"], s.accum_steps, s.precision,
@@ -205,7 +220,7 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
                 s.guard.record(step, result.loss)
                 # Ranks must stop at the same step; agreeing on it costs a host sync per step, paid only under torchrun.
                 stopping = job.any(stop.signum is not None, s.precision.device)
-                if step % cfg.log_interval == 0 or step == cfg.max_iters - 1 or stopping:
+                if step % cfg.log_interval == 0 or step == cfg.max_iters - 1 or stopping or evaluates(cfg, step):
                     s.guard.check()
                     metrics = step_metrics(s, step, lr, result, (time.perf_counter() - t0) / (step - last_logged))
                     if log is not None:
@@ -222,4 +237,15 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
     finally:
         if log is not None:
             log.close()
+    say_where_saved(s)
     return metrics
+
+
+def say_where_saved(s: Session) -> None:
+    """The run's last line: where its checkpoint is, and how to sample from it, or that none was saved."""
+    if not s.job.is_main:
+        return
+    if s.checkpointer.saved is None:
+        print("no checkpoint saved" + ("" if s.cfg.save_model else " (--no_save_model)"))
+    else:
+        print(f"checkpoint {s.checkpointer.saved}; sample from it with: python sample.py --ckpt {s.checkpointer.run_dir}")

@@ -17,10 +17,20 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def format_metrics(m: dict) -> str:
-    """One console line per logged step."""
+def duration(seconds: float) -> str:
+    """A duration as 1h02m, 3m05s or 42s."""
+    seconds = round(seconds)
+    hours, minutes = seconds // 3600, seconds // 60 % 60
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds % 60:02d}s" if minutes else f"{seconds}s"
+
+
+def format_metrics(m: dict, max_iters: int) -> str:
+    """One console line per logged step: `step N/M` counts from 0 up to max_iters - 1."""
     mfu = "n/a" if m.get("mfu") is None else f"{100 * m['mfu']:.1f}%"
-    line = (f"step {m['step']:>5} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | norm {m['grad_norm']:.2f} | "
+    line = (f"step {m['step']:>{len(str(max_iters))}}/{max_iters} | eta {duration(m['eta_s'])} | "
+            f"loss {m['loss']:.4f} | lr {m['lr']:.2e} | norm {m['grad_norm']:.2f} | "
             f"{m['ms_per_step']:.0f} ms | {m['tokens_per_s']:,.0f} tok/s | mfu {mfu} | "
             f"mem {m['peak_memory_bytes'] / 2**20:,.0f} MiB")
     if "aux_loss" in m:
@@ -59,16 +69,16 @@ class MetricsLog:
     run after its checkpoint, or a torn last line), so the file keeps one row per step.
     """
 
-    def __init__(self, run_dir: Path, wandb_run=None, resumed_at: int | None = None):
+    def __init__(self, run_dir: Path, max_iters: int, wandb_run=None, resumed_at: int | None = None):
         path = run_dir / "metrics.jsonl"
         if resumed_at is not None and path.is_file():
             kept = [line for line in path.read_text().splitlines() if row_step(line) < resumed_at]
             write_atomically(path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
         self.file = open(path, "a")
-        self.wandb_run = wandb_run
+        self.wandb_run, self.max_iters = wandb_run, max_iters
 
     def log(self, metrics: dict) -> None:
-        print(format_metrics(metrics), flush=True)
+        print(format_metrics(metrics, self.max_iters), flush=True)
         self.file.write(json.dumps(metrics) + "\n")
         self.file.flush()
         if self.wandb_run is not None:

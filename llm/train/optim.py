@@ -1,5 +1,6 @@
 """AdamW with weight decay on 2-D weights only, and the warmup + cosine learning-rate schedule."""
 import math
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -20,13 +21,40 @@ def build_optimizer(model: nn.Module, cfg: Trainconfig, device: torch.device) ->
                              fused=device.type in ("cuda", "cpu"))
 
 
-def learning_rate(step: int, cfg: Trainconfig) -> float:
-    """Linear warmup to learning_rate, then cosine decay to min_lr at max_iters."""
-    max_lr = cfg.learning_rate
-    min_lr = MIN_LR_FRACTION * max_lr if cfg.min_lr is None else cfg.min_lr
-    if step < cfg.warmup_steps:
-        return max_lr * (step + 1) / cfg.warmup_steps
-    if step >= cfg.max_iters:
-        return min_lr
-    progress = (step - cfg.warmup_steps) / max(1, cfg.max_iters - cfg.warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+@dataclass(frozen=True)
+class Schedule:
+    """The learning rate of each step: linear warmup to `peak`, then a cosine from `decay_from_lr` at step
+    `decay_from` down to `min_lr` at `max_iters`.
+
+    A fresh run decays from the peak at the end of warmup. A resume that changes max_iters continues the curve
+    from the current step's rate (`extended`), so the rate never jumps; the schedule travels in the checkpoint.
+    """
+
+    peak: float
+    min_lr: float
+    warmup_steps: int
+    max_iters: int
+    decay_from: int
+    decay_from_lr: float
+
+    @classmethod
+    def of(cls, cfg: Trainconfig) -> "Schedule":
+        """A fresh run's schedule; an unset warmup_steps is a tenth of max_iters."""
+        warmup = cfg.max_iters // 10 if cfg.warmup_steps is None else cfg.warmup_steps
+        min_lr = MIN_LR_FRACTION * cfg.learning_rate if cfg.min_lr is None else cfg.min_lr
+        return cls(cfg.learning_rate, min_lr, warmup, cfg.max_iters, warmup, cfg.learning_rate)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.peak * (step + 1) / self.warmup_steps
+        if step >= self.max_iters:
+            return self.min_lr
+        progress = (step - self.decay_from) / max(1, self.max_iters - self.decay_from)
+        return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.decay_from_lr - self.min_lr)
+
+    def extended(self, step: int, max_iters: int) -> "Schedule":
+        """The schedule of a run resumed at `step` with a new max_iters: still warming up, only the end moves;
+        past warmup, the cosine restarts from this step's rate and reaches min_lr at the new end."""
+        if step < self.warmup_steps:
+            return replace(self, max_iters=max_iters)
+        return replace(self, max_iters=max_iters, decay_from=step, decay_from_lr=self(step))

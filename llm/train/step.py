@@ -1,4 +1,5 @@
-"""One optimizer step and one evaluation, and the guard against a non-finite loss."""
+"""One optimizer step and one evaluation, and the guards against a non-finite loss and running out of memory."""
+import contextlib
 from pathlib import Path
 from typing import NamedTuple
 
@@ -7,7 +8,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from ..checkpoint import step_checkpoints
-from ..config import Trainconfig
+from ..config import ConfigError, Trainconfig
 from ..data.loader import TokenLoader
 from ..model import LLM
 from .distributed import Distributed, gradient_sync
@@ -47,6 +48,19 @@ def train_step(model: LLM, step_model: nn.Module, loader: TokenLoader, accum_ste
     model.after_step(stats)
     grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
     return StepResult(job.sum(loss_sum) / job.world_size, job.sum(aux_sum) / job.world_size, stats, grad_norm)
+
+
+@contextlib.contextmanager
+def out_of_memory_explained(cfg: Trainconfig, block_size: int):
+    """Turns running out of device or host memory into one line that names the micro-batch and the ways out."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "DefaultCPUAllocator" not in str(e):
+            raise
+        raise ConfigError(f"out of memory with micro-batches of batch_size={cfg.batch_size} x block_size={block_size} "
+                          "tokens; lower --batch_size (gradient accumulation keeps total_batch_size_str), pass "
+                          "--act_recomp, or shrink the model") from None
 
 
 def sum_over_ranks(layer_stats: list[dict[str, torch.Tensor]], job: Distributed) -> list[dict[str, torch.Tensor]]:
