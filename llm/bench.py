@@ -1,6 +1,7 @@
 """Training-step benchmark on synthetic tokens: tokens/s, MFU and peak memory.
 
     python -m llm.bench [train.py flags] [--steps N] [--warmup N] [--json PATH] [--compare FLAG]
+    python -m llm.bench --suite gpu|cpu [--json PATH] [--markdown PATH]      # the speed table (bench_suite.py)
 
 Each step is one forward and backward pass over batch_size x block_size random tokens plus an AdamW step,
 with the model, device, precision, --compile and --act_recomp chosen as in training (no data loading, no
@@ -10,6 +11,7 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
+from typing import Literal
 
 import torch
 import tyro
@@ -37,6 +39,10 @@ class BenchOptions:
     """Also write the results to this JSON file."""
     compare: str | None = None
     """A boolean flag (act_recomp, compile, moe, ...) to run off and then on in this process, printing the ratio."""
+    suite: Literal["gpu", "cpu"] | None = None
+    """Run every row of the speed table (gpu: its shapes, on a CUDA GPU; cpu: tiny shapes, a smoke test)."""
+    markdown: str | None = None
+    """With --suite: also write the table to this markdown file."""
 
 
 def split_argv(argv: list[str], names: set[str]) -> tuple[list[str], list[str]]:
@@ -114,6 +120,8 @@ def main(argv: list[str] | None = None) -> dict:
         options = tyro.cli(BenchOptions, args=own, use_underscores=True)
         if options.steps < 1 or options.warmup < 0:
             raise ConfigError(f"--steps={options.steps} must be >= 1 and --warmup={options.warmup} >= 0")
+        if options.suite is not None:
+            return suite(options, rest)
         if options.compare is not None and options.compare not in boolean_flags():
             raise ConfigError(f"--compare={options.compare!r} is not a boolean flag; use one of "
                               f"{', '.join(sorted(boolean_flags()))}")
@@ -136,6 +144,27 @@ def main(argv: list[str] | None = None) -> dict:
         model_config, cfg = configs[-1]
         with open(options.json, "w") as f:
             json.dump({**result, "config": {"model": asdict(model_config), "train": asdict(cfg)}}, f, indent=2)
+    return result
+
+
+def suite(options: BenchOptions, rest: list[str]) -> dict:
+    """Runs the speed table's rows, prints the markdown and writes the JSON and markdown files asked for."""
+    from .bench_suite import hardware_line, markdown, run_suite
+
+    if rest:
+        raise ConfigError(f"--suite takes no train.py flags (got {' '.join(rest)}); each row sets its own")
+    if options.suite == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("--suite gpu needs a CUDA GPU; use --suite cpu for the tiny-shape run")
+    rows = run_suite(options.suite, options)
+    table = markdown(rows, hardware_line())
+    print(table, end="")
+    if options.markdown:
+        with open(options.markdown, "w") as f:
+            f.write(table)
+    result = {"hardware": hardware_line(), "suite": options.suite, "rows": rows}
+    if options.json:
+        with open(options.json, "w") as f:
+            json.dump(result, f, indent=2)
     return result
 
 

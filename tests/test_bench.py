@@ -52,3 +52,27 @@ def test_compare_needs_a_boolean_flag(capsys):
     with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
         bench.main(["--compare", "n_layer"])
     assert exit_info.value.code == 2 and "--compare='n_layer' is not a boolean flag" in capsys.readouterr().err
+
+
+def test_cpu_suite_runs_every_row_and_writes_json_and_markdown(tmp_path):
+    from llm.bench_suite import ROWS
+
+    result = bench.main(["--suite", "cpu", "--steps", "1", "--warmup", "0", "--json", str(tmp_path / "s.json"),
+                         "--markdown", str(tmp_path / "s.md")])
+    assert [row["row"] for row in result["rows"]] == [row.name for row in ROWS]
+    for row in result["rows"]:
+        for label, variant in row["variants"].items():
+            assert ("tokens_per_s" in variant) != ("error" in variant), (row["row"], label)
+    ran = {label for row in result["rows"] for label, v in row["variants"].items() if "tokens_per_s" in v}
+    assert {"gpt2", "llama1b", "genomic", "dense", "moe", "gqa", "mla", "off", "on", "sdpa", "bf16"} <= ran
+    assert json.loads((tmp_path / "s.json").read_text())["suite"] == "cpu"
+    table = (tmp_path / "s.md").read_text()
+    assert all(row.name in table for row in ROWS) and "| MLA vs GQA | tokens/s >= 0.9x | tokens/s x" in table
+
+
+def test_gpu_suite_needs_a_gpu(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("checks the message shown where no GPU is visible")
+    with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
+        bench.main(["--suite", "gpu"])
+    assert exit_info.value.code == 2 and "--suite gpu needs a CUDA GPU" in capsys.readouterr().err
