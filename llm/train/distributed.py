@@ -19,6 +19,7 @@ class Distributed:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    control: dist.ProcessGroup | None = None  # a gloo group for flags held on the host (None: the default group)
 
     @property
     def is_main(self) -> bool:
@@ -37,11 +38,17 @@ class Distributed:
         flat = self.sum(torch.cat([t.reshape(-1).double() for t in tensors]))
         return [part.view(t.shape).to(t.dtype) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
-    def any(self, flag: bool, device: torch.device) -> bool:
-        """Whether any rank's flag is set (every rank gets the same answer)."""
+    def any(self, flag: bool, device: torch.device | None = None) -> bool:
+        """Whether any rank's flag is set (every rank gets the same answer).
+
+        The flags are summed on the host over the gloo group `control`, so agreeing waits for the other ranks'
+        processes but not for work queued on any device; `device` is not used.
+        """
         if self.world_size == 1:
             return flag
-        return bool(self.sum(torch.tensor(float(flag), device=device)).item())
+        votes = torch.tensor(float(flag))
+        dist.all_reduce(votes, group=self.control)
+        return bool(votes.item())
 
     def barrier(self) -> None:
         """Waits until every rank gets here."""
@@ -64,7 +71,8 @@ def init_distributed(device_name: str) -> Distributed:
     if cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return Distributed(rank, world_size, local_rank)
+    control = dist.new_group(backend="gloo") if cuda else None  # on CPU the default group is gloo already
+    return Distributed(rank, world_size, local_rank, control)
 
 
 def wrap(model: nn.Module, kind: str, param_dtype: torch.dtype, compile_blocks: bool, device: torch.device,

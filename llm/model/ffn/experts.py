@@ -23,31 +23,91 @@ def grouped_mm_compiles(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return x.device.type == "cpu" or (x.device.type == "cuda" and torch.cuda.get_device_capability(x.device) >= (8, 0))
 
 
-@torch.compiler.disable
-def grouped_mm_eager(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Grouped matmul outside the compiled graph: torch's CPU kernel, or a padded batched matmul elsewhere."""
-    if GROUPED_MM is not None and x.device.type == "cpu" and x.dtype in GROUPED_MM_DTYPES and rows_aligned(x, weight):
+def kernel_usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether torch's grouped matmul kernel runs x (M, K) @ weight (E, K, N) in eager mode: CPU, float dtypes."""
+    return GROUPED_MM is not None and x.device.type == "cpu" and x.dtype in GROUPED_MM_DTYPES and rows_aligned(x, weight)
+
+
+def group_positions(offsets: torch.Tensor, M: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """For M rows sorted by group (group g ends at offsets[g]): each row's group (M,), its position within the group
+    (M,), and the largest group size. Reading that size is the padded fallback's host sync."""
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()  # (E,)
+    group = torch.repeat_interleave(torch.arange(len(counts), device=offsets.device), counts, output_size=M)  # (M,)
+    row = torch.arange(M, device=offsets.device) - (offsets.long() - counts)[group]  # (M,)
+    return group, row, int(counts.max())
+
+
+def padded_groups(rows: torch.Tensor, group: torch.Tensor, row: torch.Tensor, n_groups: int, size: int) -> torch.Tensor:
+    """Rows (M, D) scattered into an (n_groups, size, D) buffer, zeros elsewhere."""
+    padded = rows.new_zeros(n_groups, size, rows.shape[-1])  # (E, size, D)
+    padded[group, row] = rows
+    return padded
+
+
+def padded_bmm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The batched fallback of x (M, K) @ weight (E, K, N): rows are scattered into an (E, max group size, K) buffer,
+    multiplied with one bmm and gathered back (M, N)."""
+    group, row, size = group_positions(offsets, x.shape[0])
+    return torch.bmm(padded_groups(x, group, row, len(offsets), size), weight)[group, row]  # (M, N)
+
+
+def padded_weight_grad(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The batched fallback of each group's x_g^T @ grad_g for x (M, K) and grad (M, N): (E, K, N)."""
+    group, row, size = group_positions(offsets, x.shape[0])
+    padded_x = padded_groups(x, group, row, len(offsets), size)  # (E, size, K)
+    return torch.bmm(padded_x.transpose(1, 2), padded_groups(grad, group, row, len(offsets), size))  # (E, K, N)
+
+
+@torch.library.custom_op("llm::grouped_mm", mutates_args=())
+def opaque_grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ weight (E, K, N) by group, as one operator that torch.compile does not look into (its meta kernel
+    accepts bf16 only): torch's kernel where it runs (CPU), the padded fallback elsewhere. Returns (M, N)."""
+    if kernel_usable(x, weight):
         return GROUPED_MM(x, weight, offs=offsets)
     return padded_bmm(x, weight, offsets)
 
 
-def padded_bmm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """The batched fallback: rows are scattered into an (E, max group size, K) buffer, multiplied with one bmm and
-    gathered back. Reading the largest group size is its one host sync."""
-    M, K = x.shape
-    counts = torch.diff(offsets, prepend=offsets.new_zeros(1)).long()  # (E,)
-    group = torch.repeat_interleave(torch.arange(len(counts), device=x.device), counts, output_size=M)  # (M,)
-    row = torch.arange(M, device=x.device) - (offsets.long() - counts)[group]  # (M,) position within its group
-    padded = x.new_zeros(len(counts), int(counts.max()), K)  # (E, max count, K)
-    padded[group, row] = x
-    return torch.bmm(padded, weight)[group, row]  # (M, N)
+@opaque_grouped_mm.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[-1])  # (M, N)
+
+
+@torch.library.custom_op("llm::grouped_mm_weight_grad", mutates_args=())
+def opaque_weight_grad(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """The weight gradient of opaque_grouped_mm, each group's x_g^T @ grad_g for x (M, K), grad (M, N): (E, K, N)."""
+    if kernel_usable(x, grad):
+        return GROUPED_MM(x.t(), grad, offs=offsets)
+    return padded_weight_grad(x, grad, offsets)
+
+
+@opaque_weight_grad.register_fake
+def _(x: torch.Tensor, grad: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])  # (E, K, N)
+
+
+def _save_inputs(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, None]:
+    x, weight, offsets = ctx.saved_tensors
+    grad = grad.contiguous()  # (M, N) with the row strides the kernel takes
+    grad_x = opaque_grouped_mm(grad, weight.transpose(1, 2), offsets)  # (M, K)
+    return grad_x, opaque_weight_grad(x, grad, offsets), None  # (M, K), (E, K, N)
+
+
+opaque_grouped_mm.register_autograd(_backward, setup_context=_save_inputs)
 
 
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-    """Rows of x (M, K), sorted by group, times their group's weight (E, K, N); group g ends at offsets[g]."""
+    """Rows of x (M, K), sorted by group, times their group's weight (E, K, N); group g ends at offsets[g].
+
+    torch's grouped matmul goes into the compiled graph where it compiles (bf16 on CPU and CUDA SM >= 80); other
+    cases run as the opaque operator, so a model compiles whole (fullgraph) with either.
+    """
     if grouped_mm_compiles(x, weight):
         return GROUPED_MM(x, weight, offs=offsets)  # (M, N)
-    return grouped_mm_eager(x, weight, offsets)  # (M, N)
+    return opaque_grouped_mm(x, weight, offsets)  # (M, N)
 
 
 class ExpertLinear(nn.Module):
