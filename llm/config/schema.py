@@ -92,8 +92,10 @@ class LLMconfig:
     """Share the token embedding with the output head."""
     objective: str = "clm"
     """Training objective: clm (causal language modelling: next-token cross-entropy)."""
-    attn_backend: Literal["auto", "sdpa", "flash"] = "auto"
-    """Attention kernel: auto (flash-attn when importable on CUDA with 16-bit inputs, else SDPA), sdpa, or flash (requires flash-attn)."""
+    attn_backend: Literal["auto", "sdpa", "flash", "cudnn", "flex"] = "auto"
+    """Attention kernel: auto (the fastest that runs: flash-attn-4, cuDNN on Hopper+, flash-attn 2, else SDPA), sdpa
+    (PyTorch chooses), flash (flash-attn-4 or 2: pip install 'llm[flash]'), cudnn (SDPA's cuDNN kernel only), flex
+    (FlexAttention)."""
     layers: tyro.conf.Suppress[list[BlockConfig]] = field(default_factory=list)
     """Resolved per-layer specs, one per layer (a homogeneous model repeats one spec)."""
 
@@ -141,6 +143,9 @@ class Trainconfig:
     """Recompute each block's activations in the backward pass to save memory."""
     compile: bool = False
     """Compile the model with torch.compile."""
+    fp8: bool = False
+    """Float8 training through torchao (pip install 'llm[fp8]'; GPUs of compute capability 8.9+): the linear layers of
+    the blocks, except the first and last block, compute in float8 with current (per-tensor, dynamic) scaling."""
     log_interval: int = 10
     """Steps between metric lines."""
     eval: bool = False

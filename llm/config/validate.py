@@ -1,6 +1,5 @@
 """Every cross-field check in one place. Each failure is a ConfigError naming the field, value and fix."""
 import dataclasses
-import importlib.util
 import math
 import re
 from dataclasses import replace
@@ -47,6 +46,32 @@ def validate_block(b: BlockConfig, m: LLMconfig, where: str) -> None:
         raise ConfigError(f"{where}: {e}" if where else str(e)) from None
 
 
+def check_attn_backend(m: LLMconfig) -> None:
+    """What the model alone tells about --attn_backend: flash needs flash-attn installed, and flex no dropout (the
+    kernel is checked per call as well, where the device, dtype and head sizes are known)."""
+    from ..model.mixers.attention import FLASH
+
+    require(m.attn_backend != "flash" or bool(FLASH),
+            "attn_backend=flash but flash-attn is not installed; pip install 'llm[flash]' (flash-attn-4, for Hopper "
+            "and Blackwell) or use --attn_backend auto")
+    require(m.attn_backend != "flex" or m.dropout == 0,
+            f"attn_backend=flex has no attention dropout but dropout={m.dropout}; set --dropout 0 or use "
+            "--attn_backend auto")
+
+
+def check_cpu_run(t: Trainconfig, m: LLMconfig) -> None:
+    """A training run on --device cpu refuses what needs a GPU: the flash and cudnn kernels, FlexAttention (no backward
+    on CPU) and float8."""
+    if t.device != "cpu":
+        return
+    require(m.attn_backend not in ("flash", "cudnn", "flex"),
+            f"attn_backend={m.attn_backend} cannot train on device=cpu "
+            f"({'FlexAttention has no backward on CPU' if m.attn_backend == 'flex' else 'it needs a CUDA GPU'}); "
+            "use --attn_backend auto")
+    require(not t.fp8, "fp8 needs a GPU with float8 (compute capability 8.9+: Ada, Hopper, Blackwell) but "
+                       "device=cpu; drop --fp8")
+
+
 def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     """Checks model-wide values and every layer; `wheres[i]` tells where layer i was specified."""
     from ..model.registry import OBJECTIVES
@@ -62,9 +87,7 @@ def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     require(m.norm_eps > 0, f"norm_eps={m.norm_eps} must be > 0")
     require(len(m.layers) == m.n_layer,
             f"n_layer={m.n_layer} but {len(m.layers)} layer specs were given; make them equal or omit --n_layer")
-    if m.attn_backend == "flash":
-        require(importlib.util.find_spec("flash_attn") is not None,
-                "attn_backend=flash but flash-attn is not installed; pip install 'llm[flash]' or use --attn_backend auto")
+    check_attn_backend(m)
     wheres = wheres or [f"layer {i}" for i in range(m.n_layer)]
     for block, where in zip(m.layers, wheres):
         validate_block(block, m, where)
@@ -108,6 +131,7 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
             f"init_from={t.init_from!r} is not supported; use hf:DIR (a transformers model directory)")
     run_dir_name(t.wandb_run_name)
     require(t.grad_clip >= 0, f"grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    check_cpu_run(t, m)
     micro_steps(t, m)
 
 

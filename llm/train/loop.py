@@ -19,6 +19,7 @@ from ..files import write_atomically
 from ..model import LLM
 from .checkpointer import Checkpointer
 from .distributed import Distributed, init_distributed, wrap
+from .fp8 import convert_to_fp8
 from .metrics import MetricsLog, layer_metrics, peak_memory_bytes
 from .mfu import mfu
 from .optim import build_optimizer
@@ -149,6 +150,8 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
     check_batch_fits(loaders, cfg, model_config.block_size, job.world_size)
     model = (pretrained or LLM(model_config)).to(device)
     model.act_recomp = cfg.act_recomp
+    if cfg.fp8:
+        convert_to_fp8(model, device)  # before wrapping and compiling
     step_model = wrap(model, cfg.dist, precision.dtype, cfg.compile, device, job)
     if cfg.compile and not (job.world_size > 1 and cfg.dist == "fsdp"):  # FSDP compiles each block in wrap()
         step_model = torch.compile(step_model)

@@ -1,20 +1,201 @@
-"""What the attention kinds share: the causal attention kernel (PyTorch SDPA by default, flash-attn when importable
-on CUDA) and the check of the head count."""
+"""What the attention kinds share: the causal attention kernel and the check of the head count.
+
+The kernel is chosen per call by `select_backend`, a pure function of the requested `--attn_backend`, the call
+(device, dtype, head sizes, padding mask, dropout) and the machine (flash-attn installed, GPU compute capability,
+cuDNN version): PyTorch SDPA, SDPA restricted to (or preferring) cuDNN attention, FlashAttention (flash-attn-4,
+or flash-attn 2) or FlexAttention.
+"""
+from functools import cache, lru_cache
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from ...config import BlockConfig, LLMconfig, require
+from ...config import BlockConfig, ConfigError, LLMconfig, require
 
-try:
-    from flash_attn import flash_attn_func
-except ImportError:
-    flash_attn_func = None
+HALF = (torch.float16, torch.bfloat16)
+# cuDNN before 9.15.1 mishandles sequence lengths that are not multiples of 128; PyTorch prefers cuDNN from there on.
+CUDNN_AUTO_MIN_VERSION = 91501
+FLASH_MIN_CAPABILITY = {4: (9, 0), 2: (8, 0)}  # flash-attn-4 targets Hopper and Blackwell, flash-attn 2 Ampere on
+SDPA_CUDNN_ONLY = [SDPBackend.CUDNN_ATTENTION]
+SDPA_CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                    SDPBackend.MATH]
 
 
-def flash_usable(q: torch.Tensor, v: torch.Tensor) -> bool:
-    """flash-attn runs on CUDA with 16-bit inputs and equal query/value head sizes."""
-    return (flash_attn_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and q.size(-1) == v.size(-1))
+def _load_flash() -> dict:
+    """The importable FlashAttention kernels by major version, each called as f(q, k, v, dropout_p, scale) on
+    (B, T, H, D) tensors with the causal mask aligned to the bottom right."""
+    kernels = {}
+    try:
+        from flash_attn.cute import flash_attn_func as fa4  # flash-attn-4: no dropout, returns (out, lse)
+
+        # Its CuTe kernels are not traceable, so torch.compile runs them as they are.
+        kernels[4] = torch.compiler.disable(
+            lambda q, k, v, dropout_p, scale: fa4(q, k, v, softmax_scale=scale, causal=True)[0])
+    except ImportError:
+        pass
+    try:
+        from flash_attn import flash_attn_func as fa2
+
+        kernels[2] = lambda q, k, v, dropout_p, scale: fa2(q, k, v, dropout_p=dropout_p, softmax_scale=scale,
+                                                           causal=True)
+    except ImportError:
+        pass
+    return kernels
+
+
+FLASH = _load_flash()
+CUDNN_VERSION = torch.backends.cudnn.version() or 0
+
+
+class AttentionCall(NamedTuple):
+    """What the kernel choice depends on in one call."""
+
+    device: str  # device type: cuda, cpu, ...
+    dtype: torch.dtype
+    qk_head_size: int
+    v_head_size: int  # differs from qk_head_size in MLA with RoPE (and in its cached, absorbed form)
+    masked: bool  # a padding mask (left-padded batches in generation)
+    dropout_p: float
+    needs_grad: bool = False  # the inputs require gradients (training)
+
+
+class Machine(NamedTuple):
+    """What the machine offers."""
+
+    flash: frozenset[int] = frozenset()  # importable flash-attn major versions (4, 2)
+    capability: tuple[int, int] | None = None  # the GPU's compute capability; None without one
+    cudnn_version: int = 0  # as torch.backends.cudnn.version(), 0 without cuDNN
+
+
+def why_not_flash(call: AttentionCall, machine: Machine, version: int) -> str | None:
+    """Why flash-attn `version` cannot run the call, or None when it can."""
+    qk, v = call.qk_head_size, call.v_head_size
+    if version not in machine.flash:
+        return "flash-attn is not installed (pip install 'llm[flash]')"
+    if call.device != "cuda" or machine.capability is None:
+        return "it runs on CUDA GPUs only"
+    if machine.capability < FLASH_MIN_CAPABILITY[version]:
+        major, minor = FLASH_MIN_CAPABILITY[version]
+        return f"flash-attn{'-4' if version == 4 else ' 2'} needs compute capability {major}.{minor} or newer"
+    if call.dtype not in HALF:
+        return f"it needs fp16 or bf16 inputs, got {call.dtype}"
+    if qk != v:
+        return f"it needs equal query/key and value head sizes, got {qk} and {v} (MLA with RoPE)"
+    if qk % 8 or qk > 256:
+        return f"it needs a head size that is a multiple of 8 up to 256, got {qk}"
+    if call.masked:
+        return "it takes no padding mask (left-padded batches in generation)"
+    if version == 4 and call.dropout_p > 0:
+        return "flash-attn-4 has no attention dropout (set --dropout 0)"
+    return None
+
+
+def why_not_cudnn(call: AttentionCall, machine: Machine) -> str | None:
+    """Why PyTorch's cuDNN attention cannot run the call, or None when it can (as far as the call tells)."""
+    qk, v = call.qk_head_size, call.v_head_size
+    if call.device != "cuda" or machine.capability is None:
+        return "it runs on CUDA GPUs only"
+    if machine.capability < (8, 0):
+        return "it needs compute capability 8.0 or newer"
+    if machine.cudnn_version == 0:
+        return "this PyTorch has no cuDNN"
+    if call.dtype not in HALF:
+        return f"it needs fp16 or bf16 inputs, got {call.dtype}"
+    if qk % 8 or v % 8 or max(qk, v) > 128:
+        return f"it needs head sizes that are multiples of 8 up to 128, got {qk} and {v}"
+    if call.dropout_p * 16 != int(call.dropout_p * 16):
+        return f"its dropout must be a multiple of 1/16, got {call.dropout_p}"
+    return None
+
+
+def why_not_flex(call: AttentionCall, machine: Machine) -> str | None:
+    """Why FlexAttention cannot run the call, or None when it can."""
+    if call.device not in ("cuda", "cpu"):
+        return f"it runs on CUDA and CPU, not {call.device}"
+    if call.dropout_p > 0:
+        return "FlexAttention has no attention dropout (set --dropout 0)"
+    if call.device == "cpu" and call.needs_grad:
+        return "FlexAttention has no backward pass on CPU (it runs there for generation and evaluation only)"
+    return None
+
+
+def usable_flash(call: AttentionCall, machine: Machine) -> str | None:
+    """'flash4' or 'flash2', the first flash-attn that can run the call, or None."""
+    return next((f"flash{version}" for version in (4, 2) if why_not_flash(call, machine, version) is None), None)
+
+
+def auto_backend(call: AttentionCall, machine: Machine) -> str:
+    """The fastest kernel for the call: on CUDA with 16-bit inputs flash-attn-4, else cuDNN attention on Hopper and
+    newer (with cuDNN >= 9.15.1), else flash-attn 2, else SDPA; SDPA everywhere else."""
+    if call.device != "cuda" or call.dtype not in HALF:
+        return "sdpa"
+    if why_not_flash(call, machine, 4) is None:
+        return "flash4"
+    if ((machine.capability or (0, 0)) >= (9, 0) and machine.cudnn_version >= CUDNN_AUTO_MIN_VERSION
+            and why_not_cudnn(call, machine) is None):
+        return "cudnn"
+    return usable_flash(call, machine) or "sdpa"
+
+
+def select_backend(requested: str, call: AttentionCall, machine: Machine) -> str:
+    """The kernel that runs the call: 'sdpa', 'cudnn', 'flash4', 'flash2' or 'flex'.
+
+    `auto` picks with `auto_backend`; a requested backend that cannot run the call is a one-line ConfigError naming
+    it and why.
+    """
+    if requested == "auto":
+        return auto_backend(call, machine)
+    if requested == "flash":
+        chosen = usable_flash(call, machine)
+        reason = None if chosen else why_not_flash(call, machine, 4 if 4 in machine.flash else 2)
+    else:
+        why_not = {"cudnn": why_not_cudnn, "flex": why_not_flex}.get(requested)  # sdpa runs everything
+        chosen, reason = requested, why_not and why_not(call, machine)
+    if reason:
+        raise ConfigError(f"attn_backend={requested} cannot run here: {reason}; use --attn_backend auto")
+    return chosen
+
+
+def machine_of(device: torch.device) -> Machine:
+    """What the machine offers for tensors on `device` (constant-folded under torch.compile)."""
+    if device.type != "cuda":
+        return Machine(frozenset(FLASH))
+    props = torch.cuda.get_device_properties(device)
+    return Machine(frozenset(FLASH), (props.major, props.minor), CUDNN_VERSION)
+
+
+@cache
+def compiled_flex(device_type: str):
+    """FlexAttention compiled (its eager form materialises the whole score matrix). On CPU one kernel per shape:
+    inductor's CPU code for dynamic shapes does not build in torch 2.13."""
+    return torch.compile(flex_attention, dynamic=False if device_type == "cpu" else None)
+
+
+def causal_block_mask(T: int, S: int, device: torch.device):
+    """The block mask of causal attention of the last T of S positions (query t sees keys up to S - T + t)."""
+    offset = S - T
+    return create_block_mask(lambda b, h, q, kv: q + offset >= kv, None, None, T, S, device=device)
+
+
+cached_causal_block_mask = lru_cache(maxsize=8)(causal_block_mask)  # eager calls reuse it; compiled code builds it
+
+
+def flex_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                          scale: float | None) -> torch.Tensor:
+    """FlexAttention on (B, H|KV, T|S, D) tensors with the causal mask, or the padding mask (B, 1, T, S)."""
+    B, T, S = q.size(0), q.size(2), k.size(2)
+    compiling = torch.compiler.is_compiling()  # inside an outer torch.compile, which compiles FlexAttention too
+    if mask is None:
+        block_mask = (causal_block_mask if compiling else cached_causal_block_mask)(T, S, q.device)
+    else:
+        block_mask = create_block_mask(lambda b, h, qi, kv: mask[b, 0, qi, kv], B, None, T, S, device=q.device)
+    if compiling and q.device.type == "cpu":  # torch 2.13's CPU kernel misreads inputs it fuses (RoPE) otherwise
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    flex = flex_attention if compiling else compiled_flex(q.device.type)
+    return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.size(1) != q.size(1))
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, dropout_p: float,
@@ -24,22 +205,32 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     The T queries are the last T of the S positions (S > T when earlier keys come from a cache), so query t
     sees keys up to S - T + t: the causal mask is aligned to the bottom right. `mask` (B, 1, T, S), True where
     attention is allowed, replaces that rule (left-padded batches). The softmax scale defaults to 1/sqrt(D).
-    Returns (B, T, H, Dv).
+    `backend` is the requested --attn_backend; `select_backend` picks the kernel. Returns (B, T, H, Dv).
     """
-    T, S = q.size(1), k.size(1)
-    use_flash = backend != "sdpa" and mask is None and flash_usable(q, v)
-    if backend == "flash" and not use_flash:
-        raise RuntimeError("attn_backend=flash needs flash-attn, CUDA tensors in fp16/bf16, equal q/v head sizes and "
-                           "no padding mask; use --attn_backend auto")
-    if use_flash:  # flash-attn aligns its causal mask to the bottom right
-        return flash_attn_func(q, k, v, dropout_p=dropout_p, causal=True, softmax_scale=scale)  # (B, T, H, Dv)
+    call = AttentionCall(q.device.type, q.dtype, q.size(-1), v.size(-1), mask is not None, dropout_p,
+                         q.requires_grad or k.requires_grad or v.requires_grad)
+    kernel = select_backend(backend, call, machine_of(q.device))
+    if kernel in ("flash4", "flash2"):  # flash-attn takes (B, T, H, D) and aligns its causal mask to the bottom right
+        return FLASH[int(kernel[-1])](q, k, v, dropout_p, scale)  # (B, T, H, Dv)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T|S, D)
+    if kernel == "flex":
+        return flex_causal_attention(q, k, v, mask, scale).transpose(1, 2)  # (B, T, H, Dv)
+    T, S = q.size(2), k.size(2)
     if mask is None and 1 < T < S:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)  # (T, S)
-    y = F.scaled_dot_product_attention(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),  # (B, H|KV, T|S, D)
-        attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None and T == S, scale=scale,
-        enable_gqa=k.size(2) != q.size(2),
-    )  # (B, H, T, Dv)
+    sdpa = dict(attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None and T == S, scale=scale,
+                enable_gqa=k.size(1) != q.size(1))
+    if kernel == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, **sdpa).transpose(1, 2)  # (B, T, H, Dv)
+    # cuDNN: only cuDNN when requested, else cuDNN first with PyTorch's other kernels behind it
+    with sdpa_kernel(SDPA_CUDNN_ONLY if backend == "cudnn" else SDPA_CUDNN_FIRST, set_priority=True):
+        try:
+            y = F.scaled_dot_product_attention(q, k, v, **sdpa)  # (B, H, T, Dv)
+        except RuntimeError as e:  # PyTorch's words for no kernel left: on CUDA, and on CPU
+            if "No available kernel" not in str(e) and "No viable backend" not in str(e):
+                raise
+            raise ConfigError("attn_backend=cudnn cannot run here: PyTorch's cuDNN attention refused these inputs "
+                              "(its warnings above say why); use --attn_backend auto") from None
     return y.transpose(1, 2)  # (B, T, H, Dv)
 
 
