@@ -261,7 +261,8 @@ def load_trained(ckpt: str) -> tuple[Path, LLM, dict]:
     weights, config.json and tokenizer.json are read: the training state may be missing."""
     folder = best_or_latest(Path(ckpt))
     saved = read_saved_config(folder)
-    model = LLM(model_config_from_dict(saved["model"], f"{folder}/config.json model"))
+    config = model_config_from_dict(saved["model"], f"{folder}/config.json model")
+    model = LLM(dataclasses.replace(config, attn_backend="auto"))  # the kernel it trained with may not be here
     weights = read_weights(folder)
     mismatches = weight_mismatches(model.state_dict(), weights)
     if mismatches:

@@ -38,11 +38,11 @@ class Distributed:
         flat = self.sum(torch.cat([t.reshape(-1).double() for t in tensors]))
         return [part.view(t.shape).to(t.dtype) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
-    def any(self, flag: bool, device: torch.device | None = None) -> bool:
+    def any(self, flag: bool) -> bool:
         """Whether any rank's flag is set (every rank gets the same answer).
 
         The flags are summed on the host over the gloo group `control`, so agreeing waits for the other ranks'
-        processes but not for work queued on any device; `device` is not used.
+        processes but not for work queued on any device.
         """
         if self.world_size == 1:
             return flag

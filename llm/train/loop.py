@@ -222,7 +222,7 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
                                     s.optimizer, cfg, job)
                 s.guard.record(step, result.loss)
                 # Ranks must stop at the same step; agreeing on it costs a host sync per step, paid only under torchrun.
-                stopping = job.any(stop.signum is not None, s.precision.device)
+                stopping = job.any(stop.signum is not None)
                 if step % cfg.log_interval == 0 or step == cfg.max_iters - 1 or stopping or evaluates(cfg, step):
                     s.guard.check()
                     metrics = step_metrics(s, step, lr, result, (time.perf_counter() - t0) / (step - last_logged))
