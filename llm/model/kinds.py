@@ -83,8 +83,10 @@ class FFNKind:
 @dataclass(frozen=True)
 class ObjectiveKind:
     """A training objective (the model's `objective` string): `build(config)` returns a module with
-    `forward(hidden (B, T, C), head, targets (B, T) or None) -> (logits (B, T, V), loss () or None)`, where
-    `head(hidden)` is the model's final norm and output projection."""
+    `forward(hidden (B, T, C), weight (V_padded, C), targets (B, T) or None, return_logits) -> (logits, loss)`:
+    hidden are the final hidden states after the final norm, weight the output head's (vocab_size rows padded to
+    V_padded; the logits are hidden @ weight.T sliced to vocab_size); logits (B, T, vocab_size) when there are no
+    targets or return_logits, else None; loss () when there are targets, else None."""
 
     name: str
     build: Callable[[LLMconfig], nn.Module]

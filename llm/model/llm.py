@@ -25,7 +25,7 @@ def padded_vocab_size(vocab_size: int) -> int:
 class ModelOutput(NamedTuple):
     """What the model returns: logits, the objective's loss, and the feed-forward layers' auxiliary figures."""
 
-    logits: torch.Tensor  # (B, T, vocab_size)
+    logits: torch.Tensor | None  # (B, T, vocab_size) without targets or when asked for, else None
     loss: torch.Tensor | None  # () the objective's loss (mean cross-entropy) when targets are given
     aux_loss: torch.Tensor  # () sum of the layers' weighted auxiliary losses (0 when no layer has one)
     layer_stats: list[dict[str, torch.Tensor]]  # per layer, its feed-forward stats (MoE: {"load": (E,)}; dense: {})
@@ -65,9 +65,13 @@ class LLM(nn.Module):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None) -> ModelOutput:
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None,
+                return_logits: bool = False) -> ModelOutput:
         """Logits (B, T, vocab_size) for token ids idx (B, T), the objective's loss when targets are given (targets
         equal to -1 are ignored), and the layers' auxiliary loss and stats. Train on loss + aux_loss.
+
+        With targets the logits are returned only when return_logits; otherwise the objective computes the loss
+        without materialising them (in chunks of tokens) and `logits` is None.
 
         With a cache (generation), idx continues the cached tokens and the cache is extended by them.
         """
@@ -94,13 +98,9 @@ class LLM(nn.Module):
             layer_stats.append(stats)
         if cache is not None:
             cache.length += T
-        logits, loss = self.objective(x, self.head, targets)  # (B, T, vocab_size), () or None
+        hidden = self.ln_f(x)  # (B, T, C)
+        logits, loss = self.objective(hidden, self.lm_head.weight, targets, return_logits)
         return ModelOutput(logits, loss, aux_loss, layer_stats)
-
-    def head(self, x: torch.Tensor) -> torch.Tensor:
-        """Logits (B, T, vocab_size) of final hidden states x (B, T, C): final norm, output projection, padded
-        vocabulary rows sliced off."""
-        return self.lm_head(self.ln_f(x))[..., : self.config.vocab_size]
 
     def new_cache(self, batch: int, pad: torch.Tensor | None = None, max_len: int | None = None) -> Cache:
         """An empty cache for `batch` rows, each left-padded by pad[b] tokens (none by default), holding up to

@@ -1,0 +1,94 @@
+"""Cross-entropy of a linear output head computed over chunks of tokens, so that the logits of all tokens are never
+held at once: for N tokens, a padded vocabulary of V rows and chunks of K tokens, the loss takes O(K·V) memory
+beyond its inputs instead of O(N·V).
+
+The gradients are computed chunk by chunk in the forward pass (each chunk's logits are needed for its loss
+anyway), and backward only scales them by the incoming gradient: this costs the same matmuls as the unchunked loss
+and keeps for backward only a gradient the size of the hidden states and one the size of the head weight.
+"""
+import torch
+
+CHUNK_ELEMENTS = 2**24  # logits per chunk (64 MiB in fp32): 333 tokens of GPT-2's padded vocabulary
+
+
+def chunk_tokens(rows: int) -> int:
+    """Tokens per chunk for an output head of `rows` (padded) vocabulary rows."""
+    return max(1, CHUNK_ELEMENTS // rows)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                         ignore_index: int, chunk: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of the logits hidden @ weight.T, restricted to the first vocab_size columns, against
+    targets; tokens whose target is ignore_index count neither in the sum nor in the mean.
+
+    hidden (N, C); weight (V, C) with V >= vocab_size (rows past vocab_size are padding and are never predicted);
+    targets (N,). Chunks of `chunk` tokens (default `chunk_tokens(V)`). Under autocast the matmuls run in its
+    dtype; the softmax, the loss and the head's gradient are fp32 (fp64 for fp64 weights). Returns the loss (),
+    NaN when every target is ignored, as `F.cross_entropy` gives.
+    """
+    chunk = chunk or chunk_tokens(weight.shape[0])
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, ignore_index, chunk)
+    return loss_and_grads(hidden, weight, targets, vocab_size, ignore_index, chunk, False, False)[0]
+
+
+def matmul_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype the head's matmuls run in: autocast's for fp32 weights under autocast, else the weight's."""
+    device = weight.device.type
+    autocast = torch.is_autocast_enabled(device) and weight.dtype == torch.float32
+    return torch.get_autocast_dtype(device) if autocast else weight.dtype
+
+
+def loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                   ignore_index: int, chunk: int, grad_hidden: bool, grad_weight: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(mean loss (), its gradient w.r.t. hidden (N, C) or None, w.r.t. weight (V, C) or None), as described in
+    `linear_cross_entropy`, computed over chunks of tokens without building any graph."""
+    mm_dtype = matmul_dtype(weight)
+    dtype = torch.promote_types(weight.dtype, torch.float32)  # of the softmax and the sums: fp32 at least
+    w = weight.to(mm_dtype)  # (V, C)
+    kept = targets != ignore_index  # (N,)
+    count = kept.sum()
+    # d(mean loss)/d(logits) of a row is (softmax - one_hot(target)) * scale; scale is 0 for ignored rows, and
+    # count is clamped so that when every row is ignored the gradients are 0 (and the loss NaN), as F.cross_entropy.
+    scale = kept.to(dtype) / count.clamp(min=1)  # (N,)
+    safe_targets = torch.where(kept, targets, 0)  # (N,) a valid index in every row
+    total = torch.zeros((), dtype=dtype, device=hidden.device)
+    d_hidden = []  # per chunk (K, C)
+    d_weight = torch.zeros_like(weight, dtype=dtype) if grad_weight else None  # (V, C)
+    for h, t, k, s in zip(hidden.to(mm_dtype).split(chunk), safe_targets.split(chunk), kept.split(chunk),
+                          scale.split(chunk)):
+        logits = (h @ w.T).to(dtype)  # (K, V)
+        logits[:, vocab_size:] = float("-inf")  # padding rows of the head are never predicted
+        lse = logits.logsumexp(dim=-1)  # (K,)
+        total = total + ((lse - logits.gather(1, t[:, None]).squeeze(1)) * k).sum()
+        if grad_hidden or grad_weight:
+            grad = logits.sub_(lse[:, None]).exp_()  # (K, V) the softmax, in place of the logits
+            grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0  # minus the one-hot target
+            grad = grad.mul_(s[:, None]).to(mm_dtype)  # (K, V) d(mean loss)/d(logits)
+            if grad_hidden:
+                d_hidden.append(grad @ w)  # (K, C)
+            if grad_weight and grad.dtype == dtype:
+                d_weight.addmm_(grad.T, h)  # (V, C), in place: no temporary of the head's size
+            elif grad_weight:
+                d_weight += grad.T @ h  # (V, C) a 16-bit product, summed in fp32
+    return total / count, torch.cat(d_hidden).to(hidden.dtype) if grad_hidden else None, d_weight
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """`linear_cross_entropy` as an autograd function: the forward computes the gradients chunk by chunk and saves
+    them, the backward scales them by the gradient of the loss."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
+                ignore_index: int, chunk: int) -> torch.Tensor:
+        loss, d_hidden, d_weight = loss_and_grads(hidden, weight, targets, vocab_size, ignore_index, chunk,
+                                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        ctx.save_for_backward(d_hidden, d_weight.to(weight.dtype) if d_weight is not None else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor):
+        d_hidden, d_weight = ctx.saved_tensors
+        return (None if d_hidden is None else d_hidden * grad_loss,
+                None if d_weight is None else d_weight * grad_loss, None, None, None, None)
