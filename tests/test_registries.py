@@ -126,7 +126,7 @@ def test_registered_kind_examples_are_causal_train_and_decode_like_the_full_forw
     model = LLM(make_config(spec, pos_emb=pos_emb, n_embd=48, n_layer=2, block_size=16))
     idx = torch.randint(0, 97, (2, 12))
     out = model(idx, idx)
-    assert out.logits.shape == (2, 12, 97) and torch.isfinite(out.loss)
+    assert out.logits is None and torch.isfinite(out.loss)  # logits only without targets or when asked for
     (out.loss + out.aux_loss).backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
     model.eval()
