@@ -134,16 +134,16 @@ def test_flash_on_cpu_is_refused_at_config_time(monkeypatch):
     parse(["--attn_backend", "flash", "--device", "cuda"])
 
 
-def reference_flash_attn(q, k, v, dropout_p, scale):
+def reference_flash_attn(q, k, v, dropout_p, scale, causal):
     """The flash kernels' contract on (B, T, H, D) queries over (B, S, KV, D) keys with KV dividing H, by explicit
-    scores; the causal mask is aligned to the bottom right when S > T."""
+    scores; the causal mask is aligned to the bottom right when S > T (no mask when not causal)."""
     assert dropout_p == 0.0
     B, T, H, D = q.shape
     S = k.size(1)
     k = k.repeat_interleave(H // k.size(2), dim=2)  # (B, S, H, D)
     v = v.repeat_interleave(H // v.size(2), dim=2)  # (B, S, H, Dv)
     scores = torch.einsum("bthd,bshd->bhts", q, k) * (scale or 1 / math.sqrt(D))  # (B, H, T, S)
-    mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+    mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T) if causal else torch.ones(T, S, dtype=torch.bool)
     weights = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
     return torch.einsum("bhts,bshd->bthd", weights, v)  # (B, T, H, Dv)
 

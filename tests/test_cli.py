@@ -287,7 +287,7 @@ def test_moe_is_a_spelling_of_ffn_everywhere(tmp_path, capsys):
     (["--ffn", "mo"], f"ffn='mo' is not a registered kind; use --ffn with one of {', '.join(FFNS)}"),
     (["--attn", "gqq"], f"attn='gqq' is not a registered kind; use --attn with one of {', '.join(MIXERS)} "
                         '(did you mean "gqa"?)'),
-    (["--objective", "mlm"], "objective='mlm' is not a registered kind"),
+    (["--objective", "ntp"], "objective='ntp' is not a registered kind"),
 ])
 def test_kind_names_and_their_spellings_are_checked(argv, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

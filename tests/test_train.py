@@ -32,6 +32,9 @@ def test_missing_dataset_names_the_prepare_command(tmp_path):
     with pytest.raises(ConfigError, match="python -m llm.data.prepare shakespeare --out"):
         train(model, cfg)
     model, cfg = parse(["--data_dir", str(tmp_path), "--out_dir", str(tmp_path), "--dataset", "genomic"])
+    with pytest.raises(ConfigError, match="python -m llm.data.prepare genomic --source PATH_TO_YOUR_FILES --out"):
+        train(model, cfg)
+    model, cfg = parse(["--data_dir", str(tmp_path), "--out_dir", str(tmp_path), "--dataset", "mine"])
     with pytest.raises(ConfigError, match="python -m llm.data.prepare text --source PATH_TO_YOUR_FILES --out"):
         train(model, cfg)
 

@@ -91,7 +91,15 @@ class LLMconfig:
     tie_embeddings: bool = True
     """Share the token embedding with the output head."""
     objective: str = "clm"
-    """Training objective: clm (causal language modelling: next-token cross-entropy)."""
+    """Training objective: clm (causal language modelling: next-token prediction) or mlm (masked language modelling:
+    bidirectional attention, the loss at masked positions only; needs a tokenizer with a <mask> token)."""
+    loss: Literal["ce", "hxe", "soft_labels"] = "ce"
+    """Token loss: ce (cross-entropy), hxe (hierarchical cross-entropy over the codon tree, HELM) or soft_labels (KL
+    to soft labels from codon-tree distances, HELM); hxe and soft_labels need the 3mer tokenizer."""
+    hxe_alpha: float = 0.2
+    """loss=hxe: the edge into a node at depth d weighs exp(-hxe_alpha * d) (weights normalised to sum to 1)."""
+    soft_label_beta: float = 15.0
+    """loss=soft_labels: target distribution softmax(-soft_label_beta * normalised tree distance)."""
     attn_backend: Literal["auto", "sdpa", "flash", "cudnn", "flex"] = "auto"
     """Attention kernel: auto (the fastest that runs: flash-attn-4, cuDNN on Hopper+, flash-attn 2, else SDPA), sdpa
     (PyTorch chooses), flash (flash-attn-4 or 2: pip install 'llm[flash]'), cudnn (SDPA's cuDNN kernel only), flex
@@ -108,8 +116,24 @@ class Trainconfig:
     """Dataset folder name under data_dir (prepared by python -m llm.data.prepare)."""
     data_dir: str = "data"
     """Folder holding the prepared datasets."""
-    data_order: Literal["random", "epoch"] = "random"
-    """Training windows: random (uniform random offsets) or epoch (each non-overlapping window once per epoch, reshuffled)."""
+    data_order: Literal["random", "epoch", "windows"] = "random"
+    """Training windows: random (uniform random offsets), epoch (each non-overlapping window once per epoch,
+    reshuffled) or windows (windows within each sequence of a dataset prepared with `prepare genomic`, never two
+    sequences in one window, once per epoch, reshuffled)."""
+    window_stride: int = 0
+    """data_order=windows: tokens that consecutive windows of one sequence share (Hugging Face's stride; the
+    OpenGenome2 recipe uses 200)."""
+    window_specials: Literal["every", "ends"] = "every"
+    """data_order=windows: begin/end tokens on every window (OpenGenome2) or only at a sequence's true ends."""
+    loss_mask: Literal["none", "acgt"] = "none"
+    """Labels left out of the loss besides padding and special tokens: acgt leaves out every label that is not A, C,
+    G or T in either case (degenerate bases such as N, tags), as the OpenGenome2 recipe does."""
+    uppercase_labels: bool = False
+    """Label lower-case (soft-masked) nucleotides with their upper-case tokens."""
+    mask_prob: float = 0.15
+    """objective=mlm: probability that a token (not special, not padding) is masked."""
+    mask_strategy: Literal["helm", "bert"] = "helm"
+    """objective=mlm: helm (every chosen token becomes <mask>) or bert (80% <mask>, 10% a random token, 10% kept)."""
     out_dir: str = "out"
     """Folder for run directories (out_dir/<run name>/)."""
     total_batch_size_str: str = "2**11"

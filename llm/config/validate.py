@@ -9,6 +9,8 @@ from .expr import eval_int_expr
 from .fields import did_you_mean
 from .schema import BlockConfig, LLMconfig, Trainconfig
 
+CODON_VOCAB = 70  # the 3mer tokenizer's vocabulary: what the codon-tree losses (hxe, soft_labels) are defined on
+
 
 def resolve_block(block: BlockConfig, n_embd: int) -> BlockConfig:
     """Fills derived per-layer defaults (up_dim = 4 * n_embd when unset)."""
@@ -85,6 +87,11 @@ def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     require(0.0 <= m.dropout < 1.0, f"dropout={m.dropout} must be in [0, 1)")
     require(m.rope_theta > 0, f"rope_theta={m.rope_theta} must be > 0")
     require(m.norm_eps > 0, f"norm_eps={m.norm_eps} must be > 0")
+    require(m.hxe_alpha >= 0, f"hxe_alpha={m.hxe_alpha} must be >= 0 (0: every edge of the codon tree weighs the same)")
+    require(m.soft_label_beta > 0, f"soft_label_beta={m.soft_label_beta} must be > 0")
+    require(m.loss == "ce" or m.vocab_size in (None, CODON_VOCAB),
+            f"loss={m.loss} needs the 3mer tokenizer's {CODON_VOCAB} tokens, but vocab_size={m.vocab_size}; prepare the "
+            "data with --tokenizer 3mer and leave --vocab_size unset, or use --loss ce")
     require(len(m.layers) == m.n_layer,
             f"n_layer={m.n_layer} but {len(m.layers)} layer specs were given; make them equal or omit --n_layer")
     check_attn_backend(m)
@@ -131,6 +138,8 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
             f"init_from={t.init_from!r} is not supported; use hf:DIR (a transformers model directory)")
     run_dir_name(t.wandb_run_name)
     require(t.grad_clip >= 0, f"grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    require(0 < t.mask_prob < 1, f"mask_prob={t.mask_prob} must be in (0, 1)")
+    require(t.window_stride >= 0, f"window_stride={t.window_stride} must be >= 0 (tokens shared by consecutive windows)")
     check_cpu_run(t, m)
     micro_steps(t, m)
 

@@ -7,15 +7,19 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
+from .labels import Labels
 from .prepare import DATASET_NAMES
+from .windows import SequenceWindows, WindowOptions, read_documents
 
-DataOrder = Literal["random", "epoch"]
+DataOrder = Literal["random", "epoch", "windows"]
 META_TYPES = {"tokenizer": str, "vocab_size": int, "dtype": str}  # the meta.json keys training reads
 TOKEN_DTYPES = ("uint16", "uint32")
 
 
 def prepare_command(folder: Path, dataset: str) -> str:
     """The command that prepares `dataset` into `folder`."""
+    if dataset in ("text", "genomic"):
+        return f"python -m llm.data.prepare {dataset} --source PATH_TO_YOUR_FILES --out {folder}"
     if dataset in DATASET_NAMES:
         return f"python -m llm.data.prepare {dataset} --out {folder}"
     return f"python -m llm.data.prepare text --source PATH_TO_YOUR_FILES --out {folder}"
@@ -55,20 +59,24 @@ def read_meta(folder: Path, dataset: str) -> dict:
 
 
 class TokenLoader:
-    """(x, y) batches of batch_size windows of block_size tokens, y = x shifted by one token.
+    """(x, y) batches of batch_size rows of tokens: by default windows of block_size + 1 tokens with y = x shifted by
+    one token; with `labels`, `Labels.make_batch` turns the rows into (x, y) (masked-LM rows, ignored labels).
 
     - order "random": windows at uniformly random offsets, drawn with replacement from a seeded generator.
     - order "epoch": the file cut into non-overlapping windows, visited in a fresh permutation each epoch
       (seeded by seed and epoch), every window exactly once per epoch; a batch may span two epochs.
+    - order "windows": the windows of each sequence (`SequenceWindows`: never two sequences in one row, tails
+      padded), visited like the epoch order.
 
-    Every rank draws the same global batch of batch_size * world_size windows and keeps its own slice, so the
+    Every rank draws the same global batch of batch_size * world_size rows and keeps its own slice, so the
     union over ranks, and the state, depend only on the global batch: a run can resume on another number of
     ranks. `state_dict()` / `load_state_dict()` save and restore the position and the generator, so a resumed
     run gets the batches an uninterrupted one would.
     """
 
     def __init__(self, path: Path, dtype: str, batch_size: int, block_size: int, device: torch.device, seed: int,
-                 order: DataOrder = "random", rank: int = 0, world_size: int = 1):
+                 order: DataOrder = "random", rank: int = 0, world_size: int = 1, labels: Labels | None = None,
+                 windows: WindowOptions | None = None):
         fix = f"prepare the dataset again with `{prepare_command(path.parent, path.parent.name)} --force`"
         if dtype not in TOKEN_DTYPES:
             raise ConfigError(f"{path.parent / 'meta.json'}: dtype={dtype!r} is not uint16 or uint32; {fix}")
@@ -77,43 +85,63 @@ class TokenLoader:
         self.path, self.dtype = path, np.dtype(dtype)
         self.batch_size, self.block_size, self.device = batch_size, block_size, device
         self.order, self.seed, self.rank, self.world_size = order, seed, rank, world_size
+        self.labels = labels
+        self.row_length = block_size + 1 if labels is None else labels.row_length(block_size)
         size = path.stat().st_size
         if size % self.dtype.itemsize:
             raise ConfigError(f"{path}: {size:,} bytes is not a whole number of {dtype} tokens ({self.dtype.itemsize} "
                               f"bytes each): the file is truncated or damaged; {fix}")
         n_tokens = size // self.dtype.itemsize
-        if n_tokens <= block_size:
+        if n_tokens < self.row_length:
             raise ConfigError(f"{path} holds {n_tokens} tokens, too few for block_size={block_size}; lower --block_size")
-        self.n_offsets = n_tokens - block_size  # random windows start at 0 .. n_offsets - 1
-        self.n_windows = (n_tokens - 1) // block_size  # non-overlapping windows of the epoch order
+        self.n_offsets = n_tokens - self.row_length + 1  # random windows start at 0 .. n_offsets - 1
+        self.sequences = None
+        if order == "windows":
+            self.sequences = SequenceWindows(read_documents(path, n_tokens), n_tokens, self.row_length, windows)
+            self.n_windows = self.sequences.n_windows
+        else:  # non-overlapping windows of the epoch order
+            self.n_windows = (n_tokens - self.row_length + block_size) // block_size
         self.generator = torch.Generator().manual_seed(seed)
         self.position = 0  # windows of the global stream served so far
         self._permutation = (-1, None)  # (epoch, its permutation), cached
 
-    def _epoch_starts(self, count: int) -> list[int]:
-        """Token offsets of the next `count` windows of the global epoch order."""
-        starts = []
+    def _epoch_windows(self, count: int) -> list[int]:
+        """Indices of the next `count` windows of the global epoch order."""
+        indices = []
         for position in range(self.position, self.position + count):
             epoch, index = divmod(position, self.n_windows)
             if self._permutation[0] != epoch:
                 generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
                 self._permutation = (epoch, torch.randperm(self.n_windows, generator=generator))
-            starts.append(int(self._permutation[1][index]) * self.block_size)
-        return starts
+            indices.append(int(self._permutation[1][index]))
+        return indices
+
+    def _rows(self, data: np.ndarray, count: int) -> list[np.ndarray]:
+        """The next `count` rows of the global stream."""
+        R = self.row_length
+        if self.order == "random":
+            starts = torch.randint(self.n_offsets, (count,), generator=self.generator).tolist()
+            return [data[s : s + R] for s in starts]
+        windows = self._epoch_windows(count)
+        if self.sequences is not None:
+            return [self.sequences.row(data, w) for w in windows]
+        return [data[w * self.block_size : w * self.block_size + R] for w in windows]
 
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (x, y), each (batch_size, block_size), from the next global batch."""
         count = self.batch_size * self.world_size
-        if self.order == "random":
-            starts = torch.randint(self.n_offsets, (count,), generator=self.generator).tolist()
-        else:
-            starts = self._epoch_starts(count)
-        self.position += count
-        mine = starts[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
         data = np.memmap(self.path, dtype=self.dtype, mode="r")  # reopened each batch so pages are not kept
-        rows = np.stack([data[s : s + self.block_size + 1] for s in mine]).astype(np.int64)
-        batch = torch.from_numpy(rows)  # (B, T + 1)
-        x, y = batch[:, :-1], batch[:, 1:]  # (B, T) each
+        rows = self._rows(data, count)
+        uniforms = None
+        if self.labels is not None and self.labels.random_count(count, self.row_length):
+            uniforms = torch.rand(2, count, self.row_length, generator=self.generator)  # the global batch's draws
+        self.position += count
+        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        batch = torch.from_numpy(np.stack(rows[mine]).astype(np.int64))  # (B, R)
+        if self.labels is None:
+            x, y = batch[:, :-1], batch[:, 1:]  # (B, T) each
+        else:
+            x, y = self.labels.make_batch(batch, None if uniforms is None else uniforms[:, mine])
         if self.device.type == "cuda":
             return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
         return x.to(self.device), y.to(self.device)

@@ -4,9 +4,11 @@
     python -m llm.data.prepare shakespeare --source input.txt        # a local copy, GPT-2 tokens
     python -m llm.data.prepare fineweb --max_tokens 100_000_000      # streamed from Hugging Face (pip install 'llm[data]')
     python -m llm.data.prepare text --source corpus/ --out data/mine # local .txt/.jsonl/.parquet files
+    python -m llm.data.prepare genomic --source genomes/ --tokenizer nucleotide   # FASTA/FASTQ/JSONL/Parquet sequences
 
 Text is streamed to disk in bounded parts and tokenized by worker processes; documents are separated by the
-tokenizer's end-of-text token. A dataset without its own validation split holds out the last val_fraction of
+tokenizer's end-of-text token. With a sequence tokenizer (nucleotide, nuc, 3mer, 6mer) each sequence is stored as
+`<begin> tokens <end>` and SPLIT.docs.npy beside the tokens holds where each sequence starts (data_order windows). A dataset without its own validation split holds out the last val_fraction of
 its tokens. A second run with the same inputs and options is skipped unless --force. The files are written under
 *.tmp names and renamed into place at the end; a run that fails or is interrupted removes them.
 """
@@ -30,16 +32,20 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ..config import ConfigError, exit_on_user_error
 from ..files import fsync_path, write_atomically
+from .genomic_sources import genomic_corpus
 from .sources import HF_DATASETS, Corpus, Piece, local_corpus, shakespeare_corpus, hf_corpus
-from .tokenizers import ByteTokenizer, CharTokenizer, GPT2Tokenizer, tokenizer_from_meta
+from .tokenizers import (KMER_SIZES, SEQUENCE_TOKENIZERS, ByteTokenizer, CharTokenizer, GPT2Tokenizer,
+                         tokenizer_from_meta)
+from .windows import documents_path
 
-DatasetName = Literal["shakespeare_char", "shakespeare", "tinystories", "fineweb", "wikitext", "text"]
+DatasetName = Literal["shakespeare_char", "shakespeare", "tinystories", "fineweb", "wikitext", "text", "genomic"]
 DATASET_NAMES = get_args(DatasetName)
-DEFAULT_TOKENIZER = {"shakespeare_char": "char"}  # every other dataset: gpt2
+TokenizerName = Literal["gpt2", "char", "byte", "nucleotide", "nuc", "3mer", "6mer"]
+DEFAULT_TOKENIZER = {"shakespeare_char": "char", "genomic": "nucleotide"}  # every other dataset: gpt2
 DEFAULT_DATASET = "shakespeare_char"  # train.py prepares it by itself when missing: its text ships with the package
 BATCH_CHARS = 1 << 20  # text per task sent to a worker
 IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: bounds memory while keeping workers busy
-SCRATCH_FILES = ("train.bin.tmp", "val.bin.tmp", "meta.json.tmp")  # removed when a preparation fails
+SCRATCH_FILES = ("train.bin.tmp", "val.bin.tmp", "meta.json.tmp", "train.docs.npy.tmp", "val.docs.npy.tmp")
 
 
 @dataclass
@@ -47,11 +53,15 @@ class PrepareArgs:
     """Tokenize a corpus into data/NAME/{train,val}.bin and meta.json."""
 
     name: tyro.conf.Positional[DatasetName]
-    """Dataset: shakespeare_char, shakespeare, tinystories, fineweb, wikitext, or text (local files via --source)."""
-    tokenizer: Literal["gpt2", "char", "byte"] | None = None
-    """Tokenizer (default: char for shakespeare_char, else gpt2)."""
+    """Dataset: shakespeare_char, shakespeare, tinystories, fineweb, wikitext, text (local files via --source), or
+    genomic (FASTA/FASTQ, plain or gzip, JSONL(.gz) or Parquet sequences via --source)."""
+    tokenizer: TokenizerName | None = None
+    """Tokenizer (default: char for shakespeare_char, nucleotide for genomic, else gpt2). Sequence tokenizers:
+    nucleotide (bionemo OpenGenome2: one id per character, case kept), nuc (HELM: A T C G), 3mer and 6mer (HELM
+    codons / 6-mers)."""
     source: str | None = None
-    """A local .txt/.jsonl/.parquet file or folder; for tinystories/fineweb/wikitext also a Hugging Face id."""
+    """A local file or folder (text: .txt/.jsonl/.parquet; genomic: .fa/.fasta/.fna/.fq/.fastq[.gz], .jsonl[.gz],
+    .parquet); for tinystories/fineweb/wikitext also a Hugging Face id."""
     out: str | None = None
     """Output folder (default: data/NAME)."""
     val_fraction: float = 0.1
@@ -67,6 +77,10 @@ class PrepareArgs:
     """Read at most this many tokens of the train split, before any validation tail is held out (a FineWeb subset)."""
     upper: bool = False
     """Byte tokenizer: upper-case the text first (soft-masked DNA)."""
+    kmer_overlap: int = 0
+    """3mer/6mer: letters that consecutive k-mers share (0: codons do not overlap)."""
+    skip_bad: bool = False
+    """genomic: skip malformed records (counted in the summary) instead of stopping at the first."""
     workers: int = 0
     """Tokenizer processes (0: one per CPU core, at most 8; 1: tokenize in this process)."""
     force: bool = False
@@ -76,8 +90,12 @@ class PrepareArgs:
 def load_corpus(args: PrepareArgs) -> Corpus:
     """The documents the arguments name."""
     source_is_local = args.source is not None and Path(args.source).exists()
-    if args.name == "text" and args.source is None:
-        raise ConfigError("dataset text needs --source PATH (a .txt/.jsonl/.parquet file or folder)")
+    if args.name in ("text", "genomic") and args.source is None:
+        kinds = ".txt/.jsonl/.parquet" if args.name == "text" else "FASTA/FASTQ/.jsonl/.parquet"
+        raise ConfigError(f"dataset {args.name} needs --source PATH (a {kinds} file or folder)")
+    if args.name == "genomic":
+        whole_records = sequence_kind(args) in KMER_SIZES  # k-mers are read from whole sequences
+        return genomic_corpus(args.source, args.text_field, args.skip_bad, None if whole_records else BATCH_CHARS)
     if args.name in HF_DATASETS and not source_is_local:
         return hf_corpus(HF_DATASETS[args.name], args.source, args.text_field)
     if args.name.startswith("shakespeare") and args.source is None:
@@ -85,12 +103,19 @@ def load_corpus(args: PrepareArgs) -> Corpus:
     return local_corpus(args.source, args.text_field, args.encoding, args.errors)
 
 
-def build_tokenizer(kind: str, corpus: Corpus, upper: bool):
+def sequence_kind(args: PrepareArgs) -> str:
+    """The tokenizer the arguments choose."""
+    return args.tokenizer or DEFAULT_TOKENIZER.get(args.name, "gpt2")
+
+
+def build_tokenizer(kind: str, corpus: Corpus, args: PrepareArgs):
     """The tokenizer; the char tokenizer reads the corpus once for its alphabet and document count."""
     if kind == "gpt2":
         return GPT2Tokenizer()
     if kind == "byte":
-        return ByteTokenizer(upper)
+        return ByteTokenizer(args.upper)
+    if kind in SEQUENCE_TOKENIZERS:
+        return tokenizer_from_meta({"tokenizer": kind, "kmer_overlap": args.kmer_overlap})
     chars, documents = set(), 0
     for stream in (corpus.train, corpus.val):
         for piece in stream() if stream else ():
@@ -108,14 +133,22 @@ def _start_worker(meta: dict) -> None:
     _worker_tokenizer = tokenizer_from_meta(meta)
 
 
-def _encode(batch: list[Piece]) -> np.ndarray:
-    """Token ids of a batch of pieces, the end-of-text token before each new document."""
+def _encode(batch: list[Piece]) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of a batch of pieces, and the offsets among them where a sequence begins. Before each new document
+    a text tokenizer puts its end-of-text token; a sequence tokenizer ends the previous sequence and begins the next
+    (TokenWriter begins the stream's first sequence and ends its last)."""
+    tokenizer = _worker_tokenizer
     ids: list[int] = []
+    starts: list[int] = []
     for text, new_document in batch:
-        if new_document and _worker_tokenizer.eot is not None:
-            ids.append(_worker_tokenizer.eot)
-        ids.extend(_worker_tokenizer.encode(text))
-    return np.array(ids, dtype=np.uint32)
+        if new_document and tokenizer.eot is not None:
+            ids.append(tokenizer.eot)
+        elif new_document and tokenizer.name in SEQUENCE_TOKENIZERS:
+            ids.append(tokenizer.eos)
+            starts.append(len(ids))
+            ids.append(tokenizer.bos)
+        ids.extend(tokenizer.encode(text))
+    return np.array(ids, dtype=np.uint32), np.array(starts, dtype=np.int64)
 
 
 def batches(pieces: Iterator[Piece]) -> Iterator[list[Piece]]:
@@ -140,7 +173,7 @@ class Encoder:
         if self.pool is None:
             _start_worker(meta)
 
-    def map(self, work: Iterator[list[Piece]]) -> Iterator[tuple[list[Piece], np.ndarray]]:
+    def map(self, work: Iterator[list[Piece]]) -> Iterator[tuple[list[Piece], tuple[np.ndarray, np.ndarray]]]:
         if self.pool is None:
             yield from ((batch, _encode(batch)) for batch in work)
             return
@@ -169,14 +202,21 @@ class TokenWriter:
         self.md5 = hashlib.md5()
         self.max_id = -1
 
-    def write(self, encoder: Encoder, pieces: Iterator[Piece], path: Path, limit: int | None) -> int:
-        """Writes the tokens of `pieces` to path, at most `limit` of them; returns the count."""
-        count = 0
+    def write(self, encoder: Encoder, pieces: Iterator[Piece], path: Path, limit: int | None,
+              wrap: tuple[int, int] | None = None) -> int:
+        """Writes the tokens of `pieces` to path, at most `limit` of them; returns the count. With `wrap`, a
+        sequence tokenizer's (begin, end) ids, the stream's first sequence is begun and its last ended, and the
+        offsets where sequences begin go to the sequence index beside path."""
+        count, starts = 0, []
         with open(path, "wb") as f:
-            for batch, ids in encoder.map(batches(pieces)):
+            if wrap:
+                f.write(np.array(wrap[:1], dtype=self.dtype).tobytes())
+                count, starts = 1, [np.zeros(1, dtype=np.int64)]
+            for batch, (ids, begins) in encoder.map(batches(pieces)):
                 if limit is not None:
-                    ids = ids[: limit - count]
+                    ids, begins = ids[: limit - count], begins[begins < limit - count]
                 f.write(ids.astype(self.dtype).tobytes())
+                starts.append(begins + count)
                 count += len(ids)
                 self.max_id = max(self.max_id, int(ids.max()) if len(ids) else -1)
                 text = "".join(piece.text for piece in batch).encode("utf-8")
@@ -185,7 +225,24 @@ class TokenWriter:
                 self.progress.update(self.task, advance=len(text), description=description)
                 if limit is not None and count >= limit:
                     break
+            if wrap:
+                f.write(np.array(wrap[1:], dtype=self.dtype).tobytes())
+                count += 1
+                save_documents(path, np.concatenate(starts))
+                self.max_id = max(self.max_id, *wrap)
         return count
+
+
+def scratch_documents(tokens: Path) -> Path:
+    """The sequence index being written beside a token file being written: train.bin.tmp -> train.docs.npy.tmp."""
+    final = documents_path(tokens.with_suffix(""))  # train.bin.tmp -> train.bin -> train.docs.npy
+    return final.with_name(final.name + ".tmp")
+
+
+def save_documents(tokens: Path, starts: np.ndarray) -> None:
+    """Writes the sequence index (D,) of a token file being written."""
+    with open(scratch_documents(tokens), "wb") as f:
+        np.save(f, starts.astype(np.int64))
 
 
 def split_tail(train: Path, val: Path, dtype: np.dtype, val_fraction: float, source: str) -> tuple[int, int]:
@@ -200,6 +257,37 @@ def split_tail(train: Path, val: Path, dtype: np.dtype, val_fraction: float, sou
     return total - n_val, n_val
 
 
+def split_tail_sequences(train: Path, val: Path, dtype: np.dtype, val_fraction: float, wrap: tuple[int, int]
+                         ) -> tuple[int, int]:
+    """split_tail for sequence data: the cut falls on the sequence boundary nearest to the last val_fraction of the
+    tokens; a single sequence is cut there and each part gets its begin or end token. Both indexes follow."""
+    total = train.stat().st_size // dtype.itemsize
+    starts = np.load(scratch_documents(train))
+    target = total - max(1, int(total * val_fraction))
+    tokens = np.memmap(train, dtype=dtype, mode="r")
+    if len(starts) > 1:
+        cut = int(starts[1:][np.argmin(np.abs(starts[1:] - target))])
+        tokens[cut:].tofile(val)
+        train_starts, val_starts = starts[starts < cut], starts[starts >= cut] - cut
+        n_train = cut
+    else:  # one sequence: its head for training, its tail for validation
+        cut = max(1, target)
+        np.concatenate((np.array(wrap[:1], dtype=dtype), tokens[cut:])).tofile(val)
+        tail_end = np.array(wrap[1:], dtype=dtype)
+        train_starts, val_starts = starts, np.zeros(1, dtype=np.int64)
+        n_train = cut + 1
+    del tokens
+    n_val = val.stat().st_size // dtype.itemsize
+    with open(train, "r+b") as f:
+        f.truncate(cut * dtype.itemsize)
+        if len(starts) == 1:
+            f.seek(0, os.SEEK_END)
+            f.write(tail_end.tobytes())
+    save_documents(train, train_starts)
+    save_documents(val, val_starts)
+    return n_train, n_val
+
+
 def publish(out: Path, meta: dict) -> None:
     """Renames the written train.bin.tmp and val.bin.tmp into place, then writes meta.json. The old meta.json goes
     first, so a crash in between leaves a folder that reads as not prepared rather than one with mismatched files."""
@@ -207,12 +295,20 @@ def publish(out: Path, meta: dict) -> None:
     for split in ("train", "val"):
         fsync_path(out / f"{split}.bin.tmp")
         os.replace(out / f"{split}.bin.tmp", out / f"{split}.bin")
+        documents = scratch_documents(out / f"{split}.bin.tmp")
+        if documents.is_file():
+            os.replace(documents, documents_path(out / f"{split}.bin"))
+        else:
+            documents_path(out / f"{split}.bin").unlink(missing_ok=True)  # left by an earlier preparation
     write_atomically(out / "meta.json", lambda tmp: tmp.write_text(json.dumps(meta)))
 
 
-def write_splits(corpus: Corpus, tokenizer_meta: dict, dtype: np.dtype, out: Path, args: PrepareArgs, workers: int,
+def write_splits(corpus: Corpus, tokenizer, dtype: np.dtype, out: Path, args: PrepareArgs, workers: int,
                  verbose: bool) -> tuple[TokenWriter, int, int]:
-    """Tokenizes the corpus into out/train.bin.tmp and out/val.bin.tmp; returns the writer and both token counts."""
+    """Tokenizes the corpus into out/train.bin.tmp and out/val.bin.tmp (and, for a sequence tokenizer, their
+    sequence indexes); returns the writer and both token counts."""
+    tokenizer_meta = tokenizer.meta()
+    wrap = (tokenizer.bos, tokenizer.eos) if tokenizer.name in SEQUENCE_TOKENIZERS else None
     encoder = Encoder(tokenizer_meta, workers)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TimeElapsedColumn())
@@ -222,11 +318,13 @@ def write_splits(corpus: Corpus, tokenizer_meta: dict, dtype: np.dtype, out: Pat
     try:  # a bar on a terminal only, gone when done: an error is the only line left on stderr
         with Progress(*columns, console=console, disable=not show, transient=True) as progress:
             writer = TokenWriter(dtype, progress, progress.add_task("tokenizing", total=corpus.size_bytes))
-            n_train = writer.write(encoder, corpus.train(), train, args.max_tokens)
-            if corpus.val is None:
-                n_train, n_val = split_tail(train, val, dtype, args.val_fraction, corpus.source)
+            n_train = writer.write(encoder, corpus.train(), train, args.max_tokens, wrap)
+            if corpus.val is not None:
+                n_val = writer.write(encoder, corpus.val(), val, None, wrap)
+            elif wrap:
+                n_train, n_val = split_tail_sequences(train, val, dtype, args.val_fraction, wrap)
             else:
-                n_val = writer.write(encoder, corpus.val(), val, None)
+                n_train, n_val = split_tail(train, val, dtype, args.val_fraction, corpus.source)
     finally:
         encoder.close()
     return writer, n_train, n_val
@@ -261,8 +359,16 @@ def check_args(args: PrepareArgs) -> None:
         raise ConfigError(f"--max_tokens={args.max_tokens} must be >= 1")
     if args.workers < 0:
         raise ConfigError(f"--workers={args.workers} must be >= 0 (0: one per CPU core)")
-    if args.upper and (args.tokenizer or DEFAULT_TOKENIZER.get(args.name, "gpt2")) != "byte":
+    kind = sequence_kind(args)
+    if args.upper and kind != "byte":
         raise ConfigError("--upper applies to the byte tokenizer only; add --tokenizer byte or drop --upper")
+    if args.kmer_overlap and kind not in KMER_SIZES:
+        raise ConfigError(f"--kmer_overlap applies to the 3mer and 6mer tokenizers, not {kind}; drop it")
+    if args.skip_bad and args.name != "genomic":
+        raise ConfigError("--skip_bad applies to the genomic dataset only; drop it")
+    if kind in SEQUENCE_TOKENIZERS and args.name != "genomic":
+        raise ConfigError(f"--tokenizer {kind} reads sequences: use it with the genomic dataset "
+                          f"(python -m llm.data.prepare genomic --source PATH --tokenizer {kind})")
     try:
         io.TextIOWrapper(io.BytesIO(), encoding=args.encoding)
     except LookupError:
@@ -275,7 +381,7 @@ def prepare(args: PrepareArgs, verbose: bool = True) -> Path:
     check_args(args)
     corpus = load_corpus(args)
     out = Path(args.out or Path("data") / args.name)
-    kind = args.tokenizer or DEFAULT_TOKENIZER.get(args.name, "gpt2")
+    kind = sequence_kind(args)
     options = {k: v for k, v in asdict(args).items() if k not in ("out", "workers", "force")}
     inputs = {**options, "tokenizer": kind, **corpus.stamp}
     if not args.force and already_prepared(out, inputs):
@@ -284,15 +390,18 @@ def prepare(args: PrepareArgs, verbose: bool = True) -> Path:
     created = not out.is_dir()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        tokenizer = build_tokenizer(kind, corpus, args.upper)
+        tokenizer = build_tokenizer(kind, corpus, args)
         dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32)
         workers = args.workers or min(8, os.cpu_count() or 1)
         start = time.perf_counter()
-        writer, n_train, n_val = write_splits(corpus, tokenizer.meta(), dtype, out, args, workers, verbose)
+        writer, n_train, n_val = write_splits(corpus, tokenizer, dtype, out, args, workers, verbose)
         seconds = time.perf_counter() - start
         meta = {**tokenizer.meta(), "dtype": dtype.name, "train_tokens": n_train, "val_tokens": n_val,
                 "max_token_id": writer.max_id, "source": corpus.source, "source_md5": writer.md5.hexdigest(),
                 "inputs": inputs}
+        skipped = dict(getattr(corpus, "skipped", {}))  # malformed records left out (--skip_bad)
+        if skipped:
+            meta["skipped_records"] = skipped
         publish(out, meta)
     except BaseException:  # a damaged input, Ctrl-C, a full disk: no partial file stays behind
         discard_scratch(out, created)
@@ -300,6 +409,9 @@ def prepare(args: PrepareArgs, verbose: bool = True) -> Path:
     if verbose:
         print(f"wrote {out}: {n_train:,} train and {n_val:,} val tokens ({kind}, vocabulary {tokenizer.vocab_size:,}, "
               f"{dtype.name}) in {seconds:.1f} s, {(n_train + n_val) / seconds:,.0f} tokens/s with {workers} workers")
+        if skipped:
+            reasons = ", ".join(f"{count} {reason}" for reason, count in skipped.items())
+            print(f"skipped {sum(skipped.values()):,} malformed records ({reasons})")
     return out
 
 

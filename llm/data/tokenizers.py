@@ -181,6 +181,7 @@ class NucTokenizer(SequenceTokenizer):
 
 
 KMER_SIZES = {"3mer": 3, "6mer": 6}
+SEQUENCE_TOKENIZERS = ("nucleotide", "nuc", "3mer", "6mer")  # each sequence stored as <begin> tokens <end>
 
 
 class KmerTokenizer(SequenceTokenizer):

@@ -24,6 +24,8 @@ class MixerKind:
     `build(block, config)` returns a module with
       - `forward(x (B, T, C), positions (B or 1, T), mask (B, 1, T, S) or None, cache or None) -> (B, T, C)`:
         causal over the sequence; with a cache it continues the cached tokens and extends the cache;
+      - an attribute `causal` (True when built), which the model sets to False under a bidirectional objective
+        (mlm): every position then sees the whole sequence (no cache is used then);
       - `new_cache(batch, max_len, dtype, device)`: its generation cache (a `cache.TokenCache` subclass for
         per-token state, declared in the kind's file).
     `validate(block, config)` raises ConfigError (via `llm.config.require`) naming the field, value and fix.
@@ -86,7 +88,9 @@ class ObjectiveKind:
     `forward(hidden (B, T, C), weight (V_padded, C), targets (B, T) or None, return_logits) -> (logits, loss)`:
     hidden are the final hidden states after the final norm, weight the output head's (vocab_size rows padded to
     V_padded; the logits are hidden @ weight.T sliced to vocab_size); logits (B, T, vocab_size) when there are no
-    targets or return_logits, else None; loss () when there are targets, else None."""
+    targets or return_logits, else None; loss () when there are targets, else None. `causal` False makes every
+    mixer bidirectional (the targets then sit at the input positions, as in masked-LM training)."""
 
     name: str
     build: Callable[[LLMconfig], nn.Module]
+    causal: bool = True

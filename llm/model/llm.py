@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import LLMconfig
+from ..config import ConfigError, LLMconfig
 from .block import Block
 from .cache import Cache
 from .ffn.experts import ExpertLinear
@@ -48,6 +48,9 @@ class LLM(nn.Module):
         self.ln_f = build_norm(config)
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
         self.objective = OBJECTIVES[config.objective].build(config)
+        self.causal = OBJECTIVES[config.objective].causal
+        for block in self.blocks:
+            block.attn.causal = self.causal
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -105,6 +108,9 @@ class LLM(nn.Module):
     def new_cache(self, batch: int, pad: torch.Tensor | None = None, max_len: int | None = None) -> Cache:
         """An empty cache for `batch` rows, each left-padded by pad[b] tokens (none by default), holding up to
         max_len (default block_size) positions in the dtype of the parameters."""
+        if not self.causal:
+            raise ConfigError(f"objective={self.config.objective!r} is bidirectional (a masked LM): it has no "
+                              "generation cache and does not generate text; evaluate it with python -m llm.eval")
         device, dtype = self.tok_emb.weight.device, self.tok_emb.weight.dtype
         pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad.to(device)
         layers = [b.attn.new_cache(batch, max_len or self.config.block_size, dtype, device) for b in self.blocks]

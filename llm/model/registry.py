@@ -9,11 +9,11 @@ from .ffn.moe import MOE
 from .kinds import FFNKind, MixerKind, ObjectiveKind
 from .mixers.gqa import GQA, MHA, MQA
 from .mixers.mla import MLA
-from .objectives import CLM
+from .objectives import CLM, MLM
 
 MIXERS: dict[str, MixerKind] = {kind.name: kind for kind in (MHA, MQA, GQA, MLA)}
 FFNS: dict[str, FFNKind] = {kind.name: kind for kind in (DENSE, MOE)}
-OBJECTIVES: dict[str, ObjectiveKind] = {kind.name: kind for kind in (CLM,)}
+OBJECTIVES: dict[str, ObjectiveKind] = {kind.name: kind for kind in (CLM, MLM)}
 
 
 def _register(registry: dict, kind) -> None:

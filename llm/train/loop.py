@@ -12,11 +12,14 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, LLMconfig, Trainconfig, config_dict, micro_steps, total_batch_tokens
+from ..data.labels import Labels, build_labels
 from ..data.loader import TokenLoader, read_meta
 from ..data.prepare import DEFAULT_DATASET, prepare_default
-from ..data.tokenizers import TOKENIZER_KEYS
+from ..data.tokenizers import SEQUENCE_TOKENIZERS, TOKENIZER_KEYS, tokenizer_from_meta
+from ..data.windows import WindowOptions
 from ..files import write_atomically
 from ..model import LLM
+from ..model.registry import OBJECTIVES
 from .checkpointer import Checkpointer
 from .distributed import Distributed, init_distributed, wrap
 from .fp8 import convert_to_fp8
@@ -115,6 +118,26 @@ def dataset_meta(cfg: Trainconfig, job: Distributed) -> tuple[Path, dict]:
     return data, read_meta(data, cfg.dataset)
 
 
+def batch_rules(meta: dict, model_config: LLMconfig, cfg: Trainconfig) -> tuple[Labels | None, WindowOptions | None]:
+    """How the loader makes (x, y) from the data's tokens: the labels (None: plain next-token targets, for text
+    tokenizers without label options) and the window options of data_order windows."""
+    if model_config.loss != "ce" and meta["tokenizer"] != "3mer":
+        raise ConfigError(f"loss={model_config.loss} is defined on codons, but dataset {cfg.dataset!r} uses the "
+                          f"{meta['tokenizer']} tokenizer; prepare it with --tokenizer 3mer or use --loss ce")
+    causal = OBJECTIVES[model_config.objective].causal
+    wraps = meta["tokenizer"] in SEQUENCE_TOKENIZERS  # each sequence in begin/end tokens, which never count
+    if cfg.data_order == "windows" and not wraps:
+        raise ConfigError(f"data_order=windows needs sequence data (python -m llm.data.prepare genomic), but dataset "
+                          f"{cfg.dataset!r} uses the {meta['tokenizer']} tokenizer; use --data_order random or epoch")
+    if not (wraps or not causal or cfg.loss_mask != "none" or cfg.uppercase_labels):
+        return None, None  # text under next-token prediction: the tokenizer is not even loaded
+    tokenizer = tokenizer_from_meta(meta)
+    labels = build_labels(tokenizer, causal, cfg.loss_mask, cfg.uppercase_labels, cfg.mask_prob, cfg.mask_strategy)
+    if cfg.data_order != "windows":
+        return labels, None
+    return labels, WindowOptions(cfg.window_stride, cfg.window_specials, tokenizer.bos, tokenizer.eos, tokenizer.pad)
+
+
 def check_batch_fits(loaders: dict[str, TokenLoader], cfg: Trainconfig, block_size: int, world_size: int) -> None:
     """Refuses a micro-batch (over all ranks) that holds more tokens than a split, before anything is allocated."""
     batch_tokens = cfg.batch_size * world_size * block_size
@@ -143,9 +166,11 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
     model_config = resolve_vocab(model_config, meta, cfg.dataset)
     accum_steps = micro_steps(cfg, model_config, job.world_size)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
-    split_orders = {"train": ("train", cfg.data_order), "train_eval": ("train", "random"), "val": ("val", "random")}
+    eval_order = "windows" if cfg.data_order == "windows" else "random"  # windows never mix two sequences
+    split_orders = {"train": ("train", cfg.data_order), "train_eval": ("train", eval_order), "val": ("val", eval_order)}
+    labels, windows = batch_rules(meta, model_config, cfg)
     loaders = {name: TokenLoader(data / f"{split}.bin", meta["dtype"], cfg.batch_size, model_config.block_size, device,
-                                 cfg.seed + i, order, job.rank, job.world_size)
+                                 cfg.seed + i, order, job.rank, job.world_size, labels, windows)
                for i, (name, (split, order)) in enumerate(split_orders.items())}
     check_batch_fits(loaders, cfg, model_config.block_size, job.world_size)
     model = (pretrained or LLM(model_config)).to(device)

@@ -1,5 +1,6 @@
 """One optimizer step and one evaluation, and the guards against a non-finite loss and running out of memory."""
 import contextlib
+import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -11,6 +12,7 @@ from ..checkpoint import step_checkpoints
 from ..config import ConfigError, Trainconfig
 from ..data.loader import TokenLoader
 from ..model import LLM
+from ..model.objectives import IGNORE
 from .distributed import Distributed, gradient_sync
 from .precision import Precision
 
@@ -76,16 +78,24 @@ def sum_over_ranks(layer_stats: list[dict[str, torch.Tensor]], job: Distributed)
 @torch.no_grad()
 def estimate_loss(model: LLM, loaders: dict[str, TokenLoader], iters: int, precision: Precision,
                   job: Distributed) -> dict[str, float]:
-    """Mean loss of the objective over `iters` global batches of each split (each rank evaluates its share)."""
+    """Mean loss of the objective over `iters` global batches of each split (each rank evaluates its share); for a
+    masked LM also the perplexity exp(loss) and the accuracy of the most likely token at the masked positions."""
     model.eval()
     losses = {}
     for split, loader in loaders.items():
-        total = torch.zeros((), device=precision.device)
+        total, hits, masked = (torch.zeros((), device=precision.device) for _ in range(3))
         for _ in range(iters):
             x, y = loader.next_batch()
             with precision.autocast():
-                total += model(x, y).loss.float()
+                out = model(x, y, return_logits=not model.causal)
+            total += out.loss.float()
+            if not model.causal:
+                hits += ((out.logits.argmax(-1) == y) & (y != IGNORE)).sum()
+                masked += (y != IGNORE).sum()
         losses[f"{split}_loss"] = job.sum(total).item() / (iters * job.world_size)
+        if not model.causal:
+            losses[f"{split}_ppl"] = math.exp(losses[f"{split}_loss"])
+            losses[f"{split}_masked_acc"] = job.sum(hits).item() / max(1.0, job.sum(masked).item())
     model.train()
     return losses
 

@@ -1,4 +1,5 @@
-"""What the attention kinds share: the causal attention kernel and the check of the head count.
+"""What the attention kinds share: the attention kernel (causal, or bidirectional for masked-LM objectives) and the
+check of the head count.
 
 The kernel is chosen per call by `select_backend`, a pure function of the requested `--attn_backend`, the call
 (device, dtype, head sizes, padding mask, dropout) and the machine (flash-attn installed, GPU compute capability,
@@ -25,22 +26,22 @@ SDPA_CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPB
 
 
 def _load_flash() -> dict:
-    """The importable FlashAttention kernels by major version, each called as f(q, k, v, dropout_p, scale) on
-    (B, T, H, D) tensors with the causal mask aligned to the bottom right."""
+    """The importable FlashAttention kernels by major version, each called as f(q, k, v, dropout_p, scale, causal) on
+    (B, T, H, D) tensors, a causal mask aligned to the bottom right."""
     kernels = {}
     try:
         from flash_attn.cute import flash_attn_func as fa4  # flash-attn-4: no dropout, returns (out, lse)
 
         # Its CuTe kernels are not traceable, so torch.compile runs them as they are.
         kernels[4] = torch.compiler.disable(
-            lambda q, k, v, dropout_p, scale: fa4(q, k, v, softmax_scale=scale, causal=True)[0])
+            lambda q, k, v, dropout_p, scale, causal: fa4(q, k, v, softmax_scale=scale, causal=causal)[0])
     except ImportError:
         pass
     try:
         from flash_attn import flash_attn_func as fa2
 
-        kernels[2] = lambda q, k, v, dropout_p, scale: fa2(q, k, v, dropout_p=dropout_p, softmax_scale=scale,
-                                                           causal=True)
+        kernels[2] = lambda q, k, v, dropout_p, scale, causal: fa2(q, k, v, dropout_p=dropout_p, softmax_scale=scale,
+                                                                   causal=causal)
     except ImportError:
         pass
     return kernels
@@ -184,11 +185,14 @@ cached_causal_block_mask = lru_cache(maxsize=8)(causal_block_mask)  # eager call
 
 
 def flex_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                          scale: float | None) -> torch.Tensor:
-    """FlexAttention on (B, H|KV, T|S, D) tensors with the causal mask, or the padding mask (B, 1, T, S)."""
+                          scale: float | None, causal: bool = True) -> torch.Tensor:
+    """FlexAttention on (B, H|KV, T|S, D) tensors with the causal mask, the padding mask (B, 1, T, S), or none
+    (bidirectional)."""
     B, T, S = q.size(0), q.size(2), k.size(2)
     compiling = torch.compiler.is_compiling()  # inside an outer torch.compile, which compiles FlexAttention too
-    if mask is None:
+    if mask is None and not causal:
+        block_mask = None
+    elif mask is None:
         block_mask = (causal_block_mask if compiling else cached_causal_block_mask)(T, S, q.device)
     else:
         block_mask = create_block_mask(lambda b, h, qi, kv: mask[b, 0, qi, kv], B, None, T, S, device=q.device)
@@ -199,26 +203,27 @@ def flex_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, dropout_p: float,
-                     mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+                     mask: torch.Tensor | None = None, scale: float | None = None, causal: bool = True) -> torch.Tensor:
     """Causal attention of queries q (B, T, H, D) over keys k (B, S, KV, D) and values v (B, S, KV, Dv), KV dividing H.
 
     The T queries are the last T of the S positions (S > T when earlier keys come from a cache), so query t
     sees keys up to S - T + t: the causal mask is aligned to the bottom right. `mask` (B, 1, T, S), True where
-    attention is allowed, replaces that rule (left-padded batches). The softmax scale defaults to 1/sqrt(D).
-    `backend` is the requested --attn_backend; `select_backend` picks the kernel. Returns (B, T, H, Dv).
+    attention is allowed, replaces that rule (left-padded batches). With causal=False and no mask every query sees
+    every key (masked-LM objectives). The softmax scale defaults to 1/sqrt(D). `backend` is the requested
+    --attn_backend; `select_backend` picks the kernel. Returns (B, T, H, Dv).
     """
     call = AttentionCall(q.device.type, q.dtype, q.size(-1), v.size(-1), mask is not None, dropout_p,
                          q.requires_grad or k.requires_grad or v.requires_grad)
     kernel = select_backend(backend, call, machine_of(q.device))
     if kernel in ("flash4", "flash2"):  # flash-attn takes (B, T, H, D) and aligns its causal mask to the bottom right
-        return FLASH[int(kernel[-1])](q, k, v, dropout_p, scale)  # (B, T, H, Dv)
+        return FLASH[int(kernel[-1])](q, k, v, dropout_p, scale, causal)  # (B, T, H, Dv)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T|S, D)
     if kernel == "flex":
-        return flex_causal_attention(q, k, v, mask, scale).transpose(1, 2)  # (B, T, H, Dv)
+        return flex_causal_attention(q, k, v, mask, scale, causal).transpose(1, 2)  # (B, T, H, Dv)
     T, S = q.size(2), k.size(2)
-    if mask is None and 1 < T < S:
+    if mask is None and causal and 1 < T < S:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)  # (T, S)
-    sdpa = dict(attn_mask=mask, dropout_p=dropout_p, is_causal=mask is None and T == S, scale=scale,
+    sdpa = dict(attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None and T == S, scale=scale,
                 enable_gqa=k.size(1) != q.size(1))
     if kernel == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, **sdpa).transpose(1, 2)  # (B, T, H, Dv)

@@ -35,6 +35,7 @@ class GroupedQueryAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.head_size, bias=config.bias)
         self.c_proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.causal = True  # set by the model from its objective (False: bidirectional, masked LM)
         self.dropout, self.backend = config.dropout, config.attn_backend
         self.rope_theta = config.rope_theta if config.pos_emb == "rope" else None
 
@@ -55,7 +56,8 @@ class GroupedQueryAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)  # (B, S, KV, hs) each
-        y = causal_attention(q, k, v, self.backend, self.dropout if self.training else 0.0, mask)  # (B, T, H, hs)
+        y = causal_attention(q, k, v, self.backend, self.dropout if self.training else 0.0, mask,
+                             causal=self.causal)  # (B, T, H, hs)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, self.n_head * hs)))  # (B, T, C)
 
 

@@ -56,6 +56,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_up = nn.Linear(self.kv_latent_dim, self.n_head * 2 * self.head_size, bias=False)
         self.c_proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.causal = True  # set by the model from its objective (False: bidirectional, masked LM)
         self.dropout, self.backend, self.rope_theta = config.dropout, config.attn_backend, config.rope_theta
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> LatentCache:
@@ -78,7 +79,7 @@ class MultiHeadLatentAttention(nn.Module):
             k_nope, v = self.kv_up(latent).view(B, T, H, 2 * hs).split([hs, hs], dim=-1)  # (B, T, H, hs) each
             q = torch.cat((q_nope, q_rope), dim=-1)  # (B, T, H, hs + dr)
             k = torch.cat((k_nope, k_rope[:, :, None].expand(B, T, H, dr)), dim=-1)  # (B, T, H, hs + dr)
-            y = causal_attention(q, k, v, self.backend, dropout, mask)  # (B, T, H, hs)
+            y = causal_attention(q, k, v, self.backend, dropout, mask, causal=self.causal)  # (B, T, H, hs)
         else:
             latent, k_rope = cache.append(latent, k_rope)  # (B, S, dc), (B, S, dr)
             w_k, w_v = self.kv_up.weight.view(H, 2 * hs, self.kv_latent_dim).split([hs, hs], dim=1)  # (H, hs, dc)
