@@ -92,12 +92,15 @@ def main(argv: list[str] | None = None) -> None:
     args = tyro.cli(SampleArgs, args=argv, use_underscores=True)
     with exit_on_user_error():
         check(args)
-        from llm.data.tokenizers import tokenizer_from_meta
+        from llm.data.tokenizers import SEQUENCE_TOKENIZERS, tokenizer_from_meta
         from llm.generate import generate
         from llm.checkpoint import load_trained
         from llm.train.precision import pick_precision
 
         folder, model, tokenizer_meta = load_trained(args.ckpt)
+        if not model.causal:
+            raise ConfigError(f"{folder} is a masked LM (objective={model.config.objective}): it fills in masked tokens "
+                              "and does not generate text; evaluate it with python -m llm.eval fasta")
         tokenizer = tokenizer_from_meta(tokenizer_meta)
         device = pick_precision(args.device, "float32").device
         model.to(device)
@@ -107,9 +110,12 @@ def main(argv: list[str] | None = None) -> None:
         texts = list(args.prompt) + ([Path(args.prompt_file).read_text()] if args.prompt_file else [])
         if not texts:
             texts = [""]
-        eot = tokenizer.eot
-        encoded = [fit_to_block(tokenizer.encode(t) or ([eot] if eot is not None else tokenizer.encode("\n")), i,
-                                model.config.block_size, args.strict_prompt) for i, t in enumerate(texts)]
+        if tokenizer_meta["tokenizer"] in SEQUENCE_TOKENIZERS:  # a sequence begins with its begin token
+            eot, start = tokenizer.eos, [tokenizer.bos]
+        else:
+            eot, start = tokenizer.eot, []
+        encoded = [fit_to_block(start + tokenizer.encode(t) or ([eot] if eot is not None else tokenizer.encode("\n")),
+                                i, model.config.block_size, args.strict_prompt) for i, t in enumerate(texts)]
         prompts = [p for p in encoded for _ in range(args.num_samples)]
         generator = torch.Generator(device=device).manual_seed(args.seed)
         printer = Printer(tokenizer, streaming=len(prompts) == 1)

@@ -14,7 +14,7 @@ from pathlib import Path
 import tyro
 
 from .config import ConfigError, exit_on_user_error
-from .data.tokenizers import END_OF_TEXT, GPT2Tokenizer
+from .data.tokenizers import END_OF_TEXT, SEQUENCE_TOKENIZERS, GPT2Tokenizer, tokenizer_from_meta
 from .hf import to_hf
 from .checkpoint import load_trained
 
@@ -56,7 +56,12 @@ def export(ckpt: str, out: str, overwrite: bool = False) -> Path:
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise ConfigError(f"--out={out} exists and is not empty; pass --overwrite to replace it, or another --out")
     folder, model, tokenizer = load_trained(ckpt)
-    hf = to_hf(model, tokenizer.get("eot"))
+    if tokenizer["tokenizer"] in SEQUENCE_TOKENIZERS:  # sequences run from their begin to their end token
+        sequences = tokenizer_from_meta(tokenizer)
+        bos, eos = sequences.bos, sequences.eos
+    else:
+        bos = eos = tokenizer.get("eot")
+    hf = to_hf(model, bos, eos)
     if target.is_dir():
         if target.resolve() in (folder.resolve(), *folder.resolve().parents):
             raise ConfigError(f"--out={out} holds the checkpoint {folder}, which --overwrite would delete; "

@@ -24,6 +24,8 @@ HELP_COMMANDS = {
     "llm.export": ["-m", "llm.export", "--help"],
     "llm.bench": ["-m", "llm.bench", "--help"],
     "llm.report": ["-m", "llm.report", "--help"],
+    "llm.eval": ["-m", "llm.eval", "fasta", "--help"],
+    "llm.data.synthetic_genome": ["-m", "llm.data.synthetic_genome", "--help"],
 }
 # How a command line names each entry point. The scripts pass their extra arguments to train.py.
 ENTRY_PATTERNS = [
@@ -33,6 +35,8 @@ ENTRY_PATTERNS = [
     ("llm.export", r"-m\s+llm\.export\b"),
     ("llm.bench", r"-m\s+llm\.bench\b"),
     ("llm.report", r"-m\s+llm\.report\b"),
+    ("llm.eval", r"-m\s+llm\.eval\b"),
+    ("llm.data.synthetic_genome", r"-m\s+llm\.data\.synthetic_genome\b"),
     ("train.py", r"\bbash\s+\S*scripts/\w+\.sh\b"),
 ]
 ENTRY = re.compile("|".join(f"(?P<e{i}>{pattern})" for i, (_, pattern) in enumerate(ENTRY_PATTERNS)))

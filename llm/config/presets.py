@@ -12,12 +12,27 @@ PRESETS: dict[str, tuple[LLMconfig, BlockConfig, Trainconfig]] = {
         Trainconfig(dataset="fineweb", total_batch_size_str="2**19", batch_size=16, max_iters=600000,
                     learning_rate=6e-4, warmup_steps=2000),
     ),
-    # Llama-3-8B's shape on a byte-level (nucleotide) vocabulary of 256 and an 8192-token context.
+    # bionemo's OpenGenome2 Llama-3 recipe: Llama-3-8B's shape on the nucleotide tokenizer (256 ids), windows of 8192
+    # tokens overlapping by 200 with <BOS>/<EOS> on each, labels outside ACGT left out of the loss, AdamW (0.9, 0.95,
+    # eps 1e-8) with weight decay 0.1 on matrices but not embeddings, 2,500 warmup steps then cosine to 0.02 x peak,
+    # embeddings initialised with std 1.0 (untied), 384 windows per step.
     "llama3-8b-genomic": (
         LLMconfig(vocab_size=256, block_size=8192, n_embd=4096, n_layer=32, pos_emb="rope", rope_theta=500000.0,
-                  norm="rms", bias=False, tie_embeddings=False),
+                  norm="rms", bias=False, tie_embeddings=False, emb_init_std=1.0),
         BlockConfig(attn="gqa", n_head=32, n_kv_heads=8, up_dim=14336, non_linearity="swiglu"),
-        Trainconfig(dataset="genomic", total_batch_size_str="2**20", batch_size=1, max_iters=100000,
-                    learning_rate=3e-4, warmup_steps=2000, dist="fsdp", act_recomp=True, compile=True),
+        Trainconfig(dataset="genomic", data_order="windows", window_stride=200, window_specials="every",
+                    loss_mask="acgt", total_batch_size_str="384*8192", batch_size=2, max_iters=182314,
+                    learning_rate=3e-5, min_lr=6e-7, warmup_steps=2500, beta1=0.9, beta2=0.95, adam_eps=1e-8,
+                    weight_decay=0.1, decay_embeddings=False, grad_clip=1.0, dist="fsdp", act_recomp=True,
+                    compile=True),
+    ),
+    # HELM's GPT-2 masked LM on codons: 10 layers of width 640, MLP 2560, learned positions over 2048 tokens, the 3mer
+    # tokenizer (prepare with --tokenizer 3mer --out data/genomic_3mer), every chosen codon masked with p 0.15.
+    "helm-gpt2-mlm": (
+        LLMconfig(block_size=2048, n_embd=640, n_layer=10, pos_emb="learn", norm="layer", bias=True,
+                  tie_embeddings=True, objective="mlm"),
+        BlockConfig(attn="mha", n_head=10, up_dim=2560, non_linearity="gelu_tanh"),
+        Trainconfig(dataset="genomic_3mer", data_order="windows", total_batch_size_str="128*2048", batch_size=8,
+                    learning_rate=1e-3, min_lr=1e-5, weight_decay=0.1, mask_prob=0.15, mask_strategy="helm"),
     ),
 }

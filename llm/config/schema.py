@@ -90,6 +90,8 @@ class LLMconfig:
     """Biases in linear layers and LayerNorm."""
     tie_embeddings: bool = True
     """Share the token embedding with the output head."""
+    emb_init_std: float = 0.02
+    """Standard deviation of the untied token embedding's initial weights (the OpenGenome2 recipe: 1.0)."""
     objective: str = "clm"
     """Training objective: clm (causal language modelling: next-token prediction) or mlm (masked language modelling:
     bidirectional attention, the loss at masked positions only; needs a tokenizer with a <mask> token)."""
@@ -154,6 +156,10 @@ class Trainconfig:
     """AdamW beta2."""
     weight_decay: float = 0.1
     """AdamW weight decay, applied to matrices and embeddings only."""
+    decay_embeddings: bool = True
+    """Apply weight decay to the embedding tables too (--no_decay_embeddings: matrices only, as OpenGenome2)."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this value (0 disables)."""
     device: str = "auto"

@@ -87,6 +87,10 @@ def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     require(0.0 <= m.dropout < 1.0, f"dropout={m.dropout} must be in [0, 1)")
     require(m.rope_theta > 0, f"rope_theta={m.rope_theta} must be > 0")
     require(m.norm_eps > 0, f"norm_eps={m.norm_eps} must be > 0")
+    require(m.emb_init_std > 0, f"emb_init_std={m.emb_init_std} must be > 0")
+    require(m.emb_init_std == 0.02 or not m.tie_embeddings,
+            f"emb_init_std={m.emb_init_std} needs an untied embedding (a tied one is initialised as the output head, "
+            "std 0.02); add --no_tie_embeddings or drop --emb_init_std")
     require(m.hxe_alpha >= 0, f"hxe_alpha={m.hxe_alpha} must be >= 0 (0: every edge of the codon tree weighs the same)")
     require(m.soft_label_beta > 0, f"soft_label_beta={m.soft_label_beta} must be > 0")
     require(m.loss == "ce" or m.vocab_size in (None, CODON_VOCAB),
@@ -132,6 +136,7 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
         value = getattr(t, name)
         require(0 <= value < 1, f"{name}={value} must be in [0, 1)")
     require(t.weight_decay >= 0, f"weight_decay={t.weight_decay} must be >= 0")
+    require(t.adam_eps > 0, f"adam_eps={t.adam_eps} must be > 0")
     require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
             f"device={t.device!r} is not a device; use auto, cpu, cuda or cuda:N")
     require(t.init_from is None or (t.init_from.startswith("hf:") and len(t.init_from) > 3),

@@ -71,17 +71,20 @@ def family(config: LLMconfig) -> str:
     return placed[0].model_type
 
 
-def hf_config(config: LLMconfig, eot: int | None = None):
-    """The transformers configuration of our model; eot becomes its bos and eos token id."""
+def hf_config(config: LLMconfig, bos: int | None = None, eos: int | None = None):
+    """The transformers configuration of our model with the given begin and end token ids."""
     t = _transformers()
     fam = FAMILIES[family(config)]
     return getattr(t, fam.config_class)(vocab_size=config.vocab_size, tie_word_embeddings=config.tie_embeddings,
-                                        bos_token_id=eot, eos_token_id=eot, **fam.hf_fields(config))
+                                        bos_token_id=bos, eos_token_id=eos, **fam.hf_fields(config))
 
 
-def to_hf(model: LLM, eot: int | None = None):
+def to_hf(model: LLM, bos: int | None = None, eos: int | None = None):
     """A transformers model equal to ours (fp32), built from its config with our weights copied in."""
-    hf = _transformers().AutoModelForCausalLM.from_config(hf_config(model.config, eot)).float()
+    if not model.causal:
+        raise ConfigError(f"objective={model.config.objective} is bidirectional; transformers' causal LMs would mask "
+                          "its attention, so it is not exported")
+    hf = _transformers().AutoModelForCausalLM.from_config(hf_config(model.config, bos, eos)).float()
     theirs = saved_tensors(hf)
     pairs = weight_pairs(model, FAMILIES[family(model.config)])
     missing = sorted(set(theirs) - {p.theirs for p in pairs})

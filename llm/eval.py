@@ -1,0 +1,119 @@
+"""Evaluate a trained model on sequences, as bionemo's OpenGenome2 recipe does.
+
+    python -m llm.eval fasta --ckpt out/run --fasta test.fa [--max_sequences 100] [--json results.json]
+
+Each record is tokenized without special tokens and truncated to the model's block_size; labels outside ACGT (in
+either case: N and other degenerate bases) are left out of the loss. A causal model is scored on next-token
+prediction; a masked LM on its masked tokens (masked as in training, with a fixed seed), with their accuracy. One
+line per sequence (tokens scored, loss, perplexity), then the token-weighted loss and perplexity over all of them.
+"""
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import tyro
+
+from .config import ConfigError, exit_on_user_error
+from .data.genomic_sources import genomic_corpus
+from .data.labels import build_labels
+from .data.tokenizers import tokenizer_from_meta
+from .model.objectives import IGNORE
+
+
+@dataclass
+class EvalArgs:
+    """Loss and perplexity of a checkpoint on the records of a FASTA (or FASTQ, JSONL, Parquet) file or folder."""
+
+    task: tyro.conf.Positional[Literal["fasta"]]
+    """What to evaluate: fasta (sequences)."""
+    ckpt: str
+    """A run directory or checkpoint folder."""
+    fasta: str
+    """The sequences: a FASTA/FASTQ (plain or .gz), .jsonl or .parquet file, or a folder of them."""
+    max_sequences: int | None = None
+    """Evaluate only the first N records."""
+    device: str = "auto"
+    """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
+    seed: int = 0
+    """Masked LM: the seed of the masking."""
+    json: str | None = None
+    """Also write the results to this JSON file."""
+
+
+@torch.no_grad()
+def score(model, labels, ids: list[int], generator: torch.Generator, device: torch.device) -> tuple[float, int, int]:
+    """(summed loss, tokens scored, tokens predicted correctly) of one tokenized sequence."""
+    row = torch.tensor([ids])  # (1, n)
+    uniforms = torch.rand(2, 1, row.size(1), generator=generator) if not labels.causal else None
+    x, y = labels.make_batch(row, uniforms)  # (1, T) each
+    x, y = x.to(device), y.to(device)
+    logits = model(x).logits.float()  # (1, T, V)
+    scored = y != IGNORE  # (1, T)
+    n = int(scored.sum())
+    if n == 0:
+        return 0.0, 0, 0
+    loss = torch.nn.functional.cross_entropy(logits[scored], y[scored], reduction="sum")
+    return loss.item(), n, int((logits[scored].argmax(-1) == y[scored]).sum())
+
+
+def evaluate_fasta(args: EvalArgs) -> dict:
+    """Scores every record and returns {"sequences": [...], "loss", "perplexity", ...}, printing a line for each."""
+    from .checkpoint import load_trained
+    from .train.precision import pick_precision
+
+    if not Path(args.fasta).exists():
+        raise ConfigError(f"--fasta={args.fasta!r}: no such file or folder; pass a FASTA file or a folder of them")
+    if args.max_sequences is not None and args.max_sequences < 1:
+        raise ConfigError(f"--max_sequences={args.max_sequences} must be >= 1")
+    folder, model, tokenizer_meta = load_trained(args.ckpt)
+    device = pick_precision(args.device, "float32").device
+    model.to(device)
+    tokenizer = tokenizer_from_meta(tokenizer_meta)
+    saved = json.loads((folder / "config.json").read_text()).get("train", {})
+    labels = build_labels(tokenizer, model.causal, "acgt", False, saved.get("mask_prob", 0.15),
+                          saved.get("mask_strategy", "helm"))
+    generator = torch.Generator().manual_seed(args.seed)
+    length = model.config.block_size + (1 if model.causal else 0)  # a causal row holds one more token than it predicts
+    rows, total_loss, total_tokens, total_hits = [], 0.0, 0, 0
+    corpus = genomic_corpus(args.fasta, part_chars=None)
+    for number, piece in enumerate(corpus.train(), start=1):
+        if args.max_sequences is not None and number > args.max_sequences:
+            break
+        ids = tokenizer.encode(piece.text)[:length]
+        if len(ids) < 2:
+            raise ConfigError(f"{args.fasta}: record {number} has {len(ids)} tokens; at least 2 are needed")
+        loss, n, hits = score(model, labels, ids, generator, device)
+        row = {"record": number, "tokens": n, "loss": loss / n if n else None,
+               "perplexity": math.exp(loss / n) if n else None, "accuracy": hits / n if n else None}
+        rows.append(row)
+        total_loss, total_tokens, total_hits = total_loss + loss, total_tokens + n, total_hits + hits
+        shown = "no ACGT label" if not n else f"loss {row['loss']:.4f} | perplexity {row['perplexity']:.3f}"
+        print(f"record {number} | {n} tokens | {shown}")
+    if not total_tokens:
+        raise ConfigError(f"{args.fasta}: no record has an A, C, G or T label to score")
+    loss = total_loss / total_tokens
+    result = {"checkpoint": str(folder), "fasta": args.fasta, "objective": model.config.objective,
+              "sequences": rows, "tokens": total_tokens, "loss": loss, "perplexity": math.exp(loss),
+              "accuracy": total_hits / total_tokens}
+    print(f"{len(rows)} sequences, {total_tokens:,} tokens | loss {loss:.4f} | perplexity {math.exp(loss):.3f}"
+          + ("" if model.causal else f" | masked accuracy {result['accuracy']:.4f}"))
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """The command line: one `error: ...` line and exit 2 for a user mistake."""
+    args = tyro.cli(EvalArgs, args=argv, use_underscores=True)
+    with exit_on_user_error():
+        result = evaluate_fasta(args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
