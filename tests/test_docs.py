@@ -25,6 +25,8 @@ HELP_COMMANDS = {
     "llm.bench": ["-m", "llm.bench", "--help"],
     "llm.report": ["-m", "llm.report", "--help"],
     "llm.eval": ["-m", "llm.eval", "fasta", "--help"],
+    "llm.eval hellaswag": ["-m", "llm.eval", "hellaswag", "--help"],
+    "llm.eval lm_eval": ["-m", "llm.eval", "lm_eval", "--help"],
     "llm.data.synthetic_genome": ["-m", "llm.data.synthetic_genome", "--help"],
 }
 # How a command line names each entry point. The scripts pass their extra arguments to train.py.
@@ -35,6 +37,8 @@ ENTRY_PATTERNS = [
     ("llm.export", r"-m\s+llm\.export\b"),
     ("llm.bench", r"-m\s+llm\.bench\b"),
     ("llm.report", r"-m\s+llm\.report\b"),
+    ("llm.eval hellaswag", r"-m\s+llm\.eval\s+hellaswag\b"),  # before llm.eval, which would match first
+    ("llm.eval lm_eval", r"-m\s+llm\.eval\s+lm_eval\b"),
     ("llm.eval", r"-m\s+llm\.eval\b"),
     ("llm.data.synthetic_genome", r"-m\s+llm\.data\.synthetic_genome\b"),
     ("train.py", r"\bbash\s+\S*scripts/\w+\.sh\b"),

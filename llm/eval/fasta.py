@@ -9,7 +9,6 @@ line per sequence (tokens scored, loss, perplexity), then the token-weighted los
 """
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -17,11 +16,11 @@ from typing import Literal
 import torch
 import tyro
 
-from .config import ConfigError, exit_on_user_error
-from .data.genomic_sources import genomic_corpus
-from .data.labels import build_labels
-from .data.tokenizers import tokenizer_from_meta
-from .model.objectives import IGNORE
+from ..config import ConfigError, exit_on_user_error
+from ..data.genomic_sources import genomic_corpus
+from ..data.labels import build_labels
+from ..data.tokenizers import tokenizer_from_meta
+from ..model.objectives import IGNORE
 
 
 @dataclass
@@ -62,8 +61,8 @@ def score(model, labels, ids: list[int], generator: torch.Generator, device: tor
 
 def evaluate_fasta(args: EvalArgs) -> dict:
     """Scores every record and returns {"sequences": [...], "loss", "perplexity", ...}, printing a line for each."""
-    from .checkpoint import load_trained
-    from .train.precision import pick_precision
+    from ..checkpoint import load_trained
+    from ..train.precision import pick_precision
 
     if not Path(args.fasta).exists():
         raise ConfigError(f"--fasta={args.fasta!r}: no such file or folder; pass a FASTA file or a folder of them")
@@ -104,16 +103,13 @@ def evaluate_fasta(args: EvalArgs) -> dict:
     return result
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """The command line: one `error: ...` line and exit 2 for a user mistake."""
-    args = tyro.cli(EvalArgs, args=argv, use_underscores=True)
+def main(argv: list[str]) -> dict:
+    """`python -m llm.eval fasta ...` (argv starts with "fasta"): one `error: ...` line and exit 2 for a user
+    mistake."""
+    args = tyro.cli(EvalArgs, args=argv, use_underscores=True, prog="python -m llm.eval")
     with exit_on_user_error():
         result = evaluate_fasta(args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     return result
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
