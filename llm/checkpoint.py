@@ -30,7 +30,7 @@ STEP_FOLDER = re.compile(r"step_(\d+)")
 STATE_FILE = "state.pt"
 # Train settings that change the trajectory: a resumed run must use the same ones (and the same global micro-batch,
 # batch_size x ranks, which may be split over another number of ranks).
-TRAJECTORY_FIELDS = ("dataset", "data_order", "total_batch_size_str", "learning_rate", "min_lr", "warmup_steps",
+TRAJECTORY_FIELDS = ("dataset", "data_mix", "data_order", "total_batch_size_str", "learning_rate", "min_lr", "warmup_steps",
                      "beta1", "beta2", "weight_decay", "grad_clip", "dtype", "seed")
 
 

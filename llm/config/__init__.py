@@ -4,10 +4,11 @@ from .errors import ConfigError, exit_on_user_error, require
 from .expr import eval_int_expr
 from .presets import PRESETS
 from .schema import ACTIVATION_ALIASES, BlockConfig, LLMconfig, Trainconfig
-from .validate import micro_steps, resolve_block, run_dir_name, total_batch_tokens, validate, validate_model
+from .validate import (micro_steps, parse_mix, resolve_block, run_dir_name, total_batch_tokens, validate,
+                       validate_model)
 
 __all__ = [
     "ACTIVATION_ALIASES", "PRESETS", "BlockConfig", "ConfigError", "LLMconfig", "Trainconfig", "config_dict",
-    "eval_int_expr", "exit_on_user_error", "micro_steps", "parse", "require", "resolve_block", "run_dir_name",
+    "eval_int_expr", "exit_on_user_error", "micro_steps", "parse", "parse_mix", "require", "resolve_block", "run_dir_name",
     "total_batch_tokens", "validate", "validate_model",
 ]

@@ -118,6 +118,9 @@ class Trainconfig:
     """Dataset folder name under data_dir (prepared by python -m llm.data.prepare)."""
     data_dir: str = "data"
     """Folder holding the prepared datasets."""
+    data_mix: str | None = None
+    """Train on a weighted mixture of prepared datasets instead of --dataset: 'fineweb:0.7,tinystories:0.3' (weights
+    normalised; the datasets share one tokenizer); each row's source is drawn by weight."""
     data_order: Literal["random", "epoch", "windows"] = "random"
     """Training windows: random (uniform random offsets), epoch (each non-overlapping window once per epoch,
     reshuffled) or windows (windows within each sequence of a dataset prepared with `prepare genomic`, never two

@@ -118,6 +118,25 @@ def total_batch_tokens(t: Trainconfig) -> int:
     return eval_int_expr(t.total_batch_size_str, "total_batch_size_str")
 
 
+def parse_mix(text: str) -> dict[str, float]:
+    """'name:weight,...' -> {name: weight / total}; names unique, weights positive finite numbers."""
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        name, sep, value = part.strip().partition(":")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = math.nan
+        if not sep or not name or not math.isfinite(weight) or weight <= 0:
+            raise ConfigError(f"data_mix={text!r}: {part.strip()!r} is not NAME:WEIGHT with a positive weight; write "
+                              "it as 'fineweb:0.7,tinystories:0.3'")
+        if name in weights:
+            raise ConfigError(f"data_mix={text!r} names {name!r} twice; give each dataset once")
+        weights[name] = weight
+    total = sum(weights.values())
+    return {name: weight / total for name, weight in weights.items()}
+
+
 def validate_train(t: Trainconfig, m: LLMconfig) -> None:
     """Checks the run's values, including that the batch splits into whole micro-steps."""
     check_finite(t)
@@ -143,6 +162,8 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
             f"init_from={t.init_from!r} is not supported; use hf:DIR (a transformers model directory)")
     run_dir_name(t.wandb_run_name)
     require(t.grad_clip >= 0, f"grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
+    if t.data_mix is not None:
+        parse_mix(t.data_mix)
     require(0 < t.mask_prob < 1, f"mask_prob={t.mask_prob} must be in (0, 1)")
     require(t.window_stride >= 0, f"window_stride={t.window_stride} must be >= 0 (tokens shared by consecutive windows)")
     check_cpu_run(t, m)

@@ -58,6 +58,25 @@ def read_meta(folder: Path, dataset: str) -> dict:
     return meta
 
 
+def rank_batch(rows: list[np.ndarray], generator: torch.Generator, labels: Labels | None, rank: int, batch_size: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's (x, y), each (batch_size, block_size), from the rows of a global batch: its slice of the rows,
+    with masking drawn from `generator` for the whole global batch (so the state depends only on the global batch)."""
+    count, length = len(rows), len(rows[0])
+    uniforms = None
+    if labels is not None and labels.random_count(count, length):
+        uniforms = torch.rand(2, count, length, generator=generator)  # the global batch's draws
+    mine = slice(rank * batch_size, (rank + 1) * batch_size)
+    batch = torch.from_numpy(np.stack(rows[mine]).astype(np.int64))  # (B, R)
+    if labels is None:
+        x, y = batch[:, :-1], batch[:, 1:]  # (B, T) each
+    else:
+        x, y = labels.make_batch(batch, None if uniforms is None else uniforms[:, mine])
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
 class TokenLoader:
     """(x, y) batches of batch_size rows of tokens: by default windows of block_size + 1 tokens with y = x shifted by
     one token; with `labels`, `Labels.make_batch` turns the rows into (x, y) (masked-LM rows, ignored labels).
@@ -127,24 +146,17 @@ class TokenLoader:
             return [self.sequences.row(data, w) for w in windows]
         return [data[w * self.block_size : w * self.block_size + R] for w in windows]
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (x, y), each (batch_size, block_size), from the next global batch."""
-        count = self.batch_size * self.world_size
+    def global_rows(self, count: int) -> list[np.ndarray]:
+        """The next `count` rows of the global stream (all ranks'), each (row_length,)."""
         data = np.memmap(self.path, dtype=self.dtype, mode="r")  # reopened each batch so pages are not kept
         rows = self._rows(data, count)
-        uniforms = None
-        if self.labels is not None and self.labels.random_count(count, self.row_length):
-            uniforms = torch.rand(2, count, self.row_length, generator=self.generator)  # the global batch's draws
         self.position += count
-        mine = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
-        batch = torch.from_numpy(np.stack(rows[mine]).astype(np.int64))  # (B, R)
-        if self.labels is None:
-            x, y = batch[:, :-1], batch[:, 1:]  # (B, T) each
-        else:
-            x, y = self.labels.make_batch(batch, None if uniforms is None else uniforms[:, mine])
-        if self.device.type == "cuda":
-            return x.pin_memory().to(self.device, non_blocking=True), y.pin_memory().to(self.device, non_blocking=True)
-        return x.to(self.device), y.to(self.device)
+        return rows
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's (x, y), each (batch_size, block_size), from the next global batch."""
+        rows = self.global_rows(self.batch_size * self.world_size)
+        return rank_batch(rows, self.generator, self.labels, self.rank, self.batch_size, self.device)
 
     def state_dict(self) -> dict:
         """Position and generator state (tensors and ints only: loadable with torch.load(weights_only=True))."""
@@ -152,6 +164,8 @@ class TokenLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Restores a state_dict(); a state saved under the other data order is refused."""
+        if state["order"] == "mixture":
+            raise ConfigError("the checkpoint was trained on a mixture of datasets; resume with its --data_mix")
         if state["order"] != self.order:
             raise ConfigError(f"the saved data order is {state['order']!r} but this run uses {self.order!r}; "
                               f"pass --data_order {state['order']}")

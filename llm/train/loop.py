@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..config import ConfigError, LLMconfig, Trainconfig, config_dict, micro_steps, total_batch_tokens
+from ..config import ConfigError, LLMconfig, Trainconfig, config_dict, micro_steps, parse_mix, total_batch_tokens
 from ..data.labels import Labels, build_labels
 from ..data.loader import TokenLoader, read_meta
+from ..data.mixture import MixtureLoader, check_same_tokenizer
 from ..data.prepare import DEFAULT_DATASET, prepare_default
 from ..data.tokenizers import SEQUENCE_TOKENIZERS, TOKENIZER_KEYS, tokenizer_from_meta
 from ..data.windows import WindowOptions
@@ -108,14 +109,50 @@ class Session:
     guard: NonFiniteGuard
 
 
-def dataset_meta(cfg: Trainconfig, job: Distributed) -> tuple[Path, dict]:
+def dataset_meta(cfg: Trainconfig, job: Distributed, dataset: str) -> tuple[Path, dict]:
     """The dataset folder and its meta.json; the default dataset is prepared from the shipped text when missing."""
-    data = Path(cfg.data_dir) / cfg.dataset
-    if cfg.dataset == DEFAULT_DATASET and not (data / "meta.json").is_file():
+    data = Path(cfg.data_dir) / dataset
+    if dataset == DEFAULT_DATASET and not (data / "meta.json").is_file():
         if job.is_main:
             prepare_default(data)
         job.barrier()
-    return data, read_meta(data, cfg.dataset)
+    return data, read_meta(data, dataset)
+
+
+def dataset_metas(cfg: Trainconfig, job: Distributed) -> dict[str, tuple[Path, dict]]:
+    """{name: (folder, meta.json)} of --dataset, or of every dataset of --data_mix (which must share a tokenizer)."""
+    names = [cfg.dataset] if cfg.data_mix is None else list(parse_mix(cfg.data_mix))
+    sources = {name: dataset_meta(cfg, job, name) for name in names}
+    check_same_tokenizer({name: meta for name, (_, meta) in sources.items()})
+    return sources
+
+
+def build_loaders(sources: dict[str, tuple[Path, dict]], cfg: Trainconfig, block_size: int, device: torch.device,
+                  job: Distributed, labels: Labels | None, windows: WindowOptions | None) -> dict:
+    """The loaders: train (in --data_order), and for evaluation train_eval and val (or, for a mixture, val/NAME per
+    source), each with its own seed. A mixture's loaders draw each row's source by weight."""
+    eval_order = "windows" if cfg.data_order == "windows" else "random"  # windows never mix two sequences
+    split_orders = {"train": ("train", cfg.data_order), "train_eval": ("train", eval_order), "val": ("val", eval_order)}
+
+    def loader(folder: Path, meta: dict, split: str, order: str, seed: int) -> TokenLoader:
+        return TokenLoader(folder / f"{split}.bin", meta["dtype"], cfg.batch_size, block_size, device, seed, order,
+                           job.rank, job.world_size, labels, windows)
+
+    if cfg.data_mix is None:
+        ((folder, meta),) = sources.values()
+        return {name: loader(folder, meta, split, order, cfg.seed + i)
+                for i, (name, (split, order)) in enumerate(split_orders.items())}
+    weights = parse_mix(cfg.data_mix)
+    loaders = {}
+    for i, name in enumerate(("train", "train_eval")):
+        split, order = split_orders[name]
+        parts = {source: loader(folder, meta, split, order, cfg.seed + 1000 * (j + 1) + i)
+                 for j, (source, (folder, meta)) in enumerate(sources.items())}
+        loaders[name] = MixtureLoader(parts, weights, cfg.seed + i, cfg.batch_size, device, job.rank, job.world_size,
+                                      labels)
+    for j, (source, (folder, meta)) in enumerate(sources.items()):
+        loaders[f"val/{source}"] = loader(folder, meta, "val", eval_order, cfg.seed + 1000 * (j + 1) + 2)
+    return loaders
 
 
 def batch_rules(meta: dict, model_config: LLMconfig, cfg: Trainconfig) -> tuple[Labels | None, WindowOptions | None]:
@@ -155,7 +192,8 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
     job.barrier()
     precision = pick_precision(cfg.device, cfg.dtype, job.local_rank)
     device = precision.device
-    data, meta = dataset_meta(cfg, job)
+    sources = dataset_metas(cfg, job)
+    meta = next(iter(sources.values()))[1]
     pretrained = None
     if cfg.init_from is not None:
         from ..hf import from_hf
@@ -166,12 +204,8 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
     model_config = resolve_vocab(model_config, meta, cfg.dataset)
     accum_steps = micro_steps(cfg, model_config, job.world_size)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
-    eval_order = "windows" if cfg.data_order == "windows" else "random"  # windows never mix two sequences
-    split_orders = {"train": ("train", cfg.data_order), "train_eval": ("train", eval_order), "val": ("val", eval_order)}
     labels, windows = batch_rules(meta, model_config, cfg)
-    loaders = {name: TokenLoader(data / f"{split}.bin", meta["dtype"], cfg.batch_size, model_config.block_size, device,
-                                 cfg.seed + i, order, job.rank, job.world_size, labels, windows)
-               for i, (name, (split, order)) in enumerate(split_orders.items())}
+    loaders = build_loaders(sources, cfg, model_config.block_size, device, job, labels, windows)
     check_batch_fits(loaders, cfg, model_config.block_size, job.world_size)
     model = (pretrained or LLM(model_config)).to(device)
     model.act_recomp = cfg.act_recomp
@@ -225,9 +259,15 @@ def step_metrics(s: Session, step: int, lr: float, result: StepResult, seconds_p
                "mfu": mfu(tokens_per_s / s.job.world_size, s.model_config, s.params[1], s.precision.device),
                "peak_memory_bytes": peak_memory_bytes(s.precision.device)}
     metrics.update(layer_metrics(s.model, result.aux_loss.item() / s.accum_steps, result.layer_stats))
+    train_loader = s.loaders["train"]
+    if isinstance(train_loader, MixtureLoader):  # global tokens drawn from each source so far
+        metrics.update({f"tokens/{name}": count for name, count in train_loader.tokens_seen.items()})
     if evaluates(s.cfg, step):
-        evaluated = {"train": s.loaders["train_eval"], "val": s.loaders["val"]}
+        evaluated = {"train": s.loaders["train_eval"], **{k: v for k, v in s.loaders.items() if k.startswith("val")}}
         metrics.update(estimate_loss(s.model, evaluated, s.cfg.eval_iters, s.precision, s.job))
+        if s.cfg.data_mix is not None:  # the mixture's validation loss: its sources' weighted by the mix
+            weights = parse_mix(s.cfg.data_mix)
+            metrics["val_loss"] = sum(w * metrics[f"val/{name}_loss"] for name, w in weights.items())
     return metrics
 
 
