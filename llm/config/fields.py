@@ -47,7 +47,7 @@ def check_keys(data: dict, cls: type, where: str) -> None:
 
 
 def coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
-    """Returns `value` checked against `annotation` (int, float, bool, str, Literal, X | None)."""
+    """Returns `value` checked against `annotation` (int, float, bool, str, Literal, list[X], X | None)."""
     origin = typing.get_origin(annotation)
     if origin in (Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -61,6 +61,11 @@ def coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
             hint = did_you_mean(value, choices) if isinstance(value, str) else ""
             raise ConfigError(f"{where}: {key}={value!r} is not one of {', '.join(choices)}{hint}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: {key}={value!r} must be a list, got {type(value).__name__}")
+        (inner,) = typing.get_args(annotation)
+        return [coerce(item, inner, key, where) for item in value]
     ok = {
         bool: isinstance(value, bool),
         int: isinstance(value, int) and not isinstance(value, bool),

@@ -39,7 +39,8 @@ class BlockConfig:
     rope_head_dim: int | None = None
     """MLA decoupled RoPE width per head (one rope key shared by all heads); required by mla with rope."""
     ffn: str = "dense"
-    """Feed-forward kind: dense (MLP) or moe (Mixture-of-Experts); --moe is short for --ffn moe, --no_moe for --ffn dense."""
+    """Feed-forward kind: dense (MLP), moe (Mixture-of-Experts) or peer (product-key retrieval of tiny experts);
+    --moe is short for --ffn moe, --no_moe for --ffn dense."""
     up_dim: int | None = None
     """Hidden width of the MLP (and of each expert); unset means 4 * n_embd."""
     non_linearity: Activation = "gelu"
@@ -62,6 +63,20 @@ class BlockConfig:
     """MoE with aux_free: weight of the complementary sequence-wise balance loss."""
     gamma: float = 1e-3
     """MoE with aux_free: step size of the selection bias update."""
+    num_experts: int = 1024 * 1024
+    """PEER: experts in the pool; must equal the product of product_key_dim."""
+    num_experts_per_tok: int = 16
+    """PEER: experts each retrieval head picks per token (top-k)."""
+    num_heads: int = 8
+    """PEER: retrieval heads, each with its own query and top-k experts; their outputs are summed."""
+    expert_hidden_size: int = 1
+    """PEER: hidden neurons of each expert (1: each expert is one GELU neuron)."""
+    product_key_dim: list[int] = field(default_factory=lambda: [1024, 1024])
+    """PEER: sizes of the sub-key tables (one or more); expert ids are the Cartesian product of their rows."""
+    query_dim: int = 256
+    """PEER: query width per head; split into len(product_key_dim) equal chunks, one per sub-key table."""
+    batch_norm_query: bool = True
+    """PEER: a LayerNorm over each head's query before retrieval."""
 
 
 @dataclass
@@ -181,6 +196,12 @@ class Trainconfig:
     the blocks, except the first and last block, compute in float8 with current (per-tensor, dynamic) scaling."""
     log_interval: int = 10
     """Steps between metric lines."""
+    peer_log_interval: int = 1000
+    """PEER layers report their expert usage (fraction used, hot experts) once this many steps have passed since their
+    last report, on the next logged step."""
+    usage_threshold: float = 5.0
+    """PEER: an expert is hot when it was picked more than usage_threshold times the mean count since the last
+    report."""
     eval: bool = False
     """Evaluate train and val loss every eval_interval steps."""
     eval_interval: int = 100

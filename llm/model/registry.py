@@ -6,13 +6,14 @@ it builds a model or parses a config; configs then name them like the built-in o
 """
 from .ffn.mlp import DENSE
 from .ffn.moe import MOE
+from .ffn.peer import PEER
 from .kinds import FFNKind, MixerKind, ObjectiveKind
 from .mixers.gqa import GQA, MHA, MQA
 from .mixers.mla import MLA
 from .objectives import CLM, MLM
 
 MIXERS: dict[str, MixerKind] = {kind.name: kind for kind in (MHA, MQA, GQA, MLA)}
-FFNS: dict[str, FFNKind] = {kind.name: kind for kind in (DENSE, MOE)}
+FFNS: dict[str, FFNKind] = {kind.name: kind for kind in (DENSE, MOE, PEER)}
 OBJECTIVES: dict[str, ObjectiveKind] = {kind.name: kind for kind in (CLM, MLM)}
 
 

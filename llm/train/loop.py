@@ -20,6 +20,7 @@ from ..data.tokenizers import SEQUENCE_TOKENIZERS, TOKENIZER_KEYS, tokenizer_fro
 from ..data.windows import WindowOptions
 from ..files import write_atomically
 from ..model import LLM
+from ..model.ffn.peer import configure_usage_reports
 from ..model.registry import OBJECTIVES
 from .checkpointer import Checkpointer
 from .distributed import Distributed, init_distributed, wrap
@@ -209,6 +210,7 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
     check_batch_fits(loaders, cfg, model_config.block_size, job.world_size)
     model = (pretrained or LLM(model_config)).to(device)
     model.act_recomp = cfg.act_recomp
+    configure_usage_reports(model, cfg)  # peer layers: when to report expert usage, and what counts as hot
     if cfg.fp8:
         convert_to_fp8(model, device)  # before wrapping and compiling
     step_model = wrap(model, cfg.dist, precision.dtype, cfg.compile, device, job)
