@@ -22,6 +22,7 @@ from ..files import write_atomically
 from ..model import LLM
 from ..model.ffn.peer import configure_usage_reports
 from ..model.registry import OBJECTIVES
+from .benchmarks import EvalTask, load_eval_tasks, score_eval_tasks
 from .checkpointer import Checkpointer
 from .distributed import Distributed, init_distributed, wrap
 from .fp8 import convert_to_fp8
@@ -108,6 +109,7 @@ class Session:
     params: tuple[int, int]  # (total, active), counted on every rank (sharded weights need collectives); MFU uses active
     checkpointer: Checkpointer
     guard: NonFiniteGuard
+    eval_tasks: list[EvalTask]  # benchmarks scored at each evaluation (--eval_tasks)
 
 
 def dataset_meta(cfg: Trainconfig, job: Distributed, dataset: str) -> tuple[Path, dict]:
@@ -220,8 +222,10 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
     tokenizer = {k: v for k, v in meta.items() if k in TOKENIZER_KEYS}
     checkpointer = Checkpointer(run_dir, cfg, config_dict(model_config, cfg), tokenizer, job, model, optimizer,
                                 precision, loaders)
+    eval_tasks = load_eval_tasks(cfg.eval_tasks, model.causal)
     return Session(cfg, job, precision, model_config, model, step_model, optimizer, loaders, accum_steps,
-                   total_batch_tokens(cfg), model.get_num_params(), checkpointer, NonFiniteGuard(device, run_dir))
+                   total_batch_tokens(cfg), model.get_num_params(), checkpointer, NonFiniteGuard(device, run_dir),
+                   eval_tasks)
 
 
 def open_log(s: Session, start_step: int) -> MetricsLog | None:
@@ -270,6 +274,7 @@ def step_metrics(s: Session, step: int, lr: float, result: StepResult, seconds_p
         if s.cfg.data_mix is not None:  # the mixture's validation loss: its sources' weighted by the mix
             weights = parse_mix(s.cfg.data_mix)
             metrics["val_loss"] = sum(w * metrics[f"val/{name}_loss"] for name, w in weights.items())
+        metrics.update(score_eval_tasks(s.eval_tasks, s.model, s.checkpointer.tokenizer, s.precision.device))
     return metrics
 
 

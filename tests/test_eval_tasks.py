@@ -1,0 +1,36 @@
+"""--eval_tasks: HellaSwag-style files scored at each evaluation of a run, equal to python -m llm.eval hellaswag on
+the saved checkpoint; bad specs are one line."""
+import json
+
+import pytest
+
+from llm.config import ConfigError, parse
+from llm.eval import main as eval_main
+from llm.train import train
+
+EXAMPLES = [
+    {"ctx": "The king said", "endings": [" to the queen.", " no more.", " it again.", " thee well."], "label": 1},
+    {"ctx": "ROMEO: I am", "endings": [" here.", " gone, my lord.", " not she.", " the sun."], "label": 0},
+    {"ctx": "Good morrow,", "endings": [" sir.", " my good lord.", " Kate.", " cousin."], "label": 2},
+]
+
+
+def test_a_run_logs_the_scores_of_its_checkpoint(char_data, tmp_path):
+    tasks = tmp_path / "mini_choice.jsonl"
+    tasks.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
+    train(*parse(["--data_dir", str(char_data.parent), "--out_dir", str(tmp_path), "--max_iters", "3", "--n_layer",
+                  "1", "--block_size", "32", "--eval", "--eval_interval", "3", "--eval_iters", "1",
+                  "--eval_tasks", f"hellaswag:{tasks}", "--save_model"]))
+    last = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()][-1]
+    scored = eval_main(["hellaswag", "--ckpt", str(tmp_path / "run"), "--file", str(tasks)])
+    assert (last["mini_choice_acc"], last["mini_choice_acc_norm"]) == (scored["acc"], scored["acc_norm"])
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--eval", "--eval_tasks", "hellaswag"], "is not KIND:PATH"),
+    (["--eval", "--eval_tasks", "arc:x.jsonl"], "is not KIND:PATH"),
+    (["--eval_tasks", "hellaswag:x.jsonl"], "add --eval"),
+])
+def test_bad_specs_are_one_line(argv, message, char_data, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        train(*parse(["--data_dir", str(char_data.parent), "--out_dir", str(tmp_path), "--max_iters", "1", *argv]))
