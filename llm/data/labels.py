@@ -54,7 +54,8 @@ class Labels:
 def label_table(tokenizer, loss_mask: str, uppercase: bool) -> torch.Tensor:
     """(V,) the label of each token id: itself, or IGNORE for the ids that never count (a sequence tokenizer's
     special tokens and padding; under loss_mask acgt every id whose letters are not all in ACGTacgt); with
-    `uppercase`, lower-case nucleotides are labelled with their upper-case ids."""
+    `uppercase`, lower-case nucleotides are labelled with their upper-case ids (ASCII letters only: the upper case
+    of a character such as 'ß' or 'ÿ' is no single token of a byte vocabulary, and no nucleotide)."""
     V = tokenizer.vocab_size
     texts = [tokenizer.token_text(i) for i in range(V)] if loss_mask == "acgt" or uppercase else None
     never = sequence_specials(tokenizer)
@@ -62,7 +63,7 @@ def label_table(tokenizer, loss_mask: str, uppercase: bool) -> torch.Tensor:
     for i in range(V):
         if i in never or (loss_mask == "acgt" and (not texts[i] or not set(texts[i]) <= ACGT)):
             table[i] = IGNORE
-        elif uppercase and texts[i] and texts[i] != texts[i].upper():
+        elif uppercase and texts[i] and texts[i].isascii() and texts[i] != texts[i].upper():
             upper = tokenizer.encode(texts[i].upper())
             if len(upper) != 1:
                 raise ConfigError(f"--uppercase_labels: token {texts[i]!r} has no upper-case token in the "

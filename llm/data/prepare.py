@@ -207,7 +207,7 @@ class TokenWriter:
         """Writes the tokens of `pieces` to path, at most `limit` of them; returns the count. With `wrap`, a
         sequence tokenizer's (begin, end) ids, the stream's first sequence is begun and its last ended, and the
         offsets where sequences begin go to the sequence index beside path."""
-        count, starts = 0, []
+        count, starts, closed = 0, [], False  # closed: the last token written ends a sequence
         with open(path, "wb") as f:
             if wrap:
                 f.write(np.array(wrap[:1], dtype=self.dtype).tobytes())
@@ -218,6 +218,8 @@ class TokenWriter:
                 f.write(ids.astype(self.dtype).tobytes())
                 starts.append(begins + count)
                 count += len(ids)
+                if len(ids):
+                    closed = wrap is not None and int(ids[-1]) == wrap[1]
                 self.max_id = max(self.max_id, int(ids.max()) if len(ids) else -1)
                 text = "".join(piece.text for piece in batch).encode("utf-8")
                 self.md5.update(text)
@@ -226,8 +228,9 @@ class TokenWriter:
                 if limit is not None and count >= limit:
                     break
             if wrap:
-                f.write(np.array(wrap[1:], dtype=self.dtype).tobytes())
-                count += 1
+                if not closed:  # a limit that falls right after a sequence's end leaves it ended
+                    f.write(np.array(wrap[1:], dtype=self.dtype).tobytes())
+                    count += 1
                 save_documents(path, np.concatenate(starts))
                 self.max_id = max(self.max_id, *wrap)
         return count
