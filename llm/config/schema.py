@@ -209,8 +209,9 @@ class Trainconfig:
     eval_iters: int = 20
     """Batches per evaluation."""
     eval_tasks: str | None = None
-    """Benchmarks scored at each evaluation: 'hellaswag:PATH[,hellaswag:PATH2]' (HellaSwag-style JSONL multiple
-    choice), logged as STEM_acc and STEM_acc_norm (STEM: the file's name without suffix)."""
+    """Benchmarks scored at each evaluation, comma-separated: hellaswag:PATH (HellaSwag-style JSONL multiple choice,
+    logged as STEM_acc and STEM_acc_norm) or lm_eval:TASK (an lm-evaluation-harness task or task YAML that runs
+    offline, logged as TASK/METRIC; pip install 'llm[eval]')."""
     save_model: bool = True
     """Save checkpoints (--no_save_model: none, except when a signal stops the run)."""
     ckpt_interval: int = 500
