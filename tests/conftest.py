@@ -1,9 +1,11 @@
 """Shared helpers for the tests."""
 import os
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from torch.nn.attention.flex_attention import flex_attention
 
 from llm.config import BlockConfig, LLMconfig, resolve_block, validate_model
 
@@ -23,6 +25,17 @@ def make_config(layers: list[dict] | dict | None = None, **model_fields) -> LLMc
     config = LLMconfig(**fields, layers=blocks)
     validate_model(config)
     return config
+
+
+@pytest.fixture
+def eager_flex(monkeypatch):
+    """FlexAttention uncompiled (the same function; compiling takes seconds per shape on CPU)."""
+    from llm.model.mixers import attention as kernels
+
+    monkeypatch.setattr(kernels, "compiled_flex", lambda device_type: flex_attention)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from torch.nn.attention.flex_attention import flex_attention
 
 from llm.config import ConfigError, parse
 from llm.generate import generate
@@ -181,15 +180,6 @@ def test_sdpa_backend_never_uses_flash(monkeypatch):
     monkeypatch.setattr(kernels, "machine_of", lambda device: H100_FA4)
     model = LLM(make_config(dict(attn="gqa", n_head=4, n_kv_heads=2), attn_backend="sdpa"))
     model(torch.zeros(1, 8, dtype=torch.long))
-
-
-@pytest.fixture
-def eager_flex(monkeypatch):
-    """FlexAttention uncompiled (the same function; compiling takes seconds per shape on CPU)."""
-    monkeypatch.setattr(kernels, "compiled_flex", lambda device_type: flex_attention)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        yield
 
 
 @pytest.mark.parametrize("T,S,masked,dv", [(16, 16, False, 16), (16, 16, False, 8), (5, 21, False, 16),

@@ -2,12 +2,10 @@
 mlm, codon losses through the model, and small end-to-end runs on a synthetic genome."""
 import json
 import math
-import warnings
 
 import numpy as np
 import pytest
 import torch
-from torch.nn.attention.flex_attention import flex_attention
 
 from llm.config import ConfigError, parse
 from llm.data import prepare as prepare_module
@@ -536,15 +534,6 @@ def test_mlm_model_has_no_generation_cache():
     with pytest.raises(ConfigError, match="objective='mlm' is bidirectional"):
         model.new_cache(1)
     LLM(make_config()).new_cache(1)
-
-
-@pytest.fixture
-def eager_flex(monkeypatch):
-    """FlexAttention uncompiled (the same function; compiling takes seconds per shape on CPU)."""
-    monkeypatch.setattr(kernels, "compiled_flex", lambda device_type: flex_attention)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
-        yield
 
 
 @pytest.mark.parametrize("kv_heads,dv", [(4, 16), (2, 16), (1, 8)])

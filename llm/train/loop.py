@@ -103,7 +103,7 @@ class Session:
     model: LLM
     step_model: nn.Module  # the model as stepped: wrapped for DDP/FSDP and compiled when asked
     optimizer: torch.optim.Optimizer
-    loaders: dict[str, TokenLoader]
+    loaders: dict[str, TokenLoader | MixtureLoader]  # train, train_eval and val (a mixture: val/NAME per source)
     accum_steps: int
     tokens_per_step: int
     params: tuple[int, int]  # (total, active), counted on every rank (sharded weights need collectives); MFU uses active
