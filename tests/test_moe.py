@@ -10,7 +10,7 @@ from llm.model.ffn.moe import MoE
 from llm.model.ffn.activations import activation
 from llm.model.ffn.experts import padded_bmm
 from llm.model.ffn.moe import sequence_balance_loss, switch_balance_loss
-from llm.config import Trainconfig, config_dict
+from llm.config import ConfigError, Trainconfig, config_dict
 from llm.checkpoint import read_checkpoint, save_checkpoint
 from tests.conftest import make_config
 
@@ -291,3 +291,49 @@ def test_without_torch_grouped_mm_the_padded_path_gives_the_same_layer(monkeypat
     padded = moe(x).out
     torch.testing.assert_close(padded, grouped, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(padded.view(11, C), naive_moe(moe, x.view(11, C), "gelu"), rtol=1e-5, atol=1e-5)
+
+
+def test_mixtral_gate_is_a_softmax_over_the_top_k_logits():
+    """Mixtral: the k largest logits are chosen and weighed by a softmax over those k alone; the balancing scores are
+    the softmax over all experts. Independent of norm_topk."""
+    from llm.model.ffn.router import Router
+
+    for norm_topk in (True, False):
+        config = make_config(dict(ffn="moe", n_exp=6, n_shared=0, n_act=3, router_score="mixtral",
+                                  norm_topk=norm_topk, up_dim=16))
+        router = Router(config.layers[0], config)
+        x = torch.randn(10, config.n_embd)
+        route = router(x)
+        logits = x @ router.gate.weight.T  # (N, E)
+        top = logits.topk(3, dim=-1)
+        assert torch.equal(route.indices, top.indices)
+        expected = torch.exp(top.values) / torch.exp(top.values).sum(dim=-1, keepdim=True)
+        torch.testing.assert_close(route.weights, expected)
+        torch.testing.assert_close(route.scores, logits.softmax(dim=-1))
+
+
+def test_jitter_noise_scales_router_inputs_in_training_only():
+    from llm.model.ffn.router import Router
+
+    config = make_config(dict(ffn="moe", n_exp=4, n_shared=0, n_act=2, jitter_noise=0.2, up_dim=16))
+    router = Router(config.layers[0], config)
+    x = torch.randn(64, config.n_embd)
+    router.eval()
+    torch.testing.assert_close(router(x).scores, (x @ router.gate.weight.T).softmax(-1))
+    router.train()
+    torch.manual_seed(3)
+    noisy = router(x).scores
+    torch.manual_seed(3)
+    factor = torch.empty_like(x).uniform_(0.8, 1.2)  # the draw the router makes
+    torch.testing.assert_close(noisy, ((x * factor) @ router.gate.weight.T).softmax(-1))
+    assert not torch.allclose(noisy, router(x).scores)  # a fresh draw each call
+    assert 0.8 <= factor.min() and factor.max() <= 1.2
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(jitter_noise=1.0), "jitter_noise=1.0 must be in"), (dict(jitter_noise=-0.1), "jitter_noise=-0.1"),
+    (dict(router_score="mixtral", n_act=2, n_shared=1), "router_score=mixtral with n_act - n_shared = 1"),
+])
+def test_gating_variants_refuse_bad_values(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(dict(ffn="moe", n_exp=4, **{"n_shared": 0, "n_act": 2, **fields}, up_dim=16))

@@ -11,7 +11,7 @@ import tyro
 
 PositionKind = Literal["learn", "sin", "rope"]
 NormKind = Literal["layer", "rms"]
-RouterScore = Literal["softmax", "sigmoid"]
+RouterScore = Literal["softmax", "sigmoid", "mixtral"]
 Activation = Literal[
     "relu", "gelu", "gelu_tanh", "silu", "swish", "mish", "selu", "celu", "elu", "leaky_relu", "lrelu",
     "tanh", "sigmoid", "swiglu", "geglu", "reglu", "glu",
@@ -52,7 +52,11 @@ class BlockConfig:
     n_act: int = 3
     """MoE: experts active per token, shared ones included (each token picks n_act - n_shared routed experts)."""
     router_score: RouterScore = "softmax"
-    """MoE: router scores over the routed experts: softmax, or sigmoid as in DeepSeek-V3."""
+    """MoE: router scores over the routed experts: softmax, sigmoid as in DeepSeek-V3, or mixtral (top-k of the
+    logits, gate weights a softmax over those k logits only)."""
+    jitter_noise: float = 0.0
+    """MoE: multiply the router's inputs by uniform noise from [1 - jitter_noise, 1 + jitter_noise] in training
+    (Mixtral's jitter); 0 disables."""
     norm_topk: bool = True
     """MoE: renormalise the chosen experts' gate weights to sum to 1."""
     coeff: float = 0.01

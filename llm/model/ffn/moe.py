@@ -101,16 +101,22 @@ def validate(block: BlockConfig, config: LLMconfig) -> None:
     require(block.n_exp >= block.n_act > block.n_shared >= 0,
             f"moe needs n_exp >= n_act > n_shared >= 0, got n_exp={block.n_exp}, n_act={block.n_act}, "
             f"n_shared={block.n_shared}; each token uses n_act experts, n_shared of them shared")
-    require(not (block.norm_topk and block.n_act - block.n_shared == 1),
+    require(not (block.norm_topk and block.router_score != "mixtral" and block.n_act - block.n_shared == 1),
             "norm_topk with n_act - n_shared = 1 routed expert per token makes every gate weight 1, so the router "
             "learns nothing from the language-model loss; use --no_norm_topk or raise n_act")
+    require(not (block.router_score == "mixtral" and block.n_act - block.n_shared == 1),
+            "router_score=mixtral with n_act - n_shared = 1 routed expert per token makes every gate weight 1 (a "
+            "softmax over one logit); raise n_act or use --router_score softmax --no_norm_topk")
     for name in ("coeff", "alpha", "gamma"):
         value = getattr(block, name)
         require(value >= 0, f"{name}={value} must be >= 0")
+    require(0 <= block.jitter_noise < 1, f"jitter_noise={block.jitter_noise} must be in [0, 1) (0 disables it)")
 
 
 MOE = FFNKind("moe", MoE, validate, {
     "moe_softmax_switch": dict(ffn="moe", n_exp=6, n_shared=1, n_act=3, up_dim=32),
     "moe_sigmoid_aux_free": dict(ffn="moe", n_exp=5, n_shared=2, n_act=4, router_score="sigmoid", aux_free=True,
                                  up_dim=24, non_linearity="swiglu"),
+    "moe_mixtral_jitter": dict(ffn="moe", n_exp=4, n_shared=0, n_act=2, router_score="mixtral", jitter_noise=0.01,
+                               up_dim=32, non_linearity="swiglu"),
 }, summaries={"max_load_ratio": "max/mean load"})

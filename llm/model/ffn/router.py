@@ -17,7 +17,11 @@ class Routing(NamedTuple):
 
 
 class Router(nn.Module):
-    """A linear gate over the routed experts with softmax or sigmoid scores and top-k selection.
+    """A linear gate over the routed experts with softmax, sigmoid or Mixtral scores and top-k selection.
+
+    Mixtral's gate ("mixtral") picks the k largest logits and weighs them by a softmax over those k logits only;
+    its scores (for the balancing loss) are the softmax over all experts. `jitter_noise` j multiplies the router's
+    inputs by noise drawn uniformly from [1 - j, 1 + j] in training (Mixtral's jitter), never in evaluation.
 
     With `aux_free` a per-expert bias (buffer `expert_bias`, DeepSeek-V3's auxiliary-loss-free balancing) is
     added to the scores for the selection only; gate weights always come from the unbiased scores and are
@@ -30,17 +34,23 @@ class Router(nn.Module):
         self.top_k = block.n_act - block.n_shared
         self.score = block.router_score
         self.norm_topk = block.norm_topk
+        self.jitter_noise = block.jitter_noise
         self.gate = nn.Linear(config.n_embd, self.n_routed, bias=False)
         bias = torch.zeros(self.n_routed) if block.aux_free else None
         self.register_buffer("expert_bias", bias)
 
     def forward(self, x: torch.Tensor) -> Routing:
         """Routes tokens x (N, C)."""
+        x = x.float()  # (N, C)
+        if self.training and self.jitter_noise > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)  # (N, C)
         with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.gate.weight.float())  # (N, E)
-        scores = logits.softmax(dim=-1) if self.score == "softmax" else logits.sigmoid()  # (N, E)
+            logits = F.linear(x, self.gate.weight.float())  # (N, E)
+        scores = logits.sigmoid() if self.score == "sigmoid" else logits.softmax(dim=-1)  # (N, E)
         choice = scores if self.expert_bias is None else scores + self.expert_bias  # (N, E)
         indices = choice.topk(self.top_k, dim=-1).indices  # (N, k)
+        if self.score == "mixtral":
+            return Routing(scores, indices, logits.gather(1, indices).softmax(dim=-1))  # weights (N, k)
         weights = scores.gather(1, indices)  # (N, k)
         if self.norm_topk:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
