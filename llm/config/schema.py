@@ -170,6 +170,11 @@ class Trainconfig:
     """Peak learning rate."""
     min_lr: float | None = None
     """Learning rate at the end of the cosine decay; unset means 0.1 * learning_rate."""
+    lr_schedule: Literal["cosine", "trapezoid"] = "cosine"
+    """After warmup: cosine (decay to min_lr) or trapezoid (the peak held, then a linear decay to min_lr over the last
+    cooldown_frac of the steps, as the modded-nanogpt configs)."""
+    cooldown_frac: float = 0.4
+    """lr_schedule=trapezoid: the fraction of max_iters spent in the final linear decay."""
     warmup_steps: int | None = None
     """Steps of linear warmup before cosine decay; unset means a tenth of max_iters."""
     beta1: float = 0.9

@@ -24,10 +24,17 @@ def build_optimizer(model: nn.Module, cfg: Trainconfig, device: torch.device) ->
                              fused=device.type in ("cuda", "cpu"))
 
 
+def cooldown_start(warmup: int, max_iters: int, cooldown_frac: float) -> int:
+    """The step where a trapezoid schedule's final decay begins: the last cooldown_frac of max_iters (not before
+    the end of warmup)."""
+    return max(warmup, max_iters - round(cooldown_frac * max_iters))
+
+
 @dataclass(frozen=True)
 class Schedule:
     """The learning rate of each step: linear warmup to `peak`, then a cosine from `decay_from_lr` at step
-    `decay_from` down to `min_lr` at `max_iters`.
+    `decay_from` down to `min_lr` at `max_iters` (--lr_schedule cosine), or the peak held until the last
+    cooldown_frac of the steps and a straight line down to `min_lr` (--lr_schedule trapezoid).
 
     A fresh run decays from the peak at the end of warmup. A resume that changes max_iters continues the curve
     from the current step's rate (`extended`), so the rate never jumps; the schedule travels in the checkpoint.
@@ -39,12 +46,18 @@ class Schedule:
     max_iters: int
     decay_from: int
     decay_from_lr: float
+    shape: str = "cosine"  # or trapezoid: decay_from_lr held from warmup to decay_from, then a line to min_lr
+    cooldown_frac: float = 0.0  # trapezoid: the fraction of max_iters spent in the final decay
 
     @classmethod
     def of(cls, cfg: Trainconfig) -> "Schedule":
         """A fresh run's schedule; an unset warmup_steps is a tenth of max_iters."""
         warmup = cfg.max_iters // 10 if cfg.warmup_steps is None else cfg.warmup_steps
         min_lr = MIN_LR_FRACTION * cfg.learning_rate if cfg.min_lr is None else cfg.min_lr
+        if cfg.lr_schedule == "trapezoid":
+            start = cooldown_start(warmup, cfg.max_iters, cfg.cooldown_frac)
+            return cls(cfg.learning_rate, min_lr, warmup, cfg.max_iters, start, cfg.learning_rate, "trapezoid",
+                       cfg.cooldown_frac)
         return cls(cfg.learning_rate, min_lr, warmup, cfg.max_iters, warmup, cfg.learning_rate)
 
     def __call__(self, step: int) -> float:
@@ -52,12 +65,22 @@ class Schedule:
             return self.peak * (step + 1) / self.warmup_steps
         if step >= self.max_iters:
             return self.min_lr
+        if step < self.decay_from:  # the trapezoid's plateau
+            return self.decay_from_lr
         progress = (step - self.decay_from) / max(1, self.max_iters - self.decay_from)
+        if self.shape == "trapezoid":
+            return self.decay_from_lr + progress * (self.min_lr - self.decay_from_lr)
         return self.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (self.decay_from_lr - self.min_lr)
 
     def extended(self, step: int, max_iters: int) -> "Schedule":
-        """The schedule of a run resumed at `step` with a new max_iters: still warming up, only the end moves;
-        past warmup, the cosine restarts from this step's rate and reaches min_lr at the new end."""
+        """The schedule of a run resumed at `step` with a new max_iters: still warming up, only the end moves (a
+        trapezoid on its plateau also moves its cooldown); past that, the decay restarts from this step's rate and
+        reaches min_lr at the new end."""
+        if self.shape == "trapezoid":
+            start = cooldown_start(self.warmup_steps, max_iters, self.cooldown_frac)
+            if step < min(start, self.decay_from):
+                return replace(self, max_iters=max_iters, decay_from=start)
+            return replace(self, max_iters=max_iters, decay_from=step, decay_from_lr=self(step))
         if step < self.warmup_steps:
             return replace(self, max_iters=max_iters)
         return replace(self, max_iters=max_iters, decay_from=step, decay_from_lr=self(step))
