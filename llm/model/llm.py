@@ -29,6 +29,7 @@ class ModelOutput(NamedTuple):
     loss: torch.Tensor | None  # () the objective's loss (mean cross-entropy) when targets are given
     aux_loss: torch.Tensor  # () sum of the layers' weighted auxiliary losses (0 when no layer has one)
     layer_stats: list[dict[str, torch.Tensor]]  # per layer, its feed-forward stats (MoE: {"load": (E,)}; dense: {})
+    stats: dict[str, torch.Tensor] = {}  # model-wide figures () averaged over micro-steps and ranks, logged by name
 
 
 class LLM(nn.Module):

@@ -265,6 +265,7 @@ def step_metrics(s: Session, step: int, lr: float, result: StepResult, seconds_p
                "mfu": mfu(tokens_per_s / s.job.world_size, s.model_config, s.params[1], s.precision.device),
                "peak_memory_bytes": peak_memory_bytes(s.precision.device)}
     metrics.update(layer_metrics(s.model, result.aux_loss.item() / s.accum_steps, result.layer_stats))
+    metrics.update({name: value.item() for name, value in result.stats.items()})
     train_loader = s.loaders["train"]
     if isinstance(train_loader, MixtureLoader):  # global tokens drawn from each source so far
         metrics.update({f"tokens/{name}": count for name, count in train_loader.tokens_seen.items()})

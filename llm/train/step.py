@@ -24,6 +24,7 @@ class StepResult(NamedTuple):
     aux_loss: torch.Tensor  # () the layers' auxiliary losses, summed and averaged likewise
     layer_stats: list[dict[str, torch.Tensor]]  # per layer, its feed-forward stats summed over the global batch
     grad_norm: torch.Tensor  # () before clipping
+    stats: dict[str, torch.Tensor]  # the model's own figures (ModelOutput.stats), averaged over micro-steps and ranks
 
 
 def train_step(model: LLM, step_model: nn.Module, loader: TokenLoader, accum_steps: int, precision: Precision,
@@ -31,7 +32,7 @@ def train_step(model: LLM, step_model: nn.Module, loader: TokenLoader, accum_ste
     """One optimizer step over accum_steps micro-batches, gradients reduced across ranks on the last one only; then
     every layer's after-step hook with the step's global stats (MoE: the aux-free bias update)."""
     zero = torch.zeros((), device=precision.device)
-    loss_sum, aux_sum, stats = zero.clone(), zero.clone(), None
+    loss_sum, aux_sum, stats, model_stats = zero.clone(), zero.clone(), None, {}
     for micro_step in range(accum_steps):
         x, y = loader.next_batch()
         with gradient_sync(step_model, cfg.dist, micro_step == accum_steps - 1, job):
@@ -42,6 +43,7 @@ def train_step(model: LLM, step_model: nn.Module, loader: TokenLoader, accum_ste
         aux_sum += out.aux_loss.detach().float()
         stats = out.layer_stats if stats is None else [{k: s[k] + new[k] for k in s} for s, new in
                                                        zip(stats, out.layer_stats)]
+        model_stats = {k: model_stats.get(k, 0) + v.detach().float() for k, v in out.stats.items()}
     precision.unscale(optimizer)
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
     precision.step(optimizer)
@@ -49,7 +51,10 @@ def train_step(model: LLM, step_model: nn.Module, loader: TokenLoader, accum_ste
     stats = sum_over_ranks(stats, job)  # every rank runs the layers' hooks on the same global figures
     model.after_step(stats)
     grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
-    return StepResult(job.sum(loss_sum) / job.world_size, job.sum(aux_sum) / job.world_size, stats, grad_norm)
+    summed = job.sum_all(list(model_stats.values()))
+    model_stats = {name: t / (accum_steps * job.world_size) for name, t in zip(model_stats, summed)}
+    return StepResult(job.sum(loss_sum) / job.world_size, job.sum(aux_sum) / job.world_size, stats, grad_norm,
+                      model_stats)
 
 
 @contextlib.contextmanager
