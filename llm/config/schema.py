@@ -81,6 +81,14 @@ class BlockConfig:
     """PEER: query width per head; split into len(product_key_dim) equal chunks, one per sub-key table."""
     batch_norm_query: bool = True
     """PEER: a LayerNorm over each head's query before retrieval."""
+    mod: bool = False
+    """Mixture-of-depths (Raposo et al. 2024): route this layer; a router picks the top capacity * T tokens of each
+    sequence for the block and the others pass it on the residual stream (see --mod_every_other)."""
+    capacity: float = 0.125
+    """MoD: fraction of each sequence's tokens that a routed layer processes, in (0, 1]."""
+    mod_predictor_dim: int = 64
+    """MoD: hidden width of the causal predictor (an MLP on the stop-gradient input, trained to predict the top-k
+    choice) that decides per token at evaluation and generation."""
 
 
 @dataclass
@@ -125,6 +133,9 @@ class LLMconfig:
     """Attention kernel: auto (the fastest that runs: flash-attn-4, cuDNN on Hopper+, flash-attn 2, else SDPA), sdpa
     (PyTorch chooses), flash (flash-attn-4 or 2: pip install 'llm[flash]'), cudnn (SDPA's cuDNN kernel only), flex
     (FlexAttention)."""
+    mod_every_other: bool = False
+    """MoD: only the odd layers (1, 3, 5, ...) among those with mod route; the others run in full (the paper's
+    interleaving of routed and full blocks)."""
     layers: tyro.conf.Suppress[list[BlockConfig]] = field(default_factory=list)
     """Resolved per-layer specs, one per layer (a homogeneous model repeats one spec)."""
 

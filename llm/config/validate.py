@@ -36,6 +36,7 @@ def validate_block(b: BlockConfig, m: LLMconfig, where: str) -> None:
 
     `where` prefixes each message (a file and line, or '' for flags).
     """
+    from ..model.mod import validate as validate_mod
     from ..model.registry import FFNS, MIXERS  # the kinds, with their modules and checks
 
     try:
@@ -44,6 +45,7 @@ def validate_block(b: BlockConfig, m: LLMconfig, where: str) -> None:
         check_kind("ffn", b.ffn, FFNS)
         MIXERS[b.attn].validate(b, m)
         FFNS[b.ffn].validate(b, m)
+        validate_mod(b, m)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}" if where else str(e)) from None
 
@@ -76,6 +78,7 @@ def check_cpu_run(t: Trainconfig, m: LLMconfig) -> None:
 
 def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     """Checks model-wide values and every layer; `wheres[i]` tells where layer i was specified."""
+    from ..model.mod import validate_every_other
     from ..model.registry import OBJECTIVES
 
     check_kind("objective", m.objective, OBJECTIVES)
@@ -102,6 +105,7 @@ def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     wheres = wheres or [f"layer {i}" for i in range(m.n_layer)]
     for block, where in zip(m.layers, wheres):
         validate_block(block, m, where)
+    validate_every_other(m)
 
 
 def run_dir_name(run_name: str) -> str:

@@ -21,6 +21,7 @@ import torch
 
 from ..config import ConfigError, LLMconfig, resolve_block, validate_model
 from ..model import LLM
+from ..model.mod import routes
 from .common import Family, copy_weight, refuse, saved_tensors, weight_pairs
 from .deepseek_v3 import DEEPSEEK_V3
 from .gpt2 import GPT2
@@ -46,6 +47,8 @@ def family(config: LLMconfig) -> str:
     its own checks); otherwise ConfigError("cannot export: ...") naming what blocks it."""
     if config.objective != "clm":
         refuse(f"objective={config.objective!r}; the transformers families here are causal LMs (objective clm)")
+    if any(routes(config, i) for i in range(len(config.layers))):
+        refuse("mod=true (mixture-of-depths routing); no transformers family represents it")
     used = {field: {getattr(b, field) for b in config.layers} for field in KIND_FIELDS}
     for field, label in KIND_FIELDS.items():
         known = set().union(*(getattr(f, field) for f in FAMILIES.values()))

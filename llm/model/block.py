@@ -24,3 +24,15 @@ class Block(nn.Module):
         x = x + self.attn(self.ln_1(x), positions, mask, cache)  # (B, T, C)
         ffn = self.ffn(self.ln_2(x))
         return x + ffn.out, ffn.aux_loss, ffn.stats  # (B, T, C), (), {name: tensor}
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device):
+        """The layer's generation cache: its mixer's."""
+        return self.attn.new_cache(batch, max_len, dtype, device)
+
+    def metrics(self, stats: dict[str, torch.Tensor]) -> dict[str, float | list[float]]:
+        """The layer's figures from its stats summed over a step (logged as NAME/layerI): its feed-forward layer's."""
+        return self.ffn.metrics(stats)
+
+    def skipped_params(self, T: int) -> float:
+        """Active parameters that the average token of a length-T sequence skips (0: every token goes through)."""
+        return 0.0

@@ -10,6 +10,7 @@ from ..config import ConfigError, LLMconfig
 from .block import Block
 from .cache import Cache
 from .ffn.experts import ExpertLinear
+from .mod import RoutedBlock, routes
 from .norms import build_norm
 from .positions import POSITIONS
 from .registry import OBJECTIVES
@@ -45,7 +46,8 @@ class LLM(nn.Module):
         self.tok_emb = nn.Embedding(vocab, config.n_embd)
         self.pos_emb = POSITIONS[config.pos_emb](config) if config.pos_emb in POSITIONS else None
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(block, config) for block in config.layers)
+        self.blocks = nn.ModuleList((RoutedBlock if routes(config, i) else Block)(block, config)
+                                    for i, block in enumerate(config.layers))
         self.ln_f = build_norm(config)
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
         self.objective = OBJECTIVES[config.objective].build(config)
@@ -114,7 +116,7 @@ class LLM(nn.Module):
                               "generation cache and does not generate text; evaluate it with python -m llm.eval")
         device, dtype = self.tok_emb.weight.device, self.tok_emb.weight.dtype
         pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad.to(device)
-        layers = [b.attn.new_cache(batch, max_len or self.config.block_size, dtype, device) for b in self.blocks]
+        layers = [b.new_cache(batch, max_len or self.config.block_size, dtype, device) for b in self.blocks]
         return Cache(layers, 0, pad, bool(pad.any()))
 
     def cache_bytes_per_token(self) -> int:
@@ -135,3 +137,8 @@ class LLM(nn.Module):
         """
         total = sum(p.numel() for p in self.parameters())
         return total, total - sum(block.ffn.inactive_params() for block in self.blocks)
+
+    def skipped_params(self) -> float:
+        """Active parameters that the average training token skips: each mixture-of-depths layer's block parameters
+        times the fraction of a block_size sequence it leaves out (0 without such layers)."""
+        return sum(block.skipped_params(self.config.block_size) for block in self.blocks)

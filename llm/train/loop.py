@@ -27,7 +27,7 @@ from .checkpointer import Checkpointer
 from .distributed import Distributed, init_distributed, wrap
 from .fp8 import convert_to_fp8
 from .metrics import MetricsLog, layer_metrics, peak_memory_bytes
-from .mfu import mfu
+from .mfu import flops_per_token, mfu
 from .optim import build_optimizer
 from .precision import Precision, pick_precision
 from .rundir import claim
@@ -259,10 +259,12 @@ def evaluates(cfg: Trainconfig, step: int) -> bool:
 def step_metrics(s: Session, step: int, lr: float, result: StepResult, seconds_per_step: float) -> dict:
     """The figures of a logged step (each `.item()` here is a host sync, paid only on logged steps)."""
     tokens_per_s = s.tokens_per_step / seconds_per_step
+    skipped = s.model.skipped_params()  # mixture-of-depths layers leave tokens out
     metrics = {"step": step, "loss": result.loss.item() / s.accum_steps, "lr": lr,
                "grad_norm": result.grad_norm.item(), "ms_per_step": 1000 * seconds_per_step,
                "eta_s": seconds_per_step * (s.cfg.max_iters - 1 - step), "tokens_per_s": tokens_per_s,
-               "mfu": mfu(tokens_per_s / s.job.world_size, s.model_config, s.params[1], s.precision.device),
+               "mfu": mfu(tokens_per_s / s.job.world_size, s.model_config, s.params[1], s.precision.device, skipped),
+               "flops_per_token": flops_per_token(s.model_config, s.params[1], skipped),
                "peak_memory_bytes": peak_memory_bytes(s.precision.device)}
     metrics.update(layer_metrics(s.model, result.aux_loss.item() / s.accum_steps, result.layer_stats))
     metrics.update({name: value.item() for name, value in result.stats.items()})

@@ -47,7 +47,7 @@ def layer_metrics(model: LLM, aux_loss: float, layer_stats: list[dict[str, torch
     the figures a kind lists in `summaries` are also reported model-wide as their maximum over the layers."""
     metrics, summaries = {}, {}
     for i, (block, config, stats) in enumerate(zip(model.blocks, model.config.layers, layer_stats)):
-        for name, value in block.ffn.metrics(stats).items():
+        for name, value in block.metrics(stats).items():
             metrics[f"{name}/layer{i}"] = value
             if name in FFNS[config.ffn].summaries:
                 summaries[name] = max(summaries.get(name, value), value)

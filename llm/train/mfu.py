@@ -2,6 +2,7 @@
 import torch
 
 from ..config import LLMconfig
+from ..model.mod import routed_tokens, routes
 
 # Dense bf16 tensor-core peaks (FLOP/s, without sparsity), matched against torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {
@@ -10,9 +11,17 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def flops_per_token(config: LLMconfig, active_params: int) -> float:
-    """PaLM (appendix B): 6 * N + 12 * L * n_embd * T for a forward and backward pass, N the active parameters."""
-    return 6 * active_params + 12 * config.n_layer * config.n_embd * config.block_size
+def flops_per_token(config: LLMconfig, active_params: int, skipped_params: float = 0.0) -> float:
+    """PaLM (appendix B): 6 * N + 12 * L * n_embd * T for a forward and backward pass, N the active parameters.
+
+    A mixture-of-depths layer processes a fraction f = k / T of the tokens: the parameters the average token skips
+    there (`skipped_params`, from LLM.skipped_params) leave N, and its attention, over k keys for k of the T queries,
+    counts f * f times (its router and predictor count in full, in N).
+    """
+    T = config.block_size
+    fractions = [routed_tokens(b.capacity, T) / T for i, b in enumerate(config.layers) if routes(config, i)]
+    attention_layers = config.n_layer - sum(1 - f * f for f in fractions)
+    return 6 * (active_params - skipped_params) + 12 * attention_layers * config.n_embd * T
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -23,7 +32,8 @@ def peak_flops(device: torch.device) -> float | None:
     return next((peak for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
 
 
-def mfu(tokens_per_s: float, config: LLMconfig, active_params: int, device: torch.device) -> float | None:
+def mfu(tokens_per_s: float, config: LLMconfig, active_params: int, device: torch.device,
+        skipped_params: float = 0.0) -> float | None:
     """Achieved over peak FLOP/s, or None when the peak is unknown."""
     peak = peak_flops(device)
-    return None if peak is None else tokens_per_s * flops_per_token(config, active_params) / peak
+    return None if peak is None else tokens_per_s * flops_per_token(config, active_params, skipped_params) / peak
