@@ -23,6 +23,8 @@ CPU = torch.device("cpu")
 BATCH, BLOCK = 2, 16
 POSITIONS = {"learn": dict(pos_emb="learn", norm="layer"), "rope": dict(pos_emb="rope", norm="rms")}
 MOE = {"attn": "gqa", "n_head": 4, "n_kv_heads": 2, "ffn": "moe", "n_exp": 6, "n_shared": 1, "n_act": 3, "up_dim": 32}
+MOD = [pytest.param({"mod": True, "capacity": 0.25}, id="mod"),
+       pytest.param({**MOE, "mod": True, "capacity": 0.25, "aux_free": True}, id="mod_moe")]  # mixture-of-depths
 
 
 class FixedBatches:
@@ -83,6 +85,16 @@ def test_every_feed_forward_kind_compiles_whole_once(spec):
     train_compiled(spec, **POSITIONS["rope"])
 
 
+@pytest.mark.parametrize("spec", MOD)
+@pytest.mark.parametrize("positions", POSITIONS)
+def test_mixture_of_depths_compiles_whole_once(spec, positions):
+    train_compiled(spec, **POSITIONS[positions])
+
+
+def test_mixture_of_depths_with_activation_recomputation_compiles_whole_once():
+    train_compiled({"mod": True}, act_recomp=True, **POSITIONS["rope"])
+
+
 def test_activation_recomputation_compiles_whole_once():
     train_compiled({**MOE, "router_score": "sigmoid", "aux_free": True}, act_recomp=True, **POSITIONS["rope"])
 
@@ -107,7 +119,7 @@ def test_default_model_compiles_whole_once_with_inductor():
 HOST_READS = ["item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"]
 
 
-@pytest.mark.parametrize("spec", mixer_examples() + ffn_examples())
+@pytest.mark.parametrize("spec", mixer_examples() + ffn_examples() + MOD)
 def test_training_step_reads_nothing_back_from_the_device(spec, monkeypatch, tmp_path):
     """train_step with gradient accumulation and the non-finite guard's record, as the loop runs them on steps that
     are not logged, never reads a tensor's value on the host (on CUDA each read would wait for the device)."""

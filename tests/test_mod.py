@@ -189,3 +189,85 @@ def test_skipped_parameters_and_flops_per_token():
     expected = 6 * (active - (1 - f) * block_active) + 12 * 48 * 32 * (1 + f * f)
     assert flops_per_token(config, active, model.skipped_params()) == pytest.approx(expected)
     assert LLM(make_config([MOE, {}], **ROPE)).skipped_params() == 0
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(capacity=0.0), r"layer 0: capacity=0.0 must be in \(0, 1\]"),
+    (dict(capacity=1.5), r"layer 0: capacity=1.5 must be in \(0, 1\]"),
+    (dict(mod_predictor_dim=0), "layer 0: mod_predictor_dim=0 must be >= 1"),
+])
+def test_bad_routed_layer_fields_are_refused_in_one_line(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config({**MOD, **fields})
+    make_config({**MOD, **fields, "mod": False})  # fields of a layer that does not route are ignored
+
+
+def test_routing_needs_a_causal_objective_a_masking_kernel_and_a_routed_layer_for_every_other(monkeypatch):
+    from llm.model.mixers import attention
+
+    monkeypatch.setattr(attention, "FLASH", {4: None})  # as if flash-attn were installed
+    with pytest.raises(ConfigError, match="mod=true routes tokens causally at evaluation, but objective='mlm'"):
+        make_config(MOD, objective="mlm")
+    with pytest.raises(ConfigError, match="flash-attn does not take; use --attn_backend auto"):
+        make_config(MOD, attn_backend="flash")
+    with pytest.raises(ConfigError, match="mod_every_other=true routes only odd layers"):
+        make_config([MOD, {}], mod_every_other=True)
+    with pytest.raises(ConfigError, match="mod_every_other=true routes only odd layers"):
+        make_config({}, mod_every_other=True)
+
+
+def test_every_other_routes_the_odd_layers_among_those_with_mod():
+    model = LLM(make_config(MOD, n_layer=4, mod_every_other=True))
+    assert [isinstance(b, RoutedBlock) for b in model.blocks] == [False, True, False, True]
+    model = LLM(make_config([MOD, MOD, {}, {}, MOD], mod_every_other=False))
+    assert [isinstance(b, RoutedBlock) for b in model.blocks] == [True, True, False, False, True]
+
+
+def test_flags_and_layer_specs_set_the_routing(tmp_path):
+    model, _ = parse(["--mod", "--capacity", "0.5", "--mod_every_other", "--n_layer", "4"])
+    assert [b.mod for b in model.layers] == [True] * 4 and model.layers[0].capacity == 0.5 and model.mod_every_other
+    specs = tmp_path / "layers.jsonl"
+    line = '{"attn": "mha", "n_head": 4, "ffn": "dense", "up_dim": 64, "non_linearity": "gelu"'
+    specs.write_text(f"{line}}}\n{line}, \"mod\": true, \"capacity\": 0.125}}\n")
+    model, _ = parse(["--layer_configs_jsonl", str(specs), "--n_embd", "32"])
+    assert [(b.mod, b.capacity) for b in model.layers] == [(False, 0.125), (True, 0.125)]
+    specs.write_text(f"{line}, \"mod\": true, \"capacity\": 2}}\n")
+    with pytest.raises(ConfigError, match=r"layers.jsonl line 1: capacity=2.0 must be in \(0, 1\]"):
+        parse(["--layer_configs_jsonl", str(specs), "--n_embd", "32"])
+
+
+def test_export_to_transformers_is_refused():
+    from llm.hf import family
+
+    with pytest.raises(ConfigError, match="cannot export: mod=true"):
+        family(make_config([MOD, {}], **ROPE))
+
+
+TRAIN = ["--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--block_size", "32", "--batch_size", "4",
+         "--total_batch_size_str", "2*4*32", "--pos_emb", "rope", "--norm", "rms", "--mod", "--capacity", "0.25",
+         "--mod_predictor_dim", "8", "--moe", "--n_exp", "4", "--n_act", "3", "--aux_free", "--up_dim", "32",
+         "--learning_rate", "3e-3", "--warmup_steps", "2", "--log_interval", "1", "--eval", "--eval_interval", "3",
+         "--eval_iters", "2", "--max_iters", "6"]
+
+
+def test_training_end_to_end_reports_flops_and_routing_and_resumes_exactly(char_data, tmp_path):
+    def run(name: str, *extra: str) -> list[dict]:
+        train(*parse(TRAIN + ["--data_dir", str(char_data.parent), "--out_dir", str(tmp_path),
+                              "--wandb_run_name", name, *extra]))
+        return [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+
+    full = run("full", "--save_model", "--ckpt_interval", "3")
+    rows = {row["step"]: row for row in full}
+    assert all(math.isfinite(row["loss"]) and math.isfinite(row["aux_loss"]) for row in full)
+    _, model, _ = load_trained(str(tmp_path / "full"))
+    assert [type(b) for b in model.blocks] == [RoutedBlock, RoutedBlock]
+    active, skipped = model.get_num_params()[1], model.skipped_params()
+    assert skipped > 0 and rows[5]["flops_per_token"] == flops_per_token(model.config, active, skipped)
+    for i in range(2):
+        assert 0 <= rows[5][f"mod_routed_frac/layer{i}"] <= 1 and 0 <= rows[5][f"mod_predictor_acc/layer{i}"] <= 1
+        assert len(rows[5][f"load_fractions/layer{i}"]) == 3  # MoE statistics still flow
+    assert math.isfinite(rows[5]["val_loss"])
+    resumed = run("resumed", "--resume", str(tmp_path / "full" / "checkpoints" / "step_0000003"))
+    assert [(r["step"], r["loss"], r["val_loss"] if "val_loss" in r else None) for r in resumed] == \
+           [(r["step"], r["loss"], r.get("val_loss")) for r in full if r["step"] >= 3]
+    assert len(generate(model, [[1, 2, 3]], max_new_tokens=5, temperature=0)[0]) == 5
