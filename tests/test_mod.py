@@ -29,7 +29,7 @@ def routed_model(spec: dict | list | None = None, **fields) -> LLM:
 
 
 def route_half(layer: RoutedBlock) -> None:
-    """Sets the predictor's output bias so that it routes some tokens and leaves others (its logits are spread)."""
+    """Spreads the predictor's logits around 0 (output weights x 50, bias 0): it then routes some tokens, not all."""
     with torch.no_grad():
         layer.predictor[2].weight.mul_(50)
         layer.predictor[2].bias.zero_()
@@ -103,7 +103,8 @@ def record_decisions(model: LLM) -> list[list[torch.Tensor]]:
     """Hooks that record, per routed layer and call, the predictor's decisions (B, T) on the layer's input."""
     calls = [[] for _ in model.blocks]
     for i, block in enumerate(model.blocks):
-        block.register_forward_pre_hook(lambda module, args, i=i: calls[i].append(module.predictor(args[0])[..., 0] > 0))
+        block.register_forward_pre_hook(
+            lambda module, args, i=i: calls[i].append(module.predictor(args[0])[..., 0] > 0))
     return calls
 
 
@@ -118,13 +119,14 @@ def test_generation_never_changes_an_earlier_routing_decision():
     for layer_calls in calls:
         layer_calls.clear()
     with torch.no_grad():
-        model(torch.tensor([full]))
-    for i, block in enumerate(model.blocks):
-        assert torch.equal(decoded[i], calls[i][0])  # decisions made token by token = those on the whole sequence
-        for end in range(1, len(full)):  # appending tokens never changes a decision on a prefix
+        for end in range(len(full), 0, -1):  # the whole sequence first, then ever shorter prefixes
             model(torch.tensor([full[:end]]))
-            assert torch.equal(calls[i][-1][0], calls[i][0][0, :end])
-        assert 0 < decoded[i].sum() < len(full)
+    for i, layer_calls in enumerate(calls):
+        whole = layer_calls[0]  # (1, 15)
+        assert torch.equal(decoded[i], whole)  # decisions made token by token = those on the whole sequence
+        assert 0 < whole.sum() < len(full)
+        for prefix in layer_calls[1:]:  # appending tokens never changes a decision on a prefix
+            assert torch.equal(prefix, whole[:, :prefix.size(1)])
 
 
 def test_cached_generation_equals_the_full_forward_pass_with_left_padding():

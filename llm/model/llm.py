@@ -29,7 +29,8 @@ class ModelOutput(NamedTuple):
     logits: torch.Tensor | None  # (B, T, vocab_size) without targets or when asked for, else None
     loss: torch.Tensor | None  # () the objective's loss (mean cross-entropy) when targets are given
     aux_loss: torch.Tensor  # () sum of the layers' weighted auxiliary losses (0 when no layer has one)
-    layer_stats: list[dict[str, torch.Tensor]]  # per layer, its feed-forward stats (MoE: {"load": (E,)}; dense: {})
+    layer_stats: list[dict[str, torch.Tensor]]  # per layer, its feed-forward stats (MoE: {"load": (E,)}; dense: {}),
+    # with a mixture-of-depths layer's counts added (mod_predicted, mod_agreed, mod_tokens)
     stats: dict[str, torch.Tensor] = {}  # model-wide figures () averaged over micro-steps and ranks, logged by name
 
 
