@@ -8,7 +8,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError, LLMconfig
 from .block import Block
-from .cache import Cache
+from .cache import Cache, WindowCache
 from .ffn.experts import ExpertLinear
 from .norms import build_norm
 from .positions import POSITIONS
@@ -52,6 +52,9 @@ class LLM(nn.Module):
         self.causal = OBJECTIVES[config.objective].causal
         for block in self.blocks:
             block.attn.causal = self.causal
+        # Runs past block_size: every layer keeps a bounded window of keys, and RoPE positions have no table to end.
+        self.streams = self.causal and config.pos_emb == "rope" and all(
+            isinstance(layer, WindowCache) for layer in self.new_cache(1, max_len=1).layers)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -81,7 +84,7 @@ class LLM(nn.Module):
         """
         T = idx.shape[1]
         start = 0 if cache is None else cache.length
-        if start + T > self.config.block_size:
+        if start + T > self.config.block_size and not self.streams:
             raise ValueError(f"sequence length {start + T} exceeds block_size={self.config.block_size}")
         positions = torch.arange(T, device=idx.device)[None] if cache is None else cache.positions(T)  # (B or 1, T)
         mask = None if cache is None else cache.mask(T)
@@ -118,8 +121,14 @@ class LLM(nn.Module):
         return Cache(layers, 0, pad, bool(pad.any()))
 
     def cache_bytes_per_token(self) -> int:
-        """Bytes each token adds to the generation cache, summed over the layers."""
+        """Bytes each token adds to the generation cache, summed over the layers (a sliding-window layer stops
+        adding once it holds its window: see cache_bytes)."""
         return sum(layer.nbytes_per_token() for layer in self.new_cache(1, max_len=1).layers)
+
+    def cache_bytes(self, tokens: int) -> int:
+        """Bytes the generation cache holds per row after `tokens` tokens, summed over the layers; a sliding-window
+        layer counts at most its window of tokens."""
+        return sum(layer.nbytes_held(tokens) for layer in self.new_cache(1, max_len=1).layers)
 
     def after_step(self, layer_stats: list[dict[str, torch.Tensor]]) -> None:
         """After an optimizer step, with each layer's stats summed over the step: every feed-forward layer's hook
