@@ -8,8 +8,9 @@ from torch.utils.checkpoint import checkpoint
 
 from ..config import ConfigError, LLMconfig
 from .block import Block
-from .cache import Cache, WindowCache
+from .cache import Cache
 from .ffn.experts import ExpertLinear
+from .mixers.attention import SlidingWindow
 from .norms import build_norm
 from .positions import POSITIONS
 from .registry import OBJECTIVES
@@ -52,9 +53,11 @@ class LLM(nn.Module):
         self.causal = OBJECTIVES[config.objective].causal
         for block in self.blocks:
             block.attn.causal = self.causal
-        # Runs past block_size: every layer keeps a bounded window of keys, and RoPE positions have no table to end.
+        # Runs past block_size: every layer attends within a sliding window (its cache a ring of that window), and
+        # RoPE positions have no table to run out of.
         self.streams = self.causal and config.pos_emb == "rope" and all(
-            isinstance(layer, WindowCache) for layer in self.new_cache(1, max_len=1).layers)
+            isinstance(getattr(b.attn, "window", None), SlidingWindow) and b.attn.window.size is not None
+            for b in self.blocks)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
