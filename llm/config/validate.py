@@ -87,8 +87,9 @@ def check_window_schedule(t: Trainconfig, m: LLMconfig) -> None:
                            "final window) or use --window_schedule none")
     require(t.window_max >= max(windows), f"window_max={t.window_max} is below the window={max(windows)} of a layer, "
                                           f"so training would end short of it; set --window_max {max(windows)} or more")
-    require(m.attn_backend != "flash", "attn_backend=flash takes a fixed window, but window_schedule=linear changes it; "
-                                       "use --attn_backend auto (FlexAttention on CUDA)")
+    require(m.attn_backend != "flash",
+            "attn_backend=flash takes a fixed window, but window_schedule=linear changes it; use --attn_backend auto "
+            "(FlexAttention on CUDA)")
 
 
 def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
