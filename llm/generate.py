@@ -2,7 +2,9 @@
 
 Prompts are left-padded into one batch and prefilled together; each step then feeds one token per row. The
 model sees at most block_size tokens: a longer prompt is refused, and past block_size the context slides (the
-newest block_size tokens are prefilled again at every step, as recomputing a cropped context would do).
+newest block_size tokens are prefilled again at every step, as recomputing a cropped context would do). A model
+that streams (every layer a sliding window, RoPE positions: `LLM.streams`) goes on past block_size instead, each
+layer's cache a ring of its window, as the whole sequence run through the model would.
 """
 from typing import Callable
 
@@ -31,13 +33,14 @@ def next_tokens(logits: torch.Tensor, temperature: float, top_k: int | None, top
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
 
 
-def prefill(model: LLM, contexts: list[list[int]]) -> tuple[torch.Tensor, Cache]:
-    """Left-pads the contexts into one batch, fills a fresh cache with it, and returns the last logits (B, V)."""
+def prefill(model: LLM, contexts: list[list[int]], max_len: int | None = None) -> tuple[torch.Tensor, Cache]:
+    """Left-pads the contexts into one batch, fills a fresh cache for max_len positions (default block_size) with it,
+    and returns the last logits (B, V)."""
     device = model.tok_emb.weight.device
     width = max(len(c) for c in contexts)
     pad = torch.tensor([width - len(c) for c in contexts], device=device)
     idx = torch.tensor([[0] * (width - len(c)) + c for c in contexts], device=device)  # (B, width)
-    cache = model.new_cache(len(contexts), pad)
+    cache = model.new_cache(len(contexts), pad, max_len)
     return model(idx, cache=cache).logits[:, -1], cache
 
 
@@ -64,11 +67,13 @@ def generate(model: LLM, prompts: list[list[int]], max_new_tokens: int, temperat
     outputs: list[list[int]] = [[] for _ in prompts]
     finished = [False] * len(prompts)
     cache = None
+    seen = None if model.streams else block  # the newest tokens the model sees (all of them when it streams)
+    total = max(len(p) for p in prompts) + max_new_tokens  # positions a streaming model's cache may reach
     for _ in range(max_new_tokens):
         if not use_cache:
-            logits = recompute(model, [r[-block:] for r in rows])
-        elif cache is None or cache.length == block:
-            logits, cache = prefill(model, [r[-block:] for r in rows])
+            logits = recompute(model, [r[-seen:] if seen else r for r in rows])
+        elif cache is None or cache.length == seen:
+            logits, cache = prefill(model, [r[-block:] for r in rows], None if seen else total)
         else:
             logits = model(torch.tensor([[r[-1]] for r in rows], device=device), cache=cache).logits[:, -1]
         chosen = next_tokens(logits, temperature, top_k, top_p, generator).tolist()

@@ -81,6 +81,9 @@ class BlockConfig:
     """PEER: query width per head; split into len(product_key_dim) equal chunks, one per sub-key table."""
     batch_norm_query: bool = True
     """PEER: a LayerNorm over each head's query before retrieval."""
+    window: int | None = None
+    """Sliding-window attention (mha, mqa, gqa, mla): a query at position t sees only the keys t-window+1..t (window
+    tokens, itself included; |t - s| < window under a bidirectional objective); unset: full attention."""
     mod: bool = False
     """Mixture-of-depths (Raposo et al. 2024): route this layer; a router picks the top capacity * T tokens of each
     sequence for the block and the others pass it on the residual stream (see --mod_every_other)."""
@@ -256,3 +259,11 @@ class Trainconfig:
     """Run name (wandb gets it as given; the run directory gets a path-safe version)."""
     seed: int = 1337
     """Random seed."""
+    window_schedule: Literal["none", "linear"] = "none"
+    """Sliding windows in training: none (each layer's --window throughout) or linear (the limit grows from
+    window_block at the first step to window_max at the last, rounded up to multiples of window_block; a layer's own
+    window caps it), as the modded-nanogpt speedrun."""
+    window_max: int = 1728
+    """window_schedule=linear: the limit at the last step; at least every layer's window."""
+    window_block: int = 128
+    """window_schedule=linear: the limit's first value and the step between its values."""

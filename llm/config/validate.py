@@ -76,6 +76,24 @@ def check_cpu_run(t: Trainconfig, m: LLMconfig) -> None:
                        "device=cpu; drop --fp8")
 
 
+def check_window_schedule(t: Trainconfig, m: LLMconfig) -> None:
+    """--window_schedule linear: positive blocks up to window_max, which reaches every layer's window, a windowed
+    layer to grow, and a kernel that takes the limit as a tensor (not flash-attn)."""
+    if t.window_schedule == "none":
+        return
+    require(t.window_block >= 1, f"window_block={t.window_block} must be >= 1")
+    require(t.window_max >= t.window_block, f"window_max={t.window_max} must be >= window_block={t.window_block}; "
+                                            "raise --window_max or lower --window_block")
+    windows = [b.window for b in m.layers if b.window is not None]
+    require(bool(windows), "window_schedule=linear grows sliding windows but no layer sets window; set --window (the "
+                           "final window) or use --window_schedule none")
+    require(t.window_max >= max(windows), f"window_max={t.window_max} is below the window={max(windows)} of a layer, "
+                                          f"so training would end short of it; set --window_max {max(windows)} or more")
+    require(m.attn_backend != "flash",
+            "attn_backend=flash takes a fixed window, but window_schedule=linear changes it; use --attn_backend auto "
+            "(FlexAttention on CUDA)")
+
+
 def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     """Checks model-wide values and every layer; `wheres[i]` tells where layer i was specified."""
     from ..model.mod import validate_every_other
@@ -172,6 +190,7 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
     require(0 <= t.cooldown_frac <= 1, f"cooldown_frac={t.cooldown_frac} must be in [0, 1]")
     require(0 < t.mask_prob < 1, f"mask_prob={t.mask_prob} must be in (0, 1)")
     require(t.window_stride >= 0, f"window_stride={t.window_stride} must be >= 0 (tokens shared by consecutive windows)")
+    check_window_schedule(t, m)
     check_cpu_run(t, m)
     micro_steps(t, m)
 

@@ -70,6 +70,10 @@ def family(config: LLMconfig) -> str:
         options = " or ".join(f"{POSITION_NAMES.get(p, p)} ({f.title})" for f in fits for p in sorted(f.pos_emb))
         refuse(f"{POSITION_NAMES.get(pos, pos)} (pos_emb={pos}); transformers models with attn="
                f"{'/'.join(sorted(used['attn']))} use {options}")
+    windows = sorted({b.window for b in config.layers if b.window is not None})
+    if windows:
+        refuse(f"sliding-window attention (window={windows[0]}) is not represented by the transformers families here; "
+               "train without --window to export")
     placed[0].check(config)
     return placed[0].model_type
 

@@ -24,6 +24,58 @@ class TokenCache:
         """Bytes one token adds to this cache."""
         return sum(t[0, 0].numel() * t.element_size() for t in self.tensors)
 
+    def nbytes_held(self, tokens: int) -> int:
+        """Bytes this cache holds per row after `tokens` tokens."""
+        return tokens * self.nbytes_per_token()
+
+
+class WindowCache:
+    """Per-token tensors of one sliding-window layer for B rows in a ring of min(window, max_len) slots: only the
+    newest tokens are kept, so its memory stays bounded however long generation runs.
+
+    Slot i holds the newest token whose index in the sequence is i modulo the ring's size, so the held tokens are
+    out of order; `append` returns them with the attention mask that their indices give.
+    """
+
+    def __init__(self, batch: int, window: int, max_len: int, shapes: list[tuple[int, ...]], dtype: torch.dtype,
+                 device: torch.device):
+        self.window, self.size = window, min(window, max_len)
+        self.tensors = [torch.zeros(batch, self.size, *shape, dtype=dtype, device=device) for shape in shapes]
+        self.length = 0  # tokens appended so far
+
+    def append(self, *new: torch.Tensor, window: int | torch.Tensor,
+               mask: torch.Tensor | None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        """Returns the held tokens followed by the new ones (B, size + T, *shape) each, and the mask (B, 1, T,
+        size + T) of the T new queries over them: a key is seen when it was filled, is not later than the query
+        and lies within `window` tokens of it (an int, or the () tensor of a training schedule), and when `mask`
+        (the model's padding mask (B, 1, T, length + T) over the whole sequence, or None) allows it. Then keeps
+        the newest `size` tokens in the ring."""
+        B, T, device = new[0].size(0), new[0].size(1), new[0].device
+        slots = torch.arange(self.size, device=device)  # (size,)
+        held = (self.length - 1) - (self.length - 1 - slots) % self.size  # (size,) negative: never filled
+        index = torch.cat((held, torch.arange(self.length, self.length + T, device=device)))  # (size + T,)
+        distance = torch.arange(self.length, self.length + T, device=device)[:, None] - index[None]  # (T, size + T)
+        seen = (index >= 0) & (distance >= 0) & (distance < window)  # (T, size + T)
+        if mask is None:
+            seen = seen.expand(B, 1, T, index.numel())  # (B, 1, T, size + T)
+        else:
+            seen = seen & mask.gather(-1, index.clamp(min=0).expand(B, 1, T, index.numel()))  # (B, 1, T, size + T)
+        keys = tuple(torch.cat((cached, tensor), dim=1) for cached, tensor in zip(self.tensors, new))
+        kept = min(T, self.size)
+        write = torch.arange(self.length + T - kept, self.length + T, device=device) % self.size  # (kept,)
+        for cached, tensor in zip(self.tensors, new):
+            cached.index_copy_(1, write, tensor[:, T - kept:])
+        self.length += T
+        return keys, seen  # (B, size + T, *shape) each, (B, 1, T, size + T)
+
+    def nbytes_per_token(self) -> int:
+        """Bytes one held token takes (the ring holds at most `window` of them)."""
+        return sum(t[0, 0].numel() * t.element_size() for t in self.tensors)
+
+    def nbytes_held(self, tokens: int) -> int:
+        """Bytes this cache holds per row after `tokens` tokens: never more than its window's."""
+        return min(tokens, self.window) * self.nbytes_per_token()
+
 
 @dataclass
 class Cache:

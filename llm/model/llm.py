@@ -10,6 +10,7 @@ from ..config import ConfigError, LLMconfig
 from .block import Block
 from .cache import Cache
 from .ffn.experts import ExpertLinear
+from .mixers.attention import SlidingWindow
 from .mod import RoutedBlock, routes
 from .norms import build_norm
 from .positions import POSITIONS
@@ -55,6 +56,11 @@ class LLM(nn.Module):
         self.causal = OBJECTIVES[config.objective].causal
         for block in self.blocks:
             block.attn.causal = self.causal
+        # Runs past block_size: every layer attends within a sliding window (its cache a ring of that window), and
+        # RoPE positions have no table to run out of.
+        self.streams = self.causal and config.pos_emb == "rope" and all(
+            isinstance(getattr(b.attn, "window", None), SlidingWindow) and b.attn.window.size is not None
+            for b in self.blocks)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -84,7 +90,7 @@ class LLM(nn.Module):
         """
         T = idx.shape[1]
         start = 0 if cache is None else cache.length
-        if start + T > self.config.block_size:
+        if start + T > self.config.block_size and not self.streams:
             raise ValueError(f"sequence length {start + T} exceeds block_size={self.config.block_size}")
         positions = torch.arange(T, device=idx.device)[None] if cache is None else cache.positions(T)  # (B or 1, T)
         mask = None if cache is None else cache.mask(T)
@@ -121,8 +127,14 @@ class LLM(nn.Module):
         return Cache(layers, 0, pad, bool(pad.any()))
 
     def cache_bytes_per_token(self) -> int:
-        """Bytes each token adds to the generation cache, summed over the layers."""
+        """Bytes each token adds to the generation cache, summed over the layers (a sliding-window layer stops
+        adding once it holds its window: see cache_bytes)."""
         return sum(layer.nbytes_per_token() for layer in self.new_cache(1, max_len=1).layers)
+
+    def cache_bytes(self, tokens: int) -> int:
+        """Bytes the generation cache holds per row after `tokens` tokens, summed over the layers; a sliding-window
+        layer counts at most its window of tokens."""
+        return sum(layer.nbytes_held(tokens) for layer in self.new_cache(1, max_len=1).layers)
 
     def after_step(self, layer_stats: list[dict[str, torch.Tensor]]) -> None:
         """After an optimizer step, with each layer's stats summed over the step: every feed-forward layer's hook

@@ -132,6 +132,9 @@ def validate(block: BlockConfig, config: LLMconfig) -> None:
     require(OBJECTIVES[config.objective].causal,
             f"mod=true routes tokens causally at evaluation, but objective={config.objective!r} is bidirectional; "
             "use --objective clm or drop mod")
+    require(block.window is None,
+            f"mod=true with window={block.window}: a routed layer's attention over routed keys has no sliding-window "
+            "form yet; drop window on this layer or drop mod")
     require(config.attn_backend != "flash",
             "mod=true evaluates with an attention mask over the routed tokens, which flash-attn does not take; "
             "use --attn_backend auto")

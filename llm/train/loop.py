@@ -32,6 +32,7 @@ from .optim import build_optimizer
 from .precision import Precision, pick_precision
 from .rundir import claim
 from .step import NonFiniteGuard, StepResult, estimate_loss, out_of_memory_explained, train_step
+from .window_schedule import apply_window_schedule
 
 
 def resolve_vocab(model_config: LLMconfig, meta: dict, dataset: str) -> LLMconfig:
@@ -293,6 +294,7 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
                 lr = s.checkpointer.schedule(step)
                 for group in s.optimizer.param_groups:
                     group["lr"] = lr
+                apply_window_schedule(s.model, step, cfg)
                 result = train_step(s.model, s.step_model, s.loaders["train"], s.accum_steps, s.precision,
                                     s.optimizer, cfg, job)
                 s.guard.record(step, result.loss)

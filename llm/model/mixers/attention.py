@@ -1,5 +1,5 @@
-"""What the attention kinds share: the attention kernel (causal, or bidirectional for masked-LM objectives) and the
-check of the head count.
+"""What the attention kinds share: the attention kernel (causal, or bidirectional for masked-LM objectives, either
+optionally within a sliding window), the layer's sliding window and the checks of the head count and window.
 
 The kernel is chosen per call by `select_backend`, a pure function of the requested `--attn_backend`, the call
 (device, dtype, head sizes, padding mask, dropout) and the machine (flash-attn installed, GPU compute capability,
@@ -7,10 +7,11 @@ cuDNN version): PyTorch SDPA, SDPA restricted to (or preferring) cuDNN attention
 or flash-attn 2) or FlexAttention.
 """
 from functools import cache, lru_cache
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -27,7 +28,8 @@ SDPA_CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPB
 
 def _load_flash() -> dict:
     """The importable FlashAttention kernels by major version, each called as f(q, k, v, dropout_p, scale, causal) on
-    (B, T, H, D) tensors, a causal mask aligned to the bottom right."""
+    (B, T, H, D) tensors, a causal mask aligned to the bottom right; flash-attn 2 also as f(..., causal, window) with
+    a sliding window of `window` tokens (an int)."""
     kernels = {}
     try:
         from flash_attn.cute import flash_attn_func as fa4  # flash-attn-4: no dropout, returns (out, lse)
@@ -40,8 +42,12 @@ def _load_flash() -> dict:
     try:
         from flash_attn import flash_attn_func as fa2
 
-        kernels[2] = lambda q, k, v, dropout_p, scale, causal: fa2(q, k, v, dropout_p=dropout_p, softmax_scale=scale,
-                                                                   causal=causal)
+        def fa2_window(window: int | None, causal: bool) -> tuple[int, int]:
+            """flash-attn 2's window_size (keys left, keys right of the query; -1: unbounded)."""
+            return (-1, -1) if window is None else (window - 1, 0 if causal else window - 1)
+
+        kernels[2] = lambda q, k, v, dropout_p, scale, causal, window=None: fa2(
+            q, k, v, dropout_p=dropout_p, softmax_scale=scale, causal=causal, window_size=fa2_window(window, causal))
     except ImportError:
         pass
     return kernels
@@ -61,6 +67,7 @@ class AttentionCall(NamedTuple):
     masked: bool  # a padding mask (left-padded batches in generation)
     dropout_p: float
     needs_grad: bool = False  # the inputs require gradients (training)
+    window: Literal["none", "fixed", "scheduled"] = "none"  # a sliding window as an int, or as a tensor (schedule)
 
 
 class Machine(NamedTuple):
@@ -91,6 +98,10 @@ def why_not_flash(call: AttentionCall, machine: Machine, version: int) -> str | 
         return "it takes no padding mask (left-padded batches in generation)"
     if version == 4 and call.dropout_p > 0:
         return "flash-attn-4 has no attention dropout (set --dropout 0)"
+    if version == 4 and call.window != "none":
+        return "flash-attn-4 runs no sliding window here (--window)"
+    if call.window == "scheduled":
+        return "a scheduled window (--window_schedule) is a tensor, and flash-attn 2 takes a fixed one"
     return None
 
 
@@ -130,7 +141,11 @@ def usable_flash(call: AttentionCall, machine: Machine) -> str | None:
 
 def auto_backend(call: AttentionCall, machine: Machine) -> str:
     """The fastest kernel for the call: on CUDA with 16-bit inputs flash-attn-4, else cuDNN attention on Hopper and
-    newer (with cuDNN >= 9.15.1), else flash-attn 2, else SDPA; SDPA everywhere else."""
+    newer (with cuDNN >= 9.15.1), else flash-attn 2, else SDPA; SDPA everywhere else. A sliding window on CUDA runs
+    on flash-attn 2 (a fixed window, 16-bit inputs), else FlexAttention, whose block mask skips the blocks outside
+    the window; elsewhere on SDPA with an explicit mask."""
+    if call.window != "none" and call.device == "cuda":
+        return usable_flash(call, machine) or ("flex" if why_not_flex(call, machine) is None else "sdpa")
     if call.device != "cuda" or call.dtype not in HALF:
         return "sdpa"
     if why_not_flash(call, machine, 4) is None:
@@ -184,44 +199,89 @@ def causal_block_mask(T: int, S: int, device: torch.device):
 cached_causal_block_mask = lru_cache(maxsize=8)(causal_block_mask)  # eager calls reuse it; compiled code builds it
 
 
+def window_rule(offset: int, window: int | torch.Tensor, causal: bool):
+    """The mask_mod of a sliding window over the last T of S positions (offset = S - T): query q, at position
+    q + offset, sees key kv when 0 <= q + offset - kv < window (causal), or |q + offset - kv| < window."""
+    def rule(b, h, q, kv):
+        distance = q + offset - kv
+        return (distance >= 0) & (distance < window) if causal else distance.abs() < window
+    return rule
+
+
+def window_block_mask(T: int, S: int, window: int | torch.Tensor, causal: bool, device: torch.device):
+    """The block mask of a sliding window (see window_rule); a tensor window is read when the mask is built."""
+    return create_block_mask(window_rule(S - T, window, causal), None, None, T, S, device=device)
+
+
+cached_window_block_mask = lru_cache(maxsize=8)(window_block_mask)  # for int windows in eager calls
+
+
 def flex_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                          scale: float | None, causal: bool = True) -> torch.Tensor:
+                          scale: float | None, causal: bool = True,
+                          window: int | torch.Tensor | None = None) -> torch.Tensor:
     """FlexAttention on (B, H|KV, T|S, D) tensors with the causal mask, the padding mask (B, 1, T, S), or none
-    (bidirectional)."""
+    (bidirectional), each restricted to a sliding window of `window` tokens when given."""
     B, T, S = q.size(0), q.size(2), k.size(2)
     compiling = torch.compiler.is_compiling()  # inside an outer torch.compile, which compiles FlexAttention too
-    if mask is None and not causal:
+    if mask is not None:
+        near = window_rule(S - T, window, causal) if window is not None else lambda b, h, qi, kv: True
+        block_mask = create_block_mask(lambda b, h, qi, kv: mask[b, 0, qi, kv] & near(b, h, qi, kv), B, None, T, S,
+                                       device=q.device)
+    elif window is not None:
+        reuse = isinstance(window, int) and not compiling
+        block_mask = (cached_window_block_mask if reuse else window_block_mask)(T, S, window, causal, q.device)
+    elif not causal:
         block_mask = None
-    elif mask is None:
-        block_mask = (causal_block_mask if compiling else cached_causal_block_mask)(T, S, q.device)
     else:
-        block_mask = create_block_mask(lambda b, h, qi, kv: mask[b, 0, qi, kv], B, None, T, S, device=q.device)
+        block_mask = (causal_block_mask if compiling else cached_causal_block_mask)(T, S, q.device)
     if compiling and q.device.type == "cpu":  # torch 2.13's CPU kernel misreads inputs it fuses (RoPE) otherwise
         q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     flex = flex_attention if compiling else compiled_flex(q.device.type)
     return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.size(1) != q.size(1))
 
 
+def window_band(T: int, S: int, window: int | torch.Tensor, causal: bool, device: torch.device) -> torch.Tensor:
+    """(T, S) True where query t of the last T of S positions sees key s within a sliding window of `window` tokens:
+    0 <= S - T + t - s < window (causal), or |S - T + t - s| < window (bidirectional)."""
+    distance = torch.arange(S - T, S, device=device)[:, None] - torch.arange(S, device=device)[None]  # (T, S)
+    near = distance.abs() < window  # (T, S)
+    return near & (distance >= 0) if causal else near
+
+
+def window_kind(window: int | torch.Tensor | None) -> Literal["none", "fixed", "scheduled"]:
+    """How a call's sliding window is given: none, a Python int (fixed) or a tensor (a training schedule)."""
+    return "none" if window is None else "fixed" if isinstance(window, int) else "scheduled"
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, dropout_p: float,
-                     mask: torch.Tensor | None = None, scale: float | None = None, causal: bool = True) -> torch.Tensor:
+                     mask: torch.Tensor | None = None, scale: float | None = None, causal: bool = True,
+                     window: int | torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of queries q (B, T, H, D) over keys k (B, S, KV, D) and values v (B, S, KV, Dv), KV dividing H.
 
     The T queries are the last T of the S positions (S > T when earlier keys come from a cache), so query t
     sees keys up to S - T + t: the causal mask is aligned to the bottom right. `mask` (B, 1, T, S), True where
     attention is allowed, replaces that rule (left-padded batches). With causal=False and no mask every query sees
-    every key (masked-LM objectives). The softmax scale defaults to 1/sqrt(D). `backend` is the requested
+    every key (masked-LM objectives). `window` (an int, or a () tensor that a training schedule changes without
+    recompiling) further restricts query t to the keys at distance d = S - T + t - s with 0 <= d < window, or
+    |d| < window when not causal. The softmax scale defaults to 1/sqrt(D). `backend` is the requested
     --attn_backend; `select_backend` picks the kernel. Returns (B, T, H, Dv).
     """
     call = AttentionCall(q.device.type, q.dtype, q.size(-1), v.size(-1), mask is not None, dropout_p,
-                         q.requires_grad or k.requires_grad or v.requires_grad)
+                         q.requires_grad or k.requires_grad or v.requires_grad, window_kind(window))
     kernel = select_backend(backend, call, machine_of(q.device))
     if kernel in ("flash4", "flash2"):  # flash-attn takes (B, T, H, D) and aligns its causal mask to the bottom right
-        return FLASH[int(kernel[-1])](q, k, v, dropout_p, scale, causal)  # (B, T, H, Dv)
+        flash = FLASH[int(kernel[-1])]
+        if window is None:
+            return flash(q, k, v, dropout_p, scale, causal)  # (B, T, H, Dv)
+        return flash(q, k, v, dropout_p, scale, causal, window)  # (B, T, H, Dv)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T|S, D)
     if kernel == "flex":
-        return flex_causal_attention(q, k, v, mask, scale, causal).transpose(1, 2)  # (B, T, H, Dv)
+        return flex_causal_attention(q, k, v, mask, scale, causal, window).transpose(1, 2)  # (B, T, H, Dv)
     T, S = q.size(2), k.size(2)
-    if mask is None and causal and 1 < T < S:
+    if window is not None:
+        band = window_band(T, S, window, causal, q.device)  # (T, S)
+        mask = band if mask is None else mask & band  # (T, S) or (B, 1, T, S)
+    elif mask is None and causal and 1 < T < S:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)  # (T, S)
     sdpa = dict(attn_mask=mask, dropout_p=dropout_p, is_causal=causal and mask is None and T == S, scale=scale,
                 enable_gqa=k.size(1) != q.size(1))
@@ -237,6 +297,45 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
             raise ConfigError("attn_backend=cudnn cannot run here: PyTorch's cuDNN attention refused these inputs "
                               "(its warnings above say why); use --attn_backend auto") from None
     return y.transpose(1, 2)  # (B, T, H, Dv)
+
+
+class SlidingWindow(nn.Module):
+    """A layer's sliding window: `size` tokens (None: full attention), and below it the limit that a training
+    schedule (--window_schedule) sets, held in a () tensor so that compiled code reads it and does not change
+    with it. The tensor is a non-persistent buffer: checkpoints do not carry it, the schedule sets it from the step."""
+
+    def __init__(self, size: int | None):
+        super().__init__()
+        self.size = size
+        self.scheduled = False  # whether the limit applies (set once, before the first compiled step)
+        self.register_buffer("limit", torch.tensor(size or 0), persistent=False)
+
+    def schedule(self, limit: int) -> None:
+        """Attends over min(size, limit) tokens from now on (training and evaluation); nothing for a full layer."""
+        if self.size is not None:
+            self.limit.fill_(min(self.size, limit))
+            self.scheduled = True
+
+    def current(self) -> int | torch.Tensor | None:
+        """The window the kernel gets: None (full attention), the size, or the scheduled limit (a () tensor)."""
+        if self.size is None:
+            return None
+        return self.limit if self.scheduled else self.size
+
+
+def schedule_windows(model: nn.Module, limit: int | None) -> None:
+    """Limits every sliding window of the model to `limit` tokens (None: leaves them as they are)."""
+    if limit is not None:
+        for module in model.modules():
+            if isinstance(module, SlidingWindow):
+                module.schedule(limit)
+
+
+def check_window(block: BlockConfig) -> None:
+    """A sliding window, when set, holds at least the query itself."""
+    require(block.window is None or block.window >= 1,
+            f"window={block.window} must be >= 1 (tokens a query attends to, itself included); leave it unset for "
+            "full attention")
 
 
 def check_heads(block: BlockConfig, config: LLMconfig) -> None:

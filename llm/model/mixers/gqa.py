@@ -3,10 +3,10 @@ import torch
 from torch import nn
 
 from ...config import BlockConfig, LLMconfig, require
-from ..cache import TokenCache
+from ..cache import TokenCache, WindowCache
 from ..kinds import MixerKind
 from ..positions import apply_rope, rope_angles
-from .attention import causal_attention, check_heads
+from .attention import SlidingWindow, causal_attention, check_heads, check_window
 
 
 class KVCache(TokenCache):
@@ -25,7 +25,8 @@ class GroupedQueryAttention(nn.Module):
     """Causal self-attention with n_head query heads sharing n_kv heads of keys and values.
 
     One fused projection produces q (n_head heads), k and v (n_kv heads each) of head size n_embd // n_head;
-    RoPE, when configured, rotates q and k.
+    RoPE, when configured, rotates q and k. With a `window`, each query sees only the keys of the last window
+    tokens, and generation keeps only those keys (a ring, `WindowCache`).
     """
 
     def __init__(self, block: BlockConfig, config: LLMconfig):
@@ -38,12 +39,15 @@ class GroupedQueryAttention(nn.Module):
         self.causal = True  # set by the model from its objective (False: bidirectional, masked LM)
         self.dropout, self.backend = config.dropout, config.attn_backend
         self.rope_theta = config.rope_theta if config.pos_emb == "rope" else None
+        self.window = SlidingWindow(block.window)
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache | WindowCache:
+        if self.window.size is not None:
+            return WindowCache(batch, self.window.size, max_len, [(self.n_kv, self.head_size)] * 2, dtype, device)
         return KVCache(batch, max_len, self.n_kv, self.head_size, dtype, device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | WindowCache | None = None) -> torch.Tensor:
         """x (B, T, C) at positions (B or 1, T); with a cache, attends over the cached keys and values as well."""
         B, T, _ = x.shape
         hs = self.head_size
@@ -54,16 +58,21 @@ class GroupedQueryAttention(nn.Module):
         if self.rope_theta is not None:
             cos, sin = rope_angles(positions, hs, self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
+        window = self.window.current()
+        if isinstance(cache, WindowCache):  # held keys are out of order: the mask says which ones each query sees
+            (k, v), mask = cache.append(k, v, window=window, mask=mask)  # (B, S, KV, hs) each, (B, 1, T, S)
+            window = None
+        elif cache is not None:
             k, v = cache.append(k, v)  # (B, S, KV, hs) each
         y = causal_attention(q, k, v, self.backend, self.dropout if self.training else 0.0, mask,
-                             causal=self.causal)  # (B, T, H, hs)
+                             causal=self.causal, window=window)  # (B, T, H, hs)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, self.n_head * hs)))  # (B, T, C)
 
 
 def validate(block: BlockConfig, config: LLMconfig) -> None:
-    """Heads divide the width; gqa's n_kv_heads divide n_head; RoPE needs an even head size."""
+    """Heads divide the width; gqa's n_kv_heads divide n_head; RoPE needs an even head size; a window is >= 1."""
     check_heads(block, config)
+    check_window(block)
     if block.attn == "gqa":
         require(block.n_kv_heads is not None, "attn=gqa needs n_kv_heads; set --n_kv_heads (a divisor of n_head)")
         require(block.n_kv_heads >= 1 and block.n_head % block.n_kv_heads == 0,
@@ -75,5 +84,8 @@ def validate(block: BlockConfig, config: LLMconfig) -> None:
 
 
 MHA = MixerKind("mha", GroupedQueryAttention, validate, {"mha": dict(attn="mha", n_head=4)})
-MQA = MixerKind("mqa", GroupedQueryAttention, validate, {"mqa": dict(attn="mqa", n_head=4)})
-GQA = MixerKind("gqa", GroupedQueryAttention, validate, {"gqa": dict(attn="gqa", n_head=6, n_kv_heads=2)})
+MQA = MixerKind("mqa", GroupedQueryAttention, validate, {"mqa": dict(attn="mqa", n_head=4),
+                                                         "mqa_window": dict(attn="mqa", n_head=4, window=3)})
+GQA = MixerKind("gqa", GroupedQueryAttention, validate, {"gqa": dict(attn="gqa", n_head=6, n_kv_heads=2),
+                                                         "gqa_window": dict(attn="gqa", n_head=6, n_kv_heads=2,
+                                                                            window=5)})

@@ -5,10 +5,10 @@ import torch
 from torch import nn
 
 from ...config import BlockConfig, LLMconfig, require
-from ..cache import TokenCache
+from ..cache import TokenCache, WindowCache
 from ..kinds import MixerKind
 from ..positions import apply_rope, rope_angles
-from .attention import causal_attention, check_heads
+from .attention import SlidingWindow, causal_attention, check_heads, check_window
 
 
 class LatentCache(TokenCache):
@@ -35,6 +35,9 @@ class MultiHeadLatentAttention(nn.Module):
     attention runs in the absorbed form: the key up-projection is folded into the queries and the value
     up-projection into the output, so every head attends over the shared latent (DeepSeek-V2, section 2.1.3).
     The folded weights are views of kv_up's, so they always match the trained ones.
+
+    With a `window`, each query sees only the last window tokens, and generation keeps only their latents and rope
+    keys (a ring, `WindowCache`).
     """
 
     def __init__(self, block: BlockConfig, config: LLMconfig):
@@ -58,12 +61,17 @@ class MultiHeadLatentAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.causal = True  # set by the model from its objective (False: bidirectional, masked LM)
         self.dropout, self.backend, self.rope_theta = config.dropout, config.attn_backend, config.rope_theta
+        self.window = SlidingWindow(block.window)
 
-    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> LatentCache:
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype,
+                  device: torch.device) -> LatentCache | WindowCache:
+        if self.window.size is not None:
+            shapes = [(self.kv_latent_dim,), (self.rope_dim,)]
+            return WindowCache(batch, self.window.size, max_len, shapes, dtype, device)
         return LatentCache(batch, max_len, self.kv_latent_dim, self.rope_dim, dtype, device)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: LatentCache | None = None) -> torch.Tensor:
+                cache: LatentCache | WindowCache | None = None) -> torch.Tensor:
         """x (B, T, C) at positions (B or 1, T); with a cache, attends over the cached latents as well."""
         B, T, _ = x.shape
         H, hs, dr = self.n_head, self.head_size, self.rope_dim
@@ -74,20 +82,25 @@ class MultiHeadLatentAttention(nn.Module):
             cos, sin = rope_angles(positions, dr, self.rope_theta)
             q_rope = apply_rope(q_rope, cos, sin)  # (B, T, H, dr)
             k_rope = apply_rope(k_rope.view(B, T, 1, dr), cos, sin).view(B, T, dr)  # one rope key for all heads
-        dropout = self.dropout if self.training else 0.0
+        dropout, window = self.dropout if self.training else 0.0, self.window.current()
         if cache is None:
             k_nope, v = self.kv_up(latent).view(B, T, H, 2 * hs).split([hs, hs], dim=-1)  # (B, T, H, hs) each
             q = torch.cat((q_nope, q_rope), dim=-1)  # (B, T, H, hs + dr)
             k = torch.cat((k_nope, k_rope[:, :, None].expand(B, T, H, dr)), dim=-1)  # (B, T, H, hs + dr)
-            y = causal_attention(q, k, v, self.backend, dropout, mask, causal=self.causal)  # (B, T, H, hs)
+            y = causal_attention(q, k, v, self.backend, dropout, mask, causal=self.causal,
+                                 window=window)  # (B, T, H, hs)
         else:
-            latent, k_rope = cache.append(latent, k_rope)  # (B, S, dc), (B, S, dr)
+            if isinstance(cache, WindowCache):  # held latents are out of order: the mask says which each query sees
+                (latent, k_rope), mask = cache.append(latent, k_rope, window=window, mask=mask)  # (B, S, ...), mask
+                window = None
+            else:
+                latent, k_rope = cache.append(latent, k_rope)  # (B, S, dc), (B, S, dr)
             w_k, w_v = self.kv_up.weight.view(H, 2 * hs, self.kv_latent_dim).split([hs, hs], dim=1)  # (H, hs, dc)
             q_latent = torch.einsum("bthd,hdc->bthc", q_nope, w_k)  # (B, T, H, dc)
             q = torch.cat((q_latent, q_rope), dim=-1)  # (B, T, H, dc + dr)
             k = torch.cat((latent, k_rope), dim=-1)[:, :, None]  # (B, S, 1, dc + dr): one "head" shared by all
             y_latent = causal_attention(q, k, latent[:, :, None], self.backend, dropout, mask,
-                                        scale=1 / math.sqrt(hs + dr))  # (B, T, H, dc)
+                                        scale=1 / math.sqrt(hs + dr), window=window)  # (B, T, H, dc)
             y = torch.einsum("bthc,hdc->bthd", y_latent, w_v)  # (B, T, H, hs)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, H * hs)))  # (B, T, C)
 
@@ -95,6 +108,7 @@ class MultiHeadLatentAttention(nn.Module):
 def validate(block: BlockConfig, config: LLMconfig) -> None:
     """A key/value latent is required; with RoPE an even rope_head_dim, and no flash-attn (q/k wider than v)."""
     check_heads(block, config)
+    check_window(block)
     require(block.kv_latent_dim is not None and block.kv_latent_dim >= 1,
             f"attn=mla needs kv_latent_dim >= 1, got {block.kv_latent_dim}; set --kv_latent_dim")
     require(block.q_latent_dim is None or block.q_latent_dim >= 0,
@@ -111,4 +125,5 @@ def validate(block: BlockConfig, config: LLMconfig) -> None:
 MLA = MixerKind("mla", MultiHeadLatentAttention, validate, {
     "mla": dict(attn="mla", n_head=4, q_latent_dim=24, kv_latent_dim=16, rope_head_dim=8),
     "mla_no_q_latent": dict(attn="mla", n_head=4, kv_latent_dim=16, rope_head_dim=4),
+    "mla_window": dict(attn="mla", n_head=4, q_latent_dim=24, kv_latent_dim=16, rope_head_dim=8, window=4),
 })
