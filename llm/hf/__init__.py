@@ -46,6 +46,8 @@ def family(config: LLMconfig) -> str:
     its own checks); otherwise ConfigError("cannot export: ...") naming what blocks it."""
     if config.objective != "clm":
         refuse(f"objective={config.objective!r}; the transformers families here are causal LMs (objective clm)")
+    if config.recurrent_depth:
+        refuse("recurrent_depth (a core iterated r times); the transformers families here run each layer once")
     used = {field: {getattr(b, field) for b in config.layers} for field in KIND_FIELDS}
     for field, label in KIND_FIELDS.items():
         known = set().union(*(getattr(f, field) for f in FAMILIES.values()))
