@@ -182,8 +182,8 @@ def test_parameter_count_counts_the_core_once_and_the_adapter():
     plain = V * C + T * C + 4 * block + C  # tied embedding, learned positions, 4 blocks, final norm
     assert LLM(rd_config()).get_num_params() == (plain + 2 * C * C,) * 2
     assert LLM(rd_config(adapter_mode="add")).get_num_params() == (plain, plain)
-    with_bias = LLM(rd_config(bias=True)).get_num_params()[0] - LLM(rd_config(bias=True, adapter_mode="add")).get_num_params()[0]
-    assert with_bias == 2 * C * C + C  # the adapter's bias
+    concat, add = (LLM(rd_config(bias=True, adapter_mode=mode)).get_num_params()[0] for mode in ADAPTERS)
+    assert concat - add == 2 * C * C + C  # the adapter with its bias
     assert LLM(rd_config()).core_params() == 2 * block + 2 * C * C
 
 

@@ -155,5 +155,5 @@ class LLM(nn.Module):
         if self.recurrence is None:
             return 0
         core = [self.blocks[i] for i in self.recurrence.core]
-        return (sum(p.numel() for block in core for p in block.parameters()) + sum(p.numel() for p in
-                self.recurrence.parameters()) - sum(block.ffn.inactive_params() for block in core))
+        active = sum(p.numel() for block in core for p in block.parameters()) - sum(b.ffn.inactive_params() for b in core)
+        return active + sum(p.numel() for p in self.recurrence.parameters())
