@@ -95,7 +95,7 @@ def benchmark(model_config: LLMconfig, cfg: Trainconfig, options: BenchOptions) 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"device": name, "params": total, "active_params": active, "tokens_per_step": shape[0] * shape[1],
             "ms_per_step": 1000 * seconds, "tokens_per_s": tokens_per_s,
-            "mfu": mfu(tokens_per_s, model_config, active, device, model.skipped_params()),
+            "mfu": mfu(tokens_per_s, model_config, active, device, model.skipped_params(), model.core_params()),
             "peak_memory_bytes": peak_memory_bytes(device)}
 
 

@@ -136,3 +136,49 @@ def test_training_step_reads_nothing_back_from_the_device(spec, monkeypatch, tmp
     for step, accum_steps in enumerate((1, 2)):
         result = train_step(model, model, loader, accum_steps, Precision(CPU, torch.float32, None), optimizer, cfg, job)
         guard.record(step, result.loss)
+
+
+RECURRENT = dict(recurrent_depth=True, n_prelude=1, n_core=2, n_coda=1, mean_recurrence=3, r_max=8, k_trunc=2,
+                 eval_recurrence=3)
+
+
+@pytest.mark.parametrize("adapter_mode", ["concat", "add"])
+def test_recurrent_depth_at_a_fixed_recurrence_compiles_whole_once(adapter_mode):
+    """r = mean_recurrence 3 with k_trunc 2: one iteration without gradients, two with, all in one graph."""
+    spec = [dict(attn="gqa", n_head=4, n_kv_heads=2)] * 4
+    train_compiled(spec, adapter_mode=adapter_mode, **RECURRENT, **POSITIONS["rope"])
+
+
+def test_recurrent_depth_blocks_compile_once_per_grad_mode_whatever_the_recurrence():
+    """As the loop compiles a recurrent-depth model, block by block: the first step (r 3 > k_trunc 2) runs the blocks
+    with and without gradients, and steps with other draws of r compile nothing new."""
+    model = LLM(make_config([dict(attn="gqa", n_head=4, n_kv_heads=2)] * 4, n_embd=48, block_size=BLOCK,
+                            **RECURRENT, **POSITIONS["rope"])).train()
+    for block in model.blocks:
+        block.compile(fullgraph=True, backend="aot_eager")
+    cfg = Trainconfig(device="cpu")
+    loader, optimizer, job = FixedBatches(model.config.vocab_size), build_optimizer(model, cfg, CPU), Distributed()
+    recurrences = []
+    for step in range(6):
+        model.before_step(step, 1)
+        recurrences.append(model.recurrence.train_recurrence)
+        if step == 0:
+            model.recurrence.train_recurrence = 3  # r > k_trunc: grad and no-grad iterations
+        result = train_step(model, model, loader, 1, Precision(CPU, torch.float32, None), optimizer, cfg, job)
+        if step == 0:
+            graphs = counters["stats"]["unique_graphs"]
+    assert len(set(recurrences)) >= 3, recurrences
+    assert graphs == 2  # every block shares one graph with gradients and one without
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.isfinite(result.loss) and torch.isfinite(result.grad_norm)
+
+
+def test_recurrent_depth_training_step_reads_nothing_back_from_the_device(monkeypatch, tmp_path):
+    model = LLM(make_config({}, n_embd=48, n_layer=4, block_size=BLOCK, **RECURRENT)).train()
+    cfg = Trainconfig(device="cpu")
+    loader, optimizer, job = FixedBatches(model.config.vocab_size), build_optimizer(model, cfg, CPU), Distributed()
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *args, **kwargs: pytest.fail("read on the host"))
+    for step, accum_steps in enumerate((1, 2)):
+        model.before_step(step, 1)
+        train_step(model, model, loader, accum_steps, Precision(CPU, torch.float32, None), optimizer, cfg, job)

@@ -92,6 +92,29 @@ def check_window_schedule(t: Trainconfig, m: LLMconfig) -> None:
     require(m.attn_backend != "flash",
             "attn_backend=flash takes a fixed window, but window_schedule=linear changes it; use --attn_backend auto "
             "(FlexAttention on CUDA)")
+RECURRENT_FIELDS = ("n_prelude", "n_core", "n_coda", "mean_recurrence", "lognorm_var", "r_max", "k_trunc", "s0_std",
+                    "eval_recurrence", "adapter_mode")
+
+
+def check_recurrent_depth(m: LLMconfig) -> None:
+    """The recurrent-depth fields: set only with --recurrent_depth, in range, and splitting the layers exactly."""
+    if not m.recurrent_depth:
+        for name in RECURRENT_FIELDS:
+            value = getattr(m, name)
+            require(value == getattr(LLMconfig, name),
+                    f"{name}={value} is read only by recurrent-depth models; add --recurrent_depth or drop --{name}")
+        return
+    for name, low in (("n_prelude", 0), ("n_core", 1), ("n_coda", 0), ("mean_recurrence", 1), ("r_max", 1),
+                      ("k_trunc", 1), ("eval_recurrence", 1)):
+        value = getattr(m, name)
+        require(value >= low, f"{name}={value} must be >= {low}")
+    require(m.lognorm_var >= 0, f"lognorm_var={m.lognorm_var} must be >= 0 (the variance of the log-normal rate)")
+    require(m.s0_std >= 0, f"s0_std={m.s0_std} must be >= 0 (the standard deviation of the initial state)")
+    require(not any(b.mod for b in m.layers), "recurrent_depth with mod=true layers: mixture-of-depths routing inside "
+                                             "a recurrent model is not supported; drop --mod or --recurrent_depth")
+    split = m.n_prelude + m.n_core + m.n_coda
+    require(split == m.n_layer, f"recurrent_depth splits the layers, but n_prelude={m.n_prelude} + n_core={m.n_core} + "
+                                f"n_coda={m.n_coda} = {split} differs from n_layer={m.n_layer}; make them equal")
 
 
 def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
@@ -120,6 +143,7 @@ def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     require(len(m.layers) == m.n_layer,
             f"n_layer={m.n_layer} but {len(m.layers)} layer specs were given; make them equal or omit --n_layer")
     check_attn_backend(m)
+    check_recurrent_depth(m)
     wheres = wheres or [f"layer {i}" for i in range(m.n_layer)]
     for block, where in zip(m.layers, wheres):
         validate_block(block, m, where)
@@ -191,6 +215,8 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
     require(0 < t.mask_prob < 1, f"mask_prob={t.mask_prob} must be in (0, 1)")
     require(t.window_stride >= 0, f"window_stride={t.window_stride} must be >= 0 (tokens shared by consecutive windows)")
     check_window_schedule(t, m)
+    require(all(r >= 1 for r in t.recurrence_sweep),
+            f"recurrence_sweep={t.recurrence_sweep} must hold recurrences >= 1")
     check_cpu_run(t, m)
     micro_steps(t, m)
 

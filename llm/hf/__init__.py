@@ -49,6 +49,8 @@ def family(config: LLMconfig) -> str:
         refuse(f"objective={config.objective!r}; the transformers families here are causal LMs (objective clm)")
     if any(routes(config, i) for i in range(len(config.layers))):
         refuse("mod=true (mixture-of-depths routing); no transformers family represents it")
+    if config.recurrent_depth:
+        refuse("recurrent_depth (a core iterated r times); the transformers families here run each layer once")
     used = {field: {getattr(b, field) for b in config.layers} for field in KIND_FIELDS}
     for field, label in KIND_FIELDS.items():
         known = set().union(*(getattr(f, field) for f in FAMILIES.values()))

@@ -14,6 +14,7 @@ from .mixers.attention import SlidingWindow
 from .mod import RoutedBlock, routes
 from .norms import build_norm
 from .positions import POSITIONS
+from .recurrent import RecurrentDepth, effective_depth, sample_recurrence
 from .registry import OBJECTIVES
 
 VOCAB_MULTIPLE = 64  # embedding rows are padded to a multiple of 64 for faster matmuls
@@ -61,10 +62,11 @@ class LLM(nn.Module):
         self.streams = self.causal and config.pos_emb == "rope" and all(
             isinstance(getattr(b.attn, "window", None), SlidingWindow) and b.attn.window.size is not None
             for b in self.blocks)
+        self.recurrence = RecurrentDepth(config) if config.recurrent_depth else None  # prelude, core x r, coda
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
-        residual_std = 0.02 / math.sqrt(2 * config.n_layer)  # GPT-2: scale residual projections by depth
+        residual_std = 0.02 / math.sqrt(2 * effective_depth(config))  # GPT-2: scale residual projections by depth
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=residual_std)
@@ -98,22 +100,28 @@ class LLM(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)  # (B, T, C)
         x = self.drop(x)
-        aux_loss, layer_stats = torch.zeros((), device=idx.device), []
-        for i, block in enumerate(self.blocks):
-            layer_cache = None if cache is None else cache.layers[i]
+
+        def run_block(i: int, x: torch.Tensor, layer_cache) -> tuple[torch.Tensor, torch.Tensor, dict]:
             if self.act_recomp and self.training:
                 # Recomputation re-runs the block in backward but only this first call's outputs are kept, so stats
                 # such as MoE loads are counted once.
-                x, aux, stats = checkpoint(block, x, positions, mask, layer_cache, use_reentrant=False)
-            else:
-                x, aux, stats = block(x, positions, mask, layer_cache)
-            aux_loss = aux_loss + aux
-            layer_stats.append(stats)
+                return checkpoint(self.blocks[i], x, positions, mask, layer_cache, use_reentrant=False)
+            return self.blocks[i](x, positions, mask, layer_cache)
+
+        model_stats = {}
+        if self.recurrence is not None:
+            x, aux_loss, layer_stats, model_stats = self.recurrence(run_block, x, cache)  # (B, T, C)
+        else:
+            aux_loss, layer_stats = torch.zeros((), device=idx.device), []
+            for i in range(len(self.blocks)):
+                x, aux, stats = run_block(i, x, None if cache is None else cache.layers[i])
+                aux_loss = aux_loss + aux
+                layer_stats.append(stats)
         if cache is not None:
             cache.length += T
         hidden = self.ln_f(x)  # (B, T, C)
         logits, loss = self.objective(hidden, self.lm_head.weight, targets, return_logits)
-        return ModelOutput(logits, loss, aux_loss, layer_stats)
+        return ModelOutput(logits, loss, aux_loss, layer_stats, model_stats)
 
     def new_cache(self, batch: int, pad: torch.Tensor | None = None, max_len: int | None = None) -> Cache:
         """An empty cache for `batch` rows, each left-padded by pad[b] tokens (none by default), holding up to
@@ -123,7 +131,8 @@ class LLM(nn.Module):
                               "generation cache and does not generate text; evaluate it with python -m llm.eval")
         device, dtype = self.tok_emb.weight.device, self.tok_emb.weight.dtype
         pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad.to(device)
-        layers = [b.new_cache(batch, max_len or self.config.block_size, dtype, device) for b in self.blocks]
+        blocks = self.blocks if self.recurrence is None else self.recurrence.cached_blocks(self.blocks)
+        layers = [b.new_cache(batch, max_len or self.config.block_size, dtype, device) for b in blocks]
         return Cache(layers, 0, pad, bool(pad.any()))
 
     def cache_bytes_per_token(self) -> int:
@@ -135,6 +144,11 @@ class LLM(nn.Module):
         """Bytes the generation cache holds per row after `tokens` tokens, summed over the layers; a sliding-window
         layer counts at most its window of tokens."""
         return sum(layer.nbytes_held(tokens) for layer in self.new_cache(1, max_len=1).layers)
+
+    def before_step(self, step: int, seed: int) -> None:
+        """Before optimizer step `step` of a run seeded with `seed`: a recurrent-depth model draws the step's r."""
+        if self.recurrence is not None:
+            self.recurrence.train_recurrence = sample_recurrence(self.config, seed, step)
 
     def after_step(self, layer_stats: list[dict[str, torch.Tensor]]) -> None:
         """After an optimizer step, with each layer's stats summed over the step: every feed-forward layer's hook
@@ -155,3 +169,11 @@ class LLM(nn.Module):
         """Active parameters that the average training token skips: each mixture-of-depths layer's block parameters
         times the fraction of a block_size sequence it leaves out (0 without such layers)."""
         return sum(block.skipped_params(self.config.block_size) for block in self.blocks)
+
+    def core_params(self) -> int:
+        """Active parameters one core iteration uses (its blocks and the adapter); 0 without recurrent depth."""
+        if self.recurrence is None:
+            return 0
+        core = [self.blocks[i] for i in self.recurrence.core]
+        active = sum(p.numel() for block in core for p in block.parameters()) - sum(b.ffn.inactive_params() for b in core)
+        return active + sum(p.numel() for p in self.recurrence.parameters())

@@ -31,7 +31,8 @@ from .mfu import flops_per_token, mfu
 from .optim import build_optimizer
 from .precision import Precision, pick_precision
 from .rundir import claim
-from .step import NonFiniteGuard, StepResult, estimate_loss, out_of_memory_explained, train_step
+from .step import (NonFiniteGuard, StepResult, estimate_loss, loss_against_recurrence, out_of_memory_explained,
+                   train_step)
 from .window_schedule import apply_window_schedule
 
 
@@ -218,7 +219,11 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
         convert_to_fp8(model, device)  # before wrapping and compiling
     step_model = wrap(model, cfg.dist, precision.dtype, cfg.compile, device, job)
     if cfg.compile and not (job.world_size > 1 and cfg.dist == "fsdp"):  # FSDP compiles each block in wrap()
-        step_model = torch.compile(step_model)
+        if model_config.recurrent_depth:  # r changes every step: each block compiles, the iterations run eagerly
+            for block in model.blocks:
+                block.compile()
+        else:
+            step_model = torch.compile(step_model)
     optimizer = build_optimizer(model, cfg, device)
     tokenizer = {k: v for k, v in meta.items() if k in TOKENIZER_KEYS}
     checkpointer = Checkpointer(run_dir, cfg, config_dict(model_config, cfg), tokenizer, job, model, optimizer,
@@ -260,12 +265,13 @@ def evaluates(cfg: Trainconfig, step: int) -> bool:
 def step_metrics(s: Session, step: int, lr: float, result: StepResult, seconds_per_step: float) -> dict:
     """The figures of a logged step (each `.item()` here is a host sync, paid only on logged steps)."""
     tokens_per_s = s.tokens_per_step / seconds_per_step
-    skipped = s.model.skipped_params()  # mixture-of-depths layers leave tokens out
+    # mixture-of-depths layers leave tokens out; a recurrent-depth core runs r times
+    counts = (s.model_config, s.params[1], s.model.skipped_params(), s.model.core_params())
     metrics = {"step": step, "loss": result.loss.item() / s.accum_steps, "lr": lr,
                "grad_norm": result.grad_norm.item(), "ms_per_step": 1000 * seconds_per_step,
                "eta_s": seconds_per_step * (s.cfg.max_iters - 1 - step), "tokens_per_s": tokens_per_s,
-               "mfu": mfu(tokens_per_s / s.job.world_size, s.model_config, s.params[1], s.precision.device, skipped),
-               "flops_per_token": flops_per_token(s.model_config, s.params[1], skipped),
+               "mfu": mfu(tokens_per_s / s.job.world_size, *counts[:2], s.precision.device, *counts[2:]),
+               "flops_per_token": flops_per_token(*counts),
                "peak_memory_bytes": peak_memory_bytes(s.precision.device)}
     metrics.update(layer_metrics(s.model, result.aux_loss.item() / s.accum_steps, result.layer_stats))
     metrics.update({name: value.item() for name, value in result.stats.items()})
@@ -273,7 +279,11 @@ def step_metrics(s: Session, step: int, lr: float, result: StepResult, seconds_p
     if isinstance(train_loader, MixtureLoader):  # global tokens drawn from each source so far
         metrics.update({f"tokens/{name}": count for name, count in train_loader.tokens_seen.items()})
     if evaluates(s.cfg, step):
-        evaluated = {"train": s.loaders["train_eval"], **{k: v for k, v in s.loaders.items() if k.startswith("val")}}
+        validation = {k: v for k, v in s.loaders.items() if k.startswith("val")}
+        if s.model_config.recurrent_depth:
+            metrics.update(loss_against_recurrence(s.model, validation, s.cfg.recurrence_sweep, s.cfg.eval_iters,
+                                                   s.precision, s.job))
+        evaluated = {"train": s.loaders["train_eval"], **validation}
         metrics.update(estimate_loss(s.model, evaluated, s.cfg.eval_iters, s.precision, s.job))
         if s.cfg.data_mix is not None:  # the mixture's validation loss: its sources' weighted by the mix
             weights = parse_mix(s.cfg.data_mix)
@@ -292,6 +302,7 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
         with StopRequest() as stop:
             for step in range(start_step, cfg.max_iters):
                 lr = s.checkpointer.schedule(step)
+                s.model.before_step(step, cfg.seed)  # recurrent depth: the step's r, from (seed, step)
                 for group in s.optimizer.param_groups:
                     group["lr"] = lr
                 apply_window_schedule(s.model, step, cfg)

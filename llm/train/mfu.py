@@ -11,17 +11,27 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def flops_per_token(config: LLMconfig, active_params: int, skipped_params: float = 0.0) -> float:
+def flops_per_token(config: LLMconfig, active_params: int, skipped_params: float = 0.0, core_params: int = 0) -> float:
     """PaLM (appendix B): 6 * N + 12 * L * n_embd * T for a forward and backward pass, N the active parameters.
 
     A mixture-of-depths layer processes a fraction f = k / T of the tokens: the parameters the average token skips
     there (`skipped_params`, from LLM.skipped_params) leave N, and its attention, over k keys for k of the T queries,
     counts f * f times (its router and predictor count in full, in N).
+
+    Recurrent depth counts the core (core_params per iteration, adapter included, from LLM.core_params) at the mean
+    recurrence: a forward pass only (a third) for the mean_recurrence - k_trunc iterations without gradients, forward
+    and backward for the min(mean_recurrence, k_trunc) with them; the prelude and coda once.
     """
     T = config.block_size
+    attention = 12 * config.n_embd * T  # per layer, forward and backward
+    if config.recurrent_depth:
+        with_grad = min(config.mean_recurrence, config.k_trunc)
+        iterations = (config.mean_recurrence - with_grad) / 3 + with_grad  # in units of a forward and backward pass
+        once = 6 * (active_params - core_params) + (config.n_prelude + config.n_coda) * attention
+        return once + iterations * (6 * core_params + config.n_core * attention)
     fractions = [routed_tokens(b.capacity, T) / T for i, b in enumerate(config.layers) if routes(config, i)]
     attention_layers = config.n_layer - sum(1 - f * f for f in fractions)
-    return 6 * (active_params - skipped_params) + 12 * attention_layers * config.n_embd * T
+    return 6 * (active_params - skipped_params) + attention_layers * attention
 
 
 def peak_flops(device: torch.device) -> float | None:
@@ -33,7 +43,8 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def mfu(tokens_per_s: float, config: LLMconfig, active_params: int, device: torch.device,
-        skipped_params: float = 0.0) -> float | None:
-    """Achieved over peak FLOP/s, or None when the peak is unknown."""
+        skipped_params: float = 0.0, core_params: int = 0) -> float | None:
+    """Achieved over peak FLOP/s, or None when the peak is unknown (the parameters as for flops_per_token)."""
     peak = peak_flops(device)
-    return None if peak is None else tokens_per_s * flops_per_token(config, active_params, skipped_params) / peak
+    flops = flops_per_token(config, active_params, skipped_params, core_params)
+    return None if peak is None else tokens_per_s * flops / peak

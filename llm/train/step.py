@@ -105,6 +105,23 @@ def estimate_loss(model: LLM, loaders: dict[str, TokenLoader], iters: int, preci
     return losses
 
 
+def loss_against_recurrence(model: LLM, loaders: dict[str, TokenLoader], recurrences: list[int], iters: int,
+                            precision: Precision, job: Distributed) -> dict[str, float]:
+    """A recurrent-depth model's loss on each split at each recurrence r, as SPLIT_loss_rR; every r sees the batches
+    the loaders give next, and the loaders are left where they were (the main evaluation then reads them too)."""
+    start = {name: loader.state_dict() for name, loader in loaders.items()}
+    losses = {}
+    for r in recurrences:
+        for name, loader in loaders.items():
+            loader.load_state_dict(start[name])
+        with model.recurrence.evaluated_at(r):
+            losses.update({f"{key}_r{r}": value for key, value in estimate_loss(model, loaders, iters, precision,
+                                                                                  job).items()})
+    for name, loader in loaders.items():
+        loader.load_state_dict(start[name])
+    return losses
+
+
 class NonFiniteGuard:
     """Remembers the first step whose loss was not finite, on the device (no host sync per step), and stops the run
     when asked to check, before anything is saved from such a step."""

@@ -1,0 +1,131 @@
+"""Recurrent depth (Geiping et al. 2025, "Scaling up Test-Time Compute with Latent Reasoning: A Recurrent Depth
+Approach"): a prelude embeds the input once, a core iterated r times refines a latent state, a coda decodes the last
+state. The blocks stay in the model's one list (prelude, core, coda in order); this module holds what the recurrence
+adds: the adapter, the number of iterations and the order in which the blocks run.
+"""
+import contextlib
+import math
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..config import LLMconfig
+
+MAX_LOG_RATE = 40.0  # e^40 iterations are far beyond any r_max: a larger tau draws r_max as well
+
+# run_block(i, x (B, T, C), layer cache or None) -> (x (B, T, C), aux_loss (), stats) runs the model's block i
+RunBlock = Callable[[int, torch.Tensor, object], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+
+
+def sample_recurrence(config: LLMconfig, seed: int, step: int) -> int:
+    """The recurrence r of training step `step`: tau ~ N(log(mean_recurrence) - lognorm_var / 2, lognorm_var),
+    r = min(Poisson(e^tau) + 1, r_max). Drawn on the host from (seed, step) alone, so that every rank draws the same r
+    and a resumed run the same sequence."""
+    rng = np.random.default_rng([seed % 2**64, step])
+    tau = rng.normal(math.log(config.mean_recurrence) - config.lognorm_var / 2, math.sqrt(config.lognorm_var))
+    rate = math.exp(min(tau, MAX_LOG_RATE))
+    return min(int(rng.poisson(rate)) + 1, config.r_max)
+
+
+def effective_depth(config: LLMconfig) -> float:
+    """Layers a token passes through on average: n_layer, or n_prelude + n_core * mean_recurrence + n_coda."""
+    if not config.recurrent_depth:
+        return config.n_layer
+    return config.n_prelude + config.n_core * config.mean_recurrence + config.n_coda
+
+
+def sum_stats(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Two stats dicts of one layer added name by name (a layer's figures over several iterations)."""
+    return {name: a[name] + b[name] for name in a}
+
+
+class RecurrentDepth(nn.Module):
+    """Runs the model's blocks as prelude, core x r, coda.
+
+    With e the prelude's output and s_0 the initial state (Gaussian noise of std s0_std in training, zeros in eval
+    mode), each iteration is s_i = core(adapter([s_{i-1}; e])) (adapter_mode concat) or s_i = core(s_{i-1} + e)
+    (add); the coda reads s_r. The first r - k_trunc iterations run without gradients, so backpropagation covers the
+    last min(r, k_trunc) only. r is the step's draw in training (`sample_recurrence`, set by the loop before each
+    step) and eval_recurrence in eval mode.
+    """
+
+    def __init__(self, config: LLMconfig):
+        super().__init__()
+        self.config = config
+        C = config.n_embd
+        self.adapter = nn.Linear(2 * C, C, bias=config.bias) if config.adapter_mode == "concat" else None
+        self.train_recurrence = config.mean_recurrence  # replaced before each training step
+        self.eval_recurrence = config.eval_recurrence
+        self.core = range(config.n_prelude, config.n_prelude + config.n_core)  # the core's block indices
+
+    def recurrence(self) -> int:
+        """r of the next forward pass in the current mode."""
+        return self.train_recurrence if self.training else self.eval_recurrence
+
+    @contextlib.contextmanager
+    def evaluated_at(self, r: int) -> Iterator[None]:
+        """Eval-mode forward passes inside run r iterations (the loss against r); eval_recurrence is restored after."""
+        saved, self.eval_recurrence = self.eval_recurrence, r
+        try:
+            yield
+        finally:
+            self.eval_recurrence = saved
+
+    def cached_blocks(self, blocks: nn.ModuleList) -> list[nn.Module]:
+        """The block that owns each generation-cache slot: the prelude's, the core's once per iteration of
+        eval_recurrence (iteration-major), the coda's."""
+        core = [blocks[i] for i in self.core]
+        return list(blocks[:self.core.start]) + core * self.eval_recurrence + list(blocks[self.core.stop:])
+
+    def initial_state(self, e: torch.Tensor) -> torch.Tensor:
+        """s_0 (B, T, C): Gaussian noise of std s0_std in training, zeros in eval mode (deterministic evaluation,
+        and the same state for a prefill and the decoding steps after it)."""
+        if not self.training:
+            return torch.zeros_like(e)
+        return self.config.s0_std * torch.randn_like(e)  # (B, T, C)
+
+    def core_input(self, state: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        """The core's input (B, T, C) from the state s and the prelude's output e, both (B, T, C)."""
+        if self.adapter is None:
+            return state + e
+        return self.adapter(torch.cat((state, e), dim=-1))  # (B, T, 2C) -> (B, T, C)
+
+    def forward(self, run_block: RunBlock, x: torch.Tensor, cache=None
+                ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """The blocks over x (B, T, C), the embedded tokens. Returns the coda's output (B, T, C), the auxiliary
+        loss (), each layer's stats (a core layer's summed over the iterations) and {"rd/recurrence": r}.
+
+        A core layer's auxiliary loss is its mean over the iterations with gradients, the last min(r, k_trunc).
+        With a cache the core runs as many iterations as the cache has slots for (eval_recurrence when it was made):
+        block i's slot is i in the prelude, i + iteration * n_core in the core and i + (r - 1) * n_core in the coda.
+        """
+        core, n_core, n_layer = self.core, len(self.core), self.config.n_layer
+        r = self.recurrence() if cache is None else (len(cache.layers) - n_layer) // n_core + 1
+        backprop = min(r, self.config.k_trunc)
+        aux_loss, layer_stats = x.new_zeros((), dtype=torch.float32), [{} for _ in range(n_layer)]
+
+        def run(i: int, x: torch.Tensor, slot: int, first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+            x, aux, stats = run_block(i, x, None if cache is None else cache.layers[slot])
+            layer_stats[i] = stats if first else sum_stats(layer_stats[i], stats)
+            return x, aux
+
+        for i in range(core.start):
+            x, aux = run(i, x, i)
+            aux_loss = aux_loss + aux
+        e = x  # (B, T, C) the prelude's output, read by every iteration
+        state = self.initial_state(e)  # (B, T, C)
+        for iteration in range(r):
+            with_grad = iteration >= r - backprop
+            with torch.set_grad_enabled(torch.is_grad_enabled() and with_grad):
+                state = self.core_input(state, e)  # (B, T, C)
+                for i in core:
+                    state, aux = run(i, state, i + iteration * n_core, first=iteration == 0)
+                    if with_grad:
+                        aux_loss = aux_loss + aux / backprop
+        x = state
+        for i in range(core.stop, n_layer):
+            x, aux = run(i, x, i + (r - 1) * n_core)
+            aux_loss = aux_loss + aux
+        return x, aux_loss, layer_stats, {"rd/recurrence": torch.full((), float(r), device=x.device)}
