@@ -27,7 +27,8 @@ class BlockConfig:
     """
 
     attn: str = "mha"
-    """Sequence-mixer kind: mha (n_head KV heads), mqa (one KV head), gqa (n_kv_heads), mla (latent attention)."""
+    """Sequence-mixer kind: mha (n_head KV heads), mqa (one KV head), gqa (n_kv_heads), mla (latent attention), nsa
+    (native sparse attention)."""
     n_head: int = 4
     """Number of query heads; must divide n_embd (head size = n_embd // n_head)."""
     n_kv_heads: int | None = None
@@ -81,6 +82,17 @@ class BlockConfig:
     """PEER: query width per head; split into len(product_key_dim) equal chunks, one per sub-key table."""
     batch_norm_query: bool = True
     """PEER: a LayerNorm over each head's query before retrieval."""
+    compress_block_size: int = 4
+    """NSA: tokens per compressed block (each block of keys/values becomes one by a learned MLP)."""
+    compress_stride: int | None = None
+    """NSA: tokens between the starts of consecutive compressed blocks, at most compress_block_size; unset means
+    compress_block_size (no overlap)."""
+    selection_block_size: int = 4
+    """NSA: tokens per selection block (the unit that each query's top blocks are chosen in)."""
+    num_selected_blocks: int = 4
+    """NSA: selection blocks each query attends to, the first block and its own block included (>= 2)."""
+    sliding_window_size: int = 32
+    """NSA: tokens the sliding-window branch sees, the query's own included."""
 
 
 @dataclass
