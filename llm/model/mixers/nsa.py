@@ -123,14 +123,14 @@ class NativeSparseAttention(nn.Module):
         return NSACache(batch, max_len, self.n_kv, self.head_size, dtype, device)
 
     def compress(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Compressed keys and values (B, N, KV, D) of the N = ceil(S / stride) blocks starting in raw k, v
-        (B, S, KV, D), and each block's last position (N,); blocks running past the end read zeros (never seen)."""
-        S = k.size(1)
+        """Compressed keys and values (B, KV, N, D) of the N = ceil(S / stride) blocks starting in raw k, v
+        (B, KV, S, D), and each block's last position (N,); blocks running past the end read zeros (never seen)."""
+        S = k.size(2)
         n = -(-S // self.stride)
         extra = (n - 1) * self.stride + self.block - S  # zeros after the end so that every block is whole
-        k, v = (F.pad(t, (0, 0, 0, 0, 0, extra)).unfold(1, self.block, self.stride) for t in (k, v))  # (B, N, KV, D, l)
+        k, v = (F.pad(t, (0, 0, 0, extra)).unfold(2, self.block, self.stride) for t in (k, v))  # (B, KV, N, D, l)
         ends = torch.arange(n, device=k.device) * self.stride + self.block - 1  # (N,)
-        return self.compress_k(k.transpose(-1, -2)), self.compress_v(v.transpose(-1, -2)), ends  # (B, N, KV, D) x2
+        return self.compress_k(k.transpose(-1, -2)), self.compress_v(v.transpose(-1, -2)), ends  # (B, KV, N, D) x2
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: NSACache | None = None) -> torch.Tensor:
@@ -148,9 +148,20 @@ class NativeSparseAttention(nn.Module):
             raw = cache.append(*raw)  # (B, S, KV, hs) each
             if mask is not None:
                 raw = from_first_real_token(raw, positions)
-        k_cmp, v_cmp, k_slc, v_slc, k_win, v_win = raw
-        S = k_slc.size(1)
-        key_pos = torch.arange(S, device=x.device)  # (S,)
+        q = q.view(B, T, KV, H // KV, hs).permute(0, 2, 3, 1, 4)  # (B, KV, G, T, hs)
+        y = self.branches(q, *(t.transpose(1, 2) for t in raw), positions)  # (B, KV, 3, G, T, hs)
+        y = y.permute(0, 4, 2, 1, 3, 5).reshape(B, T, BRANCHES, H, hs)  # (B, T, 3, H, hs), head h = kv·G + g
+        gates = torch.sigmoid(self.gate(x)).view(B, T, BRANCHES, H, 1)  # (B, T, 3, H, 1)
+        y = (gates * y).sum(dim=2)  # (B, T, H, hs)
+        return self.resid_dropout(self.c_proj(y.reshape(B, T, H * hs)))  # (B, T, C)
+
+    def branches(self, q: torch.Tensor, k_cmp: torch.Tensor, v_cmp: torch.Tensor, k_slc: torch.Tensor,
+                 v_slc: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,
+                 positions: torch.Tensor) -> torch.Tensor:
+        """The three branches' outputs (B, KV, 3, G, T, hs) for queries q (B, KV, G, T, hs) at positions (B or 1, T)
+        over the raw keys and values (B, KV, S, hs) of positions 0..S-1."""
+        S, hs = k_slc.size(2), self.head_size
+        key_pos = torch.arange(S, device=q.device)  # (S,)
         query_pos = positions[:, None, None, :, None]  # (B or 1, 1, 1, T, 1)
         if self.causal:
             seen = key_pos <= query_pos  # (B or 1, 1, 1, T, S)
@@ -158,29 +169,22 @@ class NativeSparseAttention(nn.Module):
         else:
             seen = torch.ones_like(key_pos, dtype=torch.bool)
             in_window = (key_pos - query_pos).abs() < self.window
-        q = q.view(B, T, KV, H // KV, hs).permute(0, 2, 3, 1, 4)  # (B, KV, G, T, hs)
-        k_cmp, v_cmp, ends = self.compress(k_cmp, v_cmp)  # (B, N, KV, hs) x2, (N,)
+        k_cmp, v_cmp, ends = self.compress(k_cmp, v_cmp)  # (B, KV, N, hs) x2, (N,)
         if self.rope_theta is not None:
-            cos, sin = rope_angles(ends[None], hs, self.rope_theta)
-            k_cmp = apply_rope(k_cmp, cos, sin)
-        k_cmp, v_cmp, k_slc, v_slc, k_win, v_win = (t.transpose(1, 2) for t in (k_cmp, v_cmp, k_slc, v_slc, k_win,
-                                                                                 v_win))  # (B, KV, N|S, hs)
+            cos, sin = rope_angles(ends[None], hs, self.rope_theta)  # (1, N, 1, hs) each
+            k_cmp = apply_rope(k_cmp, cos.transpose(1, 2), sin.transpose(1, 2))
         scale = hs ** -0.5
         complete = ends <= (query_pos if self.causal else S - 1)  # (B or 1, 1, 1, T, N)
         y_cmp, probs = attend(q, k_cmp, v_cmp, complete, scale)  # (B, KV, G, T, hs), (B, KV, G, T, N)
         n_selection = -(-S // self.selection_block)
         weights = overlap_weights(probs.size(-1), n_selection, self.block, self.stride, self.selection_block,
-                                  x.device)  # (N, NS)
+                                  q.device)  # (N, NS)
         scores = probs.detach().sum(dim=2) @ weights  # (B, KV, T, NS): shared by the heads of a group
         chosen = choose_blocks(scores, positions, self.selection_block, self.n_selected, self.causal)  # (B, KV, T, NS)
         selected = chosen[..., key_pos // self.selection_block][:, :, None] & seen  # (B, KV, 1, T, S)
         y_slc, _ = attend(q, k_slc, v_slc, selected, scale)  # (B, KV, G, T, hs)
         y_win, _ = attend(q, k_win, v_win, in_window, scale)  # (B, KV, G, T, hs)
-        y = torch.stack((y_cmp, y_slc, y_win), dim=2)  # (B, KV, 3, G, T, hs)
-        y = y.permute(0, 4, 2, 1, 3, 5).reshape(B, T, BRANCHES, H, hs)  # (B, T, 3, H, hs), head h = kv·G + g
-        gates = torch.sigmoid(self.gate(x)).view(B, T, BRANCHES, H, 1)  # (B, T, 3, H, 1)
-        y = (gates * y).sum(dim=2)  # (B, T, H, hs)
-        return self.resid_dropout(self.c_proj(y.reshape(B, T, H * hs)))  # (B, T, C)
+        return torch.stack((y_cmp, y_slc, y_win), dim=2)  # (B, KV, 3, G, T, hs)
 
 
 def from_first_real_token(tensors: tuple[torch.Tensor, ...], positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
