@@ -32,7 +32,8 @@ class BlockConfig:
     n_head: int = 4
     """Number of query heads; must divide n_embd (head size = n_embd // n_head)."""
     n_kv_heads: int | None = None
-    """Key/value heads for gqa; must divide n_head. Ignored by mha (uses n_head), mqa (uses 1) and mla."""
+    """Key/value heads for gqa and nsa (nsa: unset means n_head); must divide n_head. Ignored by mha (uses n_head),
+    mqa (uses 1) and mla."""
     q_latent_dim: int | None = None
     """MLA query compression width (DeepSeek q_lora_rank); unset or 0 means no query down-projection."""
     kv_latent_dim: int | None = None
