@@ -107,6 +107,10 @@ def test_moe_under_bf16_autocast_compiles_whole_once_with_grouped_mm_in_the_grap
     train_compiled(MOE, dtype=torch.bfloat16)
 
 
+def test_nsa_under_bf16_autocast_compiles_whole_once():
+    train_compiled({**MIXERS["nsa"].examples["nsa_strided"]}, dtype=torch.bfloat16, **POSITIONS["rope"])
+
+
 def test_moe_padded_fallback_compiles_whole_once(monkeypatch):
     monkeypatch.setattr(experts, "GROUPED_MM", None)
     train_compiled(MOE)

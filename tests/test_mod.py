@@ -198,6 +198,7 @@ def test_skipped_parameters_and_flops_per_token():
     (dict(capacity=1.5), r"layer 0: capacity=1.5 must be in \(0, 1\]"),
     (dict(mod_predictor_dim=0), "layer 0: mod_predictor_dim=0 must be >= 1"),
     (dict(window=8), "layer 0: mod=true with window=8: .* drop window on this layer or drop mod"),
+    (dict(attn="nsa"), "layer 0: mod=true with attn='nsa': .* use another attn on this layer or drop mod"),
 ])
 def test_bad_routed_layer_fields_are_refused_in_one_line(fields, message):
     with pytest.raises(ConfigError, match=message):

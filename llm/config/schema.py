@@ -27,11 +27,13 @@ class BlockConfig:
     """
 
     attn: str = "mha"
-    """Sequence-mixer kind: mha (n_head KV heads), mqa (one KV head), gqa (n_kv_heads), mla (latent attention)."""
+    """Sequence-mixer kind: mha (n_head KV heads), mqa (one KV head), gqa (n_kv_heads), mla (latent attention), nsa
+    (native sparse attention)."""
     n_head: int = 4
     """Number of query heads; must divide n_embd (head size = n_embd // n_head)."""
     n_kv_heads: int | None = None
-    """Key/value heads for gqa; must divide n_head. Ignored by mha (uses n_head), mqa (uses 1) and mla."""
+    """Key/value heads for gqa and nsa (nsa: unset means n_head); must divide n_head. Ignored by mha (uses n_head),
+    mqa (uses 1) and mla."""
     q_latent_dim: int | None = None
     """MLA query compression width (DeepSeek q_lora_rank); unset or 0 means no query down-projection."""
     kv_latent_dim: int | None = None
@@ -92,6 +94,17 @@ class BlockConfig:
     mod_predictor_dim: int = 64
     """MoD: hidden width of the causal predictor (an MLP on the stop-gradient input, trained to predict the top-k
     choice) that decides per token at evaluation and generation."""
+    compress_block_size: int = 4
+    """NSA: tokens per compressed block (each block of keys/values becomes one by a learned MLP)."""
+    compress_stride: int | None = None
+    """NSA: tokens between the starts of consecutive compressed blocks, at most compress_block_size; unset means
+    compress_block_size (no overlap)."""
+    selection_block_size: int = 4
+    """NSA: tokens per selection block (the unit that each query's top blocks are chosen in)."""
+    num_selected_blocks: int = 4
+    """NSA: selection blocks each query attends to, the first block and its own block included (>= 2)."""
+    sliding_window_size: int = 32
+    """NSA: tokens the sliding-window branch sees, the query's own included."""
 
 
 @dataclass

@@ -135,6 +135,8 @@ def validate(block: BlockConfig, config: LLMconfig) -> None:
     require(block.window is None,
             f"mod=true with window={block.window}: a routed layer's attention over routed keys has no sliding-window "
             "form yet; drop window on this layer or drop mod")
+    require(block.attn != "nsa", "mod=true with attn='nsa': native sparse attention takes no mask over routed keys; "
+                                 "use another attn on this layer or drop mod")
     require(config.attn_backend != "flash",
             "mod=true evaluates with an attention mask over the routed tokens, which flash-attn does not take; "
             "use --attn_backend auto")
