@@ -35,6 +35,12 @@ class Cache:
     pad: torch.Tensor  # (B,) left-padding tokens per row
     padded: bool  # whether any row has padding (decided once, so the forward pass needs no host sync)
 
+    def truncate(self, length: int) -> None:
+        """Forgets every position from `length` on (speculative decoding's rejected drafts) in every layer."""
+        for layer in self.layers:
+            layer.length = length
+        self.length = length
+
     def positions(self, T: int) -> torch.Tensor:
         """Positions (B, T) of the next T tokens of each row, counted from its first real token."""
         steps = torch.arange(self.length, self.length + T, device=self.pad.device)  # (T,)
