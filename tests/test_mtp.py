@@ -153,6 +153,22 @@ def test_activation_recomputation_gives_identical_gradients():
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
 
 
+def test_moe_blocks_of_the_modules_add_their_balance_loss_and_move_their_bias():
+    moe = dict(attn="gqa", n_head=4, n_kv_heads=2, ffn="moe", n_exp=6, n_shared=1, n_act=3, up_dim=32)
+    model = LLM(make_config({**moe, "aux_free": True, "gamma": 0.1}, mtp="sequential", n_mtp_tokens=2))
+    idx, targets = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 32))
+    out = model(idx, targets)
+    assert len(out.layer_stats) == 2 + 2 and all("load" in stats for stats in out.layer_stats)
+    routers = [block.ffn.router for block in model.mtp_blocks()]
+    assert all(router.expert_bias.abs().sum() == 0 for router in routers)
+    model.after_step(out.layer_stats)
+    assert all(router.expert_bias.abs().sum() > 0 for router in routers)
+    without_bias_loss = LLM(make_config(moe, mtp="parallel", n_mtp_tokens=1))
+    out = without_bias_loss(idx, targets)
+    trunk_aux = without_bias_loss.trunk(idx)[1]
+    assert out.aux_loss - 0.1 * out.stats["mtp/loss_1"] - trunk_aux > 1e-4  # the module's Switch loss is in aux_loss
+
+
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "32", "--batch_size", "4",
         "--total_batch_size_str", "4*32", "--log_interval", "1", "--max_iters", "6", "--warmup_steps", "1",
         "--eval", "--eval_interval", "3", "--eval_iters", "2"]
