@@ -42,11 +42,13 @@ class SpeculativeStats:
 def check_speculative(model: LLM) -> None:
     """Refuses a model that cannot draft (no sequential MTP modules) or whose caches cannot be rolled back."""
     if model.config.mtp != "sequential":
-        raise ConfigError(f"--speculative drafts with the sequential multi-token prediction modules, but the checkpoint "
-                          f"has mtp={model.config.mtp}; train with --mtp sequential or drop --speculative")
-    kinds = {type(layer).__name__ for layer in model.new_cache(1, max_len=1).layers if not isinstance(layer, TokenCache)}
+        raise ConfigError(f"--speculative drafts with the sequential multi-token prediction modules, but the "
+                          f"checkpoint has mtp={model.config.mtp}; train with --mtp sequential or drop --speculative")
+    layers = model.new_cache(1, max_len=1).layers
+    kinds = {type(layer).__name__ for layer in layers if not isinstance(layer, TokenCache)}
     if kinds:
-        raise ConfigError(f"--speculative rolls caches back, which {', '.join(sorted(kinds))} cannot; drop --speculative")
+        raise ConfigError(f"--speculative rolls caches back, which {', '.join(sorted(kinds))} cannot; "
+                          "drop --speculative")
 
 
 def head_logits(model: LLM, norm: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:

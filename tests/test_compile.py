@@ -113,7 +113,8 @@ def test_default_model_compiles_whole_once_with_inductor():
 HOST_READS = ["item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"]
 
 
-@pytest.mark.parametrize("spec,fields", [pytest.param(p.values[0], {}, id=p.id) for p in mixer_examples() + ffn_examples()]
+@pytest.mark.parametrize("spec,fields", [pytest.param(p.values[0], {}, id=p.id)
+                                         for p in mixer_examples() + ffn_examples()]
                          + [pytest.param(MOE, dict(mtp=mtp, n_mtp_tokens=2), id=f"moe-mtp-{mtp}")
                             for mtp in ("sequential", "parallel")])
 def test_training_step_reads_nothing_back_from_the_device(spec, fields, monkeypatch, tmp_path):
