@@ -3,6 +3,7 @@
     python sample.py --ckpt out/run                              # the run's best (else newest) checkpoint
     python sample.py --ckpt out/run --prompt "ROMEO:" --temperature 0 --max_new_tokens 100
     python sample.py --ckpt out/run/checkpoints/step_0000500 --prompt "Once" "Upon a" --num_samples 2
+    python sample.py --ckpt out/mtp_run --temperature 0 --speculative   # a model trained with --mtp sequential
 
 A prompt longer than the model's block_size keeps its last block_size tokens (with a notice on stderr), or is
 refused with --strict_prompt.
@@ -46,6 +47,9 @@ class SampleArgs:
     """auto (cuda when available), cpu, cuda or cuda:N."""
     cache: bool = True
     """Decode with the key/value cache (--no_cache recomputes the whole context at every step)."""
+    speculative: bool = False
+    """Greedy speculative decoding: the checkpoint's sequential MTP modules (--mtp sequential) draft tokens that the
+    model verifies in one pass; the output equals --temperature 0 decoding (needs --temperature 0 and the cache)."""
 
 
 def check(args: SampleArgs) -> None:
@@ -57,6 +61,9 @@ def check(args: SampleArgs) -> None:
         raise ConfigError(f"--top_k={args.top_k} must be >= 1")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ConfigError(f"--top_p={args.top_p} must be in (0, 1]")
+    if args.speculative and (args.temperature != 0 or not args.cache):
+        raise ConfigError(f"--speculative decodes greedily with the cache; pass --temperature 0 (got "
+                          f"{args.temperature}){'' if args.cache else ' and drop --no_cache'}")
 
 
 def fit_to_block(tokens: list[int], index: int, block_size: int, strict: bool) -> list[int]:
@@ -95,9 +102,12 @@ def main(argv: list[str] | None = None) -> None:
         from llm.data.tokenizers import SEQUENCE_TOKENIZERS, tokenizer_from_meta
         from llm.generate import generate
         from llm.checkpoint import load_trained
+        from llm.speculative import SpeculativeStats, check_speculative, speculative_generate
         from llm.train.precision import pick_precision
 
         folder, model, tokenizer_meta = load_trained(args.ckpt)
+        if args.speculative:
+            check_speculative(model)
         if not model.causal:
             raise ConfigError(f"{folder} is a masked LM (objective={model.config.objective}): it fills in masked tokens "
                               "and does not generate text; evaluate it with python -m llm.eval fasta")
@@ -123,8 +133,12 @@ def main(argv: list[str] | None = None) -> None:
         if printer.streaming:
             print(texts[0], end="", flush=True)
         start = time.perf_counter()
-        outputs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eot,
-                           generator, use_cache=args.cache, on_step=printer)
+        stats = SpeculativeStats()
+        if args.speculative:
+            outputs = speculative_generate(model, prompts, args.max_new_tokens, eot, on_step=printer, stats=stats)
+        else:
+            outputs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eot,
+                               generator, use_cache=args.cache, on_step=printer)
         seconds = time.perf_counter() - start
     for i, (prompt, output) in enumerate(zip(prompts, outputs)):
         if printer.streaming:
@@ -134,6 +148,9 @@ def main(argv: list[str] | None = None) -> None:
     n = sum(len(o) for o in outputs)
     print(f"{n} tokens in {seconds:.2f} s ({n / seconds:,.0f} tokens/s, {'with' if args.cache else 'without'} cache)",
           file=sys.stderr)
+    if args.speculative:
+        print(f"speculative: {stats.accepted}/{stats.drafted} drafts accepted ({100 * stats.acceptance():.0f}%) in "
+              f"{stats.rounds} verification passes", file=sys.stderr)
 
 
 if __name__ == "__main__":

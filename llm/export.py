@@ -62,6 +62,9 @@ def export(ckpt: str, out: str, overwrite: bool = False) -> Path:
     else:
         bos = eos = tokenizer.get("eot")
     hf = to_hf(model, bos, eos)
+    if model.mtp is not None:
+        print(f"note: the {model.config.n_mtp_tokens} multi-token prediction modules (mtp={model.config.mtp}) are "
+              "training-only and are left out of the export")
     if target.is_dir():
         if target.resolve() in (folder.resolve(), *folder.resolve().parents):
             raise ConfigError(f"--out={out} holds the checkpoint {folder}, which --overwrite would delete; "

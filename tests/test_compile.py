@@ -99,6 +99,12 @@ def test_activation_recomputation_compiles_whole_once():
     train_compiled({**MOE, "router_score": "sigmoid", "aux_free": True}, act_recomp=True, **POSITIONS["rope"])
 
 
+@pytest.mark.parametrize("act_recomp", [False, True])
+@pytest.mark.parametrize("mtp", ["sequential", "parallel"])
+def test_multi_token_prediction_compiles_whole_once(mtp, act_recomp):
+    train_compiled(MOE, act_recomp=act_recomp, mtp=mtp, n_mtp_tokens=2, **POSITIONS["rope" if act_recomp else "learn"])
+
+
 def test_moe_under_bf16_autocast_compiles_whole_once_with_grouped_mm_in_the_graph(monkeypatch):
     def refuse(*args):
         raise AssertionError("bf16 experts should run torch's grouped matmul in the graph, not the opaque operator")
@@ -123,11 +129,14 @@ def test_default_model_compiles_whole_once_with_inductor():
 HOST_READS = ["item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__"]
 
 
-@pytest.mark.parametrize("spec", mixer_examples() + ffn_examples() + MOD)
-def test_training_step_reads_nothing_back_from_the_device(spec, monkeypatch, tmp_path):
+@pytest.mark.parametrize("spec,fields", [pytest.param(p.values[0], {}, id=p.id)
+                                         for p in mixer_examples() + ffn_examples() + MOD]
+                         + [pytest.param(MOE, dict(mtp=mtp, n_mtp_tokens=2), id=f"moe-mtp-{mtp}")
+                            for mtp in ("sequential", "parallel")])
+def test_training_step_reads_nothing_back_from_the_device(spec, fields, monkeypatch, tmp_path):
     """train_step with gradient accumulation and the non-finite guard's record, as the loop runs them on steps that
     are not logged, never reads a tensor's value on the host (on CUDA each read would wait for the device)."""
-    model = LLM(make_config(spec, n_embd=48, n_layer=1, block_size=BLOCK)).train()
+    model = LLM(make_config(spec, n_embd=48, n_layer=1, block_size=BLOCK, **fields)).train()
     cfg = Trainconfig(device="cpu")
     loader, optimizer, job = FixedBatches(model.config.vocab_size), build_optimizer(model, cfg, CPU), Distributed()
     guard = NonFiniteGuard(CPU, tmp_path)

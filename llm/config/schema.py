@@ -141,6 +141,15 @@ class LLMconfig:
     loss: Literal["ce", "hxe", "soft_labels"] = "ce"
     """Token loss: ce (cross-entropy), hxe (hierarchical cross-entropy over the codon tree, HELM) or soft_labels (KL
     to soft labels from codon-tree distances, HELM); hxe and soft_labels need the 3mer tokenizer."""
+    mtp: Literal["none", "sequential", "parallel"] = "none"
+    """Multi-token prediction (training only; inference uses the main head): sequential (DeepSeek-V3: module k combines
+    the previous depth's hidden state with the embedding of token t+k, runs one block and predicts token t+k+1) or
+    parallel (Gloeckle et al. 2024: n_mtp_tokens independent one-block heads on the trunk, head k predicting token
+    t+k+1); none disables."""
+    n_mtp_tokens: int = 2
+    """mtp: extra tokens predicted, one module (sequential) or head (parallel) each."""
+    mtp_lambda: float = 0.1
+    """mtp: weight of the mean of the extra depths' losses, added to the main loss."""
     hxe_alpha: float = 0.2
     """loss=hxe: the edge into a node at depth d weighs exp(-hxe_alpha * d) (weights normalised to sum to 1)."""
     soft_label_beta: float = 15.0

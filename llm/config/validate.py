@@ -92,6 +92,8 @@ def check_window_schedule(t: Trainconfig, m: LLMconfig) -> None:
     require(m.attn_backend != "flash",
             "attn_backend=flash takes a fixed window, but window_schedule=linear changes it; use --attn_backend auto "
             "(FlexAttention on CUDA)")
+
+
 RECURRENT_FIELDS = ("n_prelude", "n_core", "n_coda", "mean_recurrence", "lognorm_var", "r_max", "k_trunc", "s0_std",
                     "eval_recurrence", "adapter_mode")
 
@@ -117,6 +119,18 @@ def check_recurrent_depth(m: LLMconfig) -> None:
                                 f"n_coda={m.n_coda} = {split} differs from n_layer={m.n_layer}; make them equal")
 
 
+def check_mtp(m: LLMconfig) -> None:
+    """Multi-token prediction: at least one extra token, fewer than block_size, a weight >= 0, a causal objective."""
+    if m.mtp == "none":
+        return
+    require(1 <= m.n_mtp_tokens < m.block_size,
+            f"n_mtp_tokens={m.n_mtp_tokens} must be in [1, block_size={m.block_size}) with mtp={m.mtp}; "
+            "change --n_mtp_tokens or use --mtp none")
+    require(m.mtp_lambda >= 0, f"mtp_lambda={m.mtp_lambda} must be >= 0 (the weight of the extra depths' losses)")
+    require(m.objective == "clm", f"mtp={m.mtp} predicts further tokens to the right, but objective={m.objective!r} "
+                                  "is not causal; use --objective clm or --mtp none")
+
+
 def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     """Checks model-wide values and every layer; `wheres[i]` tells where layer i was specified."""
     from ..model.mod import validate_every_other
@@ -140,6 +154,7 @@ def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     require(m.loss == "ce" or m.vocab_size in (None, CODON_VOCAB),
             f"loss={m.loss} needs the 3mer tokenizer's {CODON_VOCAB} tokens, but vocab_size={m.vocab_size}; prepare the "
             "data with --tokenizer 3mer and leave --vocab_size unset, or use --loss ce")
+    check_mtp(m)
     require(len(m.layers) == m.n_layer,
             f"n_layer={m.n_layer} but {len(m.layers)} layer specs were given; make them equal or omit --n_layer")
     check_attn_backend(m)

@@ -140,7 +140,8 @@ def saved_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 
 def weight_pairs(model: LLM, family: Family) -> list[Pair]:
     """The family's weight map applied to our model: its model-wide entries, then its layer entries for each layer,
-    each where it applies. Raises RuntimeError if one of our tensors is left out (the map is incomplete)."""
+    each where it applies. Raises RuntimeError if one of our tensors is left out (the map is incomplete); the
+    multi-token prediction modules (`mtp.*`, training-only) are never mapped."""
     ours, modules = saved_tensors(model), dict(model.named_modules())
     entries = [(w, None) for w in family.weights]
     entries += [(w, i) for i in range(len(model.config.layers)) for w in family.layer_weights]
@@ -152,7 +153,8 @@ def weight_pairs(model: LLM, family: Family) -> list[Pair]:
             pairs.append(Pair(theirs, name, weight.transform(ours[name], model.config, layer)))
         elif weight.zero_if_absent and name.rpartition(".")[0] in modules:
             pairs.append(Pair(theirs, name, None))
-    left_out = sorted(set(ours) - {p.ours for p in pairs})
+    training_only = {name for name in ours if name.startswith("mtp.")}  # multi-token prediction: never exported
+    left_out = sorted(set(ours) - training_only - {p.ours for p in pairs})
     if left_out:
         raise RuntimeError(f"the {family.title} weight map leaves out our tensors {left_out[:5]}")
     return pairs

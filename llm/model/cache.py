@@ -28,6 +28,10 @@ class TokenCache:
         """Bytes this cache holds per row after `tokens` tokens."""
         return tokens * self.nbytes_per_token()
 
+    def truncate(self, length: int) -> None:
+        """Forgets every token from `length` on (the next append writes there)."""
+        self.length = length
+
 
 class WindowCache:
     """Per-token tensors of one sliding-window layer for B rows in a ring of min(window, max_len) slots: only the
@@ -86,6 +90,12 @@ class Cache:
     length: int
     pad: torch.Tensor  # (B,) left-padding tokens per row
     padded: bool  # whether any row has padding (decided once, so the forward pass needs no host sync)
+
+    def truncate(self, length: int) -> None:
+        """Forgets every position from `length` on (speculative decoding's rejected drafts) in every layer."""
+        for layer in self.layers:
+            layer.truncate(length)
+        self.length = length
 
     def positions(self, T: int) -> torch.Tensor:
         """Positions (B, T) of the next T tokens of each row, counted from its first real token."""

@@ -12,6 +12,7 @@ from .cache import Cache
 from .ffn.experts import ExpertLinear
 from .mixers.attention import SlidingWindow
 from .mod import RoutedBlock, routes
+from .mtp import MultiTokenPrediction
 from .norms import build_norm
 from .positions import POSITIONS
 from .recurrent import RecurrentDepth, effective_depth, sample_recurrence
@@ -31,8 +32,8 @@ class ModelOutput(NamedTuple):
     logits: torch.Tensor | None  # (B, T, vocab_size) without targets or when asked for, else None
     loss: torch.Tensor | None  # () the objective's loss (mean cross-entropy) when targets are given
     aux_loss: torch.Tensor  # () sum of the layers' weighted auxiliary losses (0 when no layer has one)
-    layer_stats: list[dict[str, torch.Tensor]]  # per layer, its feed-forward stats (MoE: {"load": (E,)}; dense: {}),
-    # with a mixture-of-depths layer's counts added (mod_predicted, mod_agreed, mod_tokens)
+    layer_stats: list[dict[str, torch.Tensor]]  # per layer (then per MTP block), its feed-forward stats (MoE: {"load":
+    # (E,)}; dense: {}), with a mixture-of-depths layer's counts added (mod_predicted, mod_agreed, mod_tokens)
     stats: dict[str, torch.Tensor] = {}  # model-wide figures () averaged over micro-steps and ranks, logged by name
 
 
@@ -63,6 +64,7 @@ class LLM(nn.Module):
             isinstance(getattr(b.attn, "window", None), SlidingWindow) and b.attn.window.size is not None
             for b in self.blocks)
         self.recurrence = RecurrentDepth(config) if config.recurrent_depth else None  # prelude, core x r, coda
+        self.mtp = MultiTokenPrediction(config) if config.mtp != "none" else None  # causal: mtp needs clm
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
@@ -85,11 +87,29 @@ class LLM(nn.Module):
         """Logits (B, T, vocab_size) for token ids idx (B, T), the objective's loss when targets are given (targets
         equal to -1 are ignored), and the layers' auxiliary loss and stats. Train on loss + aux_loss.
 
+        With targets and --mtp, the multi-token prediction modules run too: `loss` stays the main head's, aux_loss
+        adds mtp_lambda * the mean of their depths' losses, and stats holds each depth's loss as mtp/loss_K.
+
         With targets the logits are returned only when return_logits; otherwise the objective computes the loss
         without materialising them (in chunks of tokens) and `logits` is None.
 
         With a cache (generation), idx continues the cached tokens and the cache is extended by them.
         """
+        x, aux_loss, layer_stats, stats = self.trunk(idx, cache)
+        logits, loss = self.objective(self.ln_f(x), self.lm_head.weight, targets, return_logits)
+        if self.mtp is not None and targets is not None:
+            losses, mtp_aux, mtp_stats = self.mtp(x, idx, targets, self.tok_emb, self.lm_head, self.objective,
+                                                  recompute=self.act_recomp and self.training)
+            aux_loss = aux_loss + mtp_aux + self.config.mtp_lambda * torch.stack(losses).mean()
+            layer_stats = layer_stats + mtp_stats
+            stats = {**stats, **{f"mtp/loss_{k}": depth.detach() for k, depth in enumerate(losses, start=1)}}
+        return ModelOutput(logits, loss, aux_loss, layer_stats, stats)
+
+    def trunk(self, idx: torch.Tensor, cache: Cache | None = None
+              ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """The last hidden state (B, T, C) before the final norm for token ids idx (B, T), the layers' summed
+        auxiliary loss () and their stats, and model-wide figures (recurrent depth: the recurrence); with a cache as
+        in `forward`."""
         T = idx.shape[1]
         start = 0 if cache is None else cache.length
         if start + T > self.config.block_size and not self.streams:
@@ -119,9 +139,11 @@ class LLM(nn.Module):
                 layer_stats.append(stats)
         if cache is not None:
             cache.length += T
-        hidden = self.ln_f(x)  # (B, T, C)
-        logits, loss = self.objective(hidden, self.lm_head.weight, targets, return_logits)
-        return ModelOutput(logits, loss, aux_loss, layer_stats, model_stats)
+        return x, aux_loss, layer_stats, model_stats  # (B, T, C), (), per layer, model-wide figures
+
+    def mtp_blocks(self) -> list[Block]:
+        """The blocks of the multi-token prediction modules (none without --mtp)."""
+        return [] if self.mtp is None else [module.block for module in self.mtp.depths]
 
     def new_cache(self, batch: int, pad: torch.Tensor | None = None, max_len: int | None = None) -> Cache:
         """An empty cache for `batch` rows, each left-padded by pad[b] tokens (none by default), holding up to
@@ -153,17 +175,19 @@ class LLM(nn.Module):
     def after_step(self, layer_stats: list[dict[str, torch.Tensor]]) -> None:
         """After an optimizer step, with each layer's stats summed over the step: every feed-forward layer's hook
         (MoE: the aux-free selection bias moves from the step's expert loads)."""
-        for block, stats in zip(self.blocks, layer_stats, strict=True):
+        for block, stats in zip([*self.blocks, *self.mtp_blocks()], layer_stats, strict=True):
             block.ffn.after_step(stats)
 
     def get_num_params(self) -> tuple[int, int]:
         """(total, active) parameter counts; tied weights count once, padded vocabulary rows included.
 
-        Active parameters are those a token uses: all but those its feed-forward layers leave out (MoE: the routed
-        experts it does not pick).
+        Active parameters are those a token uses in training: all but those its feed-forward layers leave out (MoE: the
+        routed experts it does not pick). The multi-token prediction modules count in both: they run on every
+        training token (MFU counts training FLOPs), though generation leaves them out.
         """
         total = sum(p.numel() for p in self.parameters())
-        return total, total - sum(block.ffn.inactive_params() for block in self.blocks)
+        blocks = [*self.blocks, *self.mtp_blocks()]
+        return total, total - sum(block.ffn.inactive_params() for block in blocks)
 
     def skipped_params(self) -> float:
         """Active parameters that the average training token skips: each mixture-of-depths layer's block parameters

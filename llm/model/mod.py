@@ -52,6 +52,10 @@ class RoutedCache(TokenCache):
     def nbytes_per_token(self) -> int:
         return super().nbytes_per_token() + self.mixer.nbytes_per_token()
 
+    def truncate(self, length: int) -> None:
+        super().truncate(length)
+        self.mixer.truncate(length)
+
 
 class RoutedBlock(Block):
     """A Block that processes the tokens its router picks (training) or its predictor routes (evaluation).

@@ -1,0 +1,76 @@
+"""Multi-token prediction (`--mtp`): extra modules that learn to predict tokens further ahead, for training only.
+
+Both kinds start from the trunk's last hidden state h⁰ (B, T, C) (before the final norm) and end in the model's
+shared output head; depth k (1-based) predicts token t+k+1 at position t, so it has T-k positions (the targets past
+the window are dropped), and its targets are the model's targets shifted by k (y[t+k] = x[t+k+1]; -1 is ignored).
+
+- sequential (DeepSeek-V3, arXiv:2412.19437 §2.2): module k computes
+  h'ᵏ = W [norm(hᵏ⁻¹); norm(Emb(x[t+k]))], hᵏ = Block(h'ᵏ), logits = head(normᵏ(hᵏ)),
+  a chain in which each depth sees the previous depth's hidden state and the embedding of the next known token.
+- parallel (Gloeckle et al. 2024, arXiv:2404.19737): head k is hᵏ = Block(h⁰), logits = head(normᵏ(hᵏ)),
+  all heads reading the trunk independently.
+
+Each module's block is built like the trunk's last layer (its spec), each module has its own final norm before the
+shared head (DeepSeek-V3's shared_head.norm), and its norms are the model's `norm` kind (RMSNorm with --norm rms, as
+DeepSeek-V3). The loss of each depth is the model's objective (chunked cross-entropy) on those positions.
+"""
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import LLMconfig
+from .block import Block
+from .norms import build_norm
+
+
+class MTPModule(nn.Module):
+    """One depth: (sequential only) the projection of the normalised previous hidden state and next-token
+    embedding, one block, and the final norm before the shared head."""
+
+    def __init__(self, config: LLMconfig, sequential: bool):
+        super().__init__()
+        if sequential:
+            self.norm_hidden = build_norm(config)
+            self.norm_embedding = build_norm(config)
+            self.proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=config.bias)
+        self.block = Block(config.layers[-1], config)
+        self.norm_out = build_norm(config)
+
+    def combine(self, hidden: torch.Tensor, embedded: torch.Tensor) -> torch.Tensor:
+        """Sequential input: W [norm(hidden); norm(embedded)], (B, T, C) each -> (B, T, C)."""
+        return self.proj(torch.cat((self.norm_hidden(hidden), self.norm_embedding(embedded)), dim=-1))  # (B, T, C)
+
+
+class MultiTokenPrediction(nn.Module):
+    """`n_mtp_tokens` modules (sequential) or heads (parallel) on the trunk; see the module docstring."""
+
+    def __init__(self, config: LLMconfig):
+        super().__init__()
+        self.sequential = config.mtp == "sequential"
+        self.depths = nn.ModuleList(MTPModule(config, self.sequential) for _ in range(config.n_mtp_tokens))
+
+    def forward(self, hidden: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, tok_emb: nn.Embedding,
+                head: nn.Linear, objective: nn.Module, recompute: bool = False
+                ) -> tuple[list[torch.Tensor], torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """hidden (B, T, C): the trunk's last hidden state; idx, targets (B, T) the model's inputs and targets.
+        Returns each depth's loss (), the sum of the blocks' auxiliary losses () and each block's stats.
+        `recompute` recomputes each block's activations in backward (activation checkpointing)."""
+        T = idx.shape[1]
+        losses, aux_loss, stats = [], hidden.new_zeros((), dtype=torch.float32), []
+        previous = hidden  # (B, T, C) h⁰
+        for k, module in enumerate(self.depths, start=1):
+            source = previous if self.sequential else hidden
+            x = source[:, : T - k]  # (B, T-k, C): positions t whose target x[t+k+1] is in the window
+            if self.sequential:
+                x = module.combine(x, tok_emb(idx[:, k:]))  # (B, T-k, C) with the embedding of x[t+k]
+            positions = torch.arange(T - k, device=idx.device)[None]  # (1, T-k)
+            if recompute:
+                x, aux, block_stats = checkpoint(module.block, x, positions, None, None, use_reentrant=False)
+            else:
+                x, aux, block_stats = module.block(x, positions)  # (B, T-k, C)
+            _, loss = objective(module.norm_out(x), head.weight, targets[:, k:], False)
+            losses.append(loss)
+            aux_loss = aux_loss + aux
+            stats.append(block_stats)
+            previous = x
+        return losses, aux_loss, stats
