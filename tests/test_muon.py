@@ -168,13 +168,16 @@ def test_param_groups_untied_with_moe_learned_positions_and_biases():
     assert groups["muon"]["use_muon"] and not any(groups[r]["use_muon"] for r in ("head", "embed", "scalar"))
 
 
-def test_a_tied_embedding_takes_the_head_rate_and_peer_tables_are_embeddings():
-    model = LLM(make_config(PEER, tie_embeddings=True, pos_emb="rope"))
+def test_tied_inputs_take_the_head_rate_and_peer_tables_are_scalars():
+    model = LLM(make_config(PEER, tie_embeddings=True, pos_emb="learn"))
     groups = groups_by_role(model, decay_embeddings=False)
-    assert names(model, groups["head"]) == {"tok_emb.weight"}  # the shared matrix, once
-    assert groups["head"]["lr"] == 0.008 and groups["head"]["weight_decay"] == 0.0  # a table: --no_decay_embeddings
-    assert names(model, groups["embed"]) == {f"blocks.{i}.ffn.{t}.weight" for i in range(2) for t in ("down", "up")}
+    assert "embed" not in groups
+    assert names(model, groups["head"]) == {"tok_emb.weight", "pos_emb.table.weight"}  # added together: one rate
+    assert groups["head"]["lr"] == 0.008 and groups["head"]["weight_decay"] == 0.0  # tables: --no_decay_embeddings
+    peer_tables = {f"blocks.{i}.ffn.{t}.weight" for i in range(2) for t in ("down", "up")}
+    assert peer_tables <= names(model, groups["scalar"]) and groups["scalar"]["lr"] == 0.04
     assert {"blocks.0.ffn.sub_keys.0", "blocks.0.ffn.query.weight"} <= names(model, groups["muon"])
+    assert not peer_tables & names(model, groups["muon"])
 
 
 def test_adamw_is_unchanged():

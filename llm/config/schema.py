@@ -202,11 +202,12 @@ class Trainconfig:
     muon_weight_decay: float = 0.0
     """optimizer=muon: decoupled weight decay of the Muon matrices (each step w -= lr * muon_weight_decay * w)."""
     embed_lr: float = 0.6
-    """optimizer=muon: peak AdamW learning rate of the embedding tables (token, learned positions, PEER experts)."""
+    """optimizer=muon: peak AdamW learning rate of the untied token embedding and the learned position table."""
     head_lr: float = 0.008
-    """optimizer=muon: peak AdamW learning rate of the output head (also of the token embedding when tied to it)."""
+    """optimizer=muon: peak AdamW learning rate of the output head (and of the token embedding and learned position
+    table when the embedding is tied to the head)."""
     scalar_lr: float = 0.04
-    """optimizer=muon: peak AdamW learning rate of norm weights, biases and other parameters that are not matrices."""
+    """optimizer=muon: peak AdamW learning rate of norm weights, biases and PEER's expert tables."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this value (0 disables)."""
     device: str = "auto"

@@ -34,23 +34,23 @@ def build_adamw(model: nn.Module, cfg: Trainconfig, device: torch.device) -> tor
 
 def muon_groups(model: nn.Module, cfg: Trainconfig) -> list[dict]:
     """Muon's param groups, each with its peak rate (peak_lr) and a role: muon for the blocks' matrices (every
-    parameter of two or more dims inside model.blocks, MoE expert stacks and routers included), and AdamW for the
-    output head (head, also the token embedding when tied to it), the nn.Embedding tables (embed: token embedding,
-    learned positions, PEER's expert tables) and everything else (scalar: norm weights, biases). Weight decay:
-    muon_weight_decay on the matrices, weight_decay on the head and the tables (not with --no_decay_embeddings),
-    none on the scalars."""
+    parameter of two or more dims inside model.blocks but their nn.Embedding tables: MoE expert stacks and routers
+    included), and AdamW for the output head (head), the input tables outside the blocks (embed: the token
+    embedding and learned positions, which are added together and so share a rate; both join the head when the
+    token embedding is tied to it) and everything else (scalar: norm weights, biases, PEER's expert tables).
+    Weight decay: muon_weight_decay on the matrices, weight_decay on the head and the input tables (not on tables
+    with --no_decay_embeddings), none on the scalars."""
     head = model.lm_head.weight
+    tied = head is model.tok_emb.weight
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     in_blocks = {id(p) for p in model.blocks.parameters()}
     roles = {"muon": [], "head": [], "embed": [], "scalar": []}
     for p in model.parameters():
         if not p.requires_grad:
             continue
-        if p is head:
-            roles["head"].append(p)
-        elif id(p) in tables:
-            roles["embed"].append(p)
-        elif p.dim() >= 2 and id(p) in in_blocks:
+        if p is head or (id(p) in tables and id(p) not in in_blocks):
+            roles["head" if p is head or tied else "embed"].append(p)
+        elif p.dim() >= 2 and id(p) in in_blocks and id(p) not in tables:
             roles["muon"].append(p)
         else:
             roles["scalar"].append(p)
@@ -59,7 +59,7 @@ def muon_groups(model: nn.Module, cfg: Trainconfig) -> list[dict]:
     settings = {
         "muon": dict(use_muon=True, peak_lr=cfg.muon_lr, momentum=cfg.muon_momentum,
                      weight_decay=cfg.muon_weight_decay),
-        "head": dict(adamw, peak_lr=cfg.head_lr, weight_decay=table_decay if id(head) in tables else cfg.weight_decay),
+        "head": dict(adamw, peak_lr=cfg.head_lr, weight_decay=table_decay if tied else cfg.weight_decay),
         "embed": dict(adamw, peak_lr=cfg.embed_lr, weight_decay=table_decay),
         "scalar": dict(adamw, peak_lr=cfg.scalar_lr, weight_decay=0.0),
     }
