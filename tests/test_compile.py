@@ -1,9 +1,9 @@
 """Every registered mixer and feed-forward kind compiles whole (`fullgraph=True`) in training mode and compiles once
 for training steps of the same shapes; the training step reads nothing back from the device.
 
-The steps are llm.train.step.train_step itself (forward, backward, clipping, AdamW, the layers' after-step hooks),
-compiled with the aot_eager backend, which traces forward and backward through AOTAutograd like inductor does but
-skips code generation; one test runs inductor on the default model.
+The steps are llm.train.step.train_step itself (forward, backward, clipping, AdamW or Muon, the layers' after-step
+hooks), compiled with the aot_eager backend, which traces forward and backward through AOTAutograd like inductor does
+but skips code generation; one test runs inductor on the default model. The optimizer step runs eagerly.
 """
 import pytest
 import torch
@@ -59,12 +59,13 @@ def fresh_dynamo():
 
 
 def train_compiled(spec: dict, backend: str = "aot_eager", act_recomp: bool = False,
-                   dtype: torch.dtype = torch.float32, steps: int = 3, **model_fields) -> None:
+                   dtype: torch.dtype = torch.float32, steps: int = 3, optimizer: str = "adamw",
+                   **model_fields) -> None:
     """`steps` training steps of a one-layer model with `spec`, compiled whole with `backend`: fails on a graph
     break (fullgraph raises) and on a recompilation, and checks that one graph was compiled."""
     model = LLM(make_config(spec, n_embd=48, n_layer=1, block_size=BLOCK, **model_fields)).train()
     model.act_recomp = act_recomp
-    cfg = Trainconfig(device="cpu")
+    cfg = Trainconfig(device="cpu", optimizer=optimizer)
     loader, optimizer, job = FixedBatches(model.config.vocab_size), build_optimizer(model, cfg, CPU), Distributed()
     compiled = torch.compile(model, fullgraph=True, backend=backend)
     with torch._dynamo.config.patch(error_on_recompile=True):
@@ -122,6 +123,11 @@ def test_moe_padded_fallback_compiles_whole_once(monkeypatch):
     train_compiled(MOE)
 
 
+def test_muon_steps_compile_the_model_whole_once():
+    """The model compiles as with AdamW; Muon's step runs eagerly after it, as AdamW's does."""
+    train_compiled(MOE, optimizer="muon", **POSITIONS["learn"])
+
+
 def test_default_model_compiles_whole_once_with_inductor():
     train_compiled({}, backend="inductor", steps=2)
 
@@ -132,12 +138,15 @@ HOST_READS = ["item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float_
 @pytest.mark.parametrize("spec,fields", [pytest.param(p.values[0], {}, id=p.id)
                                          for p in mixer_examples() + ffn_examples() + MOD]
                          + [pytest.param(MOE, dict(mtp=mtp, n_mtp_tokens=2), id=f"moe-mtp-{mtp}")
-                            for mtp in ("sequential", "parallel")])
+                            for mtp in ("sequential", "parallel")]
+                         + [pytest.param(MOE, dict(optimizer="muon"), id="moe-muon")])
 def test_training_step_reads_nothing_back_from_the_device(spec, fields, monkeypatch, tmp_path):
     """train_step with gradient accumulation and the non-finite guard's record, as the loop runs them on steps that
     are not logged, never reads a tensor's value on the host (on CUDA each read would wait for the device)."""
+    fields = dict(fields)
+    optimizer = fields.pop("optimizer", "adamw")  # a Trainconfig field; the others are the model's
     model = LLM(make_config(spec, n_embd=48, n_layer=1, block_size=BLOCK, **fields)).train()
-    cfg = Trainconfig(device="cpu")
+    cfg = Trainconfig(device="cpu", optimizer=optimizer)
     loader, optimizer, job = FixedBatches(model.config.vocab_size), build_optimizer(model, cfg, CPU), Distributed()
     guard = NonFiniteGuard(CPU, tmp_path)
 

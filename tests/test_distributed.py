@@ -41,11 +41,11 @@ def torchrun(char_data, out_dir, name: str, *flags: str) -> dict[int, dict]:
     return metrics_of(out_dir, name)
 
 
-def assert_same_trajectory(a: dict[int, dict], b: dict[int, dict], steps) -> None:
+def assert_same_trajectory(a: dict[int, dict], b: dict[int, dict], steps, rel: float = 1e-5) -> None:
     for step in steps:
         for key in ("loss", "grad_norm", "val_loss"):
             if key in a[step]:
-                assert a[step][key] == pytest.approx(b[step][key], rel=1e-5, abs=1e-6), (step, key)
+                assert a[step][key] == pytest.approx(b[step][key], rel=rel, abs=1e-6), (step, key)
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])
@@ -99,3 +99,16 @@ def test_save_on_two_ranks_resume_on_one_and_back(char_data, tmp_path):
     resumed_on_two = torchrun(char_data, tmp_path / "d", "run", *MOE, "--dist", "ddp", "--resume",
                               str(tmp_path / "c" / "run" / "checkpoints" / "step_0000003"))
     assert_same_trajectory(reference, resumed_on_two, range(3, 6))
+
+
+MUON = ["--optimizer", "muon", "--muon_momentum_warmup", "3", "--weight_decay", "0"]
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_two_ranks_equal_one_process_with_muon(char_data, tmp_path, kind):
+    """Muon on two ranks: DDP orthogonalises the averaged gradient's update on every rank, FSDP2 gathers each
+    row-sharded matrix and orthogonalises its experts (whole on each rank) in place; both follow one process."""
+    reference = single(char_data, tmp_path, "one", *MOE, *MUON)
+    two = torchrun(char_data, tmp_path, "two", "--dist", kind, *MOE, *MUON)
+    assert sorted(two) == list(range(6))
+    assert_same_trajectory(reference, two, range(6), rel=5e-4)  # bf16 Newton-Schulz turns 1e-7 into 1e-4

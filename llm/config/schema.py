@@ -250,6 +250,27 @@ class Trainconfig:
     """Apply weight decay to the embedding tables too (--no_decay_embeddings: matrices only, as OpenGenome2)."""
     adam_eps: float = 1e-8
     """AdamW epsilon."""
+    optimizer: Literal["adamw", "muon"] = "adamw"
+    """adamw: AdamW for every parameter at learning_rate. muon: Muon for the blocks' matrices (muon_lr) and AdamW
+    (beta1, beta2, adam_eps, weight_decay) for embedding tables (embed_lr), the output head (head_lr) and the other
+    parameters (scalar_lr), each rate scaled by the schedule's lr / learning_rate."""
+    muon_lr: float = 0.05
+    """optimizer=muon: peak learning rate of the Muon matrices."""
+    muon_momentum: float = 0.95
+    """optimizer=muon: Muon's (Nesterov) momentum after its warm-up."""
+    muon_momentum_start: float = 0.85
+    """optimizer=muon: Muon's momentum at step 0, raised linearly to muon_momentum over muon_momentum_warmup steps."""
+    muon_momentum_warmup: int = 300
+    """optimizer=muon: steps of the momentum warm-up (0: muon_momentum from the start)."""
+    muon_weight_decay: float = 0.0
+    """optimizer=muon: decoupled weight decay of the Muon matrices (each step w -= lr * muon_weight_decay * w)."""
+    embed_lr: float = 0.6
+    """optimizer=muon: peak AdamW learning rate of the untied token embedding and the learned position table."""
+    head_lr: float = 0.008
+    """optimizer=muon: peak AdamW learning rate of the output head (and of the token embedding and learned position
+    table when the embedding is tied to the head)."""
+    scalar_lr: float = 0.04
+    """optimizer=muon: peak AdamW learning rate of norm weights, biases and PEER's expert tables."""
     grad_clip: float = 1.0
     """Clip the gradient norm to this value (0 disables)."""
     device: str = "auto"

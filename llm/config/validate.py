@@ -217,6 +217,12 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
         require(0 <= value < 1, f"{name}={value} must be in [0, 1)")
     require(t.weight_decay >= 0, f"weight_decay={t.weight_decay} must be >= 0")
     require(t.adam_eps > 0, f"adam_eps={t.adam_eps} must be > 0")
+    for name in ("muon_lr", "embed_lr", "head_lr", "scalar_lr"):
+        require(getattr(t, name) > 0, f"{name}={getattr(t, name)} must be > 0")
+    for name in ("muon_momentum", "muon_momentum_start"):
+        require(0 <= getattr(t, name) < 1, f"{name}={getattr(t, name)} must be in [0, 1)")
+    require(t.muon_momentum_warmup >= 0, f"muon_momentum_warmup={t.muon_momentum_warmup} must be >= 0 (0: no warm-up)")
+    require(t.muon_weight_decay >= 0, f"muon_weight_decay={t.muon_weight_decay} must be >= 0")
     require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
             f"device={t.device!r} is not a device; use auto, cpu, cuda or cuda:N")
     require(t.init_from is None or (t.init_from.startswith("hf:") and len(t.init_from) > 3),

@@ -28,7 +28,7 @@ from .distributed import Distributed, init_distributed, wrap
 from .fp8 import convert_to_fp8
 from .metrics import MetricsLog, layer_metrics, peak_memory_bytes
 from .mfu import flops_per_token, mfu
-from .optim import build_optimizer
+from .optim import build_optimizer, set_step_hyperparameters
 from .precision import Precision, pick_precision
 from .rundir import claim
 from .step import (NonFiniteGuard, StepResult, estimate_loss, loss_against_recurrence, out_of_memory_explained,
@@ -301,10 +301,8 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
     try:
         with StopRequest() as stop:
             for step in range(start_step, cfg.max_iters):
-                lr = s.checkpointer.schedule(step)
+                lr = set_step_hyperparameters(s.optimizer, s.checkpointer.schedule, cfg, step)
                 s.model.before_step(step, cfg.seed)  # recurrent depth: the step's r, from (seed, step)
-                for group in s.optimizer.param_groups:
-                    group["lr"] = lr
                 apply_window_schedule(s.model, step, cfg)
                 result = train_step(s.model, s.step_model, s.loaders["train"], s.accum_steps, s.precision,
                                     s.optimizer, cfg, job)

@@ -1,4 +1,4 @@
-"""AdamW with weight decay on 2-D weights only, and the warmup + cosine learning-rate schedule."""
+"""The optimizer (AdamW, or Muon with AdamW), the learning-rate schedule and the per-step settings they take."""
 import math
 from dataclasses import dataclass, replace
 
@@ -6,11 +6,19 @@ import torch
 from torch import nn
 
 from ..config import Trainconfig
+from .muon import Muon
 
 MIN_LR_FRACTION = 0.1  # min_lr when unset, as a fraction of the peak
 
 
-def build_optimizer(model: nn.Module, cfg: Trainconfig, device: torch.device) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: Trainconfig, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer that --optimizer names for the model (an LLM, possibly sharded by FSDP2)."""
+    if cfg.optimizer == "muon":
+        return Muon(muon_groups(model, cfg))
+    return build_adamw(model, cfg, device)
+
+
+def build_adamw(model: nn.Module, cfg: Trainconfig, device: torch.device) -> torch.optim.AdamW:
     """AdamW that decays matrices and embeddings (not with --no_decay_embeddings) but not biases and norm weights
     (fused kernel on CUDA and CPU)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -22,6 +30,62 @@ def build_optimizer(model: nn.Module, cfg: Trainconfig, device: torch.device) ->
     ]
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps,
                              fused=device.type in ("cuda", "cpu"))
+
+
+def muon_groups(model: nn.Module, cfg: Trainconfig) -> list[dict]:
+    """Muon's param groups, each with its peak rate (peak_lr) and a role: muon for the blocks' matrices (every
+    parameter of two or more dims inside model.blocks but their nn.Embedding tables: MoE expert stacks and routers
+    included), and AdamW for the output head (head), the input tables outside the blocks (embed: the token
+    embedding and learned positions, which are added together and so share a rate; both join the head when the
+    token embedding is tied to it) and everything else (scalar: norm weights, biases, PEER's expert tables).
+    Weight decay: muon_weight_decay on the matrices, weight_decay on the head and the input tables (not on tables
+    with --no_decay_embeddings), none on the scalars."""
+    head = model.lm_head.weight
+    tied = head is model.tok_emb.weight
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    in_blocks = {id(p) for p in model.blocks.parameters()}
+    roles = {"muon": [], "head": [], "embed": [], "scalar": []}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p is head or (id(p) in tables and id(p) not in in_blocks):
+            roles["head" if p is head or tied else "embed"].append(p)
+        elif p.dim() >= 2 and id(p) in in_blocks and id(p) not in tables:
+            roles["muon"].append(p)
+        else:
+            roles["scalar"].append(p)
+    table_decay = cfg.weight_decay if cfg.decay_embeddings else 0.0
+    adamw = dict(use_muon=False, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps)
+    settings = {
+        "muon": dict(use_muon=True, peak_lr=cfg.muon_lr, momentum=cfg.muon_momentum,
+                     weight_decay=cfg.muon_weight_decay),
+        "head": dict(adamw, peak_lr=cfg.head_lr, weight_decay=table_decay if tied else cfg.weight_decay),
+        "embed": dict(adamw, peak_lr=cfg.embed_lr, weight_decay=table_decay),
+        "scalar": dict(adamw, peak_lr=cfg.scalar_lr, weight_decay=0.0),
+    }
+    return [dict(settings[role], params=params, role=role, lr=settings[role]["peak_lr"])
+            for role, params in roles.items() if params]
+
+
+def muon_momentum(cfg: Trainconfig, step: int) -> float:
+    """Muon's momentum at `step`: a straight line from muon_momentum_start at step 0 to muon_momentum at step
+    muon_momentum_warmup, then constant."""
+    done = min(1.0, step / cfg.muon_momentum_warmup) if cfg.muon_momentum_warmup > 0 else 1.0
+    return cfg.muon_momentum_start + done * (cfg.muon_momentum - cfg.muon_momentum_start)
+
+
+def set_step_hyperparameters(optimizer: torch.optim.Optimizer, schedule: "Schedule", cfg: Trainconfig,
+                             step: int) -> float:
+    """Sets every param group's learning rate for `step`, and Muon's momentum, and returns the schedule's rate (the
+    logged lr). A group with a peak rate of its own (peak_lr, --optimizer muon) takes peak_lr * schedule(step) /
+    schedule.peak; the others (AdamW's) take schedule(step). Both depend on the step alone, so a resume continues
+    them exactly."""
+    lr = schedule(step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr * (group["peak_lr"] / schedule.peak) if "peak_lr" in group else lr
+        if group.get("use_muon"):
+            group["momentum"] = muon_momentum(cfg, step)
+    return lr
 
 
 def cooldown_start(warmup: int, max_iters: int, cooldown_frac: float) -> int:
