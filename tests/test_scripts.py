@@ -1,4 +1,5 @@
 """The ablation scripts and the report, end to end on a few steps."""
+import json
 import os
 import subprocess
 
@@ -47,6 +48,19 @@ def test_custom_layers_script_trains_the_example_stack(char_data, tmp_path):
     result = script("train_custom_layers.sh", env, "--data_dir", str(char_data.parent), "--out_dir", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "max/mean load" in result.stdout and (tmp_path / "custom" / "metrics.jsonl").is_file()
+
+
+def test_families_script_runs_each_family_and_tabulates_them(char_data, tmp_path):
+    families = ["adamw", "muon", "mtp", "mtm", "mod", "recurrent"]
+    env = {"FAMILIES": " ".join(families), "ITERS": "2", "OUT_DIR": str(tmp_path), "DATA_DIR": str(char_data.parent)}
+    result = script("families_cpu.sh", env, "--warmup_steps", "1", "--eval_iters", "1")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "family" not in line]
+    assert [row.split(" | ")[0][2:] for row in rows] == families
+    config = json.loads((tmp_path / "family_recurrent" / "config.json").read_text())["model"]
+    assert config["recurrent_depth"] and config["n_layer"] == 3
+    metrics = (tmp_path / "family_mtp" / "metrics.jsonl").read_text()
+    assert "mtp/loss_2" in metrics
 
 
 def test_report_of_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
