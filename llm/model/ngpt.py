@@ -3,13 +3,13 @@ Representation Learning on the Hypersphere", arXiv:2410.01131).
 
 Embeddings, hidden states and the weights' vectors along the model width live on the unit sphere. A block moves
 the hidden state h towards the normalised outputs of its attention and MLP by learned per-channel eigen learning
-rates (section 2.2.2), with no norm layers:
+rates, with no norm layers:
 
     h <- Norm(h + alpha_A * (Norm(Attn(h)) - h)),    h <- Norm(h + alpha_M * (Norm(MLP(h)) - h))
 
 Attention normalises each head's query and key after RoPE and scales them by s_qk; the softmax scale is
-sqrt(d_k) (section 2.3.2). The MLP scales u by s_u and nu by s_nu * sqrt(n_embd) before the gate (2.4.2). The
-logits are scaled by s_z (2.5). Each learned scaling s is stored at `scale` and used as s * init / scale (2.6).
+sqrt(d_k). The MLP scales u by s_u and nu by s_nu * sqrt(n_embd) before the gate. The logits are scaled by s_z.
+Each learned scaling s is stored at `scale` and used as s * init / scale (the paper's s_init and s_scale).
 """
 import math
 
@@ -37,7 +37,7 @@ def unit(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
 
 class Scaling(nn.Module):
     """A learned vector of `size` scalings, stored at `scale` (its parameter `value`) and used as
-    value * init / scale, so it starts at `init` and its step size is multiplied by init / scale (section 2.6)."""
+    value * init / scale, so it starts at `init` and its step size is multiplied by init / scale."""
 
     def __init__(self, size: int, init: float, scale: float):
         super().__init__()
