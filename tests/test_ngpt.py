@@ -335,3 +335,13 @@ def test_training_resumes_exactly_and_renormalises_loaded_weights(char_data, tmp
     rescaled = run(char_data, tmp_path, "third", "--resume", str(checkpoint))  # renormalised: up to rounding
     for step in rescaled:
         assert rescaled[step][:2] == pytest.approx(full[step][:2], rel=1e-5), (step, rescaled, full)
+
+
+def test_two_ddp_ranks_equal_one_process(char_data, tmp_path):
+    from tests.test_distributed import assert_same_trajectory, single, torchrun
+
+    flags = ["--preset", "ngpt", "--up_dim", "48"]
+    reference = single(char_data, tmp_path, "one", *flags)
+    two = torchrun(char_data, tmp_path, "two", "--dist", "ddp", *flags)
+    assert sorted(two) == list(range(6))
+    assert_same_trajectory(reference, two, range(6))
