@@ -118,6 +118,21 @@ def test_nsa_under_bf16_autocast_compiles_whole_once():
     train_compiled({**MIXERS["nsa"].examples["nsa_strided"]}, dtype=torch.bfloat16, **POSITIONS["rope"])
 
 
+NGPT = dict(arch="ngpt", pos_emb="rope")  # the normalized transformer
+NGPT_SPECS = [pytest.param({"attn": "gqa", "n_head": 4, "n_kv_heads": 2, "non_linearity": "swiglu"}, id="ngpt_gqa"),
+              pytest.param({"attn": "mha", "n_head": 4, "non_linearity": "geglu"}, id="ngpt_mha")]
+
+
+@pytest.mark.parametrize("spec", NGPT_SPECS)
+@pytest.mark.parametrize("act_recomp", [False, True])
+def test_ngpt_compiles_whole_once(spec, act_recomp):
+    train_compiled(spec, act_recomp=act_recomp, **NGPT)
+
+
+def test_ngpt_under_bf16_autocast_compiles_whole_once():
+    train_compiled(NGPT_SPECS[0].values[0], dtype=torch.bfloat16, tie_embeddings=False, **NGPT)
+
+
 def test_moe_padded_fallback_compiles_whole_once(monkeypatch):
     monkeypatch.setattr(experts, "GROUPED_MM", None)
     train_compiled(MOE)
@@ -139,6 +154,7 @@ HOST_READS = ["item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float_
                                          for p in mixer_examples() + ffn_examples() + MOD]
                          + [pytest.param(MOE, dict(mtp=mtp, n_mtp_tokens=2), id=f"moe-mtp-{mtp}")
                             for mtp in ("sequential", "parallel")]
+                         + [pytest.param(p.values[0], NGPT, id=p.id) for p in NGPT_SPECS]
                          + [pytest.param(MOE, dict(optimizer="muon"), id="moe-muon")])
 def test_training_step_reads_nothing_back_from_the_device(spec, fields, monkeypatch, tmp_path):
     """train_step with gradient accumulation and the non-finite guard's record, as the loop runs them on steps that

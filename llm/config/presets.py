@@ -35,4 +35,11 @@ PRESETS: dict[str, tuple[LLMconfig, BlockConfig, Trainconfig]] = {
         Trainconfig(dataset="genomic_3mer", data_order="windows", total_batch_size_str="128*2048", batch_size=8,
                     learning_rate=1e-3, min_lr=1e-5, weight_decay=0.1, mask_prob=0.15, mask_strategy="helm"),
     ),
+    # nGPT (Loshchilov et al. 2024) at the tiny size: RoPE, SwiGLU, untied embeddings as in the paper, no weight
+    # decay and no warmup (the weights stay on the unit sphere).
+    "ngpt": (
+        LLMconfig(arch="ngpt", pos_emb="rope", tie_embeddings=False),
+        BlockConfig(attn="mha", non_linearity="swiglu"),
+        Trainconfig(weight_decay=0.0, warmup_steps=0),
+    ),
 }

@@ -188,6 +188,17 @@ class LLMconfig:
     adapter_mode: Literal["concat", "add"] = "concat"
     """recurrent_depth: the core's input from the state s and the prelude's output e: concat (a linear adapter
     W [s; e], 2 n_embd -> n_embd) or add (s + e, no parameters)."""
+    arch: Literal["gpt", "ngpt"] = "gpt"
+    """Architecture: gpt (pre-norm residual blocks) or ngpt (the normalized transformer, Loshchilov et al. 2024:
+    embeddings, hidden states and the weights' vectors along the width on the unit sphere, no norm layers; needs
+    pos_emb rope, a gated MLP and weight_decay 0; see --preset ngpt and docs/model-kinds.md)."""
+    ngpt_alpha_attn_init: float = 0.05
+    """arch=ngpt: initial value of the attention eigen learning rates alpha_A (one per channel)."""
+    ngpt_alpha_mlp_init: float = 0.05
+    """arch=ngpt: initial value of the MLP eigen learning rates alpha_M (one per channel)."""
+    ngpt_alpha_scale: float | None = None
+    """arch=ngpt: alpha_A and alpha_M are stored at this value and used as stored * init / scale, which scales their
+    effective learning rate; unset means 1/sqrt(n_embd) (the paper's)."""
     layers: tyro.conf.Suppress[list[BlockConfig]] = field(default_factory=list)
     """Resolved per-layer specs, one per layer (a homogeneous model repeats one spec)."""
 

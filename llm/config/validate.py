@@ -37,6 +37,7 @@ def validate_block(b: BlockConfig, m: LLMconfig, where: str) -> None:
     `where` prefixes each message (a file and line, or '' for flags).
     """
     from ..model.mod import validate as validate_mod
+    from ..model.ngpt import validate_block as validate_ngpt_block
     from ..model.registry import FFNS, MIXERS  # the kinds, with their modules and checks
 
     try:
@@ -46,6 +47,7 @@ def validate_block(b: BlockConfig, m: LLMconfig, where: str) -> None:
         MIXERS[b.attn].validate(b, m)
         FFNS[b.ffn].validate(b, m)
         validate_mod(b, m)
+        validate_ngpt_block(b, m)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}" if where else str(e)) from None
 
@@ -134,6 +136,7 @@ def check_mtp(m: LLMconfig) -> None:
 def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     """Checks model-wide values and every layer; `wheres[i]` tells where layer i was specified."""
     from ..model.mod import validate_every_other
+    from ..model.ngpt import validate as validate_ngpt
     from ..model.registry import OBJECTIVES
 
     check_kind("objective", m.objective, OBJECTIVES)
@@ -159,6 +162,7 @@ def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
             f"n_layer={m.n_layer} but {len(m.layers)} layer specs were given; make them equal or omit --n_layer")
     check_attn_backend(m)
     check_recurrent_depth(m)
+    validate_ngpt(m)
     wheres = wheres or [f"layer {i}" for i in range(m.n_layer)]
     for block, where in zip(m.layers, wheres):
         validate_block(block, m, where)
@@ -200,6 +204,8 @@ def parse_mix(text: str) -> dict[str, float]:
 
 def validate_train(t: Trainconfig, m: LLMconfig) -> None:
     """Checks the run's values, including that the batch splits into whole micro-steps."""
+    from ..model.ngpt import validate_run as validate_ngpt_run
+
     check_finite(t)
     for name, low in (("batch_size", 1), ("max_iters", 0), ("eval_interval", 1),
                       ("eval_iters", 1), ("ckpt_interval", 1), ("log_interval", 1),
@@ -239,6 +245,7 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
     require(all(r >= 1 for r in t.recurrence_sweep),
             f"recurrence_sweep={t.recurrence_sweep} must hold recurrences >= 1")
     check_cpu_run(t, m)
+    validate_ngpt_run(t, m)
     micro_steps(t, m)
 
 

@@ -51,6 +51,8 @@ def family(config: LLMconfig) -> str:
         refuse("mod=true (mixture-of-depths routing); no transformers family represents it")
     if config.recurrent_depth:
         refuse("recurrent_depth (a core iterated r times); the transformers families here run each layer once")
+    if config.arch == "ngpt":
+        refuse("arch=ngpt (the normalized transformer); no transformers family represents it")
     used = {field: {getattr(b, field) for b in config.layers} for field in KIND_FIELDS}
     for field, label in KIND_FIELDS.items():
         known = set().union(*(getattr(f, field) for f in FAMILIES.values()))

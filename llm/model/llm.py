@@ -13,6 +13,7 @@ from .ffn.experts import ExpertLinear
 from .mixers.attention import SlidingWindow
 from .mod import RoutedBlock, routes
 from .mtp import MultiTokenPrediction
+from .ngpt import LogitScale, NormalizedBlock, normalize_after_load, normalize_weights
 from .norms import build_norm
 from .positions import POSITIONS
 from .recurrent import RecurrentDepth, effective_depth, sample_recurrence
@@ -50,9 +51,11 @@ class LLM(nn.Module):
         self.tok_emb = nn.Embedding(vocab, config.n_embd)
         self.pos_emb = POSITIONS[config.pos_emb](config) if config.pos_emb in POSITIONS else None
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList((RoutedBlock if routes(config, i) else Block)(block, config)
-                                    for i, block in enumerate(config.layers))
-        self.ln_f = build_norm(config)
+        self.ngpt = config.arch == "ngpt"  # the normalized transformer: no norm layers, scaled logits
+        self.blocks = nn.ModuleList((NormalizedBlock if self.ngpt else RoutedBlock if routes(config, i) else Block)(
+            block, config) for i, block in enumerate(config.layers))
+        self.ln_f = nn.Identity() if self.ngpt else build_norm(config)
+        self.logit_scale = LogitScale(vocab, config) if self.ngpt else None
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
         self.objective = OBJECTIVES[config.objective].build(config)
         self.causal = OBJECTIVES[config.objective].causal
@@ -72,6 +75,9 @@ class LLM(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=residual_std)
+        if self.ngpt:  # weights start on the unit sphere and return to it after every load
+            normalize_weights(self)
+            self.register_load_state_dict_post_hook(normalize_after_load)
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, ExpertLinear)):
@@ -96,7 +102,7 @@ class LLM(nn.Module):
         With a cache (generation), idx continues the cached tokens and the cache is extended by them.
         """
         x, aux_loss, layer_stats, stats = self.trunk(idx, cache)
-        logits, loss = self.objective(self.ln_f(x), self.lm_head.weight, targets, return_logits)
+        logits, loss = self.objective(self.ln_f(x), self.head_weight(), targets, return_logits)
         if self.mtp is not None and targets is not None:
             losses, mtp_aux, mtp_stats = self.mtp(x, idx, targets, self.tok_emb, self.lm_head, self.objective,
                                                   recompute=self.act_recomp and self.training)
@@ -141,6 +147,10 @@ class LLM(nn.Module):
             cache.length += T
         return x, aux_loss, layer_stats, model_stats  # (B, T, C), (), per layer, model-wide figures
 
+    def head_weight(self) -> torch.Tensor:
+        """The output head's weight (V_padded, C); nGPT: each row times its logit scale s_z."""
+        return self.lm_head.weight if self.logit_scale is None else self.logit_scale(self.lm_head.weight)
+
     def mtp_blocks(self) -> list[Block]:
         """The blocks of the multi-token prediction modules (none without --mtp)."""
         return [] if self.mtp is None else [module.block for module in self.mtp.depths]
@@ -174,9 +184,12 @@ class LLM(nn.Module):
 
     def after_step(self, layer_stats: list[dict[str, torch.Tensor]]) -> None:
         """After an optimizer step, with each layer's stats summed over the step: every feed-forward layer's hook
-        (MoE: the aux-free selection bias moves from the step's expert loads)."""
+        (MoE: the aux-free selection bias moves from the step's expert loads); nGPT puts its weights back on the
+        unit sphere."""
         for block, stats in zip([*self.blocks, *self.mtp_blocks()], layer_stats, strict=True):
             block.ffn.after_step(stats)
+        if self.ngpt:
+            normalize_weights(self)
 
     def get_num_params(self) -> tuple[int, int]:
         """(total, active) parameter counts; tied weights count once, padded vocabulary rows included.
