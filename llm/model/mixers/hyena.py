@@ -43,7 +43,7 @@ class HyenaCache(TokenCache):
         return self.tensors[0][:, :end]
 
     def conv_inputs(self, step: int, new: torch.Tensor) -> torch.Tensor:
-        """Stores the new tokens' inputs (B, T, C) to long convolution `step`; returns every token's so far (B, S, C)."""
+        """Stores the new tokens' inputs (B, T, C) to long convolution `step`; returns all tokens' so far (B, S, C)."""
         end = self.length + new.size(1)
         self.tensors[1][:, self.length:end, step] = new
         return self.tensors[1][:, :end, step]
