@@ -141,7 +141,7 @@ class Hyena(nn.Module):
         B, T, C = x.shape
         N = self.order
         proj = self.in_proj(x)  # (B, T, (N+1)·C)
-        real = None if mask is None else self.real_tokens(positions, cache.length, T)  # (B, T, 1)
+        real = None if mask is None else self.real_tokens(positions, cache.length, T).to(proj.dtype)  # (B, T, 1)
         if real is not None:
             proj = proj * real
         history = proj if cache is None else cache.projections(proj)  # (B, S, (N+1)·C)
@@ -188,11 +188,12 @@ class Hyena(nn.Module):
 
     @staticmethod
     def real_tokens(positions: torch.Tensor, cached: int, T: int) -> torch.Tensor:
-        """(B, T, 1) 1 for the new tokens that are real, 0 for left padding. A row's padding is read from the position
-        of its last token, which is always real: with S = cached + T tokens in all, the row has S - 1 - position."""
+        """(B, T, 1) True for the new tokens that are real, False for left padding. A row's padding is read from the
+        position of its last token, which is always real: with S = cached + T tokens in all, the row has S - 1 -
+        position padding tokens."""
         pad = cached + T - 1 - positions[:, -1:]  # (B, 1)
         index = torch.arange(cached, cached + T, device=positions.device)  # (T,)
-        return (index >= pad)[..., None].float()  # (B, T, 1)
+        return (index >= pad)[..., None]  # (B, T, 1)
 
 
 def validate(block: BlockConfig, config: LLMconfig) -> None:
