@@ -133,6 +133,17 @@ def test_ngpt_under_bf16_autocast_compiles_whole_once():
     train_compiled(NGPT_SPECS[0].values[0], dtype=torch.bfloat16, tie_embeddings=False, **NGPT)
 
 
+def test_hyena_under_bf16_autocast_compiles_whole_once():
+    """Its FFT convolutions run in fp32 inside the bf16 graph."""
+    train_compiled({**MIXERS["hyena"].examples["hyena_order3"]}, dtype=torch.bfloat16, **POSITIONS["rope"])
+
+
+@pytest.mark.filterwarnings("ignore:Torchinductor does not support code generation for complex operators")
+def test_hyena_compiles_whole_once_with_inductor():
+    """Inductor has no code generation for complex tensors: the FFTs stay library calls in the graph."""
+    train_compiled({**MIXERS["hyena"].examples["hyena"]}, backend="inductor", steps=2)
+
+
 def test_moe_padded_fallback_compiles_whole_once(monkeypatch):
     monkeypatch.setattr(experts, "GROUPED_MM", None)
     train_compiled(MOE)

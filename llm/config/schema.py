@@ -28,7 +28,7 @@ class BlockConfig:
 
     attn: str = "mha"
     """Sequence-mixer kind: mha (n_head KV heads), mqa (one KV head), gqa (n_kv_heads), mla (latent attention), nsa
-    (native sparse attention)."""
+    (native sparse attention), hyena (long implicit convolutions with gating)."""
     n_head: int = 4
     """Number of query heads; must divide n_embd (head size = n_embd // n_head)."""
     n_kv_heads: int | None = None
@@ -105,6 +105,24 @@ class BlockConfig:
     """NSA: selection blocks each query attends to, the first block and its own block included (>= 2)."""
     sliding_window_size: int = 32
     """NSA: tokens the sliding-window branch sees, the query's own included."""
+    hyena_order: int = 2
+    """Hyena: order N of the operator, >= 2 (N multiplicative gates and N - 1 long convolutions)."""
+    hyena_filter_order: int = 64
+    """Hyena: width of the implicit filter's MLP (the Sin network that maps positional features to filter values)."""
+    hyena_emb_dim: int = 3
+    """Hyena: positional features fed to the filter MLP, odd and >= 3: the normalised position t plus
+    (hyena_emb_dim - 1) / 2 cosine and sine bands."""
+    hyena_short_filter: int = 3
+    """Hyena: kernel size of the short depthwise convolution over the projections (>= 1)."""
+    hyena_sin_freq: float = 1.0
+    """Hyena: initial frequency w of the filter MLP's Sin activations sin(w x), learned (safari: 1, HyenaDNA: 10)."""
+    hyena_fast_decay: float = 0.3
+    """Hyena: the fastest-decaying filter channel's window exp(-|delta| t) falls to 1e-2 at this fraction of
+    block_size (> 0)."""
+    hyena_slow_decay: float = 1.5
+    """Hyena: the slowest-decaying filter channel's window falls to 1e-2 at this fraction of block_size (> 0)."""
+    hyena_decay_shift: float = 0.0
+    """Hyena: added to the decay window, so no channel's filter fades to zero (safari: 0, HyenaDNA: 0.05; >= 0)."""
 
 
 @dataclass

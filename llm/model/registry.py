@@ -9,11 +9,12 @@ from .ffn.moe import MOE
 from .ffn.peer import PEER
 from .kinds import FFNKind, MixerKind, ObjectiveKind
 from .mixers.gqa import GQA, MHA, MQA
+from .mixers.hyena import HYENA
 from .mixers.mla import MLA
 from .mixers.nsa import NSA
 from .objectives import CLM, MLM
 
-MIXERS: dict[str, MixerKind] = {kind.name: kind for kind in (MHA, MQA, GQA, MLA, NSA)}
+MIXERS: dict[str, MixerKind] = {kind.name: kind for kind in (MHA, MQA, GQA, MLA, NSA, HYENA)}
 FFNS: dict[str, FFNKind] = {kind.name: kind for kind in (DENSE, MOE, PEER)}
 OBJECTIVES: dict[str, ObjectiveKind] = {kind.name: kind for kind in (CLM, MLM)}
 
