@@ -17,7 +17,7 @@ from llm.train.distributed import Distributed
 from llm.train.optim import build_optimizer
 from llm.train.precision import Precision
 from llm.train.step import NonFiniteGuard, train_step
-from tests.conftest import make_config
+from tests.conftest import make_config, objectives_served
 
 CPU = torch.device("cpu")
 BATCH, BLOCK = 2, 16
@@ -39,8 +39,22 @@ class FixedBatches:
 
 
 def mixer_examples() -> list:
-    """Every example spec of every registered mixer kind, with a dense MLP."""
-    return [pytest.param(spec, id=name) for kind in MIXERS.values() for name, spec in kind.examples.items()]
+    """Every example spec of every registered mixer kind, with a dense MLP (and the objective key of a kind that
+    serves only a bidirectional one)."""
+    return [pytest.param(with_objective(spec), id=name) for kind in MIXERS.values() for name, spec in kind.examples.items()]
+
+
+def with_objective(spec: dict) -> dict:
+    """The spec with "objective": "mlm" when its mixer serves no causal objective (popped by `model_config`)."""
+    return spec if "clm" in objectives_served(spec) else {**spec, "objective": "mlm"}
+
+
+def model_config(spec: dict, **model_fields):
+    """make_config of one layer of `spec` (its "objective" key, if any, moved to the model's fields)."""
+    spec = dict(spec)
+    if "objective" in spec:
+        model_fields["objective"] = spec.pop("objective")
+    return make_config(spec, n_embd=48, n_layer=1, block_size=BLOCK, **model_fields)
 
 
 def ffn_examples() -> list:
@@ -62,7 +76,7 @@ def train_compiled(spec: dict, backend: str = "aot_eager", act_recomp: bool = Fa
                    dtype: torch.dtype = torch.float32, steps: int = 3, **model_fields) -> None:
     """`steps` training steps of a one-layer model with `spec`, compiled whole with `backend`: fails on a graph
     break (fullgraph raises) and on a recompilation, and checks that one graph was compiled."""
-    model = LLM(make_config(spec, n_embd=48, n_layer=1, block_size=BLOCK, **model_fields)).train()
+    model = LLM(model_config(spec, **model_fields)).train()
     model.act_recomp = act_recomp
     cfg = Trainconfig(device="cpu")
     loader, optimizer, job = FixedBatches(model.config.vocab_size), build_optimizer(model, cfg, CPU), Distributed()
@@ -127,7 +141,7 @@ HOST_READS = ["item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float_
 def test_training_step_reads_nothing_back_from_the_device(spec, monkeypatch, tmp_path):
     """train_step with gradient accumulation and the non-finite guard's record, as the loop runs them on steps that
     are not logged, never reads a tensor's value on the host (on CUDA each read would wait for the device)."""
-    model = LLM(make_config(spec, n_embd=48, n_layer=1, block_size=BLOCK)).train()
+    model = LLM(model_config(spec)).train()
     cfg = Trainconfig(device="cpu")
     loader, optimizer, job = FixedBatches(model.config.vocab_size), build_optimizer(model, cfg, CPU), Distributed()
     guard = NonFiniteGuard(CPU, tmp_path)

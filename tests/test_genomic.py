@@ -23,7 +23,7 @@ from llm.model.objectives import IGNORE
 from llm.model.registry import MIXERS
 from llm.train import train
 from llm.train.loop import batch_rules
-from tests.conftest import make_config
+from tests.conftest import make_config, objectives_served
 
 CPU = torch.device("cpu")
 NUCLEOTIDES = "ACGTacgt"
@@ -512,11 +512,16 @@ def mixer_examples() -> list:
 
 @pytest.mark.parametrize("spec", mixer_examples())
 def test_mlm_is_bidirectional_and_clm_causal(spec):
+    """Under each objective its kind serves (both, or one: MixerKind.direction), and refused under the other."""
     idx = torch.randint(0, 97, (2, 12))
     t = 7
     changed = idx.clone()
     changed[:, t] = (idx[:, t] + 1) % 97
-    for objective in ("clm", "mlm"):
+    served = objectives_served(spec)
+    for objective in {"clm", "mlm"} - set(served):
+        with pytest.raises(ConfigError, match=f"attn={spec['attn']}"):
+            make_config(spec, objective=objective)
+    for objective in served:
         torch.manual_seed(0)
         model = LLM(make_config(spec, objective=objective, pos_emb="rope", block_size=16)).eval()
         with torch.no_grad():

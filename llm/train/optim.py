@@ -11,11 +11,11 @@ MIN_LR_FRACTION = 0.1  # min_lr when unset, as a fraction of the peak
 
 
 def build_optimizer(model: nn.Module, cfg: Trainconfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW that decays matrices and embeddings (not with --no_decay_embeddings) but not biases and norm weights
-    (fused kernel on CUDA and CPU)."""
+    """AdamW that decays matrices and embeddings (not with --no_decay_embeddings) but not biases, norm weights and
+    parameters marked `_no_weight_decay` (Mamba's A_log and D) (fused kernel on CUDA and CPU)."""
     params = [p for p in model.parameters() if p.requires_grad]
     tables = set() if cfg.decay_embeddings else {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decayed = [p for p in params if p.dim() >= 2 and id(p) not in tables]
+    decayed = [p for p in params if p.dim() >= 2 and id(p) not in tables and not getattr(p, "_no_weight_decay", False)]
     groups = [
         {"params": decayed, "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if all(p is not d for d in decayed)], "weight_decay": 0.0},
