@@ -41,7 +41,8 @@ class FixedBatches:
 def mixer_examples() -> list:
     """Every example spec of every registered mixer kind, with a dense MLP (and the objective key of a kind that
     serves only a bidirectional one)."""
-    return [pytest.param(with_objective(spec), id=name) for kind in MIXERS.values() for name, spec in kind.examples.items()]
+    return [pytest.param(with_objective(spec), id=name)
+            for kind in MIXERS.values() for name, spec in kind.examples.items()]
 
 
 def with_objective(spec: dict) -> dict:

@@ -78,13 +78,14 @@ def livened(model: torch.nn.Module) -> torch.nn.Module:
 def test_chunked_scan_equals_the_sequential_recurrence(T, with_state):
     B, D, N = 2, 5, 3
     g = torch.Generator().manual_seed(T)
-    u, C_ = torch.randn(B, T, D, generator=g, dtype=torch.float64), torch.randn(B, T, N, generator=g, dtype=torch.float64)
-    delta = 2 * torch.rand(B, T, D, generator=g, dtype=torch.float64)  # large steps: strong decays
-    A = -4 * torch.rand(D, N, generator=g, dtype=torch.float64)
-    Bm = torch.randn(B, T, N, generator=g, dtype=torch.float64)
-    state = torch.randn(B, D, N, generator=g, dtype=torch.float64) if with_state else None
-    y, last = mamba.selective_scan(u, delta, A, Bm, C_, state)
-    y_ref, last_ref = sequential_scan(u, delta, A, Bm, C_, torch.zeros(B, D, N, dtype=torch.float64)
+    f64 = dict(generator=g, dtype=torch.float64)
+    u, C = torch.randn(B, T, D, **f64), torch.randn(B, T, N, **f64)
+    delta = 2 * torch.rand(B, T, D, **f64)  # large steps: strong decays
+    A = -4 * torch.rand(D, N, **f64)
+    Bm = torch.randn(B, T, N, **f64)
+    state = torch.randn(B, D, N, **f64) if with_state else None
+    y, last = mamba.selective_scan(u, delta, A, Bm, C, state)
+    y_ref, last_ref = sequential_scan(u, delta, A, Bm, C, torch.zeros(B, D, N, dtype=torch.float64)
                                       if state is None else state)
     assert (y - y_ref).abs().max() <= 1e-12 and (last - last_ref).abs().max() <= 1e-12
 
