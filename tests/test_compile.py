@@ -50,10 +50,11 @@ def with_objective(spec: dict) -> dict:
     return spec if "clm" in objectives_served(spec) else {**spec, "objective": "mlm"}
 
 
-def model_config(spec: dict, **model_fields):
-    """make_config of one layer of `spec` (its "objective" key, if any, moved to the model's fields)."""
-    spec = dict(spec)
-    if "objective" in spec:
+def model_config(spec: dict | list[dict], **model_fields):
+    """make_config of one layer of `spec`, or of a list of specs (a spec's "objective" key, if any, moved to the
+    model's fields)."""
+    if isinstance(spec, dict) and "objective" in spec:
+        spec = dict(spec)
         model_fields["objective"] = spec.pop("objective")
     return make_config(spec, n_embd=48, n_layer=1, block_size=BLOCK, **model_fields)
 
