@@ -27,6 +27,14 @@ def make_config(layers: list[dict] | dict | None = None, **model_fields) -> LLMc
     return config
 
 
+def objectives_served(spec: dict) -> list[str]:
+    """The objectives a mixer example runs under: its kind's direction (MixerKind.direction) picks clm, mlm or
+    both."""
+    from llm.model.registry import MIXERS
+
+    return {"both": ["clm", "mlm"], "causal": ["clm"], "bidirectional": ["mlm"]}[MIXERS[spec["attn"]].direction]
+
+
 @pytest.fixture
 def eager_flex(monkeypatch):
     """FlexAttention uncompiled (the same function; compiling takes seconds per shape on CPU)."""

@@ -17,7 +17,7 @@ from llm.train.distributed import Distributed
 from llm.train.optim import build_optimizer
 from llm.train.precision import Precision
 from llm.train.step import NonFiniteGuard, train_step
-from tests.conftest import make_config
+from tests.conftest import make_config, objectives_served
 
 CPU = torch.device("cpu")
 BATCH, BLOCK = 2, 16
@@ -39,8 +39,24 @@ class FixedBatches:
 
 
 def mixer_examples() -> list:
-    """Every example spec of every registered mixer kind, with a dense MLP."""
-    return [pytest.param(spec, id=name) for kind in MIXERS.values() for name, spec in kind.examples.items()]
+    """Every example spec of every registered mixer kind, with a dense MLP (and the objective key of a kind that
+    serves only a bidirectional one)."""
+    return [pytest.param(with_objective(spec), id=name)
+            for kind in MIXERS.values() for name, spec in kind.examples.items()]
+
+
+def with_objective(spec: dict) -> dict:
+    """The spec with "objective": "mlm" when its mixer serves no causal objective (popped by `model_config`)."""
+    return spec if "clm" in objectives_served(spec) else {**spec, "objective": "mlm"}
+
+
+def model_config(spec: dict | list[dict], **model_fields):
+    """make_config of one layer of `spec`, or of a list of specs (a spec's "objective" key, if any, moved to the
+    model's fields)."""
+    if isinstance(spec, dict) and "objective" in spec:
+        spec = dict(spec)
+        model_fields["objective"] = spec.pop("objective")
+    return make_config(spec, n_embd=48, n_layer=1, block_size=BLOCK, **model_fields)
 
 
 def ffn_examples() -> list:
@@ -63,7 +79,7 @@ def train_compiled(spec: dict, backend: str = "aot_eager", act_recomp: bool = Fa
                    **model_fields) -> None:
     """`steps` training steps of a one-layer model with `spec`, compiled whole with `backend`: fails on a graph
     break (fullgraph raises) and on a recompilation, and checks that one graph was compiled."""
-    model = LLM(make_config(spec, n_embd=48, n_layer=1, block_size=BLOCK, **model_fields)).train()
+    model = LLM(model_config(spec, **model_fields)).train()
     model.act_recomp = act_recomp
     cfg = Trainconfig(device="cpu", optimizer=optimizer)
     loader, optimizer, job = FixedBatches(model.config.vocab_size), build_optimizer(model, cfg, CPU), Distributed()
@@ -172,7 +188,7 @@ def test_training_step_reads_nothing_back_from_the_device(spec, fields, monkeypa
     are not logged, never reads a tensor's value on the host (on CUDA each read would wait for the device)."""
     fields = dict(fields)
     optimizer = fields.pop("optimizer", "adamw")  # a Trainconfig field; the others are the model's
-    model = LLM(make_config(spec, n_embd=48, n_layer=1, block_size=BLOCK, **fields)).train()
+    model = LLM(model_config(spec, **fields)).train()
     cfg = Trainconfig(device="cpu", optimizer=optimizer)
     loader, optimizer, job = FixedBatches(model.config.vocab_size), build_optimizer(model, cfg, CPU), Distributed()
     guard = NonFiniteGuard(CPU, tmp_path)

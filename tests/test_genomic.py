@@ -23,7 +23,7 @@ from llm.model.objectives import IGNORE
 from llm.model.registry import MIXERS
 from llm.train import train
 from llm.train.loop import batch_rules
-from tests.conftest import make_config
+from tests.conftest import make_config, objectives_served
 
 CPU = torch.device("cpu")
 NUCLEOTIDES = "ACGTacgt"
@@ -512,13 +512,19 @@ def mixer_examples() -> list:
 
 @pytest.mark.parametrize("spec", mixer_examples())
 def test_mlm_is_bidirectional_and_clm_causal(spec):
-    """In fp64, where round-off is ~1e-16: under clm no earlier logit moves when token t changes, under mlm every
-    earlier one does (by any amount above round-off: a Hyena layer's long filters start small)."""
+    """Under each objective its kind serves (both, or one: MixerKind.direction), and refused under the other. In fp64,
+    where round-off is ~1e-16: under clm no earlier logit moves when token t changes, under mlm every earlier one does
+    (by any amount above round-off: a Hyena layer's long filters start small), or with a sliding window every one
+    within the layers' reach and none beyond it."""
     idx = torch.randint(0, 97, (2, 12))
     t = 7
     changed = idx.clone()
     changed[:, t] = (idx[:, t] + 1) % 97
-    for objective in ("clm", "mlm"):
+    served = objectives_served(spec)
+    for objective in {"clm", "mlm"} - set(served):
+        with pytest.raises(ConfigError, match=f"attn={spec['attn']}"):
+            make_config(spec, objective=objective)
+    for objective in served:
         torch.manual_seed(0)
         model = LLM(make_config(spec, objective=objective, pos_emb="rope", block_size=16)).double().eval()
         with torch.no_grad():
@@ -527,7 +533,10 @@ def test_mlm_is_bidirectional_and_clm_causal(spec):
         if objective == "clm":
             assert earlier.max() <= 1e-12
         else:
-            assert (earlier.amax(dim=0) > 1e-12).all(), "every earlier position must see token t"
+            window = spec.get("window")
+            reach = t if window is None else min(t, model.config.n_layer * (window - 1))  # positions t - reach.. see t
+            assert (earlier[:, t - reach:].amax(dim=0) > 1e-12).all(), "every earlier position in reach must see t"
+            assert (earlier[:, :t - reach] <= 1e-12).all(), "no position beyond the windows' reach sees t"
         assert (after[:, t] - before[:, t]).abs().max() > 1e-4
 
 

@@ -37,6 +37,11 @@ FAMILIES = {
                                     tie_embeddings=False), transformers.DeepseekV3ForCausalLM),
     "deepseek-v3-dense-no-q-latent": (make_config(dict(MLA, q_latent_dim=None), pos_emb="rope", norm="rms",
                                                   norm_eps=1e-6), transformers.DeepseekV3ForCausalLM),
+    "mamba": (make_config(dict(attn="mamba", ffn="none", d_state=4), pos_emb="none", norm="rms"),
+              transformers.MambaForCausalLM),
+    "mamba-untied-bias-rank2-no-conv-bias": (make_config(dict(attn="mamba", ffn="none", d_state=4, dt_rank=2,
+                                                              conv_bias=False), pos_emb="none", norm="rms", bias=True,
+                                                         tie_embeddings=False), transformers.MambaForCausalLM),
 }
 
 
@@ -125,7 +130,7 @@ def test_a_kind_no_family_declares_is_refused_by_name(toy_mixer):
     """Otherwise a Llama model (RoPE, RMSNorm, SwiGLU, an MHA module): the kind's name alone blocks export."""
     config = make_config(dict(attn="toy", n_head=4, non_linearity="swiglu", up_dim=64), pos_emb="rope", norm="rms")
     with pytest.raises(ConfigError, match=r"^cannot export: attn='toy' is a kind no transformers family represents; "
-                                          r"use attn in gqa, mha, mla, mqa, or add a family for it in llm/hf/$"):
+                                          r"use attn in gqa, mamba, mha, mla, mqa, or add a family for it in llm/hf/$"):
         to_hf(LLM(config))
 
 

@@ -180,6 +180,18 @@ def test_tied_inputs_take_the_head_rate_and_peer_tables_are_scalars():
     assert not peer_tables & names(model, groups["muon"])
 
 
+def test_state_space_and_convolution_parameters_are_adamw_scalars():
+    """Muon orthogonalises matrices: Mamba's A_log and D (no weight decay) and every depthwise convolution (3-D, not
+    an expert stack) go to AdamW at scalar_lr; the projections stay Muon's."""
+    layers = [{"attn": "mamba", "ffn": "none", "d_state": 4}, {"attn": "hyena", "n_head": 4, "ffn": "dense"}]
+    model = LLM(make_config(layers, pos_emb="rope", norm="rms"))
+    groups = groups_by_role(model)
+    scalars, muon = names(model, groups["scalar"]), names(model, groups["muon"])
+    assert {"blocks.0.attn.A_log", "blocks.0.attn.D", "blocks.0.attn.conv1d.weight"} <= scalars
+    assert {name for name in scalars if "short_filter" in name}
+    assert all(p.dim() == 2 for p in groups["muon"]["params"]) and "blocks.0.attn.in_proj.weight" in muon
+
+
 def test_adamw_is_unchanged():
     model = LLM(make_config())
     optimizer = build_optimizer(model, Trainconfig(device="cpu"), torch.device("cpu"))

@@ -107,9 +107,10 @@ def test_toy_kind_checks_and_unknown_kinds_are_one_line_errors(toy_kinds):
 
 
 def registered_examples() -> list:
-    """Every example spec of every registered mixer (with a dense MLP) and feed-forward kind (with GQA)."""
-    params = [pytest.param(spec, id=f"mixer-{name}")
-              for kind in MIXERS.values() for name, spec in kind.examples.items()]
+    """Every example spec of every registered mixer that serves a causal objective (with a dense MLP) and
+    feed-forward kind (with GQA)."""
+    params = [pytest.param(spec, id=f"mixer-{name}") for kind in MIXERS.values() if kind.direction != "bidirectional"
+              for name, spec in kind.examples.items()]
     params += [pytest.param({"attn": "gqa", "n_head": 4, "n_kv_heads": 2, **spec}, id=f"ffn-{name}")
                for kind in FFNS.values() for name, spec in kind.examples.items()]
     return params
@@ -139,3 +140,25 @@ def test_registered_kind_examples_are_causal_train_and_decode_like_the_full_forw
         steps = [model(idx[:, :5], cache=cache).logits] + [model(idx[:, t:t + 1], cache=cache).logits
                                                            for t in range(5, 12)]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def bidirectional_examples() -> list:
+    """Every example spec of every registered mixer that serves only bidirectional objectives."""
+    return [pytest.param(spec, id=name) for kind in MIXERS.values() if kind.direction == "bidirectional"
+            for name, spec in kind.examples.items()]
+
+
+@pytest.mark.parametrize("spec", bidirectional_examples())
+@pytest.mark.parametrize("pos_emb", ["learn", "rope"])
+def test_bidirectional_kind_examples_train_under_mlm_and_have_no_cache(spec, pos_emb):
+    """Such a kind trains under mlm (shapes, finite gradients for every parameter); it never generates, and its
+    bidirectionality is checked in tests/test_genomic.py."""
+    model = LLM(make_config(spec, objective="mlm", pos_emb=pos_emb, n_embd=48, n_layer=2, block_size=16))
+    idx = torch.randint(0, 97, (2, 12))
+    assert model(idx).logits.shape == (2, 12, 97)
+    out = model(idx, idx)
+    (out.loss + out.aux_loss).backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters() if p.requires_grad)
+    with pytest.raises(ConfigError, match="bidirectional"):
+        model.new_cache(1)
+

@@ -9,7 +9,7 @@ from typing import Literal
 
 import tyro
 
-PositionKind = Literal["learn", "sin", "rope"]
+PositionKind = Literal["learn", "sin", "rope", "none"]
 NormKind = Literal["layer", "rms"]
 RouterScore = Literal["softmax", "sigmoid", "mixtral"]
 Activation = Literal[
@@ -28,7 +28,8 @@ class BlockConfig:
 
     attn: str = "mha"
     """Sequence-mixer kind: mha (n_head KV heads), mqa (one KV head), gqa (n_kv_heads), mla (latent attention), nsa
-    (native sparse attention), hyena (long implicit convolutions with gating)."""
+    (native sparse attention), hyena (long implicit convolutions with gating), mamba (selective state space), bimamba
+    (Mamba both ways, for objective mlm)."""
     n_head: int = 4
     """Number of query heads; must divide n_embd (head size = n_embd // n_head)."""
     n_kv_heads: int | None = None
@@ -41,8 +42,9 @@ class BlockConfig:
     rope_head_dim: int | None = None
     """MLA decoupled RoPE width per head (one rope key shared by all heads); required by mla with rope."""
     ffn: str = "dense"
-    """Feed-forward kind: dense (MLP), moe (Mixture-of-Experts) or peer (product-key retrieval of tiny experts);
-    --moe is short for --ffn moe, --no_moe for --ffn dense."""
+    """Feed-forward kind: dense (MLP), moe (Mixture-of-Experts), peer (product-key retrieval of tiny experts) or none
+    (no feed-forward sublayer: the layer is its mixer alone, as in Mamba); --moe is short for --ffn moe, --no_moe for
+    --ffn dense."""
     up_dim: int | None = None
     """Hidden width of the MLP (and of each expert); unset means 4 * n_embd."""
     non_linearity: Activation = "gelu"
@@ -123,6 +125,24 @@ class BlockConfig:
     """Hyena: the slowest-decaying filter channel's window falls to 1e-2 at this fraction of block_size (> 0)."""
     hyena_decay_shift: float = 0.0
     """Hyena: added to the decay window, so no channel's filter fades to zero (safari: 0, HyenaDNA: 0.05; >= 0)."""
+    d_state: int = 16
+    """Mamba: SSM state size N per inner channel."""
+    expand: int = 2
+    """Mamba: inner width d_inner = expand * n_embd."""
+    d_conv: int = 4
+    """Mamba: kernel width of the causal depthwise convolution before the scan."""
+    dt_rank: int | None = None
+    """Mamba: rank of the time-step projection; unset means ceil(n_embd / 16) (the paper's 'auto')."""
+    dt_min: float = 0.001
+    """Mamba: smallest initial time step (initial steps are log-uniform in [dt_min, dt_max])."""
+    dt_max: float = 0.1
+    """Mamba: largest initial time step."""
+    dt_init: Literal["random", "constant"] = "random"
+    """Mamba: initial time-step projection weights, uniform in +-dt_rank**-0.5 (random) or all dt_rank**-0.5."""
+    dt_init_floor: float = 1e-4
+    """Mamba: initial time steps below this value are raised to it."""
+    conv_bias: bool = True
+    """Mamba: a bias in the depthwise convolution (the linear projections follow --bias)."""
 
 
 @dataclass
@@ -138,7 +158,8 @@ class LLMconfig:
     n_layer: int = 4
     """Number of layers; with --layer_configs/--layer_configs_jsonl it must equal the number of specs when given."""
     pos_emb: PositionKind = "learn"
-    """Positions: learn (learned table), sin (fixed sinusoids), rope (rotary, applied in attention)."""
+    """Positions: learn (learned table), sin (fixed sinusoids), rope (rotary, applied in attention), none (no position
+    information besides causality: Mamba stacks)."""
     rope_theta: float = 10000.0
     """RoPE base frequency theta."""
     norm: NormKind = "layer"
@@ -341,8 +362,8 @@ class Trainconfig:
     keep_last: int = 3
     """Step checkpoints kept (the best one is kept besides them)."""
     init_from: str | None = None
-    """Start from pretrained weights: hf:DIR, a transformers GPT-2, Llama or DeepseekV3 directory (its architecture
-    replaces the model flags)."""
+    """Start from pretrained weights: hf:DIR, a transformers GPT-2, Llama, DeepseekV3 or Mamba directory (its
+    architecture replaces the model flags)."""
     resume: str | None = None
     """Continue a run: auto (this run's newest checkpoint if it has one, else start fresh: for requeued jobs), latest
     (this run's newest checkpoint, which must exist), or the path of a checkpoint or run directory."""

@@ -26,12 +26,13 @@ from .common import Family, copy_weight, refuse, saved_tensors, weight_pairs
 from .deepseek_v3 import DEEPSEEK_V3
 from .gpt2 import GPT2
 from .llama import LLAMA
+from .mamba import MAMBA
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (GPT2, LLAMA, DEEPSEEK_V3)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (GPT2, LLAMA, DEEPSEEK_V3, MAMBA)}
 """transformers' model_type -> family; a model exports to the first one that represents it."""
 
 KIND_FIELDS = {"attn": "attention", "ffn": "feed-forward"}
-POSITION_NAMES = {"learn": "learned positions", "sin": "sinusoidal positions", "rope": "RoPE"}
+POSITION_NAMES = {"learn": "learned positions", "sin": "sinusoidal positions", "rope": "RoPE", "none": "no positions"}
 
 
 def _transformers():
@@ -112,7 +113,7 @@ def to_hf(model: LLM, bos: int | None = None, eos: int | None = None):
 
 
 def config_from_hf(hf_cfg) -> LLMconfig:
-    """Our configuration of a transformers configuration of a registered family (GPT-2, Llama, DeepseekV3)."""
+    """Our configuration of a transformers configuration of a registered family (GPT-2, Llama, DeepseekV3, Mamba)."""
     fam = FAMILIES.get(hf_cfg.model_type)
     if fam is None:
         raise ConfigError(f"cannot import model_type {hf_cfg.model_type!r}; supported: {', '.join(FAMILIES)}")

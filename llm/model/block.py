@@ -3,25 +3,29 @@ import torch
 from torch import nn
 
 from ..config import BlockConfig, LLMconfig
+from .ffn.none import NoFeedForward
 from .norms import build_norm
 from .registry import FFNS, MIXERS
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)), then x + ffn(norm(x)), with the layer's own kinds (`attn`, `ffn`)."""
+    """x + mixer(norm(x)), then x + ffn(norm(x)), with the layer's own kinds (`attn`, `ffn`); with ffn none the
+    second sublayer (its norm included) is left out."""
 
     def __init__(self, block: BlockConfig, config: LLMconfig):
         super().__init__()
         self.ln_1 = build_norm(config)
         self.attn = MIXERS[block.attn].build(block, config)
-        self.ln_2 = build_norm(config)
         self.ffn = FFNS[block.ffn].build(block, config)
+        self.ln_2 = None if isinstance(self.ffn, NoFeedForward) else build_norm(config)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
                 cache=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """x (B, T, C) at positions (B or 1, T); mask and cache as in the mixers. Returns the new residual stream
         (B, T, C) and the feed-forward layer's auxiliary loss () and stats."""
         x = x + self.attn(self.ln_1(x), positions, mask, cache)  # (B, T, C)
+        if self.ln_2 is None:  # ffn none: the layer is its mixer alone
+            return x, x.new_zeros((), dtype=torch.float32), {}
         ffn = self.ffn(self.ln_2(x))
         return x + ffn.out, ffn.aux_loss, ffn.stats  # (B, T, C), (), {name: tensor}
 

@@ -30,12 +30,16 @@ class MixerKind:
         per-token state, declared in the kind's file).
     `validate(block, config)` raises ConfigError (via `llm.config.require`) naming the field, value and fix.
     `examples` are small valid layer specs (with attn set) that the generic model tests run.
+    `direction` says which objectives the kind serves: "both" (the model sets `causal`), "causal" (left to right
+    only, e.g. a recurrent scan) or "bidirectional" (masked LM only); `validate` refuses the others, and the
+    generic tests run the examples under the objectives it serves.
     """
 
     name: str
     build: Callable[[BlockConfig, LLMconfig], nn.Module]
     validate: Callable[[BlockConfig, LLMconfig], None] = no_checks
     examples: dict[str, dict] = field(default_factory=dict)
+    direction: str = "both"
 
 
 class FFNOutput(NamedTuple):

@@ -6,16 +6,18 @@ it builds a model or parses a config; configs then name them like the built-in o
 """
 from .ffn.mlp import DENSE
 from .ffn.moe import MOE
+from .ffn.none import NONE
 from .ffn.peer import PEER
 from .kinds import FFNKind, MixerKind, ObjectiveKind
 from .mixers.gqa import GQA, MHA, MQA
 from .mixers.hyena import HYENA
+from .mixers.mamba import BIMAMBA, MAMBA
 from .mixers.mla import MLA
 from .mixers.nsa import NSA
 from .objectives import CLM, MLM
 
-MIXERS: dict[str, MixerKind] = {kind.name: kind for kind in (MHA, MQA, GQA, MLA, NSA, HYENA)}
-FFNS: dict[str, FFNKind] = {kind.name: kind for kind in (DENSE, MOE, PEER)}
+MIXERS: dict[str, MixerKind] = {kind.name: kind for kind in (MHA, MQA, GQA, MLA, NSA, HYENA, MAMBA, BIMAMBA)}
+FFNS: dict[str, FFNKind] = {kind.name: kind for kind in (DENSE, MOE, PEER, NONE)}
 OBJECTIVES: dict[str, ObjectiveKind] = {kind.name: kind for kind in (CLM, MLM)}
 
 

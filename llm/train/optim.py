@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ..config import Trainconfig
+from ..model.ffn.experts import ExpertLinear
 from .muon import Muon
 
 MIN_LR_FRACTION = 0.1  # min_lr when unset, as a fraction of the peak
@@ -19,11 +20,11 @@ def build_optimizer(model: nn.Module, cfg: Trainconfig, device: torch.device) ->
 
 
 def build_adamw(model: nn.Module, cfg: Trainconfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW that decays matrices and embeddings (not with --no_decay_embeddings) but not biases and norm weights
-    (fused kernel on CUDA and CPU)."""
+    """AdamW that decays matrices and embeddings (not with --no_decay_embeddings) but not biases, norm weights and
+    parameters marked `_no_weight_decay` (Mamba's A_log and D) (fused kernel on CUDA and CPU)."""
     params = [p for p in model.parameters() if p.requires_grad]
     tables = set() if cfg.decay_embeddings else {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    decayed = [p for p in params if p.dim() >= 2 and id(p) not in tables]
+    decayed = [p for p in params if p.dim() >= 2 and id(p) not in tables and not getattr(p, "_no_weight_decay", False)]
     groups = [
         {"params": decayed, "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if all(p is not d for d in decayed)], "weight_decay": 0.0},
@@ -33,9 +34,9 @@ def build_adamw(model: nn.Module, cfg: Trainconfig, device: torch.device) -> tor
 
 
 def muon_groups(model: nn.Module, cfg: Trainconfig) -> list[dict]:
-    """Muon's param groups, each with its peak rate (peak_lr) and a role: muon for the blocks' matrices (every
-    parameter of two or more dims inside model.blocks but their nn.Embedding tables: MoE expert stacks and routers
-    included), and AdamW for the output head (head), the input tables outside the blocks (embed: the token
+    """Muon's param groups, each with its peak rate (peak_lr) and a role: muon for the blocks' matrices (every 2-D
+    parameter inside model.blocks but their nn.Embedding tables and the parameters marked `_no_weight_decay`, such
+    as Mamba's A_log, plus the MoE expert stacks, (E, out, in) each; routers included), and AdamW for the output head (head), the input tables outside the blocks (embed: the token
     embedding and learned positions, which are added together and so share a rate; both join the head when the
     token embedding is tied to it) and everything else (scalar: norm weights, biases, PEER's expert tables).
     Weight decay: muon_weight_decay on the matrices, weight_decay on the head and the input tables (not on tables
@@ -44,13 +45,15 @@ def muon_groups(model: nn.Module, cfg: Trainconfig) -> list[dict]:
     tied = head is model.tok_emb.weight
     tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     in_blocks = {id(p) for p in model.blocks.parameters()}
+    expert_stacks = {id(m.weight) for m in model.modules() if isinstance(m, ExpertLinear)}  # convolutions are not
     roles = {"muon": [], "head": [], "embed": [], "scalar": []}
     for p in model.parameters():
         if not p.requires_grad:
             continue
         if p is head or (id(p) in tables and id(p) not in in_blocks):
             roles["head" if p is head or tied else "embed"].append(p)
-        elif p.dim() >= 2 and id(p) in in_blocks and id(p) not in tables:
+        elif (p.dim() == 2 or id(p) in expert_stacks) and id(p) in in_blocks and id(p) not in tables and not getattr(
+                p, "_no_weight_decay", False):
             roles["muon"].append(p)
         else:
             roles["scalar"].append(p)
