@@ -79,15 +79,16 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     through = cumulative[:, :, -1].exp()  # (B, K, D, N) decay across each whole chunk
     carry = u.new_zeros(batch, D, N) if state is None else state
     entering = []
-    for k in range(K):
+    # unbind, not indexing, in the loops: its backward stacks the slices' gradients once, where each index's backward
+    # would fill a zero tensor of the whole input
+    for through_k, own_k in zip(through.unbind(1), own.unbind(1)):
         entering.append(carry)
-        carry = through[:, k] * carry + own[:, k]  # (B, D, N)
+        carry = through_k * carry + own_k  # (B, D, N)
     h = torch.stack(entering, dim=1)  # (B, K, D, N) the state before each chunk
-    decay = log_decay.exp()  # (B, K, L, D, N)
     outputs = []
-    for t in range(L):
-        h = decay[:, :, t] * h + inputs[:, :, t]  # (B, K, D, N)
-        outputs.append(torch.einsum("bkdn,bkn->bkd", h, C[:, :, t]))  # (B, K, D)
+    for decay_t, input_t, C_t in zip(log_decay.exp().unbind(2), inputs.unbind(2), C.unbind(2)):
+        h = decay_t * h + input_t  # (B, K, D, N)
+        outputs.append(torch.einsum("bkdn,bkn->bkd", h, C_t))  # (B, K, D)
     y = torch.stack(outputs, dim=2).reshape(batch, K * L, D)[:, :T]  # (B, T, D)
     return y, carry
 
