@@ -2,6 +2,8 @@
 # A grid of runs with one token budget and seed: attention kind x MoE on/off, one run directory each
 # (out/sweep_<attn>_<moe|dense>). A failed run is reported and the sweep goes on; the exit status is 1 if any
 # failed. A run stopped by SIGINT or SIGTERM (exit 130 or 143, after its checkpoint) stops the sweep with that status. Dense layers get UP_DIM=768 and MoE layers MOE_UP_DIM=256 x 3 active experts: the same active width.
+# ATTNS takes any registered mixer kind (mha mqa gqa mla nsa hyena mamba; bimamba with --objective mlm); the
+# speedrun families and the mixers at equal parameters have their own scripts (families_cpu.sh, mixers_cpu.py).
 # Settings are environment variables; extra arguments go to every run.
 #   ATTNS="mha gqa mla" MOES="0 1" MAX_ITERS=500 bash scripts/sweep.sh --device cpu
 #   python -m llm.report out/sweep_* --out report/     # table and loss curves

@@ -2,6 +2,7 @@
 import json
 import os
 import subprocess
+import sys
 
 import pytest
 
@@ -34,6 +35,14 @@ def test_sweep_runs_a_grid_then_the_report_compares_it(char_data, tmp_path):
     assert (tmp_path / "report" / "loss.png").stat().st_size > 1000
 
 
+def test_sweep_takes_every_registered_mixer_kind(char_data, tmp_path):
+    env = {**FAST, "MAX_ITERS": "1", "ATTNS": "nsa hyena mamba", "MOES": "0", "OUT_DIR": str(tmp_path)}
+    result = script("sweep.sh", env, "--data_dir", str(char_data.parent), "--n_layer", "1", "--no_eval")
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.glob("sweep_*")) == ["sweep_hyena_dense", "sweep_mamba_dense",
+                                                                 "sweep_nsa_dense"]
+
+
 def test_sweep_goes_on_past_a_failed_run_and_names_it(char_data, tmp_path):
     env = {**FAST, "ATTNS": "gqa", "MOES": "1 0", "OUT_DIR": str(tmp_path), "N_KV_HEADS": "3"}  # 3 does not divide 4
     result = script("sweep.sh", env, "--data_dir", str(char_data.parent), "--n_layer", "1")
@@ -61,6 +70,19 @@ def test_families_script_runs_each_family_and_tabulates_them(char_data, tmp_path
     assert config["recurrent_depth"] and config["n_layer"] == 3
     metrics = (tmp_path / "family_mtp" / "metrics.jsonl").read_text()
     assert "mtp/loss_2" in metrics
+
+
+def test_mixers_script_trains_each_mixer_and_tabulates_its_decoding(char_data, tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "mixers_cpu.py"), "--mixers", "window,hybrid",
+                             "--max_iters", "2", "--eval_iters", "1", "--out_dir", str(tmp_path), "--data_dir",
+                             str(char_data.parent), "--", "--warmup_steps", "0"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in result.stdout.splitlines()
+            if line.startswith("| ") and "mixer" not in line}
+    assert list(rows) == ["window", "hybrid"]
+    assert rows["window"][4] == "64"  # 4 layers x 32 tokens of 2 KV heads x 32 x 2 (K and V) fp32, over 1024 tokens
+    assert all(float(cells[-1].rstrip(" |").replace(",", "")) > 0 for cells in rows.values())
 
 
 def test_report_of_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
