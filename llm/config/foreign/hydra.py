@@ -23,6 +23,9 @@ WITHOUT_EFFECT = {"use_liger", "fused_add_norm", "pad_token_id", "bos_token_id",
 MUST_BE_FALSE = {"use_fp8": "fp8 of their output head", "proj_fp8": "fp8 of their output head",
                  "use_adam_mini": "Adam-mini", "rescale_prenorm_residual": "their prenorm-residual rescaling"}
 NSA_KEYS = ("sliding_window_size", "compress_block_size", "selection_block_size", "num_selected_blocks")
+FAMILY_DEFAULTS = {"nsa": NSA_KEYS, "mtp": ("n_mtp_tokens", "use_deepseek_mtp")}
+"""training.yaml keys that only one family reads: they fill its model_cfg where it leaves them out and change
+nothing for the other families."""
 
 
 def is_hydra(data: dict) -> bool:
@@ -69,10 +72,11 @@ def hydra_to_ours(data: dict, path: str, lenient: bool) -> dict:
                           f"{', '.join(FAMILIES)}")
     unmapped = Unmapped(path, "Hydra model config", lenient)
     train = dict(RECIPE)
-    if family == "nsa":  # training.yaml's NSA sizes serve the nsa family where model_cfg leaves them out
-        for key in NSA_KEYS:
-            if data.get(key) is not None and key not in cfg:
-                cfg[key] = data.pop(key)
+    for owner, keys in FAMILY_DEFAULTS.items():
+        for key in keys:
+            value = data.pop(key, None)
+            if owner == family and value is not None:
+                cfg.setdefault(key, value)
     model, block = _shared(data, cfg, train, unmapped)
     model, block = _family(family, model, block, cfg, unmapped)
     _training(data, train, block, unmapped)
@@ -97,9 +101,10 @@ def _shared(data: dict, cfg: dict, train: dict, unmapped: Unmapped) -> tuple[dic
     if "n_ctx" in cfg:
         model["block_size"] = take(cfg, "n_ctx")
     elif seq_len is not None:
-        model["block_size"], train["batch_size"] = seq_len, 1  # one long sequence per step, as their trainer
+        model["block_size"] = seq_len  # one long sequence per step, as their trainer
     if seq_len is not None:
         train["total_batch_size_str"] = str(seq_len)
+        train["batch_size"] = max(1, seq_len // model["block_size"])
     if "tie_embeddings" in cfg:
         model["tie_embeddings"] = take(cfg, "tie_embeddings")
     return model, BlockConfig(attn="mha", n_head=take(cfg, "num_heads", 6), up_dim=4 * n_embd)
@@ -112,10 +117,10 @@ def _family(family: str, model: dict, block: BlockConfig, cfg: dict, unmapped: U
     if family in ("gpt2", "vanilla"):  # GPT-2: learned positions, LayerNorm, biases, GELU
         model.update(pos_emb="learn", norm="layer", bias=True)
         return model, replace(block, non_linearity="gelu_tanh")
-    model.update(pos_emb="rope", norm="rms", bias=False)
-    if family == "ngpt":
-        model.update(arch="ngpt", tie_embeddings=False)
+    if family == "ngpt":  # no norm layers: the states live on the unit sphere
+        model.update(arch="ngpt", pos_emb="rope", bias=False, tie_embeddings=False)
         return model, replace(block, non_linearity="swiglu")
+    model.update(pos_emb="rope", norm="rms", bias=False)
     if family == "mamba":
         return _mamba(model, block, cfg, unmapped)
     if family == "moe":
@@ -136,7 +141,8 @@ def _family(family: str, model: dict, block: BlockConfig, cfg: dict, unmapped: U
         if "mtp_lambda" in cfg:
             model["mtp_lambda"] = float(take(cfg, "mtp_lambda"))
     elif family == "nsa":
-        block = replace(block, attn="nsa", **{k: take(cfg, k) for k in NSA_KEYS if cfg.get(k) is not None})
+        sizes = {key: take(cfg, key) for key in NSA_KEYS if key in cfg}
+        block = replace(block, attn="nsa", **{k: v for k, v in sizes.items() if v is not None})
     elif family == "rd":
         depths = {"n_prelude": take(cfg, "l_p", 2), "n_core": take(cfg, "l_core", 4), "n_coda": take(cfg, "l_c", 2)}
         if sum(depths.values()) != model["n_layer"]:
@@ -186,10 +192,6 @@ def _training(data: dict, train: dict, block: BlockConfig, unmapped: Unmapped) -
         train["cooldown_frac"] = float(take(data, "cooldown_frac"))
     if take(data, "bfloat16", False):
         train["dtype"] = "bfloat16"
-    for key in NSA_KEYS:
-        value = take(data, key)
-        if value is not None:
-            unmapped.refuse(key, f"{value}; NSA sizes apply to the nsa family only, where model_cfg.{key} wins")
     for key in ("train_files", "val_files"):
         if take(data, key) is not None:
             unmapped.refuse(key, "token shards; prepare the data with python -m llm.data.prepare and pass --dataset")
