@@ -198,6 +198,6 @@ def test_hydra_refuses_families_we_lack_and_unmappable_keys(tmp_path):
     assert model.n_layer == 8
 
 
-def test_unrecognised_file_names_the_formats(tmp_path):
-    with pytest.raises(ConfigError, match="transformers config.json"):
+def test_unrecognised_file_is_read_as_ours(tmp_path):
+    with pytest.raises(ConfigError, match='unknown top-level key "hidden"'):
         parse(["--config", write(tmp_path / "x.yaml", {"hidden": 3})])

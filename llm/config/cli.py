@@ -117,7 +117,8 @@ def _read_config_file(path: str, model: LLMconfig, layer: BlockConfig, train: Tr
     data = foreign.to_ours(path, _load_mapping(path), lenient)
     for key in data:
         if key not in ("model", "train"):
-            raise ConfigError(f'{path}: unknown top-level key "{key}"{did_you_mean(key, ["model", "train"])}; use "model" and "train"')
+            raise ConfigError(f'{path}: unknown top-level key "{key}"{did_you_mean(key, ["model", "train"])}; use '
+                              '"model" and "train" (or another system\'s format: docs/configuration.md)')
     model_data = dict(data.get("model") or {})
     specs = model_data.pop("layers", None) or []
     if not isinstance(specs, list):

@@ -4,7 +4,6 @@ an llm720 YAML and a Hydra-style modded-nanogpt model config (see docs/configura
 `to_ours(path, data, lenient)` returns our config dict ({"model": ..., "train": ...}) for a file's parsed contents;
 our own files pass through unchanged.
 """
-from ..errors import ConfigError
 from .helm import helm_to_ours, is_helm
 from .hydra import hydra_to_ours, is_hydra
 from .llm720 import is_llm720, llm720_to_ours
@@ -18,16 +17,12 @@ def is_hf(data: dict) -> bool:
 
 
 def format_of(data: dict) -> str:
-    """The name of the format of a parsed config file: ours, hf, helm, llm720 or hydra."""
-    if set(data) <= OURS:
-        return "ours"
+    """The name of the format of a parsed config file: hf, helm, llm720, hydra, or ours (also for a file no format
+    recognises, so that our reader names its unknown keys)."""
     for name, test in (("hydra", is_hydra), ("llm720", is_llm720), ("helm", is_helm), ("hf", is_hf)):
-        if test(data):
+        if not set(data) <= OURS and test(data):
             return name
-    keys = ", ".join(sorted(map(str, data))[:6])
-    raise ConfigError(f"config file with top-level keys {keys}: not our format (model, train) nor a transformers "
-                      "config.json (model_type), a HELM model config (model_type, mode, model_config), an llm720 "
-                      "YAML (model_config, train_config, ...) or a Hydra model config (defaults, model_cfg)")
+    return "ours"
 
 
 def to_ours(path: str, data: dict, lenient: bool = False) -> dict:
