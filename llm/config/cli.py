@@ -9,6 +9,7 @@ from typing import Literal, Sequence
 
 import tyro
 
+from . import foreign
 from .errors import ConfigError
 from .fields import dataclass_from_dict, did_you_mean, known_fields, unique_keys
 from .layers import block_from_spec, parse_layer_configs, read_layer_configs_jsonl
@@ -30,6 +31,9 @@ class Args:
     """Named defaults: tiny (CPU-sized), gpt2-124m, llama3-8b-genomic."""
     config: str | None = None
     """A .json or .yaml config file (as written by --print_config) whose values flags override."""
+    lenient: bool = False
+    """With --config in another system's format: print the keys that cannot be mapped as ignored instead of
+    refusing the file."""
     print_config: bool = False
     """Print the resolved config as JSON (readable by --config) and exit."""
     layer_configs: str | None = None
@@ -103,16 +107,18 @@ def _defaults(argv: list[str]) -> Args:
     model, layer, train = copy.deepcopy(PRESETS.get(preset, PRESETS["tiny"]))
     path = _flag_value(argv, "config")
     if path is not None:
-        model, layer, train = _read_config_file(path, model, layer, train)
+        model, layer, train = _read_config_file(path, model, layer, train, lenient="--lenient" in argv)
     return Args(model=model, layer=layer, train=train)
 
 
-def _read_config_file(path: str, model: LLMconfig, layer: BlockConfig, train: Trainconfig):
-    """Applies a config file to the defaults. A homogeneous `layers` list becomes the flag defaults."""
-    data = _load_mapping(path)
+def _read_config_file(path: str, model: LLMconfig, layer: BlockConfig, train: Trainconfig, lenient: bool = False):
+    """Applies a config file (ours or another system's, see llm/config/foreign/) to the defaults. A homogeneous
+    `layers` list becomes the flag defaults."""
+    data = foreign.to_ours(path, _load_mapping(path), lenient)
     for key in data:
         if key not in ("model", "train"):
-            raise ConfigError(f'{path}: unknown top-level key "{key}"{did_you_mean(key, ["model", "train"])}; use "model" and "train"')
+            raise ConfigError(f'{path}: unknown top-level key "{key}"{did_you_mean(key, ["model", "train"])}; use '
+                              '"model" and "train" (or another system\'s format: docs/configuration.md)')
     model_data = dict(data.get("model") or {})
     specs = model_data.pop("layers", None) or []
     if not isinstance(specs, list):
@@ -130,6 +136,7 @@ def _read_config_file(path: str, model: LLMconfig, layer: BlockConfig, train: Tr
 
 
 def _load_mapping(path: str) -> dict:
+    """The parsed contents of a .json or .yaml config file (a mapping)."""
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--config={path!r}: no such file")
