@@ -23,6 +23,12 @@ from tests.conftest import make_config
 
 MLA = dict(attn="mla", n_head=4, kv_latent_dim=16, rope_head_dim=8, q_latent_dim=24, non_linearity="swiglu", up_dim=64)
 MOE = dict(MLA, up_dim=32, ffn="moe", n_exp=6, n_shared=1, n_act=3, router_score="sigmoid", aux_free=True)
+DEEPSEEK_V3_DENSE = dict(attn="mla", n_head=4, q_latent_dim=192, kv_latent_dim=512, rope_head_dim=64,
+                         qk_nope_head_dim=128, v_head_dim=128, rope_interleave=True, non_linearity="swiglu", up_dim=128)
+DEEPSEEK_V3_MOE = dict(DEEPSEEK_V3_DENSE, ffn="moe", up_dim=32, n_exp=33, n_shared=1, n_act=9, router_score="sigmoid",
+                       aux_free=True, n_group=8, topk_group=4, routed_scaling_factor=2.5)
+"""DeepSeek-V3's head dimensions, latent width, groups and routing at a small width (n_embd 256: 64 per head)."""
+GQA = dict(attn="gqa", n_head=4, n_kv_heads=2, non_linearity="swiglu", up_dim=64, qkv_bias=True)
 FAMILIES = {
     "gpt2": (make_config(dict(attn="mha", n_head=4, non_linearity="gelu_tanh", up_dim=64), bias=True),
              transformers.GPT2LMHeadModel),
@@ -37,6 +43,17 @@ FAMILIES = {
                                     tie_embeddings=False), transformers.DeepseekV3ForCausalLM),
     "deepseek-v3-dense-no-q-latent": (make_config(dict(MLA, q_latent_dim=None), pos_emb="rope", norm="rms",
                                                   norm_eps=1e-6), transformers.DeepseekV3ForCausalLM),
+    "deepseek-v3-real-head-dims-groups": (make_config([DEEPSEEK_V3_DENSE, DEEPSEEK_V3_MOE, DEEPSEEK_V3_MOE], n_embd=256,
+                                                      pos_emb="rope", norm="rms", norm_eps=1e-6, tie_embeddings=False),
+                                          transformers.DeepseekV3ForCausalLM),
+    "qwen2-qkv-bias-window": (make_config([GQA, dict(GQA, window=5)], pos_emb="rope", norm="rms", rope_theta=1e6),
+                              transformers.Qwen2ForCausalLM),
+    "qwen2-untied-no-window": (make_config(GQA, pos_emb="rope", norm="rms", tie_embeddings=False),
+                               transformers.Qwen2ForCausalLM),
+    "qwen3-qk-norm-untied": (make_config(dict(GQA, qkv_bias=False, qk_norm=True), pos_emb="rope", norm="rms",
+                                         tie_embeddings=False), transformers.Qwen3ForCausalLM),
+    "mistral-window": (make_config(dict(GQA, qkv_bias=False, window=6), pos_emb="rope", norm="rms"),
+                       transformers.MistralForCausalLM),
     "mamba": (make_config(dict(attn="mamba", ffn="none", d_state=4), pos_emb="none", norm="rms"),
               transformers.MambaForCausalLM),
     "mamba-untied-bias-rank2-no-conv-bias": (make_config(dict(attn="mamba", ffn="none", d_state=4, dt_rank=2,

@@ -19,6 +19,9 @@ ATTENTION_SPECS = {
     "gqa": dict(attn="gqa", n_head=6, n_kv_heads=2),
     "mla": dict(attn="mla", n_head=4, q_latent_dim=24, kv_latent_dim=16, rope_head_dim=8),
     "mla_no_q_latent": dict(attn="mla", n_head=4, kv_latent_dim=16, rope_head_dim=4),
+    "mla_head_dims": dict(attn="mla", n_head=4, q_latent_dim=24, kv_latent_dim=16, rope_head_dim=8,
+                          qk_nope_head_dim=16, v_head_dim=8, rope_interleave=True),
+    "gqa_qkv_bias_qk_norm": dict(attn="gqa", n_head=6, n_kv_heads=2, qkv_bias=True, qk_norm=True),
 }
 POSITIONS = ["learn", "sin", "rope"]
 NORMS = ["layer", "rms"]
@@ -28,15 +31,17 @@ def attention_params(spec: dict, C: int, bias: bool, rope: bool) -> int:
     """Closed form of one attention layer's parameters."""
     H = spec["n_head"]
     hs = C // H
-    out = H * hs * C + bias * C
     if spec["attn"] != "mla":
         kv = {"mha": H, "mqa": 1, "gqa": spec.get("n_kv_heads")}[spec["attn"]]
-        return C * (H + 2 * kv) * hs + bias * (H + 2 * kv) * hs + out
+        qkv_bias = bias or spec.get("qkv_bias", False)
+        norms = 2 * hs if spec.get("qk_norm") else 0
+        return C * (H + 2 * kv) * hs + qkv_bias * (H + 2 * kv) * hs + norms + H * hs * C + bias * C
+    dn, dv = spec.get("qk_nope_head_dim") or hs, spec.get("v_head_dim") or hs
     dr = spec["rope_head_dim"] if rope else 0
     dq, dc = spec.get("q_latent_dim") or 0, spec["kv_latent_dim"]
-    q = (C * dq + bias * dq + dq + dq * H * (hs + dr)) if dq else C * H * (hs + dr)
-    kv = C * (dc + dr) + bias * (dc + dr) + dc + dc * H * 2 * hs
-    return q + kv + out
+    q = (C * dq + bias * dq + dq + dq * H * (dn + dr)) if dq else C * H * (dn + dr)
+    kv = C * (dc + dr) + bias * (dc + dr) + dc + dc * H * (dn + dv)
+    return q + kv + H * dv * C + bias * C
 
 
 def mlp_params(C: int, up: int, gated: bool, bias: bool) -> int:
@@ -54,7 +59,8 @@ def model_params(config: LLMconfig) -> tuple[int, int]:
     total += config.block_size * C if config.pos_emb == "learn" else 0
     inactive = 0
     for b in config.layers:
-        spec = {k: getattr(b, k) for k in ("attn", "n_head", "n_kv_heads", "q_latent_dim", "kv_latent_dim", "rope_head_dim")}
+        spec = {k: getattr(b, k) for k in ("attn", "n_head", "n_kv_heads", "q_latent_dim", "kv_latent_dim", "rope_head_dim",
+                                           "qk_nope_head_dim", "v_head_dim", "qkv_bias", "qk_norm")}
         gated = activation(b.non_linearity)[1]
         total += 2 * norm + attention_params(spec, C, config.bias, config.pos_emb == "rope")
         if b.ffn == "dense":

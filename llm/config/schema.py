@@ -143,6 +143,23 @@ class BlockConfig:
     """Mamba: initial time steps below this value are raised to it."""
     conv_bias: bool = True
     """Mamba: a bias in the depthwise convolution (the linear projections follow --bias)."""
+    qk_nope_head_dim: int | None = None
+    """MLA: per-head width of the non-rotary query/key part (DeepSeek qk_nope_head_dim); unset means n_embd // n_head."""
+    v_head_dim: int | None = None
+    """MLA: per-head value width (DeepSeek v_head_dim); unset means n_embd // n_head."""
+    rope_interleave: bool = False
+    """MLA: the rotary dimensions pair as (0, 1), (2, 3), ... (DeepSeek's rope_interleave) instead of i with i + dr/2."""
+    n_group: int = 1
+    """MoE: groups of routed experts (DeepSeek-V3 n_group); with topk_group < n_group each token picks its experts
+    within the topk_group groups whose two best selection scores sum highest."""
+    topk_group: int = 1
+    """MoE: groups each token may route to (DeepSeek-V3 topk_group), at most n_group; equal to n_group: no limit."""
+    routed_scaling_factor: float = 1.0
+    """MoE: factor on the routed experts' gate weights, after norm_topk (DeepSeek-V3 routed_scaling_factor)."""
+    qkv_bias: bool = False
+    """mha/mqa/gqa: biases on the query, key and value projections even without --bias (Qwen2)."""
+    qk_norm: bool = False
+    """mha/mqa/gqa: an RMSNorm over each query and key head (learned weight per head dimension) before RoPE (Qwen3)."""
 
 
 @dataclass

@@ -27,8 +27,10 @@ from .deepseek_v3 import DEEPSEEK_V3
 from .gpt2 import GPT2
 from .llama import LLAMA
 from .mamba import MAMBA
+from .mistral import MISTRAL
+from .qwen import QWEN2, QWEN3
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (GPT2, LLAMA, DEEPSEEK_V3, MAMBA)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, DEEPSEEK_V3, MAMBA)}
 """transformers' model_type -> family; a model exports to the first one that represents it."""
 
 KIND_FIELDS = {"attn": "attention", "ffn": "feed-forward"}
@@ -76,11 +78,20 @@ def family(config: LLMconfig) -> str:
         refuse(f"{POSITION_NAMES.get(pos, pos)} (pos_emb={pos}); transformers models with attn="
                f"{'/'.join(sorted(used['attn']))} use {options}")
     windows = sorted({b.window for b in config.layers if b.window is not None})
-    if windows:
-        refuse(f"sliding-window attention (window={windows[0]}) is not represented by the transformers families here; "
-               "train without --window to export")
-    placed[0].check(config)
-    return placed[0].model_type
+    if windows and not any(f.windows for f in placed):
+        refuse(f"sliding-window attention (window={windows[0]}) exports only with "
+               f"{', '.join(f.title for f in FAMILIES.values() if f.windows)} attention; train without --window")
+    placed = [f for f in placed if f.windows or not windows]
+    refusals: dict[str, list[str]] = {}  # reason -> the families refusing for it
+    for candidate in placed:  # the first family whose own checks pass
+        try:
+            candidate.check(config)
+            return candidate.model_type
+        except ConfigError as e:
+            refusals.setdefault(str(e).removeprefix("cannot export: "), []).append(candidate.title)
+    if len(refusals) == 1:
+        refuse(next(iter(refusals)))
+    refuse("; ".join(f"as {'/'.join(titles)}: {reason}" for reason, titles in refusals.items()))
 
 
 def hf_config(config: LLMconfig, bos: int | None = None, eos: int | None = None):
@@ -113,7 +124,8 @@ def to_hf(model: LLM, bos: int | None = None, eos: int | None = None):
 
 
 def config_from_hf(hf_cfg) -> LLMconfig:
-    """Our configuration of a transformers configuration of a registered family (GPT-2, Llama, DeepseekV3, Mamba)."""
+    """Our configuration of a transformers configuration of a registered family (GPT-2, Llama, Mistral, Qwen2,
+    Qwen3, DeepseekV3, Mamba)."""
     fam = FAMILIES.get(hf_cfg.model_type)
     if fam is None:
         raise ConfigError(f"cannot import model_type {hf_cfg.model_type!r}; supported: {', '.join(FAMILIES)}")

@@ -73,6 +73,8 @@ class Family:
     - `our_fields(hf_cfg)`: our LLMconfig fields, unresolved layers included, for its configuration, beyond
       vocab_size and tie_embeddings; refuses what we cannot represent with ConfigError("cannot import ...").
     - `weights`, `layer_weights`: the weight map, model-wide entries and per-layer entries ("{i}").
+    - `windows`: whether it represents sliding-window layers (BlockConfig.window); `check` refuses the patterns
+      of windows it cannot represent.
     """
 
     model_type: str
@@ -86,6 +88,7 @@ class Family:
     our_fields: Callable[[object], dict]
     weights: tuple[Weight, ...]
     layer_weights: tuple[Weight, ...]
+    windows: bool = False
 
 
 def refuse(feature: str) -> None:
@@ -165,3 +168,27 @@ def copy_weight(target: torch.Tensor, source: torch.Tensor, name: str) -> None:
     if target.shape != source.shape:
         raise ConfigError(f"weight {name} has shape {tuple(source.shape)} where {tuple(target.shape)} is expected")
     target.copy_(source)
+
+
+def plain_rope(hf_cfg, title: str) -> None:
+    """Refuses a transformers configuration whose RoPE is scaled (rope_parameters' rope_type other than default)."""
+    kind = (getattr(hf_cfg, "rope_parameters", None) or {}).get("rope_type", "default")
+    if kind != "default":
+        raise ConfigError(f"cannot import {title} with rope_parameters rope_type={kind!r}: only unscaled RoPE maps here")
+
+
+def llama_like_layer(hf_cfg, title: str, **fields) -> BlockConfig:
+    """The layer of a Llama-like transformers decoder (mha, mqa or gqa by its key/value heads, SwiGLU): refuses a
+    head_dim other than hidden_size / heads, an activation other than SiLU and scaled RoPE."""
+    H, kv = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads
+    head_dim = getattr(hf_cfg, "head_dim", None)
+    if head_dim is not None and head_dim * H != hf_cfg.hidden_size:
+        raise ConfigError(f"cannot import {title} with head_dim={head_dim} != hidden_size / heads = "
+                          f"{hf_cfg.hidden_size // H}: our attention heads are n_embd // n_head wide")
+    if hf_cfg.hidden_act != "silu":
+        raise ConfigError(f"cannot import {title} with hidden_act={hf_cfg.hidden_act!r}: its gated MLP maps to our "
+                          "swiglu (silu) only")
+    plain_rope(hf_cfg, title)
+    attn = "mha" if kv == H else "mqa" if kv == 1 else "gqa"
+    return BlockConfig(attn=attn, n_head=H, n_kv_heads=kv, up_dim=hf_cfg.intermediate_size, non_linearity="swiglu",
+                       **fields)

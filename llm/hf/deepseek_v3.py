@@ -3,8 +3,8 @@ layers with a sigmoid router, shared experts and the aux-free selection bias (`e
 import dataclasses
 
 from ..config import BlockConfig, ConfigError, LLMconfig
-from .common import (Family, Weight, act_name, gate_rows, hf_rope_rms_fields, our_rope_rms_fields, refuse, same,
-                     uniform, up_rows, vocab_rows)
+from .common import (Family, Weight, act_name, gate_rows, hf_rope_rms_fields, our_rope_rms_fields, plain_rope,
+                     refuse, same, uniform, up_rows, vocab_rows)
 
 
 def check(config: LLMconfig) -> None:
@@ -20,61 +20,74 @@ def check(config: LLMconfig) -> None:
                "train with --norm_eps 1e-6")
     if any(a.ffn == "moe" and b.ffn == "dense" for a, b in zip(layers, layers[1:])):
         refuse("DeepseekV3 puts its dense layers first and MoE layers after them; reorder the layer specs")
-    uniform(layers, "n_head", "kv_latent_dim", "rope_head_dim")
+    uniform(layers, "n_head", "kv_latent_dim", "rope_head_dim", "rope_interleave")
     same([b.q_latent_dim or None for b in layers], "q_latent_dim")
+    same([head_dims(b, config) for b in layers], "(qk_nope_head_dim, v_head_dim)")
     uniform([b for b in layers if b.ffn == "dense"], "up_dim")
     moe = [b for b in layers if b.ffn == "moe"]
     if moe:
         uniform(moe, "router_score")
         if moe[0].router_score != "sigmoid":
             refuse("DeepseekV3's router uses sigmoid scores; train with --router_score sigmoid")
-        uniform(moe, "n_shared", "n_exp", "n_act", "norm_topk")
+        uniform(moe, "n_shared", "n_exp", "n_act", "norm_topk", "routed_scaling_factor")
+        same([group_limit(b) for b in moe], "(n_group, topk_group)")
         same([b.up_dim for b in moe], "up_dim of MoE layers")
         if moe[0].n_shared < 1:
             refuse("DeepseekV3 has at least one shared expert; n_shared=0, train with --n_shared 1 or more")
 
 
+def head_dims(block: BlockConfig, config: LLMconfig) -> tuple[int, int]:
+    """An MLA layer's (qk_nope_head_dim, v_head_dim), each n_embd // n_head when unset."""
+    head = config.n_embd // block.n_head
+    return block.qk_nope_head_dim or head, block.v_head_dim or head
+
+
+def group_limit(block: BlockConfig) -> tuple[int, int]:
+    """A MoE layer's (n_group, topk_group); (1, 1) when the groups limit nothing (topk_group = n_group)."""
+    return (block.n_group, block.topk_group) if block.topk_group < block.n_group else (1, 1)
+
+
 def hf_fields(config: LLMconfig) -> dict:
-    """DeepseekV3Config's arguments: one group, no routed scaling and no interleaved RoPE, so that its routing and
-    rotations are ours; intermediate_size is the dense layers' width (4 * n_embd, unused, without dense layers)."""
-    first, head = config.layers[0], config.n_embd // config.layers[0].n_head
+    """DeepseekV3Config's arguments; intermediate_size is the dense layers' width (4 * n_embd, unused, without dense
+    layers)."""
+    first = config.layers[0]
+    nope, v = head_dims(first, config)
     dense = [b for b in config.layers if b.ffn == "dense"]
     moe = [b for b in config.layers if b.ffn == "moe"]
     fields = dict(hf_rope_rms_fields(config), num_attention_heads=first.n_head, num_key_value_heads=first.n_head,
                   q_lora_rank=first.q_latent_dim or None, kv_lora_rank=first.kv_latent_dim,
-                  qk_rope_head_dim=first.rope_head_dim, qk_nope_head_dim=head, v_head_dim=head,
+                  qk_rope_head_dim=first.rope_head_dim, qk_nope_head_dim=nope, v_head_dim=v,
                   intermediate_size=dense[0].up_dim if dense else 4 * config.n_embd, first_k_dense_replace=len(dense),
-                  rope_interleave=False, attention_bias=False)
+                  rope_interleave=first.rope_interleave, attention_bias=False)
     if moe:
         b = moe[0]
+        n_group, topk_group = group_limit(b)
         fields.update(n_routed_experts=b.n_exp - b.n_shared, n_shared_experts=b.n_shared,
                       num_experts_per_tok=b.n_act - b.n_shared, moe_intermediate_size=b.up_dim,
-                      norm_topk_prob=b.norm_topk, n_group=1, topk_group=1, routed_scaling_factor=1.0)
+                      norm_topk_prob=b.norm_topk, n_group=n_group, topk_group=topk_group,
+                      routed_scaling_factor=b.routed_scaling_factor)
     return fields
 
 
 def our_fields(hf_cfg) -> dict:
     """Our fields for a DeepseekV3Config: first_k_dense_replace MLA layers with a dense MLP, then MLA + MoE layers
-    with a sigmoid, aux-free router."""
+    with a sigmoid, aux-free, group-limited router."""
     H = hf_cfg.num_attention_heads
-    head = hf_cfg.hidden_size // H
-    if (hf_cfg.qk_nope_head_dim, hf_cfg.v_head_dim) != (head, head) or hf_cfg.rope_interleave:
-        raise ConfigError("cannot import DeepseekV3 unless qk_nope_head_dim = v_head_dim = hidden_size / heads "
-                          "and rope_interleave is false")
+    plain_rope(hf_cfg, "DeepseekV3")
     if hf_cfg.rms_norm_eps != 1e-6:
         raise ConfigError(f"cannot import DeepseekV3 with rms_norm_eps={hf_cfg.rms_norm_eps}: its latent norms "
                           "use 1e-6 and ours use the one norm_eps")
     L = hf_cfg.num_hidden_layers
     n_dense = min(hf_cfg.first_k_dense_replace, L)
-    if n_dense < L and (hf_cfg.topk_group < hf_cfg.n_group or hf_cfg.routed_scaling_factor != 1.0):
-        raise ConfigError("cannot import DeepseekV3 with group-limited routing (topk_group < n_group) or "
-                          "routed_scaling_factor != 1; our router has neither")
     mla = BlockConfig(attn="mla", n_head=H, q_latent_dim=hf_cfg.q_lora_rank or 0, kv_latent_dim=hf_cfg.kv_lora_rank,
-                      rope_head_dim=hf_cfg.qk_rope_head_dim, up_dim=hf_cfg.intermediate_size, non_linearity="swiglu")
+                      rope_head_dim=hf_cfg.qk_rope_head_dim, qk_nope_head_dim=hf_cfg.qk_nope_head_dim,
+                      v_head_dim=hf_cfg.v_head_dim, rope_interleave=hf_cfg.rope_interleave,
+                      up_dim=hf_cfg.intermediate_size, non_linearity="swiglu")
     moe = dataclasses.replace(
         mla, ffn="moe", up_dim=hf_cfg.moe_intermediate_size, n_exp=hf_cfg.n_routed_experts + hf_cfg.n_shared_experts,
         n_shared=hf_cfg.n_shared_experts, n_act=hf_cfg.num_experts_per_tok + hf_cfg.n_shared_experts,
-        router_score="sigmoid", norm_topk=hf_cfg.norm_topk_prob, aux_free=True)
+        router_score="sigmoid", norm_topk=hf_cfg.norm_topk_prob, aux_free=True, n_group=hf_cfg.n_group,
+        topk_group=hf_cfg.topk_group, routed_scaling_factor=float(hf_cfg.routed_scaling_factor))
     return dict(our_rope_rms_fields(hf_cfg), bias=False, layers=[mla] * n_dense + [moe] * (L - n_dense))
 
 

@@ -8,13 +8,18 @@ from .common import (Family, Weight, act_name, gate_rows, hf_rope_rms_fields, ou
 
 
 def check(config: LLMconfig) -> None:
-    """Llama needs RMSNorm and SwiGLU, and one head count, key/value head count and width for all layers."""
+    """Llama needs RMSNorm and SwiGLU, one head count, key/value head count and width for all layers, and neither
+    q/k/v-only biases (Qwen2) nor per-head q/k norms (Qwen3)."""
     acts = {act_name(b) for b in config.layers}
     if config.norm != "rms" or acts != {"swiglu"}:
         refuse(f"RoPE models export as Llama, which needs RMSNorm and SwiGLU (have norm={config.norm}, "
                f"non_linearity={sorted(acts)}); train with --norm rms --non_linearity swiglu")
     uniform(config.layers, "n_head", "up_dim")
     same([kv_heads(b) for b in config.layers], "key/value heads")
+    if any(b.qkv_bias and not config.bias for b in config.layers):
+        refuse("Llama's attention_bias biases the output projection too, not q/k/v only (qkv_bias, Qwen2)")
+    if any(b.qk_norm for b in config.layers):
+        refuse("Llama has no per-head q/k RMSNorm (qk_norm, Qwen3)")
 
 
 def hf_fields(config: LLMconfig) -> dict:

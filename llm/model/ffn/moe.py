@@ -107,6 +107,19 @@ def validate(block: BlockConfig, config: LLMconfig) -> None:
     require(not (block.router_score == "mixtral" and block.n_act - block.n_shared == 1),
             "router_score=mixtral with n_act - n_shared = 1 routed expert per token makes every gate weight 1 (a "
             "softmax over one logit); raise n_act or use --router_score softmax --no_norm_topk")
+    n_routed = block.n_exp - block.n_shared
+    require(block.n_group >= 1 and n_routed % block.n_group == 0,
+            f"n_group={block.n_group} must be >= 1 and divide the {n_routed} routed experts (n_exp - n_shared)")
+    require(1 <= block.topk_group <= block.n_group,
+            f"topk_group={block.topk_group} must be in [1, n_group={block.n_group}] (n_group: no group limit)")
+    if block.topk_group < block.n_group:
+        require(n_routed // block.n_group >= 2, f"n_group={block.n_group} leaves fewer than 2 experts per group, "
+                "and groups are ranked by their two best scores; use fewer groups")
+        require(block.topk_group * (n_routed // block.n_group) >= block.n_act - block.n_shared,
+                f"topk_group={block.topk_group} groups of {n_routed // block.n_group} experts hold fewer than the "
+                f"{block.n_act - block.n_shared} routed experts each token picks; raise topk_group")
+    require(block.routed_scaling_factor > 0,
+            f"routed_scaling_factor={block.routed_scaling_factor} must be > 0 (1: gate weights unscaled)")
     for name in ("coeff", "alpha", "gamma"):
         value = getattr(block, name)
         require(value >= 0, f"{name}={value} must be >= 0")
@@ -117,6 +130,8 @@ MOE = FFNKind("moe", MoE, validate, {
     "moe_softmax_switch": dict(ffn="moe", n_exp=6, n_shared=1, n_act=3, up_dim=32),
     "moe_sigmoid_aux_free": dict(ffn="moe", n_exp=5, n_shared=2, n_act=4, router_score="sigmoid", aux_free=True,
                                  up_dim=24, non_linearity="swiglu"),
+    "moe_group_limited": dict(ffn="moe", n_exp=9, n_shared=1, n_act=4, router_score="sigmoid", aux_free=True,
+                              n_group=4, topk_group=2, routed_scaling_factor=2.5, up_dim=16, non_linearity="swiglu"),
     "moe_mixtral_jitter": dict(ffn="moe", n_exp=4, n_shared=0, n_act=2, router_score="mixtral", jitter_noise=0.01,
                                up_dim=32, non_linearity="swiglu"),
 }, summaries={"max_load_ratio": "max/mean load"})

@@ -25,7 +25,11 @@ class Router(nn.Module):
 
     With `aux_free` a per-expert bias (buffer `expert_bias`, DeepSeek-V3's auxiliary-loss-free balancing) is
     added to the scores for the selection only; gate weights always come from the unbiased scores and are
-    renormalised over the chosen k when `norm_topk` is set. The router runs in fp32 even under autocast.
+    renormalised over the chosen k when `norm_topk` is set, then multiplied by `routed_scaling_factor`.
+
+    Group-limited routing (DeepSeek-V3, `n_group` groups of consecutive experts, `topk_group` < n_group): each
+    token ranks the groups by the sum of their two highest selection scores (biased where aux_free) and picks its
+    k experts within its best topk_group groups only. The router runs in fp32 even under autocast.
     """
 
     def __init__(self, block: BlockConfig, config: LLMconfig):
@@ -35,6 +39,8 @@ class Router(nn.Module):
         self.score = block.router_score
         self.norm_topk = block.norm_topk
         self.jitter_noise = block.jitter_noise
+        self.n_group, self.topk_group = block.n_group, block.topk_group
+        self.scaling = block.routed_scaling_factor
         self.gate = nn.Linear(config.n_embd, self.n_routed, bias=False)
         bias = torch.zeros(self.n_routed) if block.aux_free else None
         self.register_buffer("expert_bias", bias)
@@ -48,13 +54,26 @@ class Router(nn.Module):
             logits = F.linear(x, self.gate.weight.float())  # (N, E)
         scores = logits.sigmoid() if self.score == "sigmoid" else logits.softmax(dim=-1)  # (N, E)
         choice = scores if self.expert_bias is None else scores + self.expert_bias  # (N, E)
+        if self.topk_group < self.n_group:
+            choice = self.within_best_groups(choice)  # (N, E)
         indices = choice.topk(self.top_k, dim=-1).indices  # (N, k)
         if self.score == "mixtral":
-            return Routing(scores, indices, logits.gather(1, indices).softmax(dim=-1))  # weights (N, k)
-        weights = scores.gather(1, indices)  # (N, k)
-        if self.norm_topk:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return Routing(scores, indices, weights)
+            weights = logits.gather(1, indices).softmax(dim=-1)  # (N, k)
+        else:
+            weights = scores.gather(1, indices)  # (N, k)
+            if self.norm_topk:
+                weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return Routing(scores, indices, weights * self.scaling)  # weights (N, k)
+
+    def within_best_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """Selection scores (N, E) with -inf outside each token's topk_group best groups (ranked by the sum of
+        their two highest scores)."""
+        N, E = choice.shape
+        grouped = choice.view(N, self.n_group, E // self.n_group)  # (N, G, E/G)
+        group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # (N, G)
+        best = group_scores.topk(self.topk_group, dim=-1).indices  # (N, topk_group)
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, best, True)  # (N, G)
+        return grouped.masked_fill(~keep[:, :, None], float("-inf")).view(N, E)  # (N, E)
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor, gamma: float) -> None:

@@ -25,7 +25,8 @@ class GroupedQueryAttention(nn.Module):
     """Causal self-attention with n_head query heads sharing n_kv heads of keys and values.
 
     One fused projection produces q (n_head heads), k and v (n_kv heads each) of head size n_embd // n_head;
-    RoPE, when configured, rotates q and k. With a `window`, each query sees only the keys of the last window
+    RoPE, when configured, rotates q and k. `qkv_bias` adds biases to q, k and v without --bias (Qwen2); `qk_norm`
+    RMS-normalises each query and key head before RoPE (Qwen3). With a `window`, each query sees only the keys of the last window
     tokens, and generation keeps only those keys (a ring, `WindowCache`).
     """
 
@@ -33,7 +34,10 @@ class GroupedQueryAttention(nn.Module):
         super().__init__()
         self.n_head, self.n_kv = block.n_head, kv_heads(block)
         self.head_size = config.n_embd // block.n_head
-        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.head_size, bias=config.bias)
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.head_size,
+                                bias=config.bias or block.qkv_bias)
+        self.q_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps) if block.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps) if block.qk_norm else None
         self.c_proj = nn.Linear(self.n_head * self.head_size, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.causal = True  # set by the model from its objective (False: bidirectional, masked LM)
@@ -55,6 +59,8 @@ class GroupedQueryAttention(nn.Module):
         q = q.view(B, T, self.n_head, hs)  # (B, T, H, hs)
         k = k.view(B, T, self.n_kv, hs)  # (B, T, KV, hs)
         v = v.view(B, T, self.n_kv, hs)  # (B, T, KV, hs)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # per head, over hs
         if self.rope_theta is not None:
             cos, sin = rope_angles(positions, hs, self.rope_theta)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -83,7 +89,9 @@ def validate(block: BlockConfig, config: LLMconfig) -> None:
                                     "change n_head or n_embd")
 
 
-MHA = MixerKind("mha", GroupedQueryAttention, validate, {"mha": dict(attn="mha", n_head=4)})
+MHA = MixerKind("mha", GroupedQueryAttention, validate, {"mha": dict(attn="mha", n_head=4),
+                                                         "mha_qkv_bias_qk_norm": dict(attn="mha", n_head=4,
+                                                                                      qkv_bias=True, qk_norm=True)})
 MQA = MixerKind("mqa", GroupedQueryAttention, validate, {"mqa": dict(attn="mqa", n_head=4),
                                                          "mqa_window": dict(attn="mqa", n_head=4, window=3)})
 GQA = MixerKind("gqa", GroupedQueryAttention, validate, {"gqa": dict(attn="gqa", n_head=6, n_kv_heads=2),
