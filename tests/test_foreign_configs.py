@@ -142,19 +142,21 @@ def test_llm720_yaml_maps_model_run_and_mix(tmp_path):
     assert (train.wandb_log, train.wandb_run_name, train.out_dir) == (True, "lm-training-peer-mla", "./output")
 
 
-def test_llm720_refuses_mla_sizes_and_unknown_keys(tmp_path, capsys):
+def test_llm720_maps_mla_head_sizes_and_refuses_unknown_keys(tmp_path, capsys):
     data = json.loads(json.dumps(LLM720))
-    data["model_config"]["mla_config"]["v_head_dim"] = 128
+    data["model_config"]["mla_config"].update(v_head_dim=128, qk_nope_head_dim=96)
+    model, _ = parse(["--config", write(tmp_path / "sizes.yaml", data)])
+    assert {(b.v_head_dim, b.qk_nope_head_dim) for b in model.layers} == {(128, 96)}
     data["train_config"]["tf32"] = False
     data["eval_config"] = {"evals": ["hellaswag"]}
     data["dataset_config"]["datasets"][0]["path"] = "EleutherAI/pile"
     path = write(tmp_path / "llm720.yaml", data)
     with pytest.raises(ConfigError) as e:
         parse(["--config", path])
-    for key in ("mla_config.v_head_dim", "train_config.tf32", "eval_config.evals", "datasets.pile.path"):
+    for key in ("train_config.tf32", "eval_config.evals", "datasets.pile.path"):
         assert key in str(e.value)
     parse(["--config", path, "--lenient"])
-    assert "v_head_dim" in capsys.readouterr().err
+    assert "train_config.tf32" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family", list(HYDRA_FAMILIES))

@@ -63,17 +63,12 @@ def _model(cfg: dict, train: dict, unmapped: Unmapped) -> tuple[dict, list[Block
     if init != INIT_STD:
         unmapped.refuse("model_config.initializer_range", f"{init}; our initialisation std is {INIT_STD}")
     mla = expect_dict(take(cfg, "mla_config"), "model_config.mla_config")
-    head = n_embd // n_head
-    for key in ("qk_nope_head_dim", "v_head_dim"):
-        value = take(mla, key, head)
-        if value != head:
-            unmapped.refuse(f"model_config.mla_config.{key}", f"{value}; our MLA ties it to hidden_size / "
-                            f"num_attention_heads = {head}")
+    head_dims = {key: take(mla, key) for key in ("qk_nope_head_dim", "v_head_dim") if key in mla}
     if "rope_theta" in mla:
         model["rope_theta"] = float(take(mla, "rope_theta"))
     dense = BlockConfig(attn="mla", n_head=n_head, q_latent_dim=take(mla, "q_lora_rank", 0) or 0,
                         kv_latent_dim=take(mla, "kv_lora_rank", 512), rope_head_dim=take(mla, "qk_rope_head_dim", 64),
-                        up_dim=take(cfg, "intermediate_size", 4 * n_embd), non_linearity="swiglu")
+                        up_dim=take(cfg, "intermediate_size", 4 * n_embd), non_linearity="swiglu", **head_dims)
     unmapped.unknown(mla, "model_config.mla_config.", ())
     use_peer = take(cfg, "use_peer", False)
     start = take(cfg, "peer_start_layer", 2)
