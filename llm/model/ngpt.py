@@ -62,10 +62,7 @@ class NormalizedAttention(GroupedQueryAttention):
         """x (B, T, C) at positions (B or 1, T); with a cache, attends over the cached keys and values as well."""
         B, T, _ = x.shape
         hs = self.head_size
-        q, k, v = self.c_attn(x).split([self.n_head * hs, self.n_kv * hs, self.n_kv * hs], dim=-1)
-        q = q.view(B, T, self.n_head, hs)  # (B, T, H, hs)
-        k = k.view(B, T, self.n_kv, hs)  # (B, T, KV, hs)
-        v = v.view(B, T, self.n_kv, hs)  # (B, T, KV, hs)
+        q, k, v = self.heads(x)  # (B, T, H, hs), (B, T, KV, hs) twice
         cos, sin = rope_angles(positions, hs, self.rope_theta)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = unit(q) * (self.s_qk() ** 2).view(self.n_head, hs).to(q.dtype)  # (B, T, H, hs)

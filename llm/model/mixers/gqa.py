@@ -50,15 +50,19 @@ class GroupedQueryAttention(nn.Module):
             return WindowCache(batch, self.window.size, max_len, [(self.n_kv, self.head_size)] * 2, dtype, device)
         return KVCache(batch, max_len, self.n_kv, self.head_size, dtype, device)
 
+    def heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The queries (B, T, H, hs), keys and values (B, T, KV, hs) each, of x (B, T, C)."""
+        B, T, _ = x.shape
+        hs = self.head_size
+        q, k, v = self.c_attn(x).split([self.n_head * hs, self.n_kv * hs, self.n_kv * hs], dim=-1)
+        return q.view(B, T, self.n_head, hs), k.view(B, T, self.n_kv, hs), v.view(B, T, self.n_kv, hs)
+
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
                 cache: KVCache | WindowCache | None = None) -> torch.Tensor:
         """x (B, T, C) at positions (B or 1, T); with a cache, attends over the cached keys and values as well."""
         B, T, _ = x.shape
         hs = self.head_size
-        q, k, v = self.c_attn(x).split([self.n_head * hs, self.n_kv * hs, self.n_kv * hs], dim=-1)
-        q = q.view(B, T, self.n_head, hs)  # (B, T, H, hs)
-        k = k.view(B, T, self.n_kv, hs)  # (B, T, KV, hs)
-        v = v.view(B, T, self.n_kv, hs)  # (B, T, KV, hs)
+        q, k, v = self.heads(x)  # (B, T, H, hs), (B, T, KV, hs) twice
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # per head, over hs
         if self.rope_theta is not None:
