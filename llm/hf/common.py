@@ -114,14 +114,66 @@ def act_name(block: BlockConfig) -> str:
 def hf_rope_rms_fields(config: LLMconfig) -> dict:
     """The transformers fields of a Llama-style decoder (RoPE, RMSNorm, SiLU gates) that mean what ours do."""
     return dict(hidden_size=config.n_embd, num_hidden_layers=config.n_layer, max_position_embeddings=config.block_size,
-                rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, hidden_act="silu")
+                rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, rope_scaling=hf_rope_scaling(config),
+                hidden_act="silu")
+
+
+def hf_rope_scaling(config: LLMconfig) -> dict | None:
+    """transformers' rope_scaling dict (rope_parameters from transformers 5 on) of our RoPE scaling; None without."""
+    kind = config.rope_scaling
+    if kind == "none":
+        return None
+    params = dict(rope_type=kind, factor=config.rope_factor)
+    if kind in ("llama3", "yarn"):
+        params["original_max_position_embeddings"] = config.rope_original_max_position_embeddings or config.block_size
+    if kind == "llama3":
+        params.update(low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor)
+    if kind == "yarn":
+        params.update(beta_fast=config.rope_beta_fast, beta_slow=config.rope_beta_slow)
+        optional = dict(mscale=config.rope_mscale, mscale_all_dim=config.rope_mscale_all_dim,
+                        attention_factor=config.rope_attention_factor)
+        params.update({name: value for name, value in optional.items() if value is not None})
+    return params
+
+
+ROPE_KEYS = {  # transformers' rope_parameters keys per rope_type -> our LLMconfig field
+    "default": {},
+    "linear": {"factor": "rope_factor"},
+    "llama3": {"factor": "rope_factor", "original_max_position_embeddings": "rope_original_max_position_embeddings",
+               "low_freq_factor": "rope_low_freq_factor", "high_freq_factor": "rope_high_freq_factor"},
+    "yarn": {"factor": "rope_factor", "original_max_position_embeddings": "rope_original_max_position_embeddings",
+             "beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow", "mscale": "rope_mscale",
+             "mscale_all_dim": "rope_mscale_all_dim", "attention_factor": "rope_attention_factor"},
+}
+
+
+def our_rope_fields(hf_cfg) -> dict:
+    """Our pos_emb, rope_theta and RoPE scaling fields of a transformers config's rope_parameters (transformers 5) or
+    rope_theta and rope_scaling (earlier); refuses a rope type, key or value we do not represent, naming it."""
+    params = dict(getattr(hf_cfg, "rope_parameters", None) or getattr(hf_cfg, "rope_scaling", None) or {})
+    theta = params.pop("rope_theta", getattr(hf_cfg, "rope_theta", 1e4))
+    kind = params.pop("rope_type", params.pop("type", "default"))
+    if kind not in ROPE_KEYS:
+        raise ConfigError(f"cannot import rope_type={kind!r}: supported RoPE scalings are {', '.join(ROPE_KEYS)}")
+    if params.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError("cannot import partial_rotary_factor != 1: our RoPE rotates the whole head")
+    if not params.pop("truncate", True):
+        raise ConfigError("cannot import rope_type=yarn with truncate=false: ours rounds the ramp's ends (truncate)")
+    unknown = sorted(set(params) - set(ROPE_KEYS[kind]))
+    if unknown:
+        raise ConfigError(f"cannot import rope_parameters key {unknown[0]!r} of rope_type={kind}: not represented")
+    if kind == "yarn" and params.get("factor") is None:  # transformers' yarn: the ratio of the two lengths
+        params["factor"] = hf_cfg.max_position_embeddings / params["original_max_position_embeddings"]
+    fields = dict(pos_emb="rope", rope_theta=float(theta), rope_scaling="none" if kind == "default" else kind)
+    fields.update({ROPE_KEYS[kind][key]: value for key, value in params.items() if value is not None})
+    return fields
 
 
 def our_rope_rms_fields(hf_cfg) -> dict:
-    """Our fields of a Llama-style transformers configuration: RoPE with its theta, RMSNorm with its eps."""
-    rope_theta = (getattr(hf_cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(hf_cfg, "rope_theta", 1e4))
-    return dict(block_size=hf_cfg.max_position_embeddings, n_embd=hf_cfg.hidden_size, n_layer=hf_cfg.num_hidden_layers,
-                pos_emb="rope", rope_theta=float(rope_theta), norm="rms", norm_eps=hf_cfg.rms_norm_eps)
+    """Our fields of a Llama-style transformers configuration: RoPE with its theta and scaling, RMSNorm with its
+    eps."""
+    return dict(our_rope_fields(hf_cfg), block_size=hf_cfg.max_position_embeddings, n_embd=hf_cfg.hidden_size,
+                n_layer=hf_cfg.num_hidden_layers, norm="rms", norm_eps=hf_cfg.rms_norm_eps)
 
 
 class Pair(NamedTuple):

@@ -66,7 +66,7 @@ class NormalizedAttention(GroupedQueryAttention):
         q = q.view(B, T, self.n_head, hs)  # (B, T, H, hs)
         k = k.view(B, T, self.n_kv, hs)  # (B, T, KV, hs)
         v = v.view(B, T, self.n_kv, hs)  # (B, T, KV, hs)
-        cos, sin = rope_angles(positions, hs, self.rope_theta)
+        cos, sin = rope_angles(positions, hs, self.rope_theta, self.rope_scaling)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = unit(q) * (self.s_qk() ** 2).view(self.n_head, hs).to(q.dtype)  # (B, T, H, hs)
         k = unit(k)  # (B, T, KV, hs)
