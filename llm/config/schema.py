@@ -388,6 +388,9 @@ class Trainconfig:
     init_from: str | None = None
     """Start from pretrained weights: hf:DIR, a transformers GPT-2, Llama, DeepseekV3 or Mamba directory (its
     architecture replaces the model flags)."""
+    import_check: bool = True
+    """With init_from: run the imported model and transformers' on a short random batch and refuse the import if
+    their logits differ by more than 1e-4 (fp32); --no_import_check skips it (models too big to hold twice)."""
     resume: str | None = None
     """Continue a run: auto (this run's newest checkpoint if it has one, else start fresh: for requeued jobs), latest
     (this run's newest checkpoint, which must exist), or the path of a checkpoint or run directory."""

@@ -57,6 +57,28 @@ class Weight:
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """A transformers config field that we represent at some values only: import refuses the others, naming the
+    field, its value and `reason`."""
+
+    field: str
+    accepts: Callable[[object], bool]  # the transformers config -> whether we represent its value of `field`
+    reason: str
+
+
+MAPPED_EVERYWHERE = frozenset({"vocab_size", "tie_word_embeddings"})
+"""Fields that every import reads (llm/hf/__init__.py's config_from_hf)."""
+IGNORED_EVERYWHERE = frozenset({
+    "transformers_version", "architectures", "dtype", "problem_type", "id2label", "label2id",  # metadata
+    "output_hidden_states", "return_dict", "use_cache", "chunk_size_feed_forward",  # what forward returns, how
+    "is_encoder_decoder",  # the base class's flag; the families here are decoder-only causal LMs
+    "bos_token_id", "eos_token_id", "pad_token_id",  # the tokenizer's business
+    "initializer_range",  # initialisation only; imported weights replace it
+})
+"""transformers config fields that do not change a causal LM's function, in every family."""
+
+
+@dataclass(frozen=True)
 class Family:
     """A transformers model family that our models convert to and from (one file in llm/hf/, one registry line).
 
@@ -73,6 +95,9 @@ class Family:
     - `our_fields(hf_cfg)`: our LLMconfig fields, unresolved layers included, for its configuration, beyond
       vocab_size and tie_embeddings; refuses what we cannot represent with ConfigError("cannot import ...").
     - `weights`, `layer_weights`: the weight map, model-wide entries and per-layer entries ("{i}").
+    - `mapped`, `refusals`, `ignored`: every field of `config_class` besides MAPPED_EVERYWHERE and
+      IGNORED_EVERYWHERE is in exactly one of them (tests/test_hf.py walks the class): read by `our_fields`,
+      represented at some values only (import refuses the others), or without effect on the logits.
     """
 
     model_type: str
@@ -86,6 +111,14 @@ class Family:
     our_fields: Callable[[object], dict]
     weights: tuple[Weight, ...]
     layer_weights: tuple[Weight, ...]
+    mapped: frozenset[str] = frozenset()
+    refusals: tuple[Refusal, ...] = ()
+    ignored: frozenset[str] = frozenset()
+
+
+def only(field: str, value: object, reason: str) -> Refusal:
+    """A Refusal of every value of `field` but `value`."""
+    return Refusal(field, lambda hf_cfg: getattr(hf_cfg, field) == value, reason)
 
 
 def refuse(feature: str) -> None:
