@@ -80,7 +80,8 @@ LAYER_WEIGHTS = (  # bias entries apply to models with --bias
 )
 
 MAPPED = frozenset({"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                    "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "attention_bias", "mlp_bias"})
+                    "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
+                    "attention_bias", "mlp_bias"})
 REFUSALS = (
     only("hidden_act", "silu", "our gated MLP is SwiGLU (silu)"),
     Refusal("head_dim", lambda c: c.head_dim in (None, c.hidden_size // c.num_attention_heads),
