@@ -149,6 +149,18 @@ def test_ngpt_under_bf16_autocast_compiles_whole_once():
     train_compiled(NGPT_SPECS[0].values[0], dtype=torch.bfloat16, tie_embeddings=False, **NGPT)
 
 
+ROPE_SCALINGS = [pytest.param(dict(rope_scaling="linear", rope_factor=2.0), id="linear"),
+                 pytest.param(dict(rope_scaling="llama3", rope_original_max_position_embeddings=8), id="llama3"),
+                 pytest.param(dict(rope_scaling="yarn", rope_factor=4.0, rope_mscale=0.7, rope_mscale_all_dim=1.0,
+                                   rope_original_max_position_embeddings=8), id="yarn")]
+
+
+@pytest.mark.parametrize("scaling", ROPE_SCALINGS)
+@pytest.mark.parametrize("spec", [MIXERS["gqa"].examples["gqa"], MIXERS["nsa"].examples["nsa"]], ids=["gqa", "nsa"])
+def test_rope_scaling_compiles_whole_once(spec, scaling):
+    train_compiled(spec, **POSITIONS["rope"], **scaling)
+
+
 def test_hyena_under_bf16_autocast_compiles_whole_once():
     """Its FFT convolutions run in fp32 inside the bf16 graph."""
     train_compiled({**MIXERS["hyena"].examples["hyena_order3"]}, dtype=torch.bfloat16, **POSITIONS["rope"])

@@ -1,4 +1,5 @@
 """Export to and import from transformers, checked by logit parity; refusals name the blocking feature."""
+import dataclasses
 import json
 from dataclasses import replace
 
@@ -10,8 +11,9 @@ import transformers
 from llm.config import BlockConfig, ConfigError, LLMconfig, parse
 from llm.export import export
 from llm.hf import FAMILIES as REGISTERED
-from llm.hf import family, from_hf, hf_config, to_hf
-from llm.hf.common import saved_tensors, weight_pairs
+import llm.hf as hf_package
+from llm.hf import common, config_from_hf, family, from_hf, hf_config, to_hf
+from llm.hf.common import IGNORED_EVERYWHERE, MAPPED_EVERYWHERE, saved_tensors, weight_pairs
 from llm.model import LLM
 from llm.model.ffn.moe import MoE
 from llm.model.kinds import MixerKind
@@ -196,3 +198,83 @@ def test_export_cli_writes_a_gpt2_tokenizer_and_init_from_reads_it_back(tmp_path
     assert metrics["step"] == 1  # fine-tuning ran from the exported weights (architecture from the directory)
     with pytest.raises(ConfigError, match="cannot load a transformers model"):
         train(*parse(flags + ["--init_from", f"hf:{tmp_path / 'missing'}", "--wandb_run_name", "missing"]))
+
+
+@pytest.mark.parametrize("model_type", REGISTERED)
+def test_every_transformers_config_field_is_mapped_refused_or_ignored(model_type):
+    """A field that transformers adds to a family's config class fails here until the family declares it."""
+    fam = REGISTERED[model_type]
+    fields = {f.name for f in dataclasses.fields(getattr(transformers, fam.config_class))}
+    groups = [MAPPED_EVERYWHERE, IGNORED_EVERYWHERE, fam.mapped, {r.field for r in fam.refusals}, fam.ignored]
+    declared = [name for group in groups for name in group]
+    assert len(declared) == len(set(declared)), "a field is declared twice"
+    assert sorted(fields - set(declared)) == [], f"{fam.title}: fields neither mapped, refused nor ignored"
+    assert sorted(set(declared) - fields) == [], f"{fam.title}: declared fields its config class does not have"
+
+
+REFUSED_FIELDS = {  # (family, field) -> a value we do not represent; every declared Refusal has one
+    ("gpt2", "scale_attn_weights"): False,
+    ("gpt2", "scale_attn_by_inverse_layer_idx"): True,
+    ("gpt2", "add_cross_attention"): True,
+    ("llama", "hidden_act"): "gelu",
+    ("llama", "head_dim"): 24,
+    ("deepseek_v3", "hidden_act"): "gelu",
+    ("deepseek_v3", "attention_bias"): True,
+    ("mistral", "hidden_act"): "gelu",
+    ("mistral", "head_dim"): 24,
+    ("qwen2", "hidden_act"): "gelu",
+    ("qwen3", "hidden_act"): "gelu",
+    ("qwen3", "head_dim"): 24,
+    ("qwen3", "attention_bias"): True,
+}
+
+
+def test_every_refusal_has_a_case():
+    assert {(t, r.field) for t, fam in REGISTERED.items() for r in fam.refusals} == set(REFUSED_FIELDS)
+
+
+@pytest.mark.parametrize("model_type,field", REFUSED_FIELDS, ids=[f"{t}-{f}" for t, f in REFUSED_FIELDS])
+def test_a_refused_field_value_is_a_one_line_import_error(model_type, field):
+    config = next(c for c, _ in FAMILIES.values() if family(c) == model_type)
+    hf = hf_config(config)
+    setattr(hf, field, REFUSED_FIELDS[model_type, field])
+    with pytest.raises(ConfigError, match=rf"^cannot import {REGISTERED[model_type].title} with {field}=.*: ") as e:
+        config_from_hf(hf)
+    assert "\n" not in str(e.value)
+
+
+def scaled_llama(tmp_path):
+    """A saved transformers Llama with llama3 RoPE scaling (the scaling matters at the check's 16 positions)."""
+    config = make_config(dict(attn="gqa", n_head=4, n_kv_heads=2, non_linearity="swiglu", up_dim=64), pos_emb="rope",
+                         norm="rms", rope_scaling="llama3", rope_factor=8.0, rope_original_max_position_embeddings=4)
+    theirs = transformers.LlamaForCausalLM(hf_config(config)).float()
+    with torch.no_grad():
+        for param in theirs.parameters():
+            param.normal_(std=0.1)
+    theirs.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def test_the_import_check_refuses_a_mapping_that_drops_a_field(tmp_path, monkeypatch):
+    directory = scaled_llama(tmp_path)
+    assert from_hf(directory).config.rope_scaling == "llama3"  # the right mapping passes the check
+    mapped = common.our_rope_fields
+    monkeypatch.setattr(common, "our_rope_fields", lambda hf_cfg: {**mapped(hf_cfg), "rope_scaling": "none"})
+    with pytest.raises(ConfigError, match=r"^import check failed for .*: logits differ from transformers' by "
+                                          r"\d\.\d\de[-+]\d\d \(> 1e-04, fp32\)") as e:
+        from_hf(directory)
+    assert "\n" not in str(e.value)
+    assert from_hf(directory, check=False).config.rope_scaling == "none"  # what the check caught
+
+
+def test_no_import_check_flag_reaches_the_import(tmp_path, monkeypatch, char_data):
+    calls = []
+    monkeypatch.setattr(hf_package, "check_import", lambda *args: calls.append(args))
+    directory = scaled_llama(tmp_path / "hf")
+    flags = ["--data_dir", str(char_data.parent), "--out_dir", str(tmp_path), "--max_iters", "1", "--no_save_model",
+             "--block_size", "32", "--batch_size", "2", "--total_batch_size_str", "64",
+             "--init_from", f"hf:{directory}"]
+    train(*parse(flags + ["--no_import_check"]))
+    assert calls == []
+    train(*parse(flags + ["--wandb_run_name", "checked"]))
+    assert len(calls) == 1

@@ -174,14 +174,11 @@ def test_models_no_family_represents_are_refused_with_the_reason(layers, fields,
 
 @pytest.mark.parametrize("hf_cfg,message", [
     (transformers.Qwen3Config(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                              num_hidden_layers=1, vocab_size=97), "head_dim=16 != hidden_size / heads = 12"),
+                              num_hidden_layers=1, vocab_size=97), "head_dim=16: our head size is hidden_size / "),
     (transformers.Qwen3Config(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
-                              attention_bias=True, num_hidden_layers=1, vocab_size=97), "attention_bias=true"),
+                              attention_bias=True, num_hidden_layers=1, vocab_size=97), "attention_bias=True"),
     (transformers.MistralConfig(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, hidden_act="gelu",
                                 num_hidden_layers=1, vocab_size=97), "hidden_act='gelu'"),
-    (transformers.Qwen2Config(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=1,
-                              vocab_size=97, rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=1e4)),
-     "rope_type='linear'"),
     (transformers.DeepseekV3Config(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=97,
                                    rms_norm_eps=1e-6, rope_parameters=dict(
                                        rope_type="yarn", factor=4.0, rope_theta=1e4,
@@ -190,6 +187,14 @@ def test_models_no_family_represents_are_refused_with_the_reason(layers, fields,
 def test_imports_of_what_we_cannot_represent_are_refused_with_the_field(hf_cfg, message):
     with pytest.raises(ConfigError, match="^cannot import .*" + message):
         config_from_hf(hf_cfg)
+
+
+def test_scaled_rope_of_the_llama_like_families_maps_to_ours():
+    hf_cfg = transformers.Qwen2Config(hidden_size=48, num_attention_heads=4, num_key_value_heads=2,
+                                      num_hidden_layers=1, vocab_size=97,
+                                      rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=1e4))
+    config = config_from_hf(hf_cfg)
+    assert (config.rope_scaling, config.rope_factor, config.rope_theta) == ("linear", 2.0, 1e4)
 
 
 @pytest.mark.parametrize("flags,message", [

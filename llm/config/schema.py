@@ -179,6 +179,30 @@ class LLMconfig:
     information besides causality: Mamba stacks)."""
     rope_theta: float = 10000.0
     """RoPE base frequency theta."""
+    rope_scaling: Literal["none", "linear", "llama3", "yarn"] = "none"
+    """RoPE scaling for contexts beyond the original one (pos_emb rope): none; linear (position interpolation, Chen
+    et al. 2023: every frequency / rope_factor); llama3 (Llama 3.1: low frequencies / rope_factor, high ones kept,
+    a smooth ramp between); yarn (Peng et al. 2023: per-frequency ramp between interpolation and extrapolation, and
+    cos/sin scaled by an attention factor). The rope_* fields below are transformers' rope_parameters."""
+    rope_factor: float = 8.0
+    """rope_scaling linear, llama3, yarn: the context extension factor (transformers' factor)."""
+    rope_original_max_position_embeddings: int | None = None
+    """rope_scaling llama3, yarn: the context length the model was pretrained with; unset means block_size."""
+    rope_low_freq_factor: float = 1.0
+    """rope_scaling llama3: wavelengths above original / rope_low_freq_factor are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """rope_scaling llama3: wavelengths below original / rope_high_freq_factor are kept."""
+    rope_beta_fast: float = 32.0
+    """rope_scaling yarn: frequencies making more than rope_beta_fast turns over the original context are kept."""
+    rope_beta_slow: float = 1.0
+    """rope_scaling yarn: frequencies making fewer than rope_beta_slow turns are divided by rope_factor."""
+    rope_mscale: float | None = None
+    """rope_scaling yarn: with rope_mscale_all_dim, attention factor (0.1 m ln f + 1) / (0.1 m_all ln f + 1)
+    (DeepSeek); unset: 0.1 ln f + 1."""
+    rope_mscale_all_dim: float | None = None
+    """rope_scaling yarn: the m_all of the attention factor (see rope_mscale)."""
+    rope_attention_factor: float | None = None
+    """rope_scaling yarn: cos and sin are multiplied by this; unset derives it from rope_factor (see rope_mscale)."""
     norm: NormKind = "layer"
     """Normalisation: layer (LayerNorm) or rms (RMSNorm)."""
     norm_eps: float = 1e-5
@@ -381,6 +405,9 @@ class Trainconfig:
     init_from: str | None = None
     """Start from pretrained weights: hf:DIR, a transformers GPT-2, Llama, DeepseekV3 or Mamba directory (its
     architecture replaces the model flags)."""
+    import_check: bool = True
+    """With init_from: run the imported model and transformers' on a short random batch and refuse the import if
+    their logits differ by more than 1e-4 (fp32); --no_import_check skips it (models too big to hold twice)."""
     resume: str | None = None
     """Continue a run: auto (this run's newest checkpoint if it has one, else start fresh: for requeued jobs), latest
     (this run's newest checkpoint, which must exist), or the path of a checkpoint or run directory."""

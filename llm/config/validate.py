@@ -133,6 +133,30 @@ def check_mtp(m: LLMconfig) -> None:
                                   "is not causal; use --objective clm or --mtp none")
 
 
+def check_rope_scaling(m: LLMconfig) -> None:
+    """RoPE scaling needs RoPE in attention that applies it, and parameters its formulas are defined for."""
+    if m.rope_scaling == "none":
+        return
+    require(m.pos_emb == "rope", f"rope_scaling={m.rope_scaling} needs pos_emb=rope, got pos_emb={m.pos_emb}; "
+                                 "add --pos_emb rope or drop --rope_scaling")
+    mla = sorted({b.attn for b in m.layers} & {"mla"})
+    require(not mla, f"rope_scaling={m.rope_scaling} is not applied by attn=mla yet; use --rope_scaling none")
+    require(m.rope_factor > 0, f"rope_factor={m.rope_factor} must be > 0 (the context extension factor)")
+    original = m.rope_original_max_position_embeddings
+    require(original is None or original >= 1,
+            f"rope_original_max_position_embeddings={original} must be >= 1 (or unset: block_size)")
+    if m.rope_scaling == "llama3":
+        require(0 < m.rope_low_freq_factor < m.rope_high_freq_factor,
+                f"rope_low_freq_factor={m.rope_low_freq_factor} and rope_high_freq_factor={m.rope_high_freq_factor} "
+                "must satisfy 0 < low < high (Llama 3.1: 1 and 4)")
+    if m.rope_scaling == "yarn":
+        require(0 < m.rope_beta_slow < m.rope_beta_fast,
+                f"rope_beta_slow={m.rope_beta_slow} and rope_beta_fast={m.rope_beta_fast} must satisfy "
+                "0 < beta_slow < beta_fast (YaRN: 1 and 32)")
+        require(m.rope_attention_factor is None or m.rope_attention_factor > 0,
+                f"rope_attention_factor={m.rope_attention_factor} must be > 0 (or unset: derived from rope_factor)")
+
+
 def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     """Checks model-wide values and every layer; `wheres[i]` tells where layer i was specified."""
     from ..model.mod import validate_every_other
@@ -147,6 +171,7 @@ def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
         require(value >= 1, f"{name}={value} must be >= 1")
     require(0.0 <= m.dropout < 1.0, f"dropout={m.dropout} must be in [0, 1)")
     require(m.rope_theta > 0, f"rope_theta={m.rope_theta} must be > 0")
+    check_rope_scaling(m)
     require(m.norm_eps > 0, f"norm_eps={m.norm_eps} must be > 0")
     require(m.emb_init_std > 0, f"emb_init_std={m.emb_init_std} must be > 0")
     require(m.emb_init_std == 0.02 or not m.tie_embeddings,

@@ -129,6 +129,10 @@ def config_from_hf(hf_cfg) -> LLMconfig:
     fam = FAMILIES.get(hf_cfg.model_type)
     if fam is None:
         raise ConfigError(f"cannot import model_type {hf_cfg.model_type!r}; supported: {', '.join(FAMILIES)}")
+    for refusal in fam.refusals:
+        if not refusal.accepts(hf_cfg):
+            raise ConfigError(f"cannot import {fam.title} with {refusal.field}="
+                              f"{getattr(hf_cfg, refusal.field, None)!r}: {refusal.reason}")
     config = LLMconfig(vocab_size=hf_cfg.vocab_size, tie_embeddings=hf_cfg.tie_word_embeddings,
                        **fam.our_fields(hf_cfg))
     config = dataclasses.replace(config, layers=[resolve_block(b, config.n_embd) for b in config.layers])
@@ -136,15 +140,20 @@ def config_from_hf(hf_cfg) -> LLMconfig:
     return config
 
 
-def from_hf(directory: str, **overrides) -> LLM:
+IMPORT_TOLERANCE = 1e-4
+"""The largest max abs logit difference (fp32) between an imported model and transformers' that import accepts."""
+
+
+def from_hf(directory: str, check: bool = True, **overrides) -> LLM:
     """Our model with the weights of a transformers directory of a registered family; `overrides` set model
-    fields that do not change the weights (dropout, attn_backend)."""
+    fields that do not change the weights (dropout, attn_backend). With `check`, both models run on a short random
+    batch first and the import is refused if their logits differ by more than IMPORT_TOLERANCE."""
     t = _transformers()
     try:
         hf = t.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a transformers model from {directory!r}: {str(e).splitlines()[0]}") from None
-    model = LLM(dataclasses.replace(config_from_hf(hf.config), **overrides))
+    model = LLM(config_from_hf(hf.config))
     kind = family(model.config)
     theirs = hf.state_dict()
     with torch.no_grad():
@@ -154,4 +163,24 @@ def from_hf(directory: str, **overrides) -> LLM:
             if name not in theirs:
                 raise ConfigError(f"{directory}: weight {name} not found; is it a {kind} checkpoint?")
             copy_weight(ours, theirs[name], name)  # `ours` is a view of our parameter in transformers' layout
+    if check:
+        check_import(model, hf, directory)
+    if any(getattr(model.config, name) != value for name, value in overrides.items()):
+        tuned = LLM(dataclasses.replace(model.config, **overrides))  # built after the check, which runs on CPU
+        tuned.load_state_dict(model.state_dict())
+        model = tuned
     return model
+
+
+def check_import(ours: LLM, theirs, directory: str, tokens: int = 16) -> None:
+    """Refuses the import unless our model and transformers' give the same logits (within IMPORT_TOLERANCE, fp32,
+    eval mode) on a random batch of 2 x `tokens` tokens."""
+    idx = torch.randint(0, ours.config.vocab_size, (2, min(tokens, ours.config.block_size)),
+                        generator=torch.Generator().manual_seed(0))  # (2, T)
+    with torch.no_grad():
+        diff = (ours.eval()(idx).logits - theirs.eval()(input_ids=idx).logits).abs().max().item()
+    ours.train()
+    if not diff <= IMPORT_TOLERANCE:
+        raise ConfigError(f"import check failed for {directory}: logits differ from transformers' by {diff:.2e} "
+                          f"(> {IMPORT_TOLERANCE:.0e}, fp32), so a field is not represented; please report it "
+                          "(--no_import_check skips the check)")

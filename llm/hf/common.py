@@ -57,6 +57,28 @@ class Weight:
 
 
 @dataclass(frozen=True)
+class Refusal:
+    """A transformers config field that we represent at some values only: import refuses the others, naming the
+    field, its value and `reason`."""
+
+    field: str
+    accepts: Callable[[object], bool]  # the transformers config -> whether we represent its value of `field`
+    reason: str
+
+
+MAPPED_EVERYWHERE = frozenset({"vocab_size", "tie_word_embeddings"})
+"""Fields that every import reads (llm/hf/__init__.py's config_from_hf)."""
+IGNORED_EVERYWHERE = frozenset({
+    "transformers_version", "architectures", "dtype", "problem_type", "id2label", "label2id",  # metadata
+    "output_hidden_states", "return_dict", "use_cache", "chunk_size_feed_forward",  # what forward returns, how
+    "is_encoder_decoder",  # the base class's flag; the families here are decoder-only causal LMs
+    "bos_token_id", "eos_token_id", "pad_token_id",  # the tokenizer's business
+    "initializer_range",  # initialisation only; imported weights replace it
+})
+"""transformers config fields that do not change a causal LM's function, in every family."""
+
+
+@dataclass(frozen=True)
 class Family:
     """A transformers model family that our models convert to and from (one file in llm/hf/, one registry line).
 
@@ -75,6 +97,9 @@ class Family:
     - `weights`, `layer_weights`: the weight map, model-wide entries and per-layer entries ("{i}").
     - `windows`: whether it represents sliding-window layers (BlockConfig.window); `check` refuses the patterns
       of windows it cannot represent.
+    - `mapped`, `refusals`, `ignored`: every field of `config_class` besides MAPPED_EVERYWHERE and
+      IGNORED_EVERYWHERE is in exactly one of them (tests/test_hf.py walks the class): read by `our_fields`,
+      represented at some values only (import refuses the others), or without effect on the logits.
     """
 
     model_type: str
@@ -89,6 +114,14 @@ class Family:
     weights: tuple[Weight, ...]
     layer_weights: tuple[Weight, ...]
     windows: bool = False
+    mapped: frozenset[str] = frozenset()
+    refusals: tuple[Refusal, ...] = ()
+    ignored: frozenset[str] = frozenset()
+
+
+def only(field: str, value: object, reason: str) -> Refusal:
+    """A Refusal of every value of `field` but `value`."""
+    return Refusal(field, lambda hf_cfg: getattr(hf_cfg, field) == value, reason)
 
 
 def refuse(feature: str) -> None:
@@ -117,14 +150,66 @@ def act_name(block: BlockConfig) -> str:
 def hf_rope_rms_fields(config: LLMconfig) -> dict:
     """The transformers fields of a Llama-style decoder (RoPE, RMSNorm, SiLU gates) that mean what ours do."""
     return dict(hidden_size=config.n_embd, num_hidden_layers=config.n_layer, max_position_embeddings=config.block_size,
-                rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, hidden_act="silu")
+                rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta, rope_scaling=hf_rope_scaling(config),
+                hidden_act="silu")
+
+
+def hf_rope_scaling(config: LLMconfig) -> dict | None:
+    """transformers' rope_scaling dict (rope_parameters from transformers 5 on) of our RoPE scaling; None without."""
+    kind = config.rope_scaling
+    if kind == "none":
+        return None
+    params = dict(rope_type=kind, factor=config.rope_factor)
+    if kind in ("llama3", "yarn"):
+        params["original_max_position_embeddings"] = config.rope_original_max_position_embeddings or config.block_size
+    if kind == "llama3":
+        params.update(low_freq_factor=config.rope_low_freq_factor, high_freq_factor=config.rope_high_freq_factor)
+    if kind == "yarn":
+        params.update(beta_fast=config.rope_beta_fast, beta_slow=config.rope_beta_slow)
+        optional = dict(mscale=config.rope_mscale, mscale_all_dim=config.rope_mscale_all_dim,
+                        attention_factor=config.rope_attention_factor)
+        params.update({name: value for name, value in optional.items() if value is not None})
+    return params
+
+
+ROPE_KEYS = {  # transformers' rope_parameters keys per rope_type -> our LLMconfig field
+    "default": {},
+    "linear": {"factor": "rope_factor"},
+    "llama3": {"factor": "rope_factor", "original_max_position_embeddings": "rope_original_max_position_embeddings",
+               "low_freq_factor": "rope_low_freq_factor", "high_freq_factor": "rope_high_freq_factor"},
+    "yarn": {"factor": "rope_factor", "original_max_position_embeddings": "rope_original_max_position_embeddings",
+             "beta_fast": "rope_beta_fast", "beta_slow": "rope_beta_slow", "mscale": "rope_mscale",
+             "mscale_all_dim": "rope_mscale_all_dim", "attention_factor": "rope_attention_factor"},
+}
+
+
+def our_rope_fields(hf_cfg) -> dict:
+    """Our pos_emb, rope_theta and RoPE scaling fields of a transformers config's rope_parameters (transformers 5) or
+    rope_theta and rope_scaling (earlier); refuses a rope type, key or value we do not represent, naming it."""
+    params = dict(getattr(hf_cfg, "rope_parameters", None) or getattr(hf_cfg, "rope_scaling", None) or {})
+    theta = params.pop("rope_theta", getattr(hf_cfg, "rope_theta", 1e4))
+    kind = params.pop("rope_type", params.pop("type", "default"))
+    if kind not in ROPE_KEYS:
+        raise ConfigError(f"cannot import rope_type={kind!r}: supported RoPE scalings are {', '.join(ROPE_KEYS)}")
+    if params.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise ConfigError("cannot import partial_rotary_factor != 1: our RoPE rotates the whole head")
+    if not params.pop("truncate", True):
+        raise ConfigError("cannot import rope_type=yarn with truncate=false: ours rounds the ramp's ends (truncate)")
+    unknown = sorted(set(params) - set(ROPE_KEYS[kind]))
+    if unknown:
+        raise ConfigError(f"cannot import rope_parameters key {unknown[0]!r} of rope_type={kind}: not represented")
+    if kind == "yarn" and params.get("factor") is None:  # transformers' yarn: the ratio of the two lengths
+        params["factor"] = hf_cfg.max_position_embeddings / params["original_max_position_embeddings"]
+    fields = dict(pos_emb="rope", rope_theta=float(theta), rope_scaling="none" if kind == "default" else kind)
+    fields.update({ROPE_KEYS[kind][key]: value for key, value in params.items() if value is not None})
+    return fields
 
 
 def our_rope_rms_fields(hf_cfg) -> dict:
-    """Our fields of a Llama-style transformers configuration: RoPE with its theta, RMSNorm with its eps."""
-    rope_theta = (getattr(hf_cfg, "rope_parameters", None) or {}).get("rope_theta", getattr(hf_cfg, "rope_theta", 1e4))
-    return dict(block_size=hf_cfg.max_position_embeddings, n_embd=hf_cfg.hidden_size, n_layer=hf_cfg.num_hidden_layers,
-                pos_emb="rope", rope_theta=float(rope_theta), norm="rms", norm_eps=hf_cfg.rms_norm_eps)
+    """Our fields of a Llama-style transformers configuration: RoPE with its theta and scaling, RMSNorm with its
+    eps."""
+    return dict(our_rope_fields(hf_cfg), block_size=hf_cfg.max_position_embeddings, n_embd=hf_cfg.hidden_size,
+                n_layer=hf_cfg.num_hidden_layers, norm="rms", norm_eps=hf_cfg.rms_norm_eps)
 
 
 class Pair(NamedTuple):
@@ -179,7 +264,8 @@ def plain_rope(hf_cfg, title: str) -> None:
 
 def llama_like_layer(hf_cfg, title: str, **fields) -> BlockConfig:
     """The layer of a Llama-like transformers decoder (mha, mqa or gqa by its key/value heads, SwiGLU): refuses a
-    head_dim other than hidden_size / heads, an activation other than SiLU and scaled RoPE."""
+    head_dim other than hidden_size / heads and an activation other than SiLU (RoPE scaling maps through
+    our_rope_rms_fields)."""
     H, kv = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads
     head_dim = getattr(hf_cfg, "head_dim", None)
     if head_dim is not None and head_dim * H != hf_cfg.hidden_size:
@@ -188,7 +274,13 @@ def llama_like_layer(hf_cfg, title: str, **fields) -> BlockConfig:
     if hf_cfg.hidden_act != "silu":
         raise ConfigError(f"cannot import {title} with hidden_act={hf_cfg.hidden_act!r}: its gated MLP maps to our "
                           "swiglu (silu) only")
-    plain_rope(hf_cfg, title)
     attn = "mha" if kv == H else "mqa" if kv == 1 else "gqa"
     return BlockConfig(attn=attn, n_head=H, n_kv_heads=kv, up_dim=hf_cfg.intermediate_size, non_linearity="swiglu",
                        **fields)
+
+
+LLAMA_LIKE_MAPPED = frozenset({"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                               "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_parameters"})
+SILU_ONLY = Refusal("hidden_act", lambda c: c.hidden_act == "silu", "our gated MLP is SwiGLU (silu)")
+HEAD_DIM = Refusal("head_dim", lambda c: c.head_dim in (None, c.hidden_size // c.num_attention_heads),
+                   "our head size is hidden_size / num_attention_heads")

@@ -3,7 +3,7 @@ layers with a sigmoid router, shared experts and the aux-free selection bias (`e
 import dataclasses
 
 from ..config import BlockConfig, ConfigError, LLMconfig
-from .common import (Family, Weight, act_name, gate_rows, hf_rope_rms_fields, our_rope_rms_fields, plain_rope,
+from .common import (Family, Weight, act_name, gate_rows, hf_rope_rms_fields, only, our_rope_rms_fields, plain_rope,
                      refuse, same, uniform, up_rows, vocab_rows)
 
 
@@ -120,6 +120,23 @@ LAYER_WEIGHTS = (  # attention with or without a query latent; a dense MLP or a 
     Weight("model.layers.{i}.mlp.shared_experts.down_proj.weight", "blocks.{i}.ffn.shared.c_proj.weight"),
 )
 
+MAPPED = frozenset({
+    "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "n_shared_experts", "n_routed_experts", "routed_scaling_factor", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim",
+    "v_head_dim", "qk_nope_head_dim", "n_group", "topk_group", "num_experts_per_tok", "first_k_dense_replace",
+    "norm_topk_prob", "max_position_embeddings", "rms_norm_eps", "rope_parameters", "rope_interleave",
+})
+REFUSALS = (
+    only("hidden_act", "silu", "our gated MLP is SwiGLU (silu)"),
+    only("attention_bias", False, "our MLA projections have no biases"),
+)
+IGNORED = frozenset({
+    "num_key_value_heads",  # MLA has none; transformers' DeepseekV3 does not read it
+    "num_mtp_layers",  # multi-token prediction modules are not part of DeepseekV3ForCausalLM
+    "output_router_logits", "attention_dropout", "pretraining_tp",  # outputs; dropout in training; unused
+})
+
 DEEPSEEK_V3 = Family("deepseek_v3", "DeepseekV3", attn=frozenset({"mla"}), ffn=frozenset({"dense", "moe"}),
                      pos_emb=frozenset({"rope"}), check=check, config_class="DeepseekV3Config", hf_fields=hf_fields,
-                     our_fields=our_fields, weights=WEIGHTS, layer_weights=LAYER_WEIGHTS)
+                     our_fields=our_fields, weights=WEIGHTS, layer_weights=LAYER_WEIGHTS, mapped=MAPPED,
+                     refusals=REFUSALS, ignored=IGNORED)

@@ -1,6 +1,6 @@
 """GPT-2 (GPT2LMHeadModel): MHA, learned positions, LayerNorm, a plain activation; biases always present."""
 from ..config import BlockConfig, ConfigError, LLMconfig
-from .common import Family, Weight, act_name, refuse, same, transposed, uniform, vocab_rows
+from .common import Family, Weight, act_name, only, refuse, same, transposed, uniform, vocab_rows
 
 ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu", "tanh": "tanh"}
 """Our activation -> GPT-2's activation_function."""
@@ -57,6 +57,19 @@ LAYER_WEIGHTS = (  # Conv1D weights are stored transposed; a model without biase
     Weight("transformer.h.{i}.mlp.c_proj.bias", "blocks.{i}.ffn.c_proj.bias", zero_if_absent=True),
 )
 
+MAPPED = frozenset({"n_positions", "n_embd", "n_layer", "n_head", "n_inner", "activation_function",
+                    "layer_norm_epsilon"})
+REFUSALS = (
+    only("scale_attn_weights", True, "our attention divides scores by sqrt(head size)"),
+    only("scale_attn_by_inverse_layer_idx", False, "our attention does not scale scores by layer"),
+    only("add_cross_attention", False, "our models are decoder-only, without cross-attention"),
+)
+IGNORED = frozenset({
+    "resid_pdrop", "embd_pdrop", "attn_pdrop",  # dropout: training only (ours is --dropout)
+    "summary_type", "summary_use_proj", "summary_activation", "summary_proj_to_labels",  # classification heads
+    "summary_first_dropout", "reorder_and_upcast_attn",  # the latter: fp16 numerics of the same function
+})
+
 GPT2 = Family("gpt2", "GPT-2", attn=frozenset({"mha"}), ffn=frozenset({"dense"}), pos_emb=frozenset({"learn"}),
               check=check, config_class="GPT2Config", hf_fields=hf_fields, our_fields=our_fields, weights=WEIGHTS,
-              layer_weights=LAYER_WEIGHTS)
+              layer_weights=LAYER_WEIGHTS, mapped=MAPPED, refusals=REFUSALS, ignored=IGNORED)

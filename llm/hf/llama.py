@@ -3,8 +3,8 @@ import torch
 
 from ..config import BlockConfig, ConfigError, LLMconfig
 from ..model.mixers.gqa import kv_heads
-from .common import (Family, Weight, act_name, gate_rows, hf_rope_rms_fields, our_rope_rms_fields, refuse, same,
-                     uniform, up_rows, vocab_rows)
+from .common import (HEAD_DIM, SILU_ONLY, Family, Weight, act_name, gate_rows, hf_rope_rms_fields,
+                     our_rope_rms_fields, refuse, same, uniform, up_rows, vocab_rows)
 
 
 def check(config: LLMconfig) -> None:
@@ -84,6 +84,13 @@ LAYER_WEIGHTS = (  # bias entries apply to models with --bias
     Weight("model.layers.{i}.mlp.down_proj.bias", "blocks.{i}.ffn.c_proj.bias"),
 )
 
+MAPPED = frozenset({"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                    "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
+                    "attention_bias", "mlp_bias"})
+REFUSALS = (SILU_ONLY, HEAD_DIM)
+IGNORED = frozenset({"attention_dropout", "pretraining_tp"})  # dropout: training only; pretraining_tp: unused
+
 LLAMA = Family("llama", "Llama", attn=frozenset({"mha", "mqa", "gqa"}), ffn=frozenset({"dense"}),
                pos_emb=frozenset({"rope"}), check=check, config_class="LlamaConfig", hf_fields=hf_fields,
-               our_fields=our_fields, weights=WEIGHTS, layer_weights=LAYER_WEIGHTS)
+               our_fields=our_fields, weights=WEIGHTS, layer_weights=LAYER_WEIGHTS, mapped=MAPPED,
+               refusals=REFUSALS, ignored=IGNORED)

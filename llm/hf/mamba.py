@@ -67,6 +67,15 @@ LAYER_WEIGHTS = (  # bias entries apply to models with --bias (projections) or -
     Weight("backbone.layers.{i}.mixer.out_proj.bias", "blocks.{i}.attn.c_proj.bias"),
 )
 
+MAPPED = frozenset({"hidden_size", "state_size", "num_hidden_layers", "layer_norm_epsilon", "expand", "conv_kernel",
+                    "use_bias", "use_conv_bias", "hidden_act", "time_step_rank", "time_step_min", "time_step_max",
+                    "time_step_init_scheme", "time_step_floor"})
+IGNORED = frozenset({
+    "time_step_scale", "rescale_prenorm_residual",  # initialisation only; imported weights replace it
+    "residual_in_fp32",  # the precision of the residual stream (ours keeps the model's dtype), not the function
+    "use_mambapy", "use_associative_scan",  # which implementation computes the same scan
+})
+
 MAMBA = Family("mamba", "Mamba", attn=frozenset({"mamba"}), ffn=frozenset({"none"}), pos_emb=frozenset({"none"}),
                check=check, config_class="MambaConfig", hf_fields=hf_fields, our_fields=our_fields, weights=WEIGHTS,
-               layer_weights=LAYER_WEIGHTS)
+               layer_weights=LAYER_WEIGHTS, mapped=MAPPED, ignored=IGNORED)

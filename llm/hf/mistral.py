@@ -3,7 +3,8 @@ import dataclasses
 
 from ..config import LLMconfig
 from ..model.mixers.gqa import kv_heads
-from .common import Family, hf_rope_rms_fields, llama_like_layer, our_rope_rms_fields, refuse, same
+from .common import (HEAD_DIM, LLAMA_LIKE_MAPPED, SILU_ONLY, Family, hf_rope_rms_fields, llama_like_layer,
+                     our_rope_rms_fields, refuse, same)
 from .llama import LAYER_WEIGHTS, WEIGHTS
 from .llama import check as llama_check
 
@@ -33,4 +34,6 @@ def our_fields(hf_cfg) -> dict:
 
 MISTRAL = Family("mistral", "Mistral", attn=frozenset({"mha", "mqa", "gqa"}), ffn=frozenset({"dense"}),
                  pos_emb=frozenset({"rope"}), check=check, config_class="MistralConfig", hf_fields=hf_fields,
-                 our_fields=our_fields, weights=WEIGHTS, layer_weights=LAYER_WEIGHTS, windows=True)
+                 our_fields=our_fields, weights=WEIGHTS, layer_weights=LAYER_WEIGHTS, windows=True,
+                 mapped=LLAMA_LIKE_MAPPED | {"sliding_window"}, refusals=(SILU_ONLY, HEAD_DIM),
+                 ignored=frozenset({"attention_dropout"}))

@@ -4,7 +4,7 @@ import dataclasses
 
 from ..config import ConfigError, LLMconfig
 from ..model.mixers.gqa import kv_heads
-from .common import (Family, Weight, hf_rope_rms_fields, llama_like_layer, our_rope_rms_fields, refuse, same,
+from .common import (HEAD_DIM, LLAMA_LIKE_MAPPED, SILU_ONLY, Refusal, Family, Weight, hf_rope_rms_fields, llama_like_layer, our_rope_rms_fields, refuse, same,
                      uniform)
 from .llama import LAYER_WEIGHTS as LLAMA_LAYER_WEIGHTS
 from .llama import WEIGHTS, check as llama_check, k_rows, q_rows, v_rows
@@ -98,9 +98,17 @@ QK_NORMS = (
 )
 UNBIASED = tuple(w for w in LLAMA_LAYER_WEIGHTS if not w.theirs.endswith(".bias"))
 
+# max_window_layers only sets the default of layer_types, which import reads
+WINDOWED = LLAMA_LIKE_MAPPED | {"sliding_window", "use_sliding_window", "layer_types"}
+IGNORED = frozenset({"attention_dropout", "max_window_layers"})
+NO_ATTENTION_BIAS = Refusal("attention_bias", lambda c: not c.attention_bias,
+                            "its bias on the output projection has no place in our qkv_bias")
+
 QWEN2 = Family("qwen2", "Qwen2", attn=frozenset({"mha", "mqa", "gqa"}), ffn=frozenset({"dense"}),
                pos_emb=frozenset({"rope"}), check=qwen2_check, config_class="Qwen2Config", hf_fields=qwen2_hf_fields,
-               our_fields=qwen2_our_fields, weights=WEIGHTS, layer_weights=UNBIASED + QKV_BIASES, windows=True)
+               our_fields=qwen2_our_fields, weights=WEIGHTS, layer_weights=UNBIASED + QKV_BIASES, windows=True,
+               mapped=WINDOWED, refusals=(SILU_ONLY,), ignored=IGNORED)
 QWEN3 = Family("qwen3", "Qwen3", attn=frozenset({"mha", "mqa", "gqa"}), ffn=frozenset({"dense"}),
                pos_emb=frozenset({"rope"}), check=qwen3_check, config_class="Qwen3Config", hf_fields=qwen3_hf_fields,
-               our_fields=qwen3_our_fields, weights=WEIGHTS, layer_weights=UNBIASED + QK_NORMS, windows=True)
+               our_fields=qwen3_our_fields, weights=WEIGHTS, layer_weights=UNBIASED + QK_NORMS, windows=True,
+               mapped=WINDOWED, refusals=(SILU_ONLY, HEAD_DIM, NO_ATTENTION_BIAS), ignored=IGNORED)

@@ -63,7 +63,7 @@ class NormalizedAttention(GroupedQueryAttention):
         B, T, _ = x.shape
         hs = self.head_size
         q, k, v = self.heads(x)  # (B, T, H, hs), (B, T, KV, hs) twice
-        cos, sin = rope_angles(positions, hs, self.rope_theta)
+        cos, sin = rope_angles(positions, hs, self.rope_theta, self.rope_scaling)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q = unit(q) * (self.s_qk() ** 2).view(self.n_head, hs).to(q.dtype)  # (B, T, H, hs)
         k = unit(k)  # (B, T, KV, hs)

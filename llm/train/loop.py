@@ -203,7 +203,7 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
     if cfg.init_from is not None:
         from ..hf import from_hf
 
-        pretrained = from_hf(cfg.init_from.removeprefix("hf:"), dropout=model_config.dropout,
+        pretrained = from_hf(cfg.init_from.removeprefix("hf:"), check=cfg.import_check, dropout=model_config.dropout,
                              attn_backend=model_config.attn_backend)
         model_config = pretrained.config
     model_config = resolve_vocab(model_config, meta, cfg.dataset)

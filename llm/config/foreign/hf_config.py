@@ -89,10 +89,16 @@ def hf_config_to_ours(data: dict, path: str, lenient: bool) -> dict:
 def _convert(t, model_type: str, fields: dict, path: str, lenient: bool) -> dict:
     """hf_config_to_ours once transformers is imported and quiet."""
     hf_cfg = t.AutoConfig.for_model(model_type, **fields)
-    recorder = ReadRecorder(hf_cfg, dict(getattr(hf_cfg, "attribute_map", {})))
+    aliases = dict(getattr(hf_cfg, "attribute_map", {}))
+    unmapped = Unmapped(path, "transformers config.json", lenient)
+    refused = [r for r in FAMILIES[model_type].refusals if not r.accepts(hf_cfg)]  # values the import refuses
+    for refusal in refused:
+        unmapped.refuse(refusal.field, f"{getattr(hf_cfg, refusal.field)!r}: {refusal.reason}")
+    fields = {k: v for k, v in fields.items() if aliases.get(k, k) not in {r.field for r in refused}}
+    hf_cfg = t.AutoConfig.for_model(model_type, **fields)
+    recorder = ReadRecorder(hf_cfg, aliases)
     config = config_from_hf(recorder)
     full = hf_cfg.to_dict()
-    unmapped = Unmapped(path, "transformers config.json", lenient)
     for key in fields:
         if key in WITHOUT_EFFECT:
             continue

@@ -5,7 +5,7 @@ from torch import nn
 from ...config import BlockConfig, LLMconfig, require
 from ..cache import TokenCache, WindowCache
 from ..kinds import MixerKind
-from ..positions import apply_rope, rope_angles
+from ..positions import RopeScaling, apply_rope, rope_angles
 from .attention import SlidingWindow, causal_attention, check_heads, check_window
 
 
@@ -43,6 +43,7 @@ class GroupedQueryAttention(nn.Module):
         self.causal = True  # set by the model from its objective (False: bidirectional, masked LM)
         self.dropout, self.backend = config.dropout, config.attn_backend
         self.rope_theta = config.rope_theta if config.pos_emb == "rope" else None
+        self.rope_scaling = RopeScaling.of(config)
         self.window = SlidingWindow(block.window)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache | WindowCache:
@@ -66,7 +67,7 @@ class GroupedQueryAttention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # per head, over hs
         if self.rope_theta is not None:
-            cos, sin = rope_angles(positions, hs, self.rope_theta)
+            cos, sin = rope_angles(positions, hs, self.rope_theta, self.rope_scaling)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         window = self.window.current()
         if isinstance(cache, WindowCache):  # held keys are out of order: the mask says which ones each query sees

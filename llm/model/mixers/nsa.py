@@ -21,7 +21,7 @@ from torch import nn
 from ...config import BlockConfig, LLMconfig, require
 from ..cache import TokenCache
 from ..kinds import MixerKind
-from ..positions import apply_rope, rope_angles
+from ..positions import RopeScaling, apply_rope, rope_angles
 from .attention import check_heads
 
 BRANCHES = 3  # compression, selection, sliding window
@@ -118,6 +118,7 @@ class NativeSparseAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.causal = True  # set by the model from its objective (False: bidirectional, masked LM)
         self.rope_theta = config.rope_theta if config.pos_emb == "rope" else None
+        self.rope_scaling = RopeScaling.of(config)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> NSACache:
         return NSACache(batch, max_len, self.n_kv, self.head_size, dtype, device)
@@ -141,7 +142,7 @@ class NativeSparseAttention(nn.Module):
         q = self.q_proj(x).view(B, T, H, hs)  # (B, T, H, hs)
         k_cmp, v_cmp, k_slc, v_slc, k_win, v_win = self.kv_proj(x).view(B, T, KEYS_VALUES, KV, hs).unbind(2)
         if self.rope_theta is not None:
-            cos, sin = rope_angles(positions, hs, self.rope_theta)
+            cos, sin = rope_angles(positions, hs, self.rope_theta, self.rope_scaling)
             q, k_slc, k_win = (apply_rope(t, cos, sin) for t in (q, k_slc, k_win))
         raw = (k_cmp, v_cmp, k_slc, v_slc, k_win, v_win)  # (B, T, KV, hs) each
         if cache is not None:
@@ -171,7 +172,7 @@ class NativeSparseAttention(nn.Module):
             in_window = (key_pos - query_pos).abs() < self.window
         k_cmp, v_cmp, ends = self.compress(k_cmp, v_cmp)  # (B, KV, N, hs) x2, (N,)
         if self.rope_theta is not None:
-            cos, sin = rope_angles(ends[None], hs, self.rope_theta)  # (1, N, 1, hs) each
+            cos, sin = rope_angles(ends[None], hs, self.rope_theta, self.rope_scaling)  # (1, N, 1, hs) each
             k_cmp = apply_rope(k_cmp, cos.transpose(1, 2), sin.transpose(1, 2))
         scale = hs ** -0.5
         complete = ends <= (query_pos if self.causal else S - 1)  # (B or 1, 1, 1, T, N)
