@@ -66,14 +66,14 @@ def reference_mixer(attn, x, window, causal=True):
         cos, sin = rope_angles(positions, hs, attn.rope_theta)
         y = reference_attention(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, window, causal)
         return attn.c_proj(y.reshape(B, T, H * hs))
-    H, hs, dr = attn.n_head, attn.head_size, attn.rope_dim
-    q_nope, q_rope = attn.q_proj(x).view(B, T, H, hs + dr).split([hs, dr], dim=-1)
+    H, dn, dv, dr = attn.n_head, attn.nope_dim, attn.v_dim, attn.rope_dim
+    q_nope, q_rope = attn.q_proj(x).view(B, T, H, dn + dr).split([dn, dr], dim=-1)
     latent, k_rope = attn.kv_down(x).split([attn.kv_latent_dim, dr], dim=-1)
-    k_nope, v = attn.kv_up(attn.kv_norm(latent)).view(B, T, H, 2 * hs).split([hs, hs], dim=-1)
+    k_nope, v = attn.kv_up(attn.kv_norm(latent)).view(B, T, H, dn + dv).split([dn, dv], dim=-1)
     cos, sin = rope_angles(positions, dr, attn.rope_theta)
     q = torch.cat((q_nope, apply_rope(q_rope, cos, sin)), dim=-1)
     k = torch.cat((k_nope, apply_rope(k_rope.view(B, T, 1, dr), cos, sin).expand(B, T, H, dr)), dim=-1)
-    return attn.c_proj(reference_attention(q, k, v, window, causal).reshape(B, T, H * hs))
+    return attn.c_proj(reference_attention(q, k, v, window, causal).reshape(B, T, H * dv))
 
 
 def windowed(spec: dict, window: int | None, **fields) -> LLM:
@@ -348,9 +348,11 @@ def test_flash_refuses_a_schedule_at_config_time(monkeypatch):
     parse(["--window", "64", "--attn_backend", "flash", "--device", "cuda"])
 
 
-def test_export_refuses_a_window():
+def test_export_of_a_window_goes_to_a_windowed_family_and_mla_windows_are_refused():
     config = make_config(SPECS["gqa"] | {"window": 8, "non_linearity": "swiglu"}, pos_emb="rope", norm="rms")
-    with pytest.raises(ConfigError, match=r"cannot export: sliding-window attention \(window=8\)"):
+    assert family(config) == "mistral"  # one window on every layer: Mistral's sliding_window
+    config = make_config(SPECS["mla"] | {"window": 8, "non_linearity": "swiglu"}, pos_emb="rope", norm="rms")
+    with pytest.raises(ConfigError, match="cannot export"):
         family(config)
 
 
