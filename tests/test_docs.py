@@ -29,6 +29,7 @@ HELP_COMMANDS = {
     "llm.eval lm_eval": ["-m", "llm.eval", "lm_eval", "--help"],
     "llm.data.synthetic_genome": ["-m", "llm.data.synthetic_genome", "--help"],
     "llm.config.convert": ["-m", "llm.config.convert", "--help"],
+    "scripts/mixers_cpu.py": ["scripts/mixers_cpu.py", "--help"],
 }
 # How a command line names each entry point. The scripts pass their extra arguments to train.py.
 ENTRY_PATTERNS = [
@@ -43,6 +44,7 @@ ENTRY_PATTERNS = [
     ("llm.eval", r"-m\s+llm\.eval\b"),
     ("llm.data.synthetic_genome", r"-m\s+llm\.data\.synthetic_genome\b"),
     ("llm.config.convert", r"-m\s+llm\.config\.convert\b"),
+    ("scripts/mixers_cpu.py", r"(?<![\w./-])(?:\S*/)?mixers_cpu\.py(?![\w.])"),
     ("train.py", r"\bbash\s+\S*scripts/\w+\.sh\b"),
 ]
 ENTRY = re.compile("|".join(f"(?P<e{i}>{pattern})" for i, (_, pattern) in enumerate(ENTRY_PATTERNS)))
