@@ -62,7 +62,8 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     Chunked: the T steps are cut into K chunks of L ~ sqrt(T) steps (the end padded with steps that change nothing:
     delta 0). Each chunk's own contribution to its final state is a sum of decayed inputs (log-decays summed from
     the end of the chunk, so every exponent is <= 0); K sequential steps carry the state from chunk to chunk; then
-    L sequential steps, all chunks at once, produce every output. Memory O(B T D N).
+    L sequential steps, all chunks at once, produce every output. A is constant in time, so the log-decays are
+    summed as time steps (B, K, L, D) before they meet A. Memory O(B T D N).
     """
     batch, T, D = u.shape
     N = A.size(1)
@@ -70,13 +71,12 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     K = math.ceil(T / L)
     pad = (0, 0, 0, K * L - T)  # steps after the end: delta 0 decays nothing and adds nothing
     u, delta, B, C = F.pad(u, pad), F.pad(delta, pad), F.pad(B, pad), F.pad(C, pad)
-    log_decay = (delta[..., None] * A).view(batch, K, L, D, N)  # (B, K, L, D, N) delta_t A, <= 0
-    inputs = ((delta * u)[..., None] * B[:, :, None, :]).view(batch, K, L, D, N)  # (B, K, L, D, N) delta_t B_t u_t
-    C = C.view(batch, K, L, N)  # (B, K, L, N)
-    cumulative = log_decay.cumsum(dim=2)  # (B, K, L, D, N) log-decay from the chunk's start through step t
-    to_end = cumulative[:, :, -1:] - cumulative  # (B, K, L, D, N) log-decay after step t to the chunk's end
+    delta = delta.view(batch, K, L, D)  # (B, K, L, D)
+    summed = delta.cumsum(dim=2)  # (B, K, L, D) time from the chunk's start through step t
+    inputs = (delta * u.view(batch, K, L, D))[..., None] * B.view(batch, K, L, 1, N)  # (B, K, L, D, N) delta_t B_t u_t
+    to_end = (summed[:, :, -1:] - summed)[..., None] * A  # (B, K, L, D, N) log-decay after step t to the chunk's end
     own = (to_end.exp() * inputs).sum(dim=2)  # (B, K, D, N) each chunk's final state from a zero start
-    through = cumulative[:, :, -1].exp()  # (B, K, D, N) decay across each whole chunk
+    through = (summed[:, :, -1, :, None] * A).exp()  # (B, K, D, N) decay across each whole chunk
     carry = u.new_zeros(batch, D, N) if state is None else state
     entering = []
     # unbind, not indexing, in the loops: its backward stacks the slices' gradients once, where each index's backward
@@ -85,8 +85,9 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         entering.append(carry)
         carry = through_k * carry + own_k  # (B, D, N)
     h = torch.stack(entering, dim=1)  # (B, K, D, N) the state before each chunk
+    decay = (delta[..., None] * A).exp()  # (B, K, L, D, N) exp(delta_t A)
     outputs = []
-    for decay_t, input_t, C_t in zip(log_decay.exp().unbind(2), inputs.unbind(2), C.unbind(2)):
+    for decay_t, input_t, C_t in zip(decay.unbind(2), inputs.unbind(2), C.view(batch, K, L, N).unbind(2)):
         h = decay_t * h + input_t  # (B, K, D, N)
         outputs.append(torch.einsum("bkdn,bkn->bkd", h, C_t))  # (B, K, D)
     y = torch.stack(outputs, dim=2).reshape(batch, K * L, D)[:, :T]  # (B, T, D)
