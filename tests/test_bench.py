@@ -40,6 +40,28 @@ def test_mfu_uses_the_palm_formula_and_the_peak_table(monkeypatch):
     assert mfu.mfu(1e6, config, 1000, torch.device("cuda")) == pytest.approx(expected)
 
 
+def test_flops_per_token_counts_each_layers_own_mixing():
+    """Attention over its keys (a window's when set), MLA's separate head widths, NSA's three branches' keys, the
+    Mamba scan, Hyena's FFT convolutions, and a stack summing its layers' kinds."""
+    T, C = 32, 48
+    full = 12 * C * T
+    assert mfu.flops_per_token(make_config(dict(window=8)), 1000) == 6000 + 2 * 12 * C * 8
+    mla = make_config(dict(attn="mla", n_head=4, kv_latent_dim=16, rope_head_dim=8, qk_nope_head_dim=16,
+                           v_head_dim=8), n_layer=1, pos_emb="rope")
+    assert mfu.flops_per_token(mla, 1000) == 6000 + 6 * T * 4 * ((16 + 8) + 8)
+    nsa = make_config(dict(attn="nsa", n_head=4, compress_block_size=4, compress_stride=2, selection_block_size=4,
+                           num_selected_blocks=3, sliding_window_size=64), n_layer=1)
+    assert mfu.flops_per_token(nsa, 1000) == 6000 + 12 * C * (T // 2 + 3 * 4 + T)
+    mamba = dict(attn="mamba", ffn="none", d_state=4, expand=2)
+    scan = 27 * 2 * C * 4
+    assert mfu.flops_per_token(make_config(mamba, n_layer=1, pos_emb="none"), 1000) == 6000 + scan
+    hyena = make_config(dict(attn="hyena", hyena_order=3), n_layer=1)
+    fft = 3 * 2 * C * (2 * 2.5 * 2 * T * 6 + 6 * (T + 1)) / T  # two convolutions, log2(2T) = 6
+    assert mfu.flops_per_token(hyena, 1000) == pytest.approx(6000 + fft)
+    hybrid = make_config([mamba, mamba, dict(attn="gqa", n_head=4, n_kv_heads=2)], pos_emb="none")
+    assert mfu.flops_per_token(hybrid, 1000) == 6000 + 2 * scan + full
+
+
 def test_compare_runs_a_flag_off_and_on(capsys):
     result = bench.main(["--compare", "act_recomp", "--n_layer", "1", "--steps", "1", "--warmup", "0",
                          "--batch_size", "2", "--block_size", "16", "--total_batch_size_str", "32"])

@@ -17,6 +17,20 @@ def no_checks(block: BlockConfig, config: LLMconfig) -> None:
     """The validation of a kind that reads no field beyond the model-wide ones."""
 
 
+def attention_flops(keys: int, n_head: int, qk_head_dim: int, v_head_dim: int) -> float:
+    """Attention's FLOPs per query, forward and backward, over `keys` keys: scores q.k and the weighted sum of values,
+    2 FLOPs per multiply-add, times 3 for the backward (PaLM, appendix B, counts every key of a causal sequence)."""
+    return 6 * keys * n_head * (qk_head_dim + v_head_dim)
+
+
+def full_attention_flops(block: BlockConfig, config: LLMconfig) -> float:
+    """Heads of n_embd // n_head over block_size keys, or the window's keys when the layer has one: PaLM's
+    12 * n_embd * T for full attention."""
+    keys = min(block.window or config.block_size, config.block_size)
+    head = config.n_embd // block.n_head
+    return attention_flops(keys, block.n_head, head, head)
+
+
 @dataclass(frozen=True)
 class MixerKind:
     """A sequence-mixer kind (the layer's `attn` string).
@@ -33,6 +47,8 @@ class MixerKind:
     `direction` says which objectives the kind serves: "both" (the model sets `causal`), "causal" (left to right
     only, e.g. a recurrent scan) or "bidirectional" (masked LM only); `validate` refuses the others, and the
     generic tests run the examples under the objectives it serves.
+    `mixing_flops(block, config)` is the layer's FLOPs per token, forward and backward, that mix tokens without
+    weights (attention scores and sums, a scan, an FFT convolution): what the 6 * parameters estimate of MFU misses.
     """
 
     name: str
@@ -40,6 +56,7 @@ class MixerKind:
     validate: Callable[[BlockConfig, LLMconfig], None] = no_checks
     examples: dict[str, dict] = field(default_factory=dict)
     direction: str = "both"
+    mixing_flops: Callable[[BlockConfig, LLMconfig], float] = full_attention_flops
 
 
 class FFNOutput(NamedTuple):

@@ -1,8 +1,10 @@
-"""Model FLOPs utilisation: the PaLM estimate of training FLOPs per token against the device's peak."""
+"""Model FLOPs utilisation: training FLOPs per token (PaLM's estimate, with each mixer's own mixing) against the
+device's peak."""
 import torch
 
 from ..config import LLMconfig
 from ..model.mod import routed_tokens, routes
+from ..model.registry import MIXERS
 
 # Dense bf16 tensor-core peaks (FLOP/s, without sparsity), matched against torch.cuda.get_device_name().
 PEAK_BF16_FLOPS = {
@@ -12,26 +14,29 @@ PEAK_BF16_FLOPS = {
 
 
 def flops_per_token(config: LLMconfig, active_params: int, skipped_params: float = 0.0, core_params: int = 0) -> float:
-    """PaLM (appendix B): 6 * N + 12 * L * n_embd * T for a forward and backward pass, N the active parameters.
+    """6 * N for a forward and backward pass, N the active parameters, plus each layer's token mixing from its kind
+    (`MixerKind.mixing_flops`): PaLM's (appendix B) 6 * N + 12 * L * n_embd * T for full attention, the window's
+    keys for a sliding window, the scan for Mamba, the FFT convolutions for Hyena.
 
     A mixture-of-depths layer processes a fraction f = k / T of the tokens: the parameters the average token skips
-    there (`skipped_params`, from LLM.skipped_params) leave N, and its attention, over k keys for k of the T queries,
+    there (`skipped_params`, from LLM.skipped_params) leave N, and its mixing, over k keys for k of the T queries,
     counts f * f times (its router and predictor count in full, in N).
 
     Recurrent depth counts the core (core_params per iteration, adapter included, from LLM.core_params) at the mean
     recurrence: a forward pass only (a third) for the mean_recurrence - k_trunc iterations without gradients, forward
     and backward for the min(mean_recurrence, k_trunc) with them; the prelude and coda once.
     """
-    T = config.block_size
-    attention = 12 * config.n_embd * T  # per layer, forward and backward
+    mixing = [MIXERS[block.attn].mixing_flops(block, config) for block in config.layers]
     if config.recurrent_depth:
         with_grad = min(config.mean_recurrence, config.k_trunc)
         iterations = (config.mean_recurrence - with_grad) / 3 + with_grad  # in units of a forward and backward pass
-        once = 6 * (active_params - core_params) + (config.n_prelude + config.n_coda) * attention
-        return once + iterations * (6 * core_params + config.n_core * attention)
-    fractions = [routed_tokens(b.capacity, T) / T for i, b in enumerate(config.layers) if routes(config, i)]
-    attention_layers = config.n_layer - sum(1 - f * f for f in fractions)
-    return 6 * (active_params - skipped_params) + attention_layers * attention
+        core_mixing = sum(mixing[config.n_prelude:config.n_prelude + config.n_core])
+        once = 6 * (active_params - core_params) + sum(mixing) - core_mixing
+        return once + iterations * (6 * core_params + core_mixing)
+    for i, block in enumerate(config.layers):
+        if routes(config, i):
+            mixing[i] *= (routed_tokens(block.capacity, config.block_size) / config.block_size) ** 2
+    return 6 * (active_params - skipped_params) + sum(mixing)
 
 
 def peak_flops(device: torch.device) -> float | None:

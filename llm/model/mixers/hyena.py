@@ -213,8 +213,17 @@ def validate(block: BlockConfig, config: LLMconfig) -> None:
                            "another attn on this layer or drop mod")
 
 
+def mixing_flops(block: BlockConfig, config: LLMconfig) -> float:
+    """The order - 1 long convolutions over n_embd channels, forward and backward: per channel and token, a real
+    FFT of the input and an inverse one of 2T points (2.5 n log2 n FLOPs each) and the spectra's complex product
+    (6 FLOPs a bin); the filters' FFT is shared by the batch and not counted."""
+    T = config.block_size
+    per_channel = (2 * 2.5 * 2 * T * math.log2(2 * T) + 6 * (T + 1)) / T
+    return 3 * (block.hyena_order - 1) * config.n_embd * per_channel
+
+
 HYENA = MixerKind("hyena", Hyena, validate, {
     "hyena": dict(attn="hyena", hyena_filter_order=16),
     "hyena_order3": dict(attn="hyena", hyena_order=3, hyena_filter_order=8, hyena_emb_dim=5, hyena_short_filter=4,
                          hyena_sin_freq=10.0, hyena_decay_shift=0.05),
-})
+}, mixing_flops=mixing_flops)

@@ -270,10 +270,22 @@ def validate_bimamba(block: BlockConfig, config: LLMconfig) -> None:
                                    f"{config.objective} forbids; use --objective mlm, or --attn mamba")
 
 
-MAMBA = MixerKind("mamba", Mamba, validate_mamba, direction="causal", examples={
+def mixing_flops(block: BlockConfig, config: LLMconfig) -> float:
+    """The selective scan's 9 FLOPs per inner channel and state per token forward (discretising, the recurrence and
+    the output contraction, as mamba-ssm counts them), three times that with the backward."""
+    return 3 * 9 * block.expand * config.n_embd * block.d_state
+
+
+def bidirectional_mixing_flops(block: BlockConfig, config: LLMconfig) -> float:
+    """Two scans, one each way."""
+    return 2 * mixing_flops(block, config)
+
+
+MAMBA = MixerKind("mamba", Mamba, validate_mamba, direction="causal", mixing_flops=mixing_flops, examples={
     "mamba": dict(attn="mamba", d_state=4, expand=2, d_conv=3),
     "mamba_rank2": dict(attn="mamba", d_state=3, expand=1, d_conv=4, dt_rank=2, conv_bias=False)})
 # The bimamba example's convolution spans the generic tests' sequences, so that each position's dependence on every
 # later token shows through the backward branch at initialisation, where the scan's share is still tiny.
 BIMAMBA = MixerKind("bimamba", BiMamba, validate_bimamba, direction="bidirectional",
+                    mixing_flops=bidirectional_mixing_flops,
                     examples={"bimamba": dict(attn="bimamba", d_state=4, expand=2, d_conv=8)})

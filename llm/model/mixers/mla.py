@@ -6,7 +6,7 @@ from torch import nn
 
 from ...config import BlockConfig, LLMconfig, require
 from ..cache import TokenCache, WindowCache
-from ..kinds import MixerKind
+from ..kinds import MixerKind, attention_flops
 from ..positions import apply_rope, rope_angles
 from .attention import SlidingWindow, causal_attention, check_heads, check_window
 
@@ -138,10 +138,19 @@ def validate(block: BlockConfig, config: LLMconfig) -> None:
                 "set --rope_head_dim")
 
 
+def mixing_flops(block: BlockConfig, config: LLMconfig) -> float:
+    """Attention over block_size keys (the window's when set) with query/key heads of dn + dr and value heads of dv
+    (training's form: keys and values expanded from the latent)."""
+    head = config.n_embd // block.n_head
+    rope = block.rope_head_dim if config.pos_emb == "rope" else 0
+    keys = min(block.window or config.block_size, config.block_size)
+    return attention_flops(keys, block.n_head, (block.qk_nope_head_dim or head) + rope, block.v_head_dim or head)
+
+
 MLA = MixerKind("mla", MultiHeadLatentAttention, validate, {
     "mla": dict(attn="mla", n_head=4, q_latent_dim=24, kv_latent_dim=16, rope_head_dim=8),
     "mla_no_q_latent": dict(attn="mla", n_head=4, kv_latent_dim=16, rope_head_dim=4),
     "mla_head_dims": dict(attn="mla", n_head=4, q_latent_dim=24, kv_latent_dim=16, rope_head_dim=8,
                           qk_nope_head_dim=16, v_head_dim=8, rope_interleave=True),
     "mla_window": dict(attn="mla", n_head=4, q_latent_dim=24, kv_latent_dim=16, rope_head_dim=8, window=4),
-})
+}, mixing_flops=mixing_flops)

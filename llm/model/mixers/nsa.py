@@ -20,7 +20,7 @@ from torch import nn
 
 from ...config import BlockConfig, LLMconfig, require
 from ..cache import TokenCache
-from ..kinds import MixerKind
+from ..kinds import MixerKind, attention_flops
 from ..positions import RopeScaling, apply_rope, rope_angles
 from .attention import check_heads
 
@@ -221,9 +221,19 @@ def validate(block: BlockConfig, config: LLMconfig) -> None:
             "block are always selected); raise it")
 
 
+def mixing_flops(block: BlockConfig, config: LLMconfig) -> float:
+    """The three branches' attention as the method defines it (not this dense form's masked work): ceil(T / stride)
+    compressed keys, the selected blocks' tokens and the window's, with heads of n_embd // n_head."""
+    T, head = config.block_size, config.n_embd // block.n_head
+    compressed = -(-T // (block.compress_stride or block.compress_block_size))
+    selected = min(block.num_selected_blocks * block.selection_block_size, T)
+    keys = compressed + selected + min(block.sliding_window_size, T)
+    return attention_flops(keys, block.n_head, head, head)
+
+
 NSA = MixerKind("nsa", NativeSparseAttention, validate, {
     "nsa": dict(attn="nsa", n_head=4, n_kv_heads=2, compress_block_size=4, selection_block_size=4,
                 num_selected_blocks=4, sliding_window_size=32),
     "nsa_strided": dict(attn="nsa", n_head=4, n_kv_heads=2, compress_block_size=4, compress_stride=2,
                         selection_block_size=2, num_selected_blocks=3, sliding_window_size=3),
-})
+}, mixing_flops=mixing_flops)
