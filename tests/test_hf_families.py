@@ -180,9 +180,8 @@ def test_models_no_family_represents_are_refused_with_the_reason(layers, fields,
     (transformers.MistralConfig(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, hidden_act="gelu",
                                 num_hidden_layers=1, vocab_size=97), "hidden_act='gelu'"),
     (transformers.DeepseekV3Config(hidden_size=64, num_attention_heads=4, num_hidden_layers=1, vocab_size=97,
-                                   rms_norm_eps=1e-6, rope_parameters=dict(
-                                       rope_type="yarn", factor=4.0, rope_theta=1e4,
-                                       original_max_position_embeddings=64)), "rope_type='yarn'"),
+                                   rms_norm_eps=1e-6, rope_parameters=dict(rope_type="dynamic", factor=4.0,
+                                                                           rope_theta=1e4)), "rope_type='dynamic'"),
 ])
 def test_imports_of_what_we_cannot_represent_are_refused_with_the_field(hf_cfg, message):
     with pytest.raises(ConfigError, match="^cannot import .*" + message):

@@ -1,5 +1,6 @@
 """RoPE scaling (linear, llama3, yarn): frequencies against direct implementations of their definitions, logit parity
 with transformers beyond the original context (export and import), caches, causality, gradients and refusals."""
+import copy
 import json
 import math
 
@@ -27,12 +28,26 @@ SCALINGS = {  # the issue's Llama 3.1 example, and each other type with the para
                                   rope_original_max_position_embeddings=ORIGINAL),
 }
 LLAMA = dict(attn="gqa", n_head=4, n_kv_heads=2, non_linearity="swiglu", up_dim=64)
+MLA = dict(attn="mla", n_head=4, q_latent_dim=24, kv_latent_dim=32, rope_head_dim=DIM, qk_nope_head_dim=16,
+           v_head_dim=12, rope_interleave=True, non_linearity="swiglu", up_dim=64)
+DEEPSEEK_YARN = {  # DeepSeek-V3's form (mscale = mscale_all_dim: cos/sin unscaled, the softmax scale grows), and both
+    "deepseek-v3": dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_position_embeddings=ORIGINAL,
+                        rope_mscale=1.0, rope_mscale_all_dim=1.0),
+    "mscales-differ": dict(rope_scaling="yarn", rope_factor=4.0, rope_original_max_position_embeddings=ORIGINAL,
+                           rope_mscale=0.707, rope_mscale_all_dim=1.0, rope_beta_fast=16.0),
+}
 
 
 def llama_config(scaling: dict, **fields):
     """A Llama-shaped model of head size 16 (context 256 unless given) with RoPE scaling `scaling`."""
     return make_config(LLAMA, **{**dict(n_embd=64, pos_emb="rope", norm="rms", rope_theta=THETA, block_size=256),
                                  **scaling, **fields})
+
+
+def deepseek_config(scaling: dict, **fields):
+    """A DeepSeek-V3-shaped MLA model (rope head 16, interleaved) with RoPE scaling `scaling`."""
+    return make_config(MLA, **{**dict(n_embd=64, pos_emb="rope", norm="rms", norm_eps=1e-6, rope_theta=THETA,
+                                      block_size=256, tie_embeddings=False), **scaling, **fields})
 
 
 def reference_frequencies(s: dict, dim: int, theta: float) -> tuple[list[float], float]:
@@ -136,6 +151,35 @@ def test_import_of_a_scaled_transformers_llama_has_its_logits(name, tmp_path):
     assert diff <= 1e-5
 
 
+@pytest.mark.parametrize("name", DEEPSEEK_YARN)
+def test_mla_under_yarn_has_the_logits_of_transformers_deepseek_v3_both_ways(name, tmp_path):
+    """Export and import at 200 tokens (original context 64); DeepSeek's mscale^2 on the softmax scale and the
+    scaled frequencies each matter."""
+    ours = LLM(deepseek_config(DEEPSEEK_YARN[name]))
+    to_hf(ours).save_pretrained(tmp_path / "export")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32)
+    assert isinstance(theirs, transformers.DeepseekV3ForCausalLM)
+    diff = logit_difference(ours, theirs)
+    print(f"export MLA rope {name}: max abs logit difference {diff:.2e} at {LONG} tokens")
+    assert diff <= 1e-5
+    for attribute, unscaled in (("scale", 1 / math.sqrt(16 + DIM)), ("rope_scaling", None)):
+        changed = copy.deepcopy(ours)
+        for block in changed.blocks:
+            setattr(block.attn, attribute, unscaled)
+        assert logit_difference(changed, theirs) > 1e-4  # the softmax mscale and the frequencies each matter
+    theirs = transformers.DeepseekV3ForCausalLM(hf_config(deepseek_config(DEEPSEEK_YARN[name]))).float()
+    with torch.no_grad():
+        for param in theirs.parameters():
+            param.normal_(std=0.05)
+    theirs.save_pretrained(tmp_path / "import")
+    ours = from_hf(str(tmp_path / "import"))
+    for field, value in DEEPSEEK_YARN[name].items():
+        assert getattr(ours.config, field) == value, field
+    diff = logit_difference(ours, theirs)
+    print(f"import MLA rope {name}: max abs logit difference {diff:.2e} at {LONG} tokens")
+    assert diff <= 1e-5
+
+
 def test_a_legacy_rope_scaling_entry_is_imported(tmp_path):
     """config.json files written before transformers 5 carry rope_theta and rope_scaling {"type": ...}."""
     theirs = transformers.LlamaForCausalLM(hf_config(llama_config({}))).float()
@@ -165,9 +209,13 @@ def test_rope_types_and_keys_we_do_not_represent_are_refused_on_import(params, m
         config_from_hf(hf)
 
 
-@pytest.mark.parametrize("name", ["llama3", "yarn-mscale"])
+@pytest.mark.parametrize("name", ["llama3", "yarn-mscale", "mla-mscales-differ"])
 def test_cache_equals_recomputation_beyond_the_original_context(name):
-    model = LLM(llama_config(SCALINGS[name], block_size=96)).eval()
+    """GQA's KV cache, and MLA's absorbed latent cache with its softmax mscale."""
+    if name.startswith("mla-"):
+        model = LLM(deepseek_config(DEEPSEEK_YARN[name[4:]], block_size=96)).eval()
+    else:
+        model = LLM(llama_config(SCALINGS[name], block_size=96)).eval()
     prompt = [list(range(1, 60))]
     logits = {}
     for use_cache in (True, False):
@@ -178,8 +226,8 @@ def test_cache_equals_recomputation_beyond_the_original_context(name):
     assert (logits[True] - logits[False]).abs().max().item() <= 1e-5
 
 
-@pytest.mark.parametrize("attn", [LLAMA, dict(attn="nsa", n_head=4, n_kv_heads=2, sliding_window_size=8)],
-                         ids=["gqa", "nsa"])
+@pytest.mark.parametrize("attn", [LLAMA, dict(attn="nsa", n_head=4, n_kv_heads=2, sliding_window_size=8), MLA],
+                         ids=["gqa", "nsa", "mla"])
 @pytest.mark.parametrize("name", ["llama3", "yarn"])
 def test_scaled_attention_is_causal_and_every_parameter_learns(attn, name):
     model = LLM(make_config(attn, n_embd=64, pos_emb="rope", norm="rms", block_size=96, **SCALINGS[name]))
@@ -212,8 +260,6 @@ BAD_FLAGS = [
      "rope_original_max_position_embeddings=0 must be >= 1"),
     (["--pos_emb", "rope", "--rope_scaling", "yarn", "--rope_attention_factor", "-1"],
      "rope_attention_factor=-1.0 must be > 0"),
-    (["--pos_emb", "rope", "--rope_scaling", "yarn", "--attn", "mla", "--kv_latent_dim", "16", "--rope_head_dim", "8"],
-     "rope_scaling=yarn is not applied by attn=mla yet"),
 ]
 
 

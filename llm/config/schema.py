@@ -200,7 +200,8 @@ class LLMconfig:
     """rope_scaling yarn: with rope_mscale_all_dim, attention factor (0.1 m ln f + 1) / (0.1 m_all ln f + 1)
     (DeepSeek); unset: 0.1 ln f + 1."""
     rope_mscale_all_dim: float | None = None
-    """rope_scaling yarn: the m_all of the attention factor (see rope_mscale)."""
+    """rope_scaling yarn: the m_all of the attention factor (see rope_mscale); MLA also multiplies its softmax scale
+    by (0.1 m_all ln f + 1)^2, as DeepSeek-V2/V3."""
     rope_attention_factor: float | None = None
     """rope_scaling yarn: cos and sin are multiplied by this; unset derives it from rope_factor (see rope_mscale)."""
     norm: NormKind = "layer"

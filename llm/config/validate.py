@@ -139,8 +139,6 @@ def check_rope_scaling(m: LLMconfig) -> None:
         return
     require(m.pos_emb == "rope", f"rope_scaling={m.rope_scaling} needs pos_emb=rope, got pos_emb={m.pos_emb}; "
                                  "add --pos_emb rope or drop --rope_scaling")
-    mla = sorted({b.attn for b in m.layers} & {"mla"})
-    require(not mla, f"rope_scaling={m.rope_scaling} is not applied by attn=mla yet; use --rope_scaling none")
     require(m.rope_factor > 0, f"rope_factor={m.rope_factor} must be > 0 (the context extension factor)")
     original = m.rope_original_max_position_embeddings
     require(original is None or original >= 1,

@@ -255,13 +255,6 @@ def copy_weight(target: torch.Tensor, source: torch.Tensor, name: str) -> None:
     target.copy_(source)
 
 
-def plain_rope(hf_cfg, title: str) -> None:
-    """Refuses a transformers configuration whose RoPE is scaled (rope_parameters' rope_type other than default)."""
-    kind = (getattr(hf_cfg, "rope_parameters", None) or {}).get("rope_type", "default")
-    if kind != "default":
-        raise ConfigError(f"cannot import {title} with rope_parameters rope_type={kind!r}: only unscaled RoPE maps here")
-
-
 def llama_like_layer(hf_cfg, title: str, **fields) -> BlockConfig:
     """The layer of a Llama-like transformers decoder (mha, mqa or gqa by its key/value heads, SwiGLU): refuses a
     head_dim other than hidden_size / heads and an activation other than SiLU (RoPE scaling maps through

@@ -3,7 +3,7 @@ layers with a sigmoid router, shared experts and the aux-free selection bias (`e
 import dataclasses
 
 from ..config import BlockConfig, ConfigError, LLMconfig
-from .common import (Family, Weight, act_name, gate_rows, hf_rope_rms_fields, only, our_rope_rms_fields, plain_rope,
+from .common import (Family, Weight, act_name, gate_rows, hf_rope_rms_fields, only, our_rope_rms_fields,
                      refuse, same, uniform, up_rows, vocab_rows)
 
 
@@ -73,7 +73,6 @@ def our_fields(hf_cfg) -> dict:
     """Our fields for a DeepseekV3Config: first_k_dense_replace MLA layers with a dense MLP, then MLA + MoE layers
     with a sigmoid, aux-free, group-limited router."""
     H = hf_cfg.num_attention_heads
-    plain_rope(hf_cfg, "DeepseekV3")
     if hf_cfg.rms_norm_eps != 1e-6:
         raise ConfigError(f"cannot import DeepseekV3 with rms_norm_eps={hf_cfg.rms_norm_eps}: its latent norms "
                           "use 1e-6 and ours use the one norm_eps")

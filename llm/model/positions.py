@@ -80,6 +80,16 @@ def yarn_attention_factor(config: LLMconfig) -> float:
     return mscale(1.0)
 
 
+def softmax_mscale(config: LLMconfig) -> float:
+    """The factor DeepSeek's MLA (transformers' DeepseekV2/V3 attention) multiplies its softmax scale by under yarn
+    with rope_mscale_all_dim m_all: (0.1 m_all ln f + 1)^2, f = rope_factor; 1 otherwise. DeepSeek-V3's configs set
+    rope_mscale = rope_mscale_all_dim, so cos/sin stay unscaled and this factor alone sharpens the logits."""
+    m_all, factor = config.rope_mscale_all_dim, config.rope_factor
+    if config.pos_emb != "rope" or config.rope_scaling != "yarn" or not m_all or factor <= 1:
+        return 1.0
+    return (0.1 * m_all * math.log(factor) + 1.0) ** 2
+
+
 def scaled_frequencies(inv_freq: torch.Tensor, dim: int, theta: float, s: RopeScaling) -> torch.Tensor:
     """The rotation frequencies (dim/2,) of RoPE scaling `s` from the unscaled ones 1 / theta^(2i/dim)."""
     if s.kind == "linear":  # position interpolation: positions / factor

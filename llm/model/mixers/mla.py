@@ -7,7 +7,7 @@ from torch import nn
 from ...config import BlockConfig, LLMconfig, require
 from ..cache import TokenCache, WindowCache
 from ..kinds import MixerKind, attention_flops
-from ..positions import apply_rope, rope_angles
+from ..positions import RopeScaling, apply_rope, rope_angles, softmax_mscale
 from .attention import SlidingWindow, causal_attention, check_heads, check_window
 
 
@@ -45,6 +45,9 @@ class MultiHeadLatentAttention(nn.Module):
 
     With a `window`, each query sees only the last window tokens, and generation keeps only their latents and rope
     keys (a ring, `WindowCache`).
+
+    RoPE scaling (`--rope_scaling`) rotates the rope parts with the scaled frequencies; under yarn with
+    rope_mscale_all_dim the softmax scale is also multiplied by DeepSeek's mscale^2 (`positions.softmax_mscale`).
     """
 
     def __init__(self, block: BlockConfig, config: LLMconfig):
@@ -71,6 +74,8 @@ class MultiHeadLatentAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.causal = True  # set by the model from its objective (False: bidirectional, masked LM)
         self.dropout, self.backend, self.rope_theta = config.dropout, config.attn_backend, config.rope_theta
+        self.rope_scaling = RopeScaling.of(config)
+        self.scale = softmax_mscale(config) / math.sqrt(qk_dim)  # 1 / sqrt(dn + dr), times DeepSeek's yarn mscale^2
         self.window = SlidingWindow(block.window)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype,
@@ -91,7 +96,7 @@ class MultiHeadLatentAttention(nn.Module):
         if dr:
             if self.rope_interleave:
                 q_rope, k_rope = evens_then_odds(q_rope), evens_then_odds(k_rope)  # (B, T, H, dr), (B, T, dr)
-            cos, sin = rope_angles(positions, dr, self.rope_theta)
+            cos, sin = rope_angles(positions, dr, self.rope_theta, self.rope_scaling)
             q_rope = apply_rope(q_rope, cos, sin)  # (B, T, H, dr)
             k_rope = apply_rope(k_rope.view(B, T, 1, dr), cos, sin).view(B, T, dr)  # one rope key for all heads
         dropout, window = self.dropout if self.training else 0.0, self.window.current()
@@ -99,7 +104,7 @@ class MultiHeadLatentAttention(nn.Module):
             k_nope, v = self.kv_up(latent).view(B, T, H, dn + dv).split([dn, dv], dim=-1)  # (B, T, H, dn), (.., dv)
             q = torch.cat((q_nope, q_rope), dim=-1)  # (B, T, H, dn + dr)
             k = torch.cat((k_nope, k_rope[:, :, None].expand(B, T, H, dr)), dim=-1)  # (B, T, H, dn + dr)
-            y = causal_attention(q, k, v, self.backend, dropout, mask, causal=self.causal,
+            y = causal_attention(q, k, v, self.backend, dropout, mask, scale=self.scale, causal=self.causal,
                                  window=window)  # (B, T, H, dv)
         else:
             if isinstance(cache, WindowCache):  # held latents are out of order: the mask says which each query sees
@@ -112,7 +117,7 @@ class MultiHeadLatentAttention(nn.Module):
             q = torch.cat((q_latent, q_rope), dim=-1)  # (B, T, H, dc + dr)
             k = torch.cat((latent, k_rope), dim=-1)[:, :, None]  # (B, S, 1, dc + dr): one "head" shared by all
             y_latent = causal_attention(q, k, latent[:, :, None], self.backend, dropout, mask,
-                                        scale=1 / math.sqrt(dn + dr), window=window)  # (B, T, H, dc)
+                                        scale=self.scale, window=window)  # (B, T, H, dc)
             y = torch.einsum("bthc,hdc->bthd", y_latent, w_v)  # (B, T, H, dv)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, H * dv)))  # (B, T, C)
 
