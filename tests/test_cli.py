@@ -169,6 +169,8 @@ BAD_INPUTS = [
     (["--attn", "gqa"], "attn=gqa needs n_kv_heads"),
     (["--attn", "gqa", "--n_head", "4", "--n_kv_heads", "3"], "n_kv_heads=3 does not divide n_head=4"),
     (["--pos_emb", "rope", "--n_embd", "96", "--n_head", "32"], "even head size"),
+    (["--n_head", "5", "--head_dim", "0"], "head_dim=0 must be >= 1"),
+    (["--pos_emb", "rope", "--n_head", "5", "--head_dim", "7"], "even head size, got 7"),
     (["--attn", "mla"], "attn=mla needs kv_latent_dim"),
     (["--attn", "mla", "--kv_latent_dim", "16", "--pos_emb", "rope"], "needs an even rope_head_dim"),
     (["--attn", "mla", "--kv_latent_dim", "16", "--pos_emb", "rope", "--rope_head_dim", "5"], "rope_head_dim"),

@@ -18,7 +18,8 @@ from tests.conftest import make_config
 from tests.test_hf import DEEPSEEK_V3_DENSE, FAMILIES, GQA, logit_difference, with_random_biases
 
 NEW_FAMILIES = ["deepseek-v3-real-head-dims-groups", "qwen2-qkv-bias-window", "qwen2-untied-no-window",
-                "qwen3-qk-norm-untied", "mistral-window"]
+                "qwen3-qk-norm-untied", "qwen3-wide-heads", "llama-narrow-heads", "mistral-window",
+                "mistral-window-wide-heads"]
 
 
 def reference_routing(scores: torch.Tensor, bias: torch.Tensor, n_group: int, topk_group: int, k: int,
@@ -153,11 +154,14 @@ def test_greedy_generation_equals_transformers(name):
     (dict(GQA, qkv_bias=False, window=4), "mistral"),
     ([dict(GQA, qkv_bias=False, window=4), dict(GQA, qkv_bias=False)], "qwen2"),
     (dict(GQA, qkv_bias=False), "llama"),
+    (dict(GQA, qkv_bias=False, head_dim=16), "llama"),
+    (dict(GQA, qkv_bias=False, qk_norm=True, head_dim=16), "qwen3"),
 ])
 def test_each_model_exports_as_the_first_family_that_represents_it(layers, model_type):
     config = make_config(layers, pos_emb="rope", norm="rms")
     assert family(config) == model_type
-    assert config_from_hf(to_hf(LLM(config)).config).layers[0].window == config.layers[0].window
+    back = config_from_hf(to_hf(LLM(config)).config).layers[0]
+    assert (back.window, back.head_dim) == (config.layers[0].window, config.layers[0].head_dim)
 
 
 @pytest.mark.parametrize("layers,fields,message", [
@@ -165,6 +169,7 @@ def test_each_model_exports_as_the_first_family_that_represents_it(layers, model
     (dict(GQA, qk_norm=True, qkv_bias=False), dict(bias=True), "Qwen3 has no biases on the output projection"),
     ([dict(GQA, window=4), dict(GQA, window=6)], {}, "layers differ in window of the windowed layers"),
     (dict(GQA, window=4), dict(bias=True), "Mistral has no biases"),
+    (dict(GQA, head_dim=16), {}, "Qwen2Config has no head_dim"),
 ])
 def test_models_no_family_represents_are_refused_with_the_reason(layers, fields, message):
     config = make_config(layers, pos_emb="rope", norm="rms", **fields)
@@ -172,9 +177,13 @@ def test_models_no_family_represents_are_refused_with_the_reason(layers, fields,
         to_hf(LLM(config))
 
 
+def test_gpt2_refuses_heads_of_their_own_width():
+    config = make_config(dict(attn="mha", n_head=4, head_dim=16, non_linearity="gelu"))
+    with pytest.raises(ConfigError, match="^cannot export: .*GPT-2's heads are n_embd / n_head wide"):
+        to_hf(LLM(config))
+
+
 @pytest.mark.parametrize("hf_cfg,message", [
-    (transformers.Qwen3Config(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                              num_hidden_layers=1, vocab_size=97), "head_dim=16: our head size is hidden_size / "),
     (transformers.Qwen3Config(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, head_dim=12,
                               attention_bias=True, num_hidden_layers=1, vocab_size=97), "attention_bias=True"),
     (transformers.MistralConfig(hidden_size=48, num_attention_heads=4, num_key_value_heads=2, hidden_act="gelu",

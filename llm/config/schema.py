@@ -31,7 +31,11 @@ class BlockConfig:
     (native sparse attention), hyena (long implicit convolutions with gating), mamba (selective state space), bimamba
     (Mamba both ways, for objective mlm)."""
     n_head: int = 4
-    """Number of query heads; must divide n_embd (head size = n_embd // n_head)."""
+    """Number of query heads; must divide n_embd (head size = n_embd // n_head) unless head_dim is set."""
+    head_dim: int | None = None
+    """mha, mqa, gqa: the width of each query, key and value head; unset means n_embd // n_head. Set it for heads
+    wider or narrower than n_embd / n_head (Qwen3-0.6B: 16 heads of 128 at width 1024); c_proj then maps
+    n_head * head_dim back to n_embd."""
     n_kv_heads: int | None = None
     """Key/value heads for gqa and nsa (nsa: unset means n_head); must divide n_head. Ignored by mha (uses n_head),
     mqa (uses 1) and mla."""

@@ -255,25 +255,25 @@ def copy_weight(target: torch.Tensor, source: torch.Tensor, name: str) -> None:
     target.copy_(source)
 
 
-def llama_like_layer(hf_cfg, title: str, **fields) -> BlockConfig:
-    """The layer of a Llama-like transformers decoder (mha, mqa or gqa by its key/value heads, SwiGLU): refuses a
-    head_dim other than hidden_size / heads and an activation other than SiLU (RoPE scaling maps through
-    our_rope_rms_fields)."""
-    H, kv = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads
+def our_head_dim(hf_cfg) -> int | None:
+    """Our head_dim of a transformers config's head_dim: unset (n_embd // n_head) when its heads are hidden_size /
+    num_attention_heads wide or it has no head_dim."""
     head_dim = getattr(hf_cfg, "head_dim", None)
-    if head_dim is not None and head_dim * H != hf_cfg.hidden_size:
-        raise ConfigError(f"cannot import {title} with head_dim={head_dim} != hidden_size / heads = "
-                          f"{hf_cfg.hidden_size // H}: our attention heads are n_embd // n_head wide")
+    return None if head_dim is None or head_dim * hf_cfg.num_attention_heads == hf_cfg.hidden_size else head_dim
+
+
+def llama_like_layer(hf_cfg, title: str, **fields) -> BlockConfig:
+    """The layer of a Llama-like transformers decoder (mha, mqa or gqa by its key/value heads, SwiGLU, its head_dim):
+    refuses an activation other than SiLU (RoPE scaling maps through our_rope_rms_fields)."""
+    H, kv = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads
     if hf_cfg.hidden_act != "silu":
         raise ConfigError(f"cannot import {title} with hidden_act={hf_cfg.hidden_act!r}: its gated MLP maps to our "
                           "swiglu (silu) only")
     attn = "mha" if kv == H else "mqa" if kv == 1 else "gqa"
-    return BlockConfig(attn=attn, n_head=H, n_kv_heads=kv, up_dim=hf_cfg.intermediate_size, non_linearity="swiglu",
-                       **fields)
+    return BlockConfig(attn=attn, n_head=H, n_kv_heads=kv, head_dim=our_head_dim(hf_cfg), up_dim=hf_cfg.intermediate_size,
+                       non_linearity="swiglu", **fields)
 
 
 LLAMA_LIKE_MAPPED = frozenset({"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                                "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_parameters"})
 SILU_ONLY = Refusal("hidden_act", lambda c: c.hidden_act == "silu", "our gated MLP is SwiGLU (silu)")
-HEAD_DIM = Refusal("head_dim", lambda c: c.head_dim in (None, c.hidden_size // c.num_attention_heads),
-                   "our head size is hidden_size / num_attention_heads")

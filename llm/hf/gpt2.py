@@ -15,6 +15,8 @@ def check(config: LLMconfig) -> None:
                "train with --norm layer and one of them")
     uniform(config.layers, "n_head", "up_dim")
     same([act_name(b) for b in config.layers], "non_linearity")
+    if any(b.head_dim not in (None, config.n_embd // b.n_head) for b in config.layers):
+        refuse("GPT-2's heads are n_embd / n_head wide; train without --head_dim")
 
 
 def hf_fields(config: LLMconfig) -> dict:

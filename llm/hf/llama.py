@@ -2,20 +2,21 @@
 import torch
 
 from ..config import BlockConfig, ConfigError, LLMconfig
-from ..model.mixers.gqa import kv_heads
-from .common import (HEAD_DIM, SILU_ONLY, Family, Weight, act_name, gate_rows, hf_rope_rms_fields,
-                     our_rope_rms_fields, refuse, same, uniform, up_rows, vocab_rows)
+from ..model.mixers.gqa import head_size, kv_heads
+from .common import (SILU_ONLY, Family, Weight, act_name, gate_rows, hf_rope_rms_fields,
+                     our_head_dim, our_rope_rms_fields, refuse, same, uniform, up_rows, vocab_rows)
 
 
 def check(config: LLMconfig) -> None:
-    """Llama needs RMSNorm and SwiGLU, one head count, key/value head count and width for all layers, and neither
-    q/k/v-only biases (Qwen2) nor per-head q/k norms (Qwen3)."""
+    """Llama needs RMSNorm and SwiGLU, one head count, head size, key/value head count and width for all layers, and
+    neither q/k/v-only biases (Qwen2) nor per-head q/k norms (Qwen3)."""
     acts = {act_name(b) for b in config.layers}
     if config.norm != "rms" or acts != {"swiglu"}:
         refuse(f"RoPE models export as Llama, which needs RMSNorm and SwiGLU (have norm={config.norm}, "
                f"non_linearity={sorted(acts)}); train with --norm rms --non_linearity swiglu")
     uniform(config.layers, "n_head", "up_dim")
     same([kv_heads(b) for b in config.layers], "key/value heads")
+    same([head_size(b, config) for b in config.layers], "head size (head_dim)")
     if any(b.qkv_bias and not config.bias for b in config.layers):
         refuse("Llama's attention_bias biases the output projection too, not q/k/v only (qkv_bias, Qwen2)")
     if any(b.qk_norm for b in config.layers):
@@ -26,7 +27,8 @@ def hf_fields(config: LLMconfig) -> dict:
     """LlamaConfig's arguments for our config; our one bias flag covers attention and MLP."""
     block = config.layers[0]
     return dict(hf_rope_rms_fields(config), num_attention_heads=block.n_head, num_key_value_heads=kv_heads(block),
-                intermediate_size=block.up_dim, attention_bias=config.bias, mlp_bias=config.bias)
+                head_dim=head_size(block, config), intermediate_size=block.up_dim, attention_bias=config.bias,
+                mlp_bias=config.bias)
 
 
 def our_fields(hf_cfg) -> dict:
@@ -35,13 +37,14 @@ def our_fields(hf_cfg) -> dict:
         raise ConfigError("cannot import Llama with attention_bias != mlp_bias; our bias flag covers both")
     H, kv = hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads
     attn = "mha" if kv == H else "mqa" if kv == 1 else "gqa"
-    block = BlockConfig(attn=attn, n_head=H, n_kv_heads=kv, up_dim=hf_cfg.intermediate_size, non_linearity="swiglu")
+    block = BlockConfig(attn=attn, n_head=H, n_kv_heads=kv, head_dim=our_head_dim(hf_cfg),
+                        up_dim=hf_cfg.intermediate_size, non_linearity="swiglu")
     return dict(our_rope_rms_fields(hf_cfg), bias=hf_cfg.attention_bias, layers=[block] * hf_cfg.num_hidden_layers)
 
 
 def qkv_sizes(config: LLMconfig, layer: BlockConfig) -> list[int]:
-    """Rows of q, k and v in our fused c_attn: n_head, then n_kv and n_kv heads of n_embd // n_head."""
-    head = config.n_embd // layer.n_head
+    """Rows of q, k and v in our fused c_attn: n_head, then n_kv and n_kv heads of the layer's head size."""
+    head = head_size(layer, config)
     return [layer.n_head * head, kv_heads(layer) * head, kv_heads(layer) * head]
 
 
@@ -86,8 +89,8 @@ LAYER_WEIGHTS = (  # bias entries apply to models with --bias
 
 MAPPED = frozenset({"hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "rope_parameters",
-                    "attention_bias", "mlp_bias"})
-REFUSALS = (SILU_ONLY, HEAD_DIM)
+                    "attention_bias", "mlp_bias", "head_dim"})
+REFUSALS = (SILU_ONLY,)
 IGNORED = frozenset({"attention_dropout", "pretraining_tp"})  # dropout: training only; pretraining_tp: unused
 
 LLAMA = Family("llama", "Llama", attn=frozenset({"mha", "mqa", "gqa"}), ffn=frozenset({"dense"}),

@@ -2,8 +2,8 @@
 import dataclasses
 
 from ..config import LLMconfig
-from ..model.mixers.gqa import kv_heads
-from .common import (HEAD_DIM, LLAMA_LIKE_MAPPED, SILU_ONLY, Family, hf_rope_rms_fields, llama_like_layer,
+from ..model.mixers.gqa import head_size, kv_heads
+from .common import (LLAMA_LIKE_MAPPED, SILU_ONLY, Family, hf_rope_rms_fields, llama_like_layer,
                      our_rope_rms_fields, refuse, same)
 from .llama import LAYER_WEIGHTS, WEIGHTS
 from .llama import check as llama_check
@@ -18,10 +18,10 @@ def check(config: LLMconfig) -> None:
 
 
 def hf_fields(config: LLMconfig) -> dict:
-    """MistralConfig's arguments: Llama's, head_dim = n_embd // n_head, and sliding_window = our window."""
+    """MistralConfig's arguments: Llama's, the layers' head size as head_dim, and sliding_window = our window."""
     block = config.layers[0]
     return dict(hf_rope_rms_fields(config), num_attention_heads=block.n_head, num_key_value_heads=kv_heads(block),
-                head_dim=config.n_embd // block.n_head, intermediate_size=block.up_dim,
+                head_dim=head_size(block, config), intermediate_size=block.up_dim,
                 sliding_window=block.window)
 
 
@@ -35,5 +35,5 @@ def our_fields(hf_cfg) -> dict:
 MISTRAL = Family("mistral", "Mistral", attn=frozenset({"mha", "mqa", "gqa"}), ffn=frozenset({"dense"}),
                  pos_emb=frozenset({"rope"}), check=check, config_class="MistralConfig", hf_fields=hf_fields,
                  our_fields=our_fields, weights=WEIGHTS, layer_weights=LAYER_WEIGHTS, windows=True,
-                 mapped=LLAMA_LIKE_MAPPED | {"sliding_window"}, refusals=(SILU_ONLY, HEAD_DIM),
+                 mapped=LLAMA_LIKE_MAPPED | {"sliding_window", "head_dim"}, refusals=(SILU_ONLY,),
                  ignored=frozenset({"attention_dropout"}))

@@ -3,8 +3,8 @@ per-head RMSNorm on queries and keys (Qwen3), and sliding windows on the layers 
 import dataclasses
 
 from ..config import ConfigError, LLMconfig
-from ..model.mixers.gqa import kv_heads
-from .common import (HEAD_DIM, LLAMA_LIKE_MAPPED, SILU_ONLY, Refusal, Family, Weight, hf_rope_rms_fields, llama_like_layer, our_rope_rms_fields, refuse, same,
+from ..model.mixers.gqa import head_size, kv_heads
+from .common import (LLAMA_LIKE_MAPPED, SILU_ONLY, Refusal, Family, Weight, hf_rope_rms_fields, llama_like_layer, our_rope_rms_fields, refuse, same,
                      uniform)
 from .llama import LAYER_WEIGHTS as LLAMA_LAYER_WEIGHTS
 from .llama import WEIGHTS, check as llama_check, k_rows, q_rows, v_rows
@@ -55,8 +55,12 @@ def our_layers(hf_cfg, title: str, **fields) -> list:
 
 
 def qwen2_check(config: LLMconfig) -> None:
-    """Qwen2: Llama's layers, biases on q/k/v only (exported as zeros without --qkv_bias), no q/k norm."""
+    """Qwen2: Llama's layers, biases on q/k/v only (exported as zeros without --qkv_bias), no q/k norm, heads
+    n_embd // n_head wide (Qwen2Config has no head_dim)."""
     check_qwen(config, "Qwen2", qk_norm=False)
+    if any(b.head_dim not in (None, config.n_embd // b.n_head) for b in config.layers):
+        refuse("Qwen2Config has no head_dim: its heads are hidden_size / num_attention_heads wide; train without "
+               "--head_dim")
 
 
 def qwen2_hf_fields(config: LLMconfig) -> dict:
@@ -75,8 +79,8 @@ def qwen3_check(config: LLMconfig) -> None:
 
 
 def qwen3_hf_fields(config: LLMconfig) -> dict:
-    """Qwen3Config's arguments: head_dim = n_embd // n_head, no attention biases."""
-    return dict(llama_like_fields(config), head_dim=config.n_embd // config.layers[0].n_head, attention_bias=False)
+    """Qwen3Config's arguments: the layers' head size as head_dim, no attention biases."""
+    return dict(llama_like_fields(config), head_dim=head_size(config.layers[0], config), attention_bias=False)
 
 
 def qwen3_our_fields(hf_cfg) -> dict:
@@ -111,4 +115,4 @@ QWEN2 = Family("qwen2", "Qwen2", attn=frozenset({"mha", "mqa", "gqa"}), ffn=froz
 QWEN3 = Family("qwen3", "Qwen3", attn=frozenset({"mha", "mqa", "gqa"}), ffn=frozenset({"dense"}),
                pos_emb=frozenset({"rope"}), check=qwen3_check, config_class="Qwen3Config", hf_fields=qwen3_hf_fields,
                our_fields=qwen3_our_fields, weights=WEIGHTS, layer_weights=UNBIASED + QK_NORMS, windows=True,
-               mapped=WINDOWED, refusals=(SILU_ONLY, HEAD_DIM, NO_ATTENTION_BIAS), ignored=IGNORED)
+               mapped=WINDOWED | {"head_dim"}, refusals=(SILU_ONLY, NO_ATTENTION_BIAS), ignored=IGNORED)

@@ -24,10 +24,10 @@ def attention_flops(keys: int, n_head: int, qk_head_dim: int, v_head_dim: int) -
 
 
 def full_attention_flops(block: BlockConfig, config: LLMconfig) -> float:
-    """Heads of n_embd // n_head over block_size keys, or the window's keys when the layer has one: PaLM's
-    12 * n_embd * T for full attention."""
+    """Heads of head_dim (unset: n_embd // n_head) over block_size keys, or the window's keys when the layer has one:
+    PaLM's 12 * n_embd * T for full attention."""
     keys = min(block.window or config.block_size, config.block_size)
-    head = config.n_embd // block.n_head
+    head = block.head_dim or config.n_embd // block.n_head
     return attention_flops(keys, block.n_head, head, head)
 
 

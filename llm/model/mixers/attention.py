@@ -338,8 +338,12 @@ def check_window(block: BlockConfig) -> None:
             "full attention")
 
 
-def check_heads(block: BlockConfig, config: LLMconfig) -> None:
-    """n_head must be positive and divide n_embd (head size = n_embd // n_head)."""
+def check_heads(block: BlockConfig, config: LLMconfig, own_head_dim: bool = False) -> None:
+    """n_head must be positive and divide n_embd (head size = n_embd // n_head), unless the kind reads head_dim
+    (`own_head_dim`) and it is set (>= 1)."""
     require(block.n_head >= 1, f"n_head={block.n_head} must be >= 1")
+    if own_head_dim and block.head_dim is not None:
+        require(block.head_dim >= 1, f"head_dim={block.head_dim} must be >= 1 (or unset: n_embd // n_head)")
+        return
     require(config.n_embd % block.n_head == 0,
             f"n_head={block.n_head} does not divide n_embd={config.n_embd}; choose n_head dividing n_embd")

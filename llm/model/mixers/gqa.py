@@ -16,6 +16,11 @@ class KVCache(TokenCache):
         super().__init__(batch, max_len, [(n_kv, head_size)] * 2, dtype, device)
 
 
+def head_size(block: BlockConfig, config: LLMconfig) -> int:
+    """The width of each head: head_dim, or n_embd // n_head when unset."""
+    return block.head_dim or config.n_embd // block.n_head
+
+
 def kv_heads(block: BlockConfig) -> int:
     """Key/value heads: n_head for mha, one for mqa, n_kv_heads for gqa."""
     return {"mha": block.n_head, "mqa": 1, "gqa": block.n_kv_heads}[block.attn]
@@ -24,7 +29,8 @@ def kv_heads(block: BlockConfig) -> int:
 class GroupedQueryAttention(nn.Module):
     """Causal self-attention with n_head query heads sharing n_kv heads of keys and values.
 
-    One fused projection produces q (n_head heads), k and v (n_kv heads each) of head size n_embd // n_head;
+    One fused projection produces q (n_head heads), k and v (n_kv heads each) of head size `head_dim` (unset:
+    n_embd // n_head);
     RoPE, when configured, rotates q and k. `qkv_bias` adds biases to q, k and v without --bias (Qwen2); `qk_norm`
     RMS-normalises each query and key head before RoPE (Qwen3). With a `window`, each query sees only the keys of the last window
     tokens, and generation keeps only those keys (a ring, `WindowCache`).
@@ -33,7 +39,7 @@ class GroupedQueryAttention(nn.Module):
     def __init__(self, block: BlockConfig, config: LLMconfig):
         super().__init__()
         self.n_head, self.n_kv = block.n_head, kv_heads(block)
-        self.head_size = config.n_embd // block.n_head
+        self.head_size = head_size(block, config)
         self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.head_size,
                                 bias=config.bias or block.qkv_bias)
         self.q_norm = nn.RMSNorm(self.head_size, eps=config.norm_eps) if block.qk_norm else None
@@ -81,17 +87,18 @@ class GroupedQueryAttention(nn.Module):
 
 
 def validate(block: BlockConfig, config: LLMconfig) -> None:
-    """Heads divide the width; gqa's n_kv_heads divide n_head; RoPE needs an even head size; a window is >= 1."""
-    check_heads(block, config)
+    """Heads divide the width (or head_dim is set); gqa's n_kv_heads divide n_head; RoPE needs an even head size; a
+    window is >= 1."""
+    check_heads(block, config, own_head_dim=True)
     check_window(block)
     if block.attn == "gqa":
         require(block.n_kv_heads is not None, "attn=gqa needs n_kv_heads; set --n_kv_heads (a divisor of n_head)")
         require(block.n_kv_heads >= 1 and block.n_head % block.n_kv_heads == 0,
                 f"n_kv_heads={block.n_kv_heads} does not divide n_head={block.n_head}; choose a divisor of n_head")
-    head_size = config.n_embd // block.n_head
     if config.pos_emb == "rope":
-        require(head_size % 2 == 0, f"pos_emb=rope needs an even head size, got n_embd/n_head={head_size}; "
-                                    "change n_head or n_embd")
+        size = head_size(block, config)
+        require(size % 2 == 0, f"pos_emb=rope needs an even head size, got {size} (head_dim, or n_embd/n_head "
+                               "when unset); change head_dim, n_head or n_embd")
 
 
 MHA = MixerKind("mha", GroupedQueryAttention, validate, {"mha": dict(attn="mha", n_head=4),
@@ -101,4 +108,6 @@ MQA = MixerKind("mqa", GroupedQueryAttention, validate, {"mqa": dict(attn="mqa",
                                                          "mqa_window": dict(attn="mqa", n_head=4, window=3)})
 GQA = MixerKind("gqa", GroupedQueryAttention, validate, {"gqa": dict(attn="gqa", n_head=6, n_kv_heads=2),
                                                          "gqa_window": dict(attn="gqa", n_head=6, n_kv_heads=2,
-                                                                            window=5)})
+                                                                            window=5),
+                                                         "gqa_head_dim": dict(attn="gqa", n_head=5, n_kv_heads=1,
+                                                                              head_dim=14, qk_norm=True)})
