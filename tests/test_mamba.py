@@ -90,6 +90,29 @@ def test_chunked_scan_equals_the_sequential_recurrence(T, with_state):
     assert (y - y_ref).abs().max() <= 1e-12 and (last - last_ref).abs().max() <= 1e-12
 
 
+@pytest.mark.parametrize("T", [1, 2, 7, 16, 23])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_scan_gradients_equal_autograd_through_the_sequential_recurrence(T, with_state):
+    """Autograd through the chunked scan against autograd through the one-token-at-a-time loop, in float64, with a
+    loss on the outputs and on the last state (as when a cache's state is reused)."""
+    B, D, N = 2, 5, 3
+    g = torch.Generator().manual_seed(100 + T)
+    f64 = dict(generator=g, dtype=torch.float64)
+    state = torch.randn(B, D, N, **f64) if with_state else torch.zeros(B, D, N, dtype=torch.float64)
+    inputs = [torch.randn(B, T, D, **f64), 2 * torch.rand(B, T, D, **f64), -4 * torch.rand(D, N, **f64),
+              torch.randn(B, T, N, **f64), torch.randn(B, T, N, **f64), state]
+    y_weight, last_weight = torch.randn(B, T, D, **f64), torch.randn(B, D, N, **f64)
+    grads = {}
+    for name, scan in (("chunked", mamba.selective_scan), ("sequential", sequential_scan)):
+        leaves = [t.clone().requires_grad_() for t in inputs]
+        y, last = scan(*leaves[:5], leaves[5] if with_state or name == "sequential" else None)
+        ((y * y_weight).sum() + (last * last_weight).sum()).backward()
+        grads[name] = [t.grad for t in leaves[:5]] + ([leaves[5].grad] if with_state else [])
+    assert len(grads["chunked"]) == 5 + with_state
+    for ours, reference in zip(grads["chunked"], grads["sequential"]):
+        assert (ours - reference).abs().max() <= 1e-10
+
+
 @pytest.mark.parametrize("bias,conv_bias,dt_rank", [(False, True, None), (True, False, 2)])
 def test_mixer_equals_the_direct_reference(bias, conv_bias, dt_rank):
     config = make_config(dict(MAMBA, conv_bias=conv_bias, dt_rank=dt_rank), bias=bias, **PURE)

@@ -24,7 +24,8 @@ CPU = torch.device("cpu")
 NGPT = dict(arch="ngpt", pos_emb="rope", tie_embeddings=False)
 GQA = dict(attn="gqa", n_head=4, n_kv_heads=2, non_linearity="swiglu", up_dim=40)
 SPECS = {"gqa_swiglu": GQA, "mha_geglu": dict(attn="mha", n_head=4, non_linearity="geglu", up_dim=40),
-         "mqa_swiglu": dict(attn="mqa", n_head=2, non_linearity="swiglu", up_dim=24)}
+         "mqa_swiglu": dict(attn="mqa", n_head=2, non_linearity="swiglu", up_dim=24),
+         "gqa_wide_heads": dict(GQA, head_dim=20)}
 ACTIVATIONS = {"swiglu": F.silu, "geglu": F.gelu}
 # The dimension along the model width of each matrix, by the end of its name: its vectors have unit norm over it.
 SPHERE_DIMS = {"tok_emb.weight": 1, "lm_head.weight": 1, "attn.c_attn.weight": 1, "attn.c_proj.weight": 0,
@@ -68,7 +69,7 @@ def reference(model: LLM, idx: torch.Tensor) -> tuple[torch.Tensor, list[torch.T
     hidden = []
     for i, layer in enumerate(c.layers):
         b = f"blocks.{i}."
-        H, hs = layer.n_head, d // layer.n_head
+        H, hs = layer.n_head, layer.head_dim or d // layer.n_head
         KV = {"mha": H, "mqa": 1, "gqa": layer.n_kv_heads}[layer.attn]
         W_q, W_k, W_v = p[b + "attn.c_attn.weight"].split([H * hs, KV * hs, KV * hs])
         s_qk = p[b + "attn.s_qk.value"] * (1.0 / (1 / math.sqrt(d)))
@@ -235,7 +236,7 @@ def test_parameter_count(spec, tied):
     d, V, L, U = config.n_embd, padded_vocab_size(config.vocab_size), config.n_layer, spec["up_dim"]
     H = spec["n_head"]
     KV = {"mha": H, "mqa": 1, "gqa": spec.get("n_kv_heads")}[spec["attn"]]
-    hs = d // H
+    hs = spec.get("head_dim", d // H)
     attention = d * (H + 2 * KV) * hs + H * hs * d + H * hs  # W_q, W_k, W_v, W_o, s_qk
     mlp = d * 2 * U + U * d + 2 * U  # W_u and W_nu, W_o, s_u and s_nu
     per_layer = attention + mlp + 2 * d  # alpha_A, alpha_M
