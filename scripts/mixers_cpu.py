@@ -4,7 +4,7 @@ and greedy decoding tokens/s at a 1k context.
 
 The decoding figures come from a model with the run's layers at block_size 1024 and random weights (the speed of a
 decoding step does not depend on the weights), prefilled with 960 tokens and then decoding 64 with the cache (the
-prefill is not timed).
+prefill is not timed; tokens/s is one over the median step of the fastest of three such runs).
 
     python scripts/mixers_cpu.py --mixers gqa,window,nsa,ngpt --max_iters 500 [-- flags for every run]
     python scripts/mixers_cpu.py --mixers gqa,mamba,hyena,hybrid
@@ -46,7 +46,7 @@ COMMON = ["--dataset", "shakespeare_char", "--device", "cpu", "--n_embd", "128",
           "--pos_emb", "rope", "--norm", "rms", "--non_linearity", "swiglu", "--batch_size", "16",
           "--total_batch_size_str", "16*128", "--learning_rate", "1e-3", "--log_interval", "10", "--eval",
           "--overwrite", "--no_save_model"]
-CONTEXT, NEW_TOKENS = 1024, 64
+CONTEXT, NEW_TOKENS, DECODE_REPEATS = 1024, 64, 3
 
 
 def hybrid_layers(out_dir: Path) -> list[str]:
@@ -74,16 +74,21 @@ def train(name: str, args, extra: list[str]) -> Path:
 @torch.no_grad()
 def decoding(run: Path) -> tuple[float, float]:
     """(cache bytes per token at CONTEXT, decoded tokens/s after a CONTEXT - NEW_TOKENS prompt) of the run's layers
-    at block_size CONTEXT with random weights."""
+    at block_size CONTEXT with random weights; the speed is that of the median step of the fastest of DECODE_REPEATS
+    runs, so that a moment's load on the machine does not move it."""
     saved = json.loads((run / "config.json").read_text())["model"]
     config = model_config_from_dict({**saved, "block_size": CONTEXT}, str(run / "config.json"))
     torch.manual_seed(0)
     model = LLM(config).eval()
     prompt = torch.randint(0, config.vocab_size, (CONTEXT - NEW_TOKENS,)).tolist()
     generate(model, [prompt[:16]], 4, temperature=0)  # warm-up
-    times = []  # after each new token; the first comes after the prefill, which is not timed
-    generate(model, [prompt], NEW_TOKENS, temperature=0, on_step=lambda logits, new: times.append(time.perf_counter()))
-    return model.cache_bytes(CONTEXT) / CONTEXT, (NEW_TOKENS - 1) / (times[-1] - times[0])
+    medians = []
+    for _ in range(DECODE_REPEATS):
+        times = []  # after each new token; the first comes after the prefill, which is not timed
+        generate(model, [prompt], NEW_TOKENS, temperature=0,
+                 on_step=lambda logits, new: times.append(time.perf_counter()))
+        medians.append(statistics.median(later - earlier for earlier, later in zip(times, times[1:])))
+    return model.cache_bytes(CONTEXT) / CONTEXT, 1 / min(medians)
 
 
 def row(name: str, run: Path) -> str:

@@ -66,6 +66,9 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
     summed as time steps (B, K, L, D) before they meet A. Memory O(B T D N).
     """
     batch, T, D = u.shape
+    if T == 1 and state is not None:  # a generation step: the recurrence itself, without chunks
+        h = torch.exp(delta[:, 0, :, None] * A) * state + (delta * u)[:, 0, :, None] * B[:, 0, None, :]  # (B, D, N)
+        return torch.einsum("bdn,bn->bd", h, C[:, 0])[:, None], h  # (B, 1, D), (B, D, N)
     N = A.size(1)
     L = math.ceil(math.sqrt(T))
     K = math.ceil(T / L)
