@@ -162,7 +162,8 @@ def test_llm720_maps_mla_head_sizes_and_refuses_unknown_keys(tmp_path, capsys):
 
 @pytest.mark.parametrize("family", list(HYDRA_FAMILIES))
 def test_hydra_families(tmp_path, family):
-    model, train = round_trip(tmp_path, hydra_folder(tmp_path, family))
+    lenient = ["--lenient"] if family == "current_best_gpt" else []  # its extras are refused without it
+    model, train = round_trip(tmp_path, hydra_folder(tmp_path, family), *lenient)
     block = model.layers[0]
     assert (train.optimizer, train.lr_schedule, train.max_iters, train.cooldown_frac) == ("muon", "trapezoid", 1750,
                                                                                           0.4)
@@ -170,7 +171,7 @@ def test_hydra_families(tmp_path, family):
     expected = {
         "gpt2": lambda: model.pos_emb == "learn" and block.attn == "mha",
         "vanilla": lambda: model.pos_emb == "learn",
-        "current_best_gpt": lambda: model.pos_emb == "rope" and model.norm == "rms",
+        "current_best_gpt": lambda: (model.pos_emb, model.norm, block.non_linearity) == ("rope", "rms", "relu2"),
         "ngpt": lambda: model.arch == "ngpt",
         "mtp": lambda: (model.mtp, model.n_mtp_tokens) == ("parallel", 2),
         "mtm": lambda: (model.mtp, model.n_mtp_tokens, model.mtp_lambda) == ("sequential", 2, 0.1),
@@ -199,6 +200,8 @@ def test_hydra_refuses_families_we_lack_and_unmappable_keys(tmp_path):
         parse(["--config", rd])
     model, _ = parse(["--config", rd, "--lenient"])
     assert model.n_layer == 8
+    with pytest.raises(ConfigError, match="current_best_gpt .*value embeddings, U-net skip connections"):
+        parse(["--config", hydra_folder(tmp_path, "current_best_gpt")])
 
 
 def test_unrecognised_file_is_read_as_ours(tmp_path):

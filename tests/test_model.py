@@ -125,6 +125,11 @@ def test_activations(act):
     check_model(make_config(dict(attn="gqa", n_head=4, n_kv_heads=2, non_linearity=act, up_dim=40), pos_emb="rope"))
 
 
+def test_relu2_squares_the_relu():
+    x = torch.tensor([-2.0, -0.5, 0.0, 0.5, 3.0])
+    assert torch.equal(activation("relu2")[0](x), torch.tensor([0.0, 0.0, 0.0, 0.25, 9.0]))
+
+
 def test_every_activation_name_has_one_function():
     assert set(get_args(Activation)) == set(PLAIN) | set(GATED) | set(ACTIVATION_ALIASES)
     assert not set(PLAIN) & set(GATED) and set(ACTIVATION_ALIASES.values()) <= set(PLAIN)

@@ -13,7 +13,7 @@ PositionKind = Literal["learn", "sin", "rope", "none"]
 NormKind = Literal["layer", "rms"]
 RouterScore = Literal["softmax", "sigmoid", "mixtral"]
 Activation = Literal[
-    "relu", "gelu", "gelu_tanh", "silu", "swish", "mish", "selu", "celu", "elu", "leaky_relu", "lrelu",
+    "relu", "relu2", "gelu", "gelu_tanh", "silu", "swish", "mish", "selu", "celu", "elu", "leaky_relu", "lrelu",
     "tanh", "sigmoid", "swiglu", "geglu", "reglu", "glu",
 ]
 ACTIVATION_ALIASES = {"swish": "silu", "lrelu": "leaky_relu"}
@@ -52,7 +52,8 @@ class BlockConfig:
     up_dim: int | None = None
     """Hidden width of the MLP (and of each expert); unset means 4 * n_embd."""
     non_linearity: Activation = "gelu"
-    """MLP activation; swiglu, geglu, reglu and glu are gated (three weight matrices). swish = silu, lrelu = leaky_relu."""
+    """MLP activation; swiglu, geglu, reglu and glu are gated (three weight matrices). relu2 is relu(x)^2 (Primer; the
+    modded-nanogpt speedrun's MLP). swish = silu, lrelu = leaky_relu."""
     n_exp: int = 8
     """MoE: experts in total, shared ones included."""
     n_shared: int = 1

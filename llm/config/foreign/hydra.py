@@ -22,6 +22,10 @@ WITHOUT_EFFECT = {"use_liger", "fused_add_norm", "pad_token_id", "bos_token_id",
 """Kernel and launcher choices and token ids: they change how, not what, is computed (the tokenizer supplies ids)."""
 MUST_BE_FALSE = {"use_fp8": "fp8 of their output head", "proj_fp8": "fp8 of their output head",
                  "use_adam_mini": "Adam-mini", "rescale_prenorm_residual": "their prenorm-residual rescaling"}
+CURRENT_BEST_GPT_EXTRAS = (
+    "the speedrun GPT's value embeddings, U-net skip connections, x0 mixing, long/short sliding-window masks and "
+    "logit soft-capping have no kind here; --lenient imports it as a RoPE, RMSNorm GPT with a ReLU² MLP and Muon")
+"""What current_best_gpt (models/Current_best_gpt.py) has beyond the kinds it maps to."""
 NSA_KEYS = ("sliding_window_size", "compress_block_size", "selection_block_size", "num_selected_blocks")
 FAMILY_DEFAULTS = {"nsa": NSA_KEYS, "mtp": ("n_mtp_tokens", "use_deepseek_mtp")}
 """training.yaml keys that only one family reads: they fill its model_cfg where it leaves them out and change
@@ -121,6 +125,9 @@ def _family(family: str, model: dict, block: BlockConfig, cfg: dict, unmapped: U
         model.update(arch="ngpt", pos_emb="rope", bias=False, tie_embeddings=False)
         return model, replace(block, non_linearity="swiglu")
     model.update(pos_emb="rope", norm="rms", bias=False)
+    if family == "current_best_gpt":
+        unmapped.refuse("model_cfg.type=current_best_gpt", CURRENT_BEST_GPT_EXTRAS)
+        return model, replace(block, non_linearity="relu2")
     if family == "mamba":
         return _mamba(model, block, cfg, unmapped)
     if family == "moe":
