@@ -177,6 +177,13 @@ def test_models_no_family_represents_are_refused_with_the_reason(layers, fields,
         to_hf(LLM(config))
 
 
+def test_heads_that_do_not_divide_the_width_are_refused_for_export():
+    """transformers' Llama-like configs refuse hidden_size % heads != 0 whatever head_dim says."""
+    config = make_config(dict(GQA, qkv_bias=False, n_head=5, n_kv_heads=1, head_dim=14), pos_emb="rope", norm="rms")
+    with pytest.raises(ConfigError, match="^cannot export: .*hidden_size to be a multiple of num_attention_heads"):
+        to_hf(LLM(config))
+
+
 def test_gpt2_refuses_heads_of_their_own_width():
     config = make_config(dict(attn="mha", n_head=4, head_dim=16, non_linearity="gelu"))
     with pytest.raises(ConfigError, match="^cannot export: .*GPT-2's heads are n_embd / n_head wide"):

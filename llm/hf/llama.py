@@ -17,6 +17,9 @@ def check(config: LLMconfig) -> None:
     uniform(config.layers, "n_head", "up_dim")
     same([kv_heads(b) for b in config.layers], "key/value heads")
     same([head_size(b, config) for b in config.layers], "head size (head_dim)")
+    if config.n_embd % config.layers[0].n_head:
+        refuse(f"transformers needs hidden_size to be a multiple of num_attention_heads, even with head_dim "
+               f"(n_embd={config.n_embd}, n_head={config.layers[0].n_head})")
     if any(b.qkv_bias and not config.bias for b in config.layers):
         refuse("Llama's attention_bias biases the output projection too, not q/k/v only (qkv_bias, Qwen2)")
     if any(b.qk_norm for b in config.layers):
