@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from ...config import ACTIVATION_ALIASES
 
+
 def relu_squared(x: torch.Tensor) -> torch.Tensor:
     """relu(x)^2, the squared ReLU of Primer (So et al. 2021) and the modded-nanogpt speedrun's MLP."""
     return F.relu(x).square()

@@ -30,10 +30,10 @@ class GroupedQueryAttention(nn.Module):
     """Causal self-attention with n_head query heads sharing n_kv heads of keys and values.
 
     One fused projection produces q (n_head heads), k and v (n_kv heads each) of head size `head_dim` (unset:
-    n_embd // n_head);
-    RoPE, when configured, rotates q and k. `qkv_bias` adds biases to q, k and v without --bias (Qwen2); `qk_norm`
-    RMS-normalises each query and key head before RoPE (Qwen3). With a `window`, each query sees only the keys of the last window
-    tokens, and generation keeps only those keys (a ring, `WindowCache`).
+    n_embd // n_head); c_proj maps the n_head heads back to n_embd. RoPE, when configured, rotates q and k.
+    `qkv_bias` adds biases to q, k and v without --bias (Qwen2); `qk_norm` RMS-normalises each query and key head
+    before RoPE (Qwen3). With a `window`, each query sees only the keys of the last window tokens, and generation
+    keeps only those keys (a ring, `WindowCache`).
     """
 
     def __init__(self, block: BlockConfig, config: LLMconfig):
