@@ -1,5 +1,6 @@
 """GPT-2 (GPT2LMHeadModel): MHA, learned positions, LayerNorm, a plain activation; biases always present."""
 from ..config import BlockConfig, ConfigError, LLMconfig
+from ..model.mixers.gqa import head_size
 from .common import Family, Weight, act_name, only, refuse, same, transposed, uniform, vocab_rows
 
 ACTIVATIONS = {"gelu_tanh": "gelu_new", "gelu": "gelu", "relu": "relu", "silu": "silu", "tanh": "tanh"}
@@ -15,7 +16,7 @@ def check(config: LLMconfig) -> None:
                "train with --norm layer and one of them")
     uniform(config.layers, "n_head", "up_dim")
     same([act_name(b) for b in config.layers], "non_linearity")
-    if any(b.head_dim not in (None, config.n_embd // b.n_head) for b in config.layers):
+    if any(head_size(b, config) * b.n_head != config.n_embd for b in config.layers):
         refuse("GPT-2's heads are n_embd / n_head wide; train without --head_dim")
 
 

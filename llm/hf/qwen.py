@@ -58,7 +58,7 @@ def qwen2_check(config: LLMconfig) -> None:
     """Qwen2: Llama's layers, biases on q/k/v only (exported as zeros without --qkv_bias), no q/k norm, heads
     n_embd // n_head wide (Qwen2Config has no head_dim)."""
     check_qwen(config, "Qwen2", qk_norm=False)
-    if any(b.head_dim not in (None, config.n_embd // b.n_head) for b in config.layers):
+    if any(head_size(b, config) * b.n_head != config.n_embd for b in config.layers):
         refuse("Qwen2Config has no head_dim: its heads are hidden_size / num_attention_heads wide; train without "
                "--head_dim")
 

@@ -64,6 +64,11 @@ class RopeScaling:
                            config.rope_beta_slow, yarn_attention_factor(config))
 
 
+def yarn_mscale(factor: float, m: float) -> float:
+    """YaRN's magnitude scale 0.1 m ln(factor) + 1 (1 when the context is not extended, factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
 def yarn_attention_factor(config: LLMconfig) -> float:
     """The factor yarn multiplies cos and sin by: rope_attention_factor if set, else from the mscales (1 for other
     scalings)."""
@@ -71,23 +76,19 @@ def yarn_attention_factor(config: LLMconfig) -> float:
         return 1.0
     if config.rope_attention_factor is not None:
         return config.rope_attention_factor
-
-    def mscale(m: float) -> float:
-        return 1.0 if config.rope_factor <= 1 else 0.1 * m * math.log(config.rope_factor) + 1.0
-
     if config.rope_mscale and config.rope_mscale_all_dim:
-        return mscale(config.rope_mscale) / mscale(config.rope_mscale_all_dim)
-    return mscale(1.0)
+        return yarn_mscale(config.rope_factor, config.rope_mscale) / yarn_mscale(config.rope_factor,
+                                                                                 config.rope_mscale_all_dim)
+    return yarn_mscale(config.rope_factor, 1.0)
 
 
 def softmax_mscale(config: LLMconfig) -> float:
     """The factor DeepSeek's MLA (transformers' DeepseekV2/V3 attention) multiplies its softmax scale by under yarn
     with rope_mscale_all_dim m_all: (0.1 m_all ln f + 1)^2, f = rope_factor; 1 otherwise. DeepSeek-V3's configs set
     rope_mscale = rope_mscale_all_dim, so cos/sin stay unscaled and this factor alone sharpens the logits."""
-    m_all, factor = config.rope_mscale_all_dim, config.rope_factor
-    if config.pos_emb != "rope" or config.rope_scaling != "yarn" or not m_all or factor <= 1:
+    if config.pos_emb != "rope" or config.rope_scaling != "yarn" or not config.rope_mscale_all_dim:
         return 1.0
-    return (0.1 * m_all * math.log(factor) + 1.0) ** 2
+    return yarn_mscale(config.rope_factor, config.rope_mscale_all_dim) ** 2
 
 
 def scaled_frequencies(inv_freq: torch.Tensor, dim: int, theta: float, s: RopeScaling) -> torch.Tensor:
