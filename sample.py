@@ -99,11 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     args = tyro.cli(SampleArgs, args=argv, use_underscores=True)
     with exit_on_user_error():
         check(args)
+        from llm.checkpoint import load_trained
         from llm.data.tokenizers import SEQUENCE_TOKENIZERS, tokenizer_from_meta
         from llm.generate import generate
-        from llm.checkpoint import load_trained
+        from llm.precision import pick_precision
         from llm.speculative import SpeculativeStats, check_speculative, speculative_generate
-        from llm.train.precision import pick_precision
 
         folder, model, tokenizer_meta = load_trained(args.ckpt)
         if args.speculative:

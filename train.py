@@ -7,7 +7,8 @@
 """
 import sys
 
-from llm.config import exit_on_user_error, parse
+from llm.cli import parse
+from llm.config import exit_on_user_error
 
 
 def main(argv: list[str] | None = None) -> None:

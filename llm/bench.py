@@ -16,13 +16,15 @@ from typing import Literal
 import torch
 import tyro
 
-from .config import BlockConfig, ConfigError, LLMconfig, Trainconfig, exit_on_user_error, parse
+from .bench_suite import hardware_line, markdown, run_suite
+from .cli import parse
+from .config import BlockConfig, ConfigError, LLMconfig, Trainconfig, exit_on_user_error
 from .config.fields import known_fields
-from .model import LLM
+from .model import build_model
+from .precision import pick_precision
 from .train.metrics import peak_memory_bytes
 from .train.mfu import mfu
 from .train.optim import build_optimizer
-from .train.precision import pick_precision
 
 SYNTHETIC_VOCAB = 256  # vocabulary when --vocab_size is unset (no dataset is read)
 
@@ -65,7 +67,7 @@ def benchmark(model_config: LLMconfig, cfg: Trainconfig, options: BenchOptions) 
         torch.cuda.reset_peak_memory_stats(device)
     if model_config.vocab_size is None:
         model_config = LLMconfig(**{**model_config.__dict__, "vocab_size": SYNTHETIC_VOCAB})
-    model = LLM(model_config).to(device)
+    model = build_model(model_config).to(device)
     model.act_recomp = cfg.act_recomp
     step_model = torch.compile(model) if cfg.compile else model
     optimizer = build_optimizer(model, cfg, device)
@@ -95,7 +97,7 @@ def benchmark(model_config: LLMconfig, cfg: Trainconfig, options: BenchOptions) 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     return {"device": name, "params": total, "active_params": active, "tokens_per_step": shape[0] * shape[1],
             "ms_per_step": 1000 * seconds, "tokens_per_s": tokens_per_s,
-            "mfu": mfu(tokens_per_s, model_config, active, device, model.skipped_params(), model.core_params()),
+            "mfu": mfu(tokens_per_s, model.flops_per_token(), device),
             "peak_memory_bytes": peak_memory_bytes(device)}
 
 
@@ -150,13 +152,11 @@ def main(argv: list[str] | None = None) -> dict:
 
 def suite(options: BenchOptions, rest: list[str]) -> dict:
     """Runs the speed table's rows, prints the markdown and writes the JSON and markdown files asked for."""
-    from .bench_suite import hardware_line, markdown, run_suite
-
     if rest:
         raise ConfigError(f"--suite takes no train.py flags (got {' '.join(rest)}); each row sets its own")
     if options.suite == "gpu" and not torch.cuda.is_available():
         raise ConfigError("--suite gpu needs a CUDA GPU; use --suite cpu for the tiny-shape run")
-    rows = run_suite(options.suite, options)
+    rows = run_suite(options.suite, options, benchmark)
     table = markdown(rows, hardware_line())
     print(table, end="")
     if options.markdown:

@@ -16,7 +16,8 @@ from typing import Callable
 
 import torch
 
-from .config import parse
+from .cli import parse
+from .config import LLMconfig, Trainconfig
 
 LLAMA_1B = ["--n_layer", "16", "--n_embd", "2048", "--n_head", "32", "--attn", "gqa", "--n_kv_heads", "8",
             "--up_dim", "8192", "--non_linearity", "swiglu", "--norm", "rms", "--pos_emb", "rope", "--rope_theta",
@@ -83,10 +84,11 @@ ROWS = [
 ]
 
 
-def run_variant(flags: list[str], options) -> dict:
-    """The benchmark's result for one variant, or {'error': reason} when it cannot run here."""
-    from .bench import benchmark
+Benchmark = Callable[[LLMconfig, Trainconfig, object], dict]  # llm.bench.benchmark: (model, run, options) -> result
 
+
+def run_variant(flags: list[str], options, benchmark: Benchmark) -> dict:
+    """The benchmark's result for one variant, or {'error': reason} when it cannot run here."""
     refused = io.StringIO()
     try:
         with contextlib.redirect_stderr(refused):  # tyro prints a panel before exiting on an unknown flag
@@ -103,11 +105,12 @@ def run_variant(flags: list[str], options) -> dict:
             torch.cuda.empty_cache()
 
 
-def run_suite(kind: str, options) -> list[dict]:
-    """Every row's variants, at the table's shapes (gpu) or tiny ones on the CPU (cpu)."""
+def run_suite(kind: str, options, benchmark: Benchmark) -> list[dict]:
+    """Every row's variants, at the table's shapes (gpu) or tiny ones on the CPU (cpu), each measured by
+    `benchmark`."""
     rows = []
     for row in ROWS:
-        results = {label: run_variant(flags + (TINY if kind == "cpu" else []), options)
+        results = {label: run_variant(flags + (TINY if kind == "cpu" else []), options, benchmark)
                    for label, flags in row.variants.items()}
         rows.append({"row": row.name, "target": row.target, "figure": row.figure(results), "variants": results})
     return rows

@@ -23,8 +23,8 @@ from safetensors.torch import load_file, save_file
 
 from .config import ConfigError
 from .config.fields import model_config_from_dict
-from .model import LLM
 from .files import write_atomically, write_folder_atomically
+from .model import LLM, build_model
 
 STEP_FOLDER = re.compile(r"step_(\d+)")
 STATE_FILE = "state.pt"
@@ -262,7 +262,7 @@ def load_trained(ckpt: str) -> tuple[Path, LLM, dict]:
     folder = best_or_latest(Path(ckpt))
     saved = read_saved_config(folder)
     config = model_config_from_dict(saved["model"], f"{folder}/config.json model")
-    model = LLM(dataclasses.replace(config, attn_backend="auto"))  # the kernel it trained with may not be here
+    model = build_model(dataclasses.replace(config, attn_backend="auto"))  # the kernel it trained with may not be here
     weights = read_weights(folder)
     mismatches = weight_mismatches(model.state_dict(), weights)
     if mismatches:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import tyro
 
+from .checkpoint import load_trained
 from .config import ConfigError, exit_on_user_error
 from .data.tokenizers import END_OF_TEXT, SEQUENCE_TOKENIZERS, GPT2Tokenizer, tokenizer_from_meta
 from .hf import to_hf
-from .checkpoint import load_trained
 
 
 @dataclass
@@ -62,9 +62,8 @@ def export(ckpt: str, out: str, overwrite: bool = False) -> Path:
     else:
         bos = eos = tokenizer.get("eot")
     hf = to_hf(model, bos, eos)
-    if model.mtp is not None:
-        print(f"note: the {model.config.n_mtp_tokens} multi-token prediction modules (mtp={model.config.mtp}) are "
-              "training-only and are left out of the export")
+    for name in model.heads:
+        print(f"note: the head add-on {name!r} is training-only and is left out of the export")
     if target.is_dir():
         if target.resolve() in (folder.resolve(), *folder.resolve().parents):
             raise ConfigError(f"--out={out} holds the checkpoint {folder}, which --overwrite would delete; "

@@ -16,7 +16,7 @@ import tyro
 
 from .config import ConfigError, eval_int_expr, exit_on_user_error
 from .config.fields import model_config_from_dict
-from .model import LLM
+from .model import build_model
 
 
 @dataclass
@@ -74,7 +74,7 @@ def read_run(folder: str) -> Run:
 def parameters(config: dict) -> tuple[int, int]:
     """(total, active) parameters of the run's model, counted on the meta device (no memory used)."""
     with torch.device("meta"):
-        return LLM(model_config_from_dict(config["model"], "config.json model")).get_num_params()
+        return build_model(model_config_from_dict(config["model"], "config.json model")).get_num_params()
 
 
 def summary(run: Run) -> dict:

@@ -22,7 +22,7 @@ family_flags() {
     mtp) echo --mtp sequential --n_mtp_tokens 2 ;;
     mtm) echo --mtp parallel --n_mtp_tokens 2 ;;
     mod) echo --mod --capacity 0.125 --mod_every_other ;;
-    recurrent) echo --n_layer 3 --recurrent_depth --n_prelude 1 --n_core 1 --n_coda 1 --mean_recurrence 2 \
+    recurrent) echo --n_layer 3 --arch recurrent --n_prelude 1 --n_core 1 --n_coda 1 --mean_recurrence 2 \
       --r_max 4 --k_trunc 2 --eval_recurrence 3 --recurrence_sweep 1 2 4 ;;
     *) echo "error: unknown family $1; choose among adamw muon mtp mtm mod recurrent" >&2; return 2 ;;
   esac

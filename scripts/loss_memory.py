@@ -18,8 +18,9 @@ import time
 
 import torch
 
-from llm.config import PRESETS, resolve_block, validate_model
-from llm.model import LLM
+from llm.config import PRESETS, resolve_block
+from llm.model import build_model
+from llm.validate import validate_model
 
 VARIANTS = {"plain": True, "chunked": False}  # variant -> return_logits
 
@@ -37,7 +38,7 @@ def measure(args: argparse.Namespace) -> dict:
                                  n_embd=args.n_embd, n_layer=args.n_layer,
                                  layers=[resolve_block(block, args.n_embd)] * args.n_layer)
     validate_model(config)
-    model = LLM(config).train()
+    model = build_model(config).train()
     model.objective.chunk = args.chunk
     idx = torch.randint(0, args.vocab_size, (args.batch_size, args.block_size))  # (B, T)
     return_logits = VARIANTS[args.variant]

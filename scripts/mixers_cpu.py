@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 from llm.config.fields import model_config_from_dict  # noqa: E402
 from llm.generate import generate  # noqa: E402
-from llm.model import LLM  # noqa: E402
+from llm.model import build_model  # noqa: E402
 
 GQA = ["--attn", "gqa", "--n_head", "4", "--n_kv_heads", "2", "--up_dim", "512"]
 MAMBA = {"attn": "mamba", "ffn": "none", "expand": 2, "non_linearity": "swiglu", "n_head": 4, "up_dim": 512}
@@ -79,7 +79,7 @@ def decoding(run: Path) -> tuple[float, float]:
     saved = json.loads((run / "config.json").read_text())["model"]
     config = model_config_from_dict({**saved, "block_size": CONTEXT}, str(run / "config.json"))
     torch.manual_seed(0)
-    model = LLM(config).eval()
+    model = build_model(config).eval()
     prompt = torch.randint(0, config.vocab_size, (CONTEXT - NEW_TOKENS,)).tolist()
     generate(model, [prompt[:16]], 4, temperature=0)  # warm-up
     medians = []
@@ -95,7 +95,7 @@ def row(name: str, run: Path) -> str:
     """The table row of one trained mixer."""
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     tokens_per_s = statistics.median(r["tokens_per_s"] for r in rows[1:-1] or rows)
-    model = LLM(model_config_from_dict(json.loads((run / "config.json").read_text())["model"], "config.json"))
+    model = build_model(model_config_from_dict(json.loads((run / "config.json").read_text())["model"], "config.json"))
     cache_bytes, decode_speed = decoding(run)
     return (f"| {name} | {model.get_num_params()[0]:,} | {rows[-1]['val_loss']:.4f} | {tokens_per_s:,.0f} | "
             f"{cache_bytes:,.0f} | {decode_speed:,.1f} |")

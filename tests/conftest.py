@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
-from llm.config import BlockConfig, LLMconfig, resolve_block, validate_model
+from llm.config import BlockConfig, LLMconfig, resolve_block
+from llm.validate import validate_model
 
 SHARED = Path(os.environ.get("LLM_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 SHAKESPEARE = SHARED / "data" / "tinyshakespeare" / "input.txt"

@@ -8,9 +8,10 @@ import warnings
 import pytest
 import torch
 
-from llm.config import ConfigError, parse
+from llm.cli import parse
+from llm.config import ConfigError
 from llm.generate import generate
-from llm.model import LLM
+from llm.model import LLM, build_model
 from llm.model.mixers import attention as kernels
 from llm.model.mixers.attention import AttentionCall, Machine, select_backend
 from tests.conftest import make_config
@@ -155,8 +156,8 @@ def models(spec: dict, **fields) -> tuple[LLM, LLM]:
     """The same weights with attn_backend sdpa and with the given fields."""
     rope = spec["attn"] != "mla" or "rope_head_dim" in spec
     config = make_config(spec, pos_emb="rope" if rope else "learn", **fields)
-    model = LLM(config).eval()
-    reference = LLM(dataclasses.replace(config, attn_backend="sdpa")).eval()
+    model = build_model(config).eval()
+    reference = build_model(dataclasses.replace(config, attn_backend="sdpa")).eval()
     reference.load_state_dict(model.state_dict())
     return reference, model
 
@@ -178,7 +179,7 @@ def test_flash_path_equals_sdpa_path(spec, version, monkeypatch):
 def test_sdpa_backend_never_uses_flash(monkeypatch):
     monkeypatch.setattr(kernels, "FLASH", {4: lambda *a: pytest.fail("flash used with backend sdpa")})
     monkeypatch.setattr(kernels, "machine_of", lambda device: H100_FA4)
-    model = LLM(make_config(dict(attn="gqa", n_head=4, n_kv_heads=2), attn_backend="sdpa"))
+    model = build_model(make_config(dict(attn="gqa", n_head=4, n_kv_heads=2), attn_backend="sdpa"))
     model(torch.zeros(1, 8, dtype=torch.long))
 
 
@@ -213,7 +214,7 @@ def test_flex_model_and_generation_equal_sdpa(spec, eager_flex):
 
 
 def test_flex_refuses_training_on_cpu():
-    model = LLM(make_config(dict(attn="gqa", n_head=4, n_kv_heads=2), attn_backend="flex"))
+    model = build_model(make_config(dict(attn="gqa", n_head=4, n_kv_heads=2), attn_backend="flex"))
     with pytest.raises(ConfigError, match="FlexAttention has no backward pass on CPU"):
         model(torch.zeros(1, 8, dtype=torch.long))
 

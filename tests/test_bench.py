@@ -6,6 +6,7 @@ import torch
 
 from llm import bench
 from llm.config import exit_on_user_error
+from llm.model import build_model
 from llm.train import mfu
 from tests.conftest import make_config
 
@@ -31,13 +32,24 @@ def test_bad_steps_is_a_one_line_error(capsys):
     assert exit_info.value.code == 2 and "--steps=0 must be >= 1" in capsys.readouterr().err
 
 
+def flops(config) -> tuple[float, int]:
+    """(the model's training FLOPs per token, its active parameters)."""
+    model = build_model(config)
+    return model.flops_per_token(), model.get_num_params()[1]
+
+
 def test_mfu_uses_the_palm_formula_and_the_peak_table(monkeypatch):
-    config = make_config(n_layer=2, n_embd=48, block_size=32)
-    assert mfu.flops_per_token(config, 1000) == 6 * 1000 + 12 * 2 * 48 * 32
-    assert mfu.mfu(1e6, config, 1000, torch.device("cpu")) is None
+    per_token, active = flops(make_config(n_layer=2, n_embd=48, block_size=32))
+    assert per_token == 6 * active + 12 * 2 * 48 * 32
+    assert mfu.mfu(1e6, per_token, torch.device("cpu")) is None
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
-    expected = 1e6 * mfu.flops_per_token(config, 1000) / 989e12
-    assert mfu.mfu(1e6, config, 1000, torch.device("cuda")) == pytest.approx(expected)
+    assert mfu.mfu(1e6, per_token, torch.device("cuda")) == pytest.approx(1e6 * per_token / 989e12)
+
+
+def mixing(config) -> float:
+    """FLOPs per token beyond 6 * the active parameters."""
+    per_token, active = flops(config)
+    return per_token - 6 * active
 
 
 def test_flops_per_token_counts_each_layers_own_mixing():
@@ -45,21 +57,21 @@ def test_flops_per_token_counts_each_layers_own_mixing():
     Mamba scan, Hyena's FFT convolutions, and a stack summing its layers' kinds."""
     T, C = 32, 48
     full = 12 * C * T
-    assert mfu.flops_per_token(make_config(dict(window=8)), 1000) == 6000 + 2 * 12 * C * 8
+    assert mixing(make_config(dict(window=8))) == 2 * 12 * C * 8
     mla = make_config(dict(attn="mla", n_head=4, kv_latent_dim=16, rope_head_dim=8, qk_nope_head_dim=16,
                            v_head_dim=8), n_layer=1, pos_emb="rope")
-    assert mfu.flops_per_token(mla, 1000) == 6000 + 6 * T * 4 * ((16 + 8) + 8)
+    assert mixing(mla) == 6 * T * 4 * ((16 + 8) + 8)
     nsa = make_config(dict(attn="nsa", n_head=4, compress_block_size=4, compress_stride=2, selection_block_size=4,
                            num_selected_blocks=3, sliding_window_size=64), n_layer=1)
-    assert mfu.flops_per_token(nsa, 1000) == 6000 + 12 * C * (T // 2 + 3 * 4 + T)
+    assert mixing(nsa) == 12 * C * (T // 2 + 3 * 4 + T)
     mamba = dict(attn="mamba", ffn="none", d_state=4, expand=2)
     scan = 27 * 2 * C * 4
-    assert mfu.flops_per_token(make_config(mamba, n_layer=1, pos_emb="none"), 1000) == 6000 + scan
+    assert mixing(make_config(mamba, n_layer=1, pos_emb="none")) == scan
     hyena = make_config(dict(attn="hyena", hyena_order=3), n_layer=1)
     fft = 3 * 2 * C * (2 * 2.5 * 2 * T * 6 + 6 * (T + 1)) / T  # two convolutions, log2(2T) = 6
-    assert mfu.flops_per_token(hyena, 1000) == pytest.approx(6000 + fft)
+    assert mixing(hyena) == pytest.approx(fft)
     hybrid = make_config([mamba, mamba, dict(attn="gqa", n_head=4, n_kv_heads=2)], pos_emb="none")
-    assert mfu.flops_per_token(hybrid, 1000) == 6000 + 2 * scan + full
+    assert mixing(hybrid) == 2 * scan + full
 
 
 def test_compare_runs_a_flag_off_and_on(capsys):

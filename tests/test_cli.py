@@ -1,13 +1,14 @@
 """Command line: flag names, switches, presets, config files, layer specs and one-line errors."""
 import json
-import re
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
-from llm.config import BlockConfig, ConfigError, eval_int_expr, exit_on_user_error, parse
+from llm.cli import parse
+from llm.config import BlockConfig, ConfigError, eval_int_expr, exit_on_user_error
 from llm.model.registry import FFNS, MIXERS
 from tests.conftest import REPO
 
@@ -113,7 +114,8 @@ def test_presets():
     assert (model.n_layer, model.n_embd, model.layers[0].n_head, model.bias, model.tie_embeddings) == (12, 768, 12, True, True)
     model, train = parse(["--preset", "llama3-8b-genomic"])
     layer = model.layers[0]
-    assert (model.vocab_size, model.block_size, model.rope_theta, model.norm, model.tie_embeddings) == (256, 8192, 500000.0, "rms", False)
+    assert (model.vocab_size, model.block_size, model.rope_theta, model.norm, model.tie_embeddings) == \
+        (256, 8192, 500000.0, "rms", False)
     assert (layer.attn, layer.n_head, layer.n_kv_heads, layer.up_dim, layer.non_linearity) == ("gqa", 32, 8, 14336, "swiglu")
     model, _ = parse(["--preset", "gpt2-124m", "--n_layer", "2"])
     assert model.n_layer == 2

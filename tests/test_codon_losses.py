@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from llm.config import ConfigError
-from llm.data.genetic_code import STANDARD_CODE, STOP_CODONS, kmers
+from llm.genetic_code import STANDARD_CODE, STOP_CODONS, kmers
 from llm.model.codon_losses import CodonTree, HXELoss, SoftLabelLoss, codon_token_names
 
 TOKENS = codon_token_names()

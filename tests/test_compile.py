@@ -10,12 +10,12 @@ import torch
 from torch._dynamo.utils import counters
 
 from llm.config import Trainconfig
-from llm.model import LLM
+from llm.model import build_model
 from llm.model.ffn import experts
 from llm.model.registry import FFNS, MIXERS
+from llm.precision import Precision
 from llm.train.distributed import Distributed
 from llm.train.optim import build_optimizer
-from llm.train.precision import Precision
 from llm.train.step import NonFiniteGuard, train_step
 from tests.conftest import make_config, objectives_served
 
@@ -79,7 +79,7 @@ def train_compiled(spec: dict, backend: str = "aot_eager", act_recomp: bool = Fa
                    **model_fields) -> None:
     """`steps` training steps of a one-layer model with `spec`, compiled whole with `backend`: fails on a graph
     break (fullgraph raises) and on a recompilation, and checks that one graph was compiled."""
-    model = LLM(model_config(spec, **model_fields)).train()
+    model = build_model(model_config(spec, **model_fields)).train()
     model.act_recomp = act_recomp
     cfg = Trainconfig(device="cpu", optimizer=optimizer)
     loader, optimizer, job = FixedBatches(model.config.vocab_size), build_optimizer(model, cfg, CPU), Distributed()
@@ -200,7 +200,7 @@ def test_training_step_reads_nothing_back_from_the_device(spec, fields, monkeypa
     are not logged, never reads a tensor's value on the host (on CUDA each read would wait for the device)."""
     fields = dict(fields)
     optimizer = fields.pop("optimizer", "adamw")  # a Trainconfig field; the others are the model's
-    model = LLM(model_config(spec, **fields)).train()
+    model = build_model(model_config(spec, **fields)).train()
     cfg = Trainconfig(device="cpu", optimizer=optimizer)
     loader, optimizer, job = FixedBatches(model.config.vocab_size), build_optimizer(model, cfg, CPU), Distributed()
     guard = NonFiniteGuard(CPU, tmp_path)
@@ -215,7 +215,7 @@ def test_training_step_reads_nothing_back_from_the_device(spec, fields, monkeypa
         guard.record(step, result.loss)
 
 
-RECURRENT = dict(recurrent_depth=True, n_prelude=1, n_core=2, n_coda=1, mean_recurrence=3, r_max=8, k_trunc=2,
+RECURRENT = dict(arch="recurrent", n_prelude=1, n_core=2, n_coda=1, mean_recurrence=3, r_max=8, k_trunc=2,
                  eval_recurrence=3)
 
 
@@ -229,7 +229,7 @@ def test_recurrent_depth_at_a_fixed_recurrence_compiles_whole_once(adapter_mode)
 def test_recurrent_depth_blocks_compile_once_per_grad_mode_whatever_the_recurrence():
     """As the loop compiles a recurrent-depth model, block by block: the first step (r 3 > k_trunc 2) runs the blocks
     with and without gradients, and steps with other draws of r compile nothing new."""
-    model = LLM(make_config([dict(attn="gqa", n_head=4, n_kv_heads=2)] * 4, n_embd=48, block_size=BLOCK,
+    model = build_model(make_config([dict(attn="gqa", n_head=4, n_kv_heads=2)] * 4, n_embd=48, block_size=BLOCK,
                             **RECURRENT, **POSITIONS["rope"])).train()
     for block in model.blocks:
         block.compile(fullgraph=True, backend="aot_eager")
@@ -251,7 +251,7 @@ def test_recurrent_depth_blocks_compile_once_per_grad_mode_whatever_the_recurren
 
 
 def test_recurrent_depth_training_step_reads_nothing_back_from_the_device(monkeypatch, tmp_path):
-    model = LLM(make_config({}, n_embd=48, n_layer=4, block_size=BLOCK, **RECURRENT)).train()
+    model = build_model(make_config({}, n_embd=48, n_layer=4, block_size=BLOCK, **RECURRENT)).train()
     cfg = Trainconfig(device="cpu")
     loader, optimizer, job = FixedBatches(model.config.vocab_size), build_optimizer(model, cfg, CPU), Distributed()
     for name in HOST_READS:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from llm.config import parse
+from llm.cli import parse
 from llm.model import LLM
 from llm.model.ffn.moe import MoE
 from llm.train import train

@@ -28,7 +28,7 @@ HELP_COMMANDS = {
     "llm.eval hellaswag": ["-m", "llm.eval", "hellaswag", "--help"],
     "llm.eval lm_eval": ["-m", "llm.eval", "lm_eval", "--help"],
     "llm.data.synthetic_genome": ["-m", "llm.data.synthetic_genome", "--help"],
-    "llm.config.convert": ["-m", "llm.config.convert", "--help"],
+    "llm.formats.convert": ["-m", "llm.formats.convert", "--help"],
     "scripts/mixers_cpu.py": ["scripts/mixers_cpu.py", "--help"],
 }
 # How a command line names each entry point. The scripts pass their extra arguments to train.py.
@@ -43,7 +43,7 @@ ENTRY_PATTERNS = [
     ("llm.eval lm_eval", r"-m\s+llm\.eval\s+lm_eval\b"),
     ("llm.eval", r"-m\s+llm\.eval\b"),
     ("llm.data.synthetic_genome", r"-m\s+llm\.data\.synthetic_genome\b"),
-    ("llm.config.convert", r"-m\s+llm\.config\.convert\b"),
+    ("llm.formats.convert", r"-m\s+llm\.config\.convert\b"),
     ("scripts/mixers_cpu.py", r"(?<![\w./-])(?:\S*/)?mixers_cpu\.py(?![\w.])"),
     ("train.py", r"\bbash\s+\S*scripts/\w+\.sh\b"),
 ]

@@ -6,22 +6,23 @@ import shutil
 import sys
 from pathlib import Path
 
+import lm_eval
 import pytest
 import torch
-
-import lm_eval
 from lm_eval import simple_evaluate
 from lm_eval.api.instance import Instance
 from lm_eval.tasks import TaskManager
 from lm_eval.tasks.hellaswag.utils import preprocess as lm_eval_preprocess
+
 from llm import eval as llm_eval
 from llm.checkpoint import load_trained
-from llm.config import ConfigError, parse
+from llm.cli import parse
+from llm.config import ConfigError
 from llm.data.tokenizers import ByteTokenizer, NucleotideTokenizer, tokenizer_from_meta
 from llm.eval import lm_eval_adapter
 from llm.eval.lm_eval_adapter import CheckpointLM
 from llm.generate import generate
-from llm.model import LLM
+from llm.model import build_model
 from llm.train import train
 from tests.conftest import REPO, make_config
 
@@ -195,7 +196,7 @@ def test_generation_stops_at_the_first_stop_string(char_run):
                                             (NucleotideTokenizer(), {"tokenizer": "nucleotide"})],
                          ids=["byte", "nucleotide"])
 def test_loglikelihood_of_byte_and_sequence_tokenizers(tokenizer, meta):
-    model = LLM(make_config(vocab_size=256, block_size=16)).eval()
+    model = build_model(make_config(vocab_size=256, block_size=16)).eval()
     lm = CheckpointLM(model, tokenizer, meta)
     prefix = 0 if meta["tokenizer"] == "byte" else tokenizer.bos  # end-of-text, or the sequence's begin token
     requests = [Instance("loglikelihood", {}, ("ACGTACGTACGTAC", "GTTA"), 0),
@@ -211,6 +212,7 @@ def test_loglikelihood_of_byte_and_sequence_tokenizers(tokenizer, meta):
 
 def test_adapter_equals_lm_evals_hf_backend_on_the_export(gpt2_run, tmp_path, at_repo):
     from lm_eval.models.huggingface import HFLM
+
     from llm.export import export
 
     hf = HFLM(pretrained=str(export(str(gpt2_run), str(tmp_path / "hf"))), batch_size=1, device="cpu")

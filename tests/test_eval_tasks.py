@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from llm.config import ConfigError, parse
+from llm.cli import parse
+from llm.config import ConfigError
 from llm.eval import main as eval_main
 from llm.train import train
 from tests.conftest import REPO

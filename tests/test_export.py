@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from llm import export
-from llm.config import parse
+from llm.cli import parse
 from llm.train import train
 
 

@@ -7,8 +7,9 @@ import json
 import pytest
 import yaml
 
-from llm.config import ConfigError, config_dict, parse
-from llm.config.convert import main as convert_main
+from llm.cli import parse
+from llm.config import ConfigError, config_dict
+from llm.formats.convert import main as convert_main
 
 GENOMIC_LLAMA = {  # bionemo's OpenGenome2 Llama-3 config.json
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256, "num_hidden_layers": 32,
@@ -179,7 +180,7 @@ def test_hydra_families(tmp_path, family):
         "mod": lambda: all(b.mod for b in model.layers) and not model.mod_every_other,
         "moe": lambda: (block.ffn, block.n_exp, block.n_act, block.n_shared, block.router_score) == ("moe", 8, 2, 0,
                                                                                                       "mixtral"),
-        "rd": lambda: (model.recurrent_depth, model.n_prelude, model.n_core, model.n_coda, model.lognorm_var) == (
+        "rd": lambda: (model.arch == "recurrent", model.n_prelude, model.n_core, model.n_coda, model.lognorm_var) == (
             True, 2, 4, 2, 3.0),
         "mamba": lambda: (block.attn, block.ffn, model.pos_emb, block.d_state) == ("mamba", "none", "none", 16),
     }[family]

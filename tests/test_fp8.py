@@ -7,8 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from llm.config import ConfigError, parse
-from llm.model import LLM
+from llm.cli import parse
+from llm.config import ConfigError
+from llm.model import LLM, build_model
 from llm.train import fp8, train
 from llm.train.fp8 import convert_to_fp8, fp8_plan
 from tests.conftest import make_config
@@ -21,7 +22,7 @@ GQA_DENSE = dict(attn="gqa", n_head=4, n_kv_heads=2, ffn="dense", up_dim=256, no
 def stack(n_layer: int = 4) -> LLM:
     """MLA with MoE below, GQA with dense MLPs above, width 64."""
     half = n_layer // 2
-    return LLM(make_config([MLA_MOE] * half + [GQA_DENSE] * (n_layer - half), n_embd=64, pos_emb="rope"))
+    return build_model(make_config([MLA_MOE] * half + [GQA_DENSE] * (n_layer - half), n_embd=64, pos_emb="rope"))
 
 
 def test_plan_keeps_first_and_last_blocks_routers_experts_and_odd_sizes():

@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import sample
-from llm.config import parse
+from llm.cli import parse
 from llm.generate import generate, next_tokens
-from llm.model import LLM
+from llm.model import LLM, build_model
 from llm.train import train
 from tests.conftest import REPO, make_config
 from tests.test_model import ATTENTION_SPECS, POSITIONS
@@ -34,14 +34,14 @@ def assert_cache_matches_recompute(model: LLM, prompts: list[list[int]], steps: 
 @pytest.mark.parametrize("pos", POSITIONS)
 @pytest.mark.parametrize("spec", ATTENTION_SPECS.values(), ids=ATTENTION_SPECS.keys())
 def test_cache_equals_recomputation_past_block_size(spec, pos):
-    model = LLM(make_config(spec, pos_emb=pos, block_size=16))
+    model = build_model(make_config(spec, pos_emb=pos, block_size=16))
     assert_cache_matches_recompute(model, [[3, 1, 4, 1, 5]], steps=20)  # 25 tokens: the window slides after 16
 
 
 def test_heterogeneous_example_stack_uses_each_layers_cache():
     model_config, _ = parse(["--layer_configs_jsonl", str(REPO / "layer_configs.jsonl"), "--pos_emb", "rope",
                              "--vocab_size", "97", "--block_size", "32", "--n_embd", "64"])
-    model = LLM(model_config)
+    model = build_model(model_config)
     kinds = [type(layer).__name__ for layer in model.new_cache(1).layers]
     assert kinds == ["LatentCache", "LatentCache", "KVCache", "KVCache"]
     assert_cache_matches_recompute(model, [[5, 9, 2]], steps=35)  # slides past block_size 32
@@ -50,7 +50,7 @@ def test_heterogeneous_example_stack_uses_each_layers_cache():
 @pytest.mark.parametrize("spec", [ATTENTION_SPECS["gqa"], ATTENTION_SPECS["mla"]], ids=["gqa", "mla"])
 @pytest.mark.parametrize("pos", ["learn", "rope"])
 def test_batched_prompts_of_different_lengths_equal_each_alone(spec, pos):
-    model = LLM(make_config(spec, pos_emb=pos, block_size=16)).eval()
+    model = build_model(make_config(spec, pos_emb=pos, block_size=16)).eval()
     prompts = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [42]]
     logits = []
     batched = generate(model, prompts, 14, temperature=0, on_step=lambda step_logits, new: logits.append(step_logits))
@@ -64,7 +64,7 @@ def test_batched_prompts_of_different_lengths_equal_each_alone(spec, pos):
 
 
 def test_absorbed_mla_weights_follow_training():
-    model = LLM(make_config(ATTENTION_SPECS["mla"], pos_emb="rope"))
+    model = build_model(make_config(ATTENTION_SPECS["mla"], pos_emb="rope"))
     generate(model.eval(), [[1, 2]], 3, temperature=0)
     model.train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
@@ -76,9 +76,9 @@ def test_absorbed_mla_weights_follow_training():
 
 def test_cache_bytes_per_token():
     C, H, L = 256, 8, 2
-    mha = LLM(make_config(dict(attn="mha", n_head=H), n_embd=C, n_layer=L))
-    gqa = LLM(make_config(dict(attn="gqa", n_head=H, n_kv_heads=2), n_embd=C, n_layer=L))
-    mla = LLM(make_config(dict(attn="mla", n_head=H, kv_latent_dim=64, rope_head_dim=16), n_embd=C, n_layer=L,
+    mha = build_model(make_config(dict(attn="mha", n_head=H), n_embd=C, n_layer=L))
+    gqa = build_model(make_config(dict(attn="gqa", n_head=H, n_kv_heads=2), n_embd=C, n_layer=L))
+    mla = build_model(make_config(dict(attn="mla", n_head=H, kv_latent_dim=64, rope_head_dim=16), n_embd=C, n_layer=L,
                           pos_emb="rope"))
     assert mha.cache_bytes_per_token() == L * 2 * H * (C // H) * 4
     assert gqa.cache_bytes_per_token() == L * 2 * 2 * (C // H) * 4
@@ -91,7 +91,7 @@ def test_cache_bytes_per_token():
 
 
 def test_a_row_stops_at_end_of_text():
-    model = LLM(make_config(ATTENTION_SPECS["gqa"])).eval()
+    model = build_model(make_config(ATTENTION_SPECS["gqa"])).eval()
     free = generate(model, [[1, 2], [3]], 6, temperature=0)
     eot = free[0][2]
     stopped = generate(model, [[1, 2], [3]], 6, temperature=0, eot=eot)
@@ -100,7 +100,7 @@ def test_a_row_stops_at_end_of_text():
 
 
 def test_prompt_longer_than_block_size_is_refused():
-    model = LLM(make_config(block_size=8))
+    model = build_model(make_config(block_size=8))
     with pytest.raises(ValueError, match="needs 1 to block_size=8"):
         generate(model, [list(range(9))], 2)
 

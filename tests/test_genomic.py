@@ -7,16 +7,24 @@ import numpy as np
 import pytest
 import torch
 
-from llm.config import ConfigError, parse
+from llm.cli import parse
+from llm.config import ConfigError
 from llm.data import prepare as prepare_module
-from llm.data.genetic_code import kmers
 from llm.data.labels import build_labels
 from llm.data.loader import TokenLoader
 from llm.data.synthetic_genome import codon_usage, fasta_record, orf_sequences, synthetic_genome
-from llm.data.tokenizers import (HELM_ROLES, HELM_SPECIALS, KmerTokenizer, NucleotideTokenizer, NucTokenizer,
-                                 SequenceTokenizer, tokenizer_from_meta)
+from llm.data.tokenizers import (
+    HELM_ROLES,
+    HELM_SPECIALS,
+    KmerTokenizer,
+    NucleotideTokenizer,
+    NucTokenizer,
+    SequenceTokenizer,
+    tokenizer_from_meta,
+)
 from llm.data.windows import SequenceWindows, WindowOptions
-from llm.model import LLM
+from llm.genetic_code import kmers
+from llm.model import build_model
 from llm.model.codon_losses import CodonTree, HXELoss, SoftLabelLoss, codon_token_names
 from llm.model.mixers import attention as kernels
 from llm.model.objectives import IGNORE
@@ -526,7 +534,7 @@ def test_mlm_is_bidirectional_and_clm_causal(spec):
             make_config(spec, objective=objective)
     for objective in served:
         torch.manual_seed(0)
-        model = LLM(make_config(spec, objective=objective, pos_emb="rope", block_size=16)).double().eval()
+        model = build_model(make_config(spec, objective=objective, pos_emb="rope", block_size=16)).double().eval()
         with torch.no_grad():
             before, after = model(idx).logits, model(changed).logits
         earlier = (after[:, :t] - before[:, :t]).abs().amax(dim=-1)  # (B, t)
@@ -541,10 +549,10 @@ def test_mlm_is_bidirectional_and_clm_causal(spec):
 
 
 def test_mlm_model_has_no_generation_cache():
-    model = LLM(make_config(objective="mlm"))
+    model = build_model(make_config(objective="mlm"))
     with pytest.raises(ConfigError, match="objective='mlm' is bidirectional"):
         model.new_cache(1)
-    LLM(make_config()).new_cache(1)
+    build_model(make_config()).new_cache(1)
 
 
 @pytest.mark.parametrize("kv_heads,dv", [(4, 16), (2, 16), (1, 8)])
@@ -559,9 +567,9 @@ def test_bidirectional_flex_equals_sdpa(kv_heads, dv, eager_flex):
 
 def test_mlm_model_with_flex_equals_sdpa(eager_flex):
     config = make_config(dict(attn="gqa", n_head=4, n_kv_heads=2), objective="mlm", pos_emb="rope")
-    flex = LLM(make_config(dict(attn="gqa", n_head=4, n_kv_heads=2), objective="mlm", pos_emb="rope",
+    flex = build_model(make_config(dict(attn="gqa", n_head=4, n_kv_heads=2), objective="mlm", pos_emb="rope",
                            attn_backend="flex")).eval()
-    sdpa = LLM(config).eval()
+    sdpa = build_model(config).eval()
     sdpa.load_state_dict(flex.state_dict())
     idx = torch.randint(0, 97, (2, 32))
     with torch.no_grad():
@@ -574,7 +582,7 @@ def test_mlm_model_with_flex_equals_sdpa(eager_flex):
 @pytest.mark.parametrize("loss", ["hxe", "soft_labels"])
 def test_codon_loss_of_the_model_is_the_loss_of_its_logits(loss):
     config = make_config(vocab_size=70, loss=loss, hxe_alpha=0.5, soft_label_beta=10.0)
-    model = LLM(config)
+    model = build_model(config)
     idx = torch.randint(0, 70, (3, 20))
     targets = torch.randint(4, 68, (3, 20))
     targets[:, ::3] = IGNORE

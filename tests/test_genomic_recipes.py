@@ -10,7 +10,8 @@ import torch
 
 from llm import eval as llm_eval
 from llm.checkpoint import load_trained
-from llm.config import ConfigError, parse
+from llm.cli import parse
+from llm.config import ConfigError
 from llm.data.prepare import PrepareArgs, prepare
 from llm.data.tokenizers import NucleotideTokenizer
 from llm.train import train
@@ -54,11 +55,11 @@ def test_the_preset_carries_the_recipe():
 
 
 def test_embeddings_start_at_std_one_and_are_not_decayed():
-    from llm.model import LLM
+    from llm.model import build_model
     from llm.train.optim import build_optimizer
 
     model_config, cfg = parse(["--preset", "llama3-8b-genomic", *SHRINK, "--block_size", "64"])
-    model = LLM(model_config)
+    model = build_model(model_config)
     assert model.tok_emb.weight.std().item() == pytest.approx(1.0, rel=0.05)
     assert model.lm_head.weight.std().item() == pytest.approx(0.02, rel=0.05)
     optimizer = build_optimizer(model, cfg, torch.device("cpu"))

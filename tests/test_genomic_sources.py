@@ -10,11 +10,18 @@ import pytest
 
 from llm.config import ConfigError
 from llm.data import genomic_sources
-from llm.data.genetic_code import STANDARD_CODE, STOP_CODONS
 from llm.data.genomic_sources import genomic_corpus
 from llm.data.sources import Piece
-from llm.data.synthetic_genome import (CONTIG_BASES, codon_arrays, codon_usage, contig, main, orf_sequences,
-                                       synthetic_genome)
+from llm.data.synthetic_genome import (
+    CONTIG_BASES,
+    codon_arrays,
+    codon_usage,
+    contig,
+    main,
+    orf_sequences,
+    synthetic_genome,
+)
+from llm.genetic_code import STANDARD_CODE, STOP_CODONS
 
 FASTA = b">chr1 first record\nACGTac\r\ngtNN  \n\nRYKM\n>chr2\n\tGGCC\n>chr3\nacgt-.*\n"
 FASTA_RECORDS = ["ACGTacgtNNRYKM", "GGCC", "acgt-.*"]

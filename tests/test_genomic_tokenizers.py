@@ -5,9 +5,17 @@ import random
 import pytest
 
 from llm.config import ConfigError
-from llm.data.genetic_code import kmers
-from llm.data.tokenizers import (TOKENIZER_KEYS, ByteTokenizer, CharTokenizer, GPT2Tokenizer, KmerTokenizer,
-                                 NucleotideTokenizer, NucTokenizer, tokenizer_from_meta)
+from llm.data.tokenizers import (
+    TOKENIZER_KEYS,
+    ByteTokenizer,
+    CharTokenizer,
+    GPT2Tokenizer,
+    KmerTokenizer,
+    NucleotideTokenizer,
+    NucTokenizer,
+    tokenizer_from_meta,
+)
+from llm.genetic_code import kmers
 
 GENOMIC = {
     "nucleotide": NucleotideTokenizer,

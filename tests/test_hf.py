@@ -8,19 +8,20 @@ import tiktoken
 import torch
 import transformers
 
-from llm.config import BlockConfig, ConfigError, LLMconfig, parse
+import llm.hf as hf_package
+from llm.checkpoint import best_or_latest, read_weights
+from llm.cli import parse
+from llm.config import BlockConfig, ConfigError, LLMconfig
 from llm.export import export
 from llm.hf import FAMILIES as REGISTERED
-import llm.hf as hf_package
 from llm.hf import common, config_from_hf, family, from_hf, hf_config, to_hf
 from llm.hf.common import IGNORED_EVERYWHERE, MAPPED_EVERYWHERE, saved_tensors, weight_pairs
-from llm.model import LLM
+from llm.model import LLM, build_model
 from llm.model.ffn.moe import MoE
 from llm.model.kinds import MixerKind
 from llm.model.mixers import gqa
 from llm.model.registry import MIXERS, register_mixer
 from llm.train import train
-from llm.checkpoint import best_or_latest, read_weights
 from tests.conftest import make_config
 
 MLA = dict(attn="mla", n_head=4, kv_latent_dim=16, rope_head_dim=8, q_latent_dim=24, non_linearity="swiglu", up_dim=64)
@@ -87,7 +88,7 @@ def with_random_biases(model: LLM) -> LLM:
 @pytest.mark.parametrize("name", FAMILIES)
 def test_export_loads_in_transformers_with_equal_logits(name, tmp_path):
     config, cls = FAMILIES[name]
-    ours = with_random_biases(LLM(config))
+    ours = with_random_biases(build_model(config))
     to_hf(ours).save_pretrained(tmp_path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     assert type(theirs) is cls
@@ -99,7 +100,7 @@ def test_export_loads_in_transformers_with_equal_logits(name, tmp_path):
 @pytest.mark.parametrize("name", FAMILIES)
 def test_import_of_a_transformers_model_has_equal_logits(name, tmp_path):
     config, cls = FAMILIES[name]
-    hf_config = to_hf(LLM(config)).config  # a transformers config of this family and shape
+    hf_config = to_hf(build_model(config)).config  # a transformers config of this family and shape
     theirs = cls(hf_config).float()
     torch.manual_seed(1)
     with torch.no_grad():  # every tensor random, norms around 1, so that each one's mapping is checked
@@ -135,7 +136,7 @@ REFUSED = [
 @pytest.mark.parametrize("config,message", REFUSED, ids=[m for _, m in REFUSED])
 def test_unsupported_models_are_refused_with_the_blocking_feature(config, message):
     with pytest.raises(ConfigError, match=r"cannot export: .*" + message.replace("(", r"\(").replace(")", r"\)")):
-        to_hf(LLM(config))
+        to_hf(build_model(config))
 
 
 def toy_attention(block: BlockConfig, config: LLMconfig) -> torch.nn.Module:
@@ -156,7 +157,7 @@ def test_a_kind_no_family_declares_is_refused_by_name(toy_mixer):
     config = make_config(dict(attn="toy", n_head=4, non_linearity="swiglu", up_dim=64), pos_emb="rope", norm="rms")
     with pytest.raises(ConfigError, match=r"^cannot export: attn='toy' is a kind no transformers family represents; "
                                           r"use attn in gqa, mamba, mha, mla, mqa, or add a family for it in llm/hf/$"):
-        to_hf(LLM(config))
+        to_hf(build_model(config))
 
 
 def test_every_registered_family_has_a_model_here():
@@ -166,7 +167,7 @@ def test_every_registered_family_has_a_model_here():
 @pytest.mark.parametrize("name", FAMILIES)
 def test_weight_map_covers_every_tensor_on_both_sides_exactly_once(name):
     config, _ = FAMILIES[name]
-    ours = LLM(config)
+    ours = build_model(config)
     theirs = saved_tensors(transformers.AutoModelForCausalLM.from_config(hf_config(config)))
     pairs = weight_pairs(ours, REGISTERED[family(config)])
     assert sorted(p.theirs for p in pairs) == sorted(theirs)  # every transformers tensor, each once

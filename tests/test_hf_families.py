@@ -7,10 +7,11 @@ import pytest
 import torch
 import transformers
 
-from llm.config import ConfigError, parse
+from llm.cli import parse
+from llm.config import ConfigError
 from llm.generate import generate
 from llm.hf import config_from_hf, family, to_hf
-from llm.model import LLM
+from llm.model import LLM, build_model
 from llm.model.ffn.moe import MoE
 from llm.model.ffn.router import Router
 from llm.model.mixers.mla import MultiHeadLatentAttention
@@ -116,7 +117,7 @@ def test_mla_with_own_head_dims_and_interleaved_rope_matches_the_definition_with
 def imported(name: str) -> tuple[LLM, torch.nn.Module]:
     """Our model of a family's test configuration and the transformers model exported from it."""
     config, _ = FAMILIES[name]
-    ours = with_random_biases(LLM(config)).eval()
+    ours = with_random_biases(build_model(config)).eval()
     return ours, to_hf(ours).eval()
 
 
@@ -160,7 +161,7 @@ def test_greedy_generation_equals_transformers(name):
 def test_each_model_exports_as_the_first_family_that_represents_it(layers, model_type):
     config = make_config(layers, pos_emb="rope", norm="rms")
     assert family(config) == model_type
-    back = config_from_hf(to_hf(LLM(config)).config).layers[0]
+    back = config_from_hf(to_hf(build_model(config)).config).layers[0]
     assert (back.window, back.head_dim) == (config.layers[0].window, config.layers[0].head_dim)
 
 
@@ -174,20 +175,20 @@ def test_each_model_exports_as_the_first_family_that_represents_it(layers, model
 def test_models_no_family_represents_are_refused_with_the_reason(layers, fields, message):
     config = make_config(layers, pos_emb="rope", norm="rms", **fields)
     with pytest.raises(ConfigError, match="^cannot export: .*" + message):
-        to_hf(LLM(config))
+        to_hf(build_model(config))
 
 
 def test_heads_that_do_not_divide_the_width_are_refused_for_export():
     """transformers' Llama-like configs refuse hidden_size % heads != 0 whatever head_dim says."""
     config = make_config(dict(GQA, qkv_bias=False, n_head=5, n_kv_heads=1, head_dim=14), pos_emb="rope", norm="rms")
     with pytest.raises(ConfigError, match="^cannot export: .*hidden_size to be a multiple of num_attention_heads"):
-        to_hf(LLM(config))
+        to_hf(build_model(config))
 
 
 def test_gpt2_refuses_heads_of_their_own_width():
     config = make_config(dict(attn="mha", n_head=4, head_dim=16, non_linearity="gelu"))
     with pytest.raises(ConfigError, match="^cannot export: .*GPT-2's heads are n_embd / n_head wide"):
-        to_hf(LLM(config))
+        to_hf(build_model(config))
 
 
 @pytest.mark.parametrize("hf_cfg,message", [

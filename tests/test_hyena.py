@@ -9,9 +9,10 @@ import torch
 
 import train as train_entry
 from llm.checkpoint import load_trained
-from llm.config import ConfigError, parse
+from llm.cli import parse
+from llm.config import ConfigError
 from llm.generate import generate
-from llm.model import LLM
+from llm.model import LLM, build_model
 from llm.model.mixers.hyena import HIDDEN_LAYERS, Hyena, fft_conv
 from llm.speculative import speculative_generate
 from tests.conftest import make_config
@@ -124,7 +125,7 @@ def test_filters_depend_on_the_lag_alone(spec):
 
 @pytest.mark.parametrize("spec", SPECS)
 def test_model_is_causal_and_gradients_reach_every_parameter(spec):
-    model = LLM(make_config(spec, n_embd=16, n_layer=2, block_size=16))
+    model = build_model(make_config(spec, n_embd=16, n_layer=2, block_size=16))
     idx = torch.randint(0, 97, (2, 16))
     out = model(idx, idx)
     out.loss.backward()
@@ -161,7 +162,7 @@ def test_parameter_count(spec, bias):
 def hyena_model(spec: dict, **fields) -> LLM:
     """A two-layer Hyena model in eval mode whose filter MLPs are redrawn at std 0.5 (at the model's std-0.02
     initialisation the long filters are ~1e-6 and the long convolutions barely reach the logits)."""
-    model = LLM(make_config(spec, n_embd=16, n_layer=2, block_size=16, **fields)).eval()
+    model = build_model(make_config(spec, n_embd=16, n_layer=2, block_size=16, **fields)).eval()
     for block in model.blocks:
         for p in block.attn.filter.parameters():
             torch.nn.init.normal_(p, std=0.5)
@@ -202,7 +203,7 @@ def test_left_padded_rows_decode_as_they_would_alone(spec, bias):
 
 
 def test_generation_and_cache_size():
-    model = LLM(make_config(ORDER3, n_embd=16, n_layer=2, block_size=16)).eval()
+    model = build_model(make_config(ORDER3, n_embd=16, n_layer=2, block_size=16)).eval()
     assert model.cache_bytes_per_token() == 2 * (2 * 3 * 16) * 4  # layers x 2N·C values x fp32
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9]]
     assert generate(model, prompts, 5, temperature=0) == generate(model, prompts, 5, temperature=0, use_cache=False)
@@ -211,7 +212,7 @@ def test_generation_and_cache_size():
 def test_speculative_decoding_rolls_back_hyena_caches():
     """Rejected drafts truncate the cache; re-verified tokens overwrite the stored inputs, so the tokens equal greedy
     decoding."""
-    model = LLM(make_config([ORDER2, ORDER3], mtp="sequential", n_mtp_tokens=2, n_embd=16, block_size=32)).eval()
+    model = build_model(make_config([ORDER2, ORDER3], mtp="sequential", n_mtp_tokens=2, n_embd=16, block_size=32)).eval()
     prompts = [torch.randint(0, 97, (n,)).tolist() for n in (3, 9)]
     assert speculative_generate(model, prompts, 16) == generate(model, prompts, 16, temperature=0)
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.model import LLM
+from llm.model import LLM, build_model
 from llm.model.chunked_loss import linear_cross_entropy
 from llm.model.objectives import IGNORE
 from tests.conftest import make_config
@@ -79,7 +79,7 @@ def model_loss_and_grads(model: LLM, idx: torch.Tensor, targets: torch.Tensor, r
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("chunk", [5, 8, None])  # of 2 x 16 tokens: 5 does not divide them, 8 does
 def test_model_loss_and_gradients_of_every_parameter_equal_the_plain_ones(tie, chunk):
-    model = LLM(make_config({"attn": "gqa", "n_head": 4, "n_kv_heads": 2}, block_size=16, tie_embeddings=tie))
+    model = build_model(make_config({"attn": "gqa", "n_head": 4, "n_kv_heads": 2}, block_size=16, tie_embeddings=tie))
     model.objective.chunk = chunk
     idx = torch.randint(0, 97, (2, 16))
     targets = torch.randint(0, 97, (2, 16))
@@ -93,7 +93,7 @@ def test_model_loss_and_gradients_of_every_parameter_equal_the_plain_ones(tie, c
 
 
 def test_logits_are_returned_without_targets_or_when_asked_for():
-    model = LLM(make_config(block_size=16))
+    model = build_model(make_config(block_size=16))
     idx = torch.randint(0, 97, (2, 16))
     assert model(idx).logits.shape == (2, 16, 97) and model(idx).loss is None
     assert model(idx, idx).logits is None
@@ -117,7 +117,7 @@ def largest_saved_tensor(model: LLM, idx: torch.Tensor, return_logits: bool) -> 
 
 def test_training_forward_saves_no_tensor_of_tokens_by_vocabulary():
     B, T, vocab = 4, 64, 500
-    model = LLM(make_config({"attn": "gqa", "n_head": 4, "n_kv_heads": 2}, vocab_size=vocab, block_size=T,
+    model = build_model(make_config({"attn": "gqa", "n_head": 4, "n_kv_heads": 2}, vocab_size=vocab, block_size=T,
                             n_embd=32)).train()
     idx = torch.randint(0, vocab, (B, T))
     assert largest_saved_tensor(model, idx, return_logits=True) >= B * T * vocab  # the plain loss keeps its logits

@@ -12,12 +12,13 @@ import transformers
 import sample
 import train as train_entry
 from llm.checkpoint import load_trained
-from llm.config import ConfigError, Trainconfig, parse
+from llm.cli import parse
+from llm.config import ConfigError, Trainconfig
 from llm.data.tokenizers import tokenizer_from_meta
 from llm.export import export
 from llm.generate import generate
 from llm.hf import from_hf, to_hf
-from llm.model import LLM
+from llm.model import build_model
 from llm.model.mixers import mamba
 from llm.train.optim import build_optimizer
 from tests.conftest import make_config
@@ -137,7 +138,7 @@ def test_scan_share_of_the_output_is_checked():
 
 
 def test_every_parameter_gets_a_gradient_and_the_shapes_hold():
-    model = LLM(make_config([MAMBA, GQA, MAMBA], **PURE))
+    model = build_model(make_config([MAMBA, GQA, MAMBA], **PURE))
     idx = torch.randint(0, 97, (2, 20))
     assert model(idx).logits.shape == (2, 20, 97)
     model(idx, idx).loss.backward()
@@ -160,16 +161,16 @@ def test_parameter_count_formula(bias, tie):
     R = math.ceil(C / 16)
     per_layer = C + mamba_params(C, 3 * C, 5, 4, R, bias, True)  # RMSNorm ln_1 and the mixer: no ln_2, no MLP
     expected = V * C * (1 if tie else 2) + L * per_layer + C
-    assert LLM(config).get_num_params() == (expected, expected)
+    assert build_model(config).get_num_params() == (expected, expected)
     bi = make_config(dict(MAMBA, attn="bimamba"), objective="mlm", bias=bias, n_layer=1, **PURE)
-    mixer = sum(p.numel() for p in LLM(bi).blocks[0].attn.parameters())
+    mixer = sum(p.numel() for p in build_model(bi).blocks[0].attn.parameters())
     assert mixer == 2 * mamba_params(48, 96, 4, 3, 3, bias, True) + 2 * 48 * 48 + bias * 48
 
 
 @pytest.mark.parametrize("dt_init", ["random", "constant"])
 def test_time_step_initialisation_survives_model_init(dt_init):
     config = make_config(dict(MAMBA, dt_init=dt_init, dt_min=0.01, dt_max=0.2, dt_rank=4, expand=8), **PURE)
-    m = LLM(config).blocks[0].attn  # after the model's generic initialisation of linear layers
+    m = build_model(config).blocks[0].attn  # after the model's generic initialisation of linear layers
     dt = F.softplus(m.dt_proj.bias)
     assert dt.min() >= 0.01 * (1 - 1e-5) and dt.max() <= 0.2 * (1 + 1e-5)
     assert dt.max() / dt.min() > 5  # spread over the range (log-uniform), not a constant
@@ -178,12 +179,12 @@ def test_time_step_initialisation_survives_model_init(dt_init):
     else:
         assert m.dt_proj.weight.abs().max() <= 4 ** -0.5 and m.dt_proj.weight.std() > 0.2 * 4 ** -0.5
     assert torch.equal(m.A_log, torch.log(torch.arange(1, 5.0)).repeat(384, 1)) and torch.all(m.D == 1)
-    floored = LLM(make_config(dict(MAMBA, dt_min=1e-6, dt_max=2e-6, dt_init_floor=1e-3), **PURE)).blocks[0].attn
+    floored = build_model(make_config(dict(MAMBA, dt_min=1e-6, dt_max=2e-6, dt_init_floor=1e-3), **PURE)).blocks[0].attn
     torch.testing.assert_close(F.softplus(floored.dt_proj.bias), torch.full((96,), 1e-3))
 
 
 def test_a_log_and_d_are_not_weight_decayed():
-    model = LLM(make_config(MAMBA, **PURE))
+    model = build_model(make_config(MAMBA, **PURE))
     optimizer = build_optimizer(model, Trainconfig(device="cpu"), torch.device("cpu"))
     decayed = {id(p) for group in optimizer.param_groups if group["weight_decay"] > 0 for p in group["params"]}
     m = model.blocks[0].attn
@@ -194,7 +195,7 @@ def test_a_log_and_d_are_not_weight_decayed():
 
 
 def test_cached_decoding_equals_the_full_forward_and_the_cache_does_not_grow():
-    model = livened(LLM(make_config(MAMBA, **PURE, block_size=64))).eval()
+    model = livened(build_model(make_config(MAMBA, **PURE, block_size=64))).eval()
     idx = torch.randint(0, 97, (2, 40))
     with torch.no_grad():
         full = model(idx).logits
@@ -209,7 +210,7 @@ def test_cached_decoding_equals_the_full_forward_and_the_cache_does_not_grow():
 
 @pytest.mark.parametrize("layers", [[MAMBA, MAMBA], [MAMBA, GQA, MAMBA]], ids=["mamba", "hybrid"])
 def test_left_padded_batches_decode_like_each_prompt_alone(layers):
-    model = livened(LLM(make_config(layers, **PURE, block_size=32))).eval()
+    model = livened(build_model(make_config(layers, **PURE, block_size=32))).eval()
     prompts = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [42]]
     logits = []
     batched = generate(model, prompts, 12, temperature=0, on_step=lambda step_logits, new: logits.append(step_logits))
@@ -231,7 +232,7 @@ def test_left_padded_batches_decode_like_each_prompt_alone(layers):
     (dict(MAMBA, dt_min=0.2, dt_max=0.1), {}, "dt_min=0.2 and dt_max=0.1 must satisfy 0 < dt_min <= dt_max"),
     (dict(MAMBA, dt_init_floor=-1.0), {}, "dt_init_floor=-1.0 must be >= 0"),
     (dict(MAMBA, mod=True), {}, "mod=true with attn=mamba"),
-    (MAMBA, dict(objective="mlm"), "attn=mamba scans left to right, but objective=mlm"),
+    (MAMBA, dict(objective="mlm"), "attn=mamba reads left to right only, but objective=mlm"),
     (dict(MAMBA, attn="bimamba"), {}, "attn=bimamba reads the sequence both ways, which the causal objective=clm "
                                       "forbids; use --objective mlm, or --attn mamba"),
 ])
@@ -247,7 +248,7 @@ def test_cli_flags_build_a_mamba_model():
     block = model_config.layers[0]
     assert (block.attn, block.ffn, block.d_state, block.dt_rank, block.conv_bias, block.dt_init) == \
         ("mamba", "none", 8, 5, False, "constant")
-    assert LLM(model_config).blocks[0].attn.conv1d.bias is None
+    assert build_model(model_config).blocks[0].attn.conv1d.bias is None
     with pytest.raises(ConfigError, match="attn=bimamba reads the sequence both ways"):
         parse(["--attn", "bimamba", "--vocab_size", "97"])
 
@@ -257,7 +258,7 @@ def test_cli_flags_build_a_mamba_model():
 
 def test_bimamba_is_a_forward_and_a_reversed_scan_projected_back():
     config = make_config(dict(MAMBA, attn="bimamba"), objective="mlm", **PURE)
-    model = livened(LLM(config)).eval()
+    model = livened(build_model(config)).eval()
     bi = model.blocks[0].attn
     x = torch.randn(2, 10, config.n_embd)
     with torch.no_grad():
@@ -303,7 +304,7 @@ def test_kernel_choice(kernels, device, cached, masked, expected):
 
 def test_kernel_path_equals_the_pure_path(monkeypatch):
     """The code around the kernels (layouts, bias, softplus, skip, gate) with stand-ins that keep their contracts."""
-    model = livened(LLM(make_config(MAMBA, **PURE))).eval()
+    model = livened(build_model(make_config(MAMBA, **PURE))).eval()
     idx = torch.randint(0, 97, (2, 14))
     with torch.no_grad():
         pure = model(idx).logits
@@ -334,7 +335,7 @@ def hf_mamba(config) -> transformers.MambaForCausalLM:
 @pytest.mark.parametrize("bias,tie", [(False, True), (True, False)])
 def test_weights_copied_both_ways_give_equal_logits(bias, tie, tmp_path):
     config = make_config(MAMBA, bias=bias, tie_embeddings=tie, n_layer=3, **PURE)
-    ours = livened(LLM(config)).eval()
+    ours = livened(build_model(config)).eval()
     theirs = to_hf(ours).eval()
     idx = torch.randint(0, 97, (2, 24))
     with torch.no_grad():
@@ -358,13 +359,13 @@ def test_weights_copied_both_ways_give_equal_logits(bias, tie, tmp_path):
 def test_hybrid_and_bidirectional_stacks_are_refused_for_export():
     hybrid = make_config([MAMBA, GQA], **PURE)
     with pytest.raises(ConfigError, match=r"cannot export: the layers mix attention kinds \(gqa, mamba\)"):
-        to_hf(LLM(hybrid))
+        to_hf(build_model(hybrid))
     with pytest.raises(ConfigError, match="cannot export: .*needs RMSNorm"):
-        to_hf(LLM(make_config(MAMBA, pos_emb="none")))
+        to_hf(build_model(make_config(MAMBA, pos_emb="none")))
     with pytest.raises(ConfigError, match="cannot export: .*attn=mamba use no positions"):
-        to_hf(LLM(make_config(MAMBA, pos_emb="learn", norm="rms")))
+        to_hf(build_model(make_config(MAMBA, pos_emb="learn", norm="rms")))
     with pytest.raises(ConfigError, match="bidirectional"):
-        to_hf(LLM(make_config(dict(MAMBA, attn="bimamba"), objective="mlm", **PURE)))
+        to_hf(build_model(make_config(dict(MAMBA, attn="bimamba"), objective="mlm", **PURE)))
 
 
 # ---------------------------------------------------------------- end to end

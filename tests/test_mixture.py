@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from llm.config import ConfigError, parse, parse_mix
+from llm.cli import parse
+from llm.config import ConfigError, parse_mix
 from llm.data.loader import TokenLoader
 from llm.data.mixture import MixtureLoader, check_same_tokenizer
 from llm.train import train

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from llm.checkpoint import load_trained
-from llm.config import ConfigError, parse
+from llm.cli import parse
+from llm.config import ConfigError
 from llm.generate import generate, prefill, recompute
-from llm.model import LLM
+from llm.model import LLM, build_model
 from llm.model.block import Block
 from llm.model.mod import RoutedBlock, RoutedCache
 from llm.train import train
-from llm.train.mfu import flops_per_token
 from tests.conftest import make_config
 from tests.test_model import model_params
 
@@ -25,7 +25,7 @@ MOE = dict(ffn="moe", n_exp=5, n_shared=1, n_act=3, up_dim=32)
 
 def routed_model(spec: dict | list | None = None, **fields) -> LLM:
     """A small model whose layers are routed (`spec` defaults to MOD on every layer), RoPE positions by default."""
-    return LLM(make_config(MOD if spec is None else spec, **{**ROPE, **fields}))
+    return build_model(make_config(MOD if spec is None else spec, **{**ROPE, **fields}))
 
 
 def route_half(layer: RoutedBlock) -> None:
@@ -144,7 +144,7 @@ def test_cached_generation_equals_the_full_forward_pass_with_left_padding():
             contexts = [c + n for c, n in zip(contexts, new)]
             logits = model(torch.tensor(new), cache=cache).logits[:, -1]
             torch.testing.assert_close(logits, recompute(model, contexts), rtol=1e-4, atol=1e-5)
-    plain = LLM(make_config([{}, {}, MOE], **ROPE))
+    plain = build_model(make_config([{}, {}, MOE], **ROPE))
     assert model.cache_bytes_per_token() == plain.cache_bytes_per_token() + 2  # one routed flag per routed layer
 
 
@@ -175,22 +175,22 @@ def test_parameter_counts_add_the_router_and_the_predictor():
     C, H = config.n_embd, MOD["mod_predictor_dim"]
     total, active = model_params(config)
     extra = 2 * (C + C * H + H + H + 1)  # router (no bias) and predictor per routed layer
-    assert LLM(config).get_num_params() == (total + extra, active + extra)
+    assert build_model(config).get_num_params() == (total + extra, active + extra)
 
 
 def test_skipped_parameters_and_flops_per_token():
     """A routed layer's block counts for the k / T of the tokens it processes, its attention (k keys for k
     queries) for (k / T)^2; the other layer and the router and predictor count in full."""
     config = make_config([{**MOD, **MOE}, {}], **ROPE, block_size=32)
-    model = LLM(config)
+    model = build_model(config)
     inner = Block(config.layers[0], config)
     block_active = sum(p.numel() for p in inner.parameters()) - inner.ffn.inactive_params()
     f = round(0.25 * 32) / 32
     assert model.skipped_params() == pytest.approx((1 - f) * block_active)
     active = model.get_num_params()[1]
     expected = 6 * (active - (1 - f) * block_active) + 12 * 48 * 32 * (1 + f * f)
-    assert flops_per_token(config, active, model.skipped_params()) == pytest.approx(expected)
-    assert LLM(make_config([MOE, {}], **ROPE)).skipped_params() == 0
+    assert model.flops_per_token() == pytest.approx(expected)
+    assert build_model(make_config([MOE, {}], **ROPE)).skipped_params() == 0
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -221,9 +221,9 @@ def test_routing_needs_a_causal_objective_a_masking_kernel_and_a_routed_layer_fo
 
 
 def test_every_other_routes_the_odd_layers_among_those_with_mod():
-    model = LLM(make_config(MOD, n_layer=4, mod_every_other=True))
+    model = build_model(make_config(MOD, n_layer=4, mod_every_other=True))
     assert [isinstance(b, RoutedBlock) for b in model.blocks] == [False, True, False, True]
-    model = LLM(make_config([MOD, MOD, {}, {}, MOD], mod_every_other=False))
+    model = build_model(make_config([MOD, MOD, {}, {}, MOD], mod_every_other=False))
     assert [isinstance(b, RoutedBlock) for b in model.blocks] == [True, True, False, False, True]
 
 
@@ -265,8 +265,7 @@ def test_training_end_to_end_reports_flops_and_routing_and_resumes_exactly(char_
     assert all(math.isfinite(row["loss"]) and math.isfinite(row["aux_loss"]) for row in full)
     _, model, _ = load_trained(str(tmp_path / "full"))
     assert [type(b) for b in model.blocks] == [RoutedBlock, RoutedBlock]
-    active, skipped = model.get_num_params()[1], model.skipped_params()
-    assert skipped > 0 and rows[5]["flops_per_token"] == flops_per_token(model.config, active, skipped)
+    assert model.skipped_params() > 0 and rows[5]["flops_per_token"] == model.flops_per_token()
     for i in range(2):
         assert 0 <= rows[5][f"mod_routed_frac/layer{i}"] <= 1 and 0 <= rows[5][f"mod_predictor_acc/layer{i}"] <= 1
         assert len(rows[5][f"load_fractions/layer{i}"]) == 3  # MoE statistics still flow

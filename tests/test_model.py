@@ -1,16 +1,14 @@
 """Model variants: shapes, loss at init, gradients, causality and closed-form parameter counts."""
 import math
+from typing import get_args
 
 import pytest
 import torch
 
-from typing import get_args
-
-from llm.config import ACTIVATION_ALIASES, PRESETS, resolve_block
+from llm.config import ACTIVATION_ALIASES, PRESETS, LLMconfig, resolve_block
 from llm.config.schema import Activation
+from llm.model import build_model, padded_vocab_size
 from llm.model.ffn.activations import GATED, PLAIN, activation
-from llm.config import LLMconfig
-from llm.model import LLM, padded_vocab_size
 from tests.conftest import make_config
 
 ATTENTION_SPECS = {
@@ -84,7 +82,7 @@ def variants() -> list:
 
 def check_model(config: LLMconfig) -> None:
     """Shapes, loss at init, gradient flow, causality and parameter count of one configuration."""
-    model = LLM(config)
+    model = build_model(config)
     B, T, V = 3, config.block_size, config.vocab_size
     idx = torch.randint(0, V, (B, T))
     targets = torch.randint(0, V, (B, T))
@@ -137,7 +135,7 @@ def test_every_activation_name_has_one_function():
 
 def test_gated_activations_are_gated():
     for act in GATED:
-        model = LLM(make_config(dict(non_linearity=act, up_dim=40)))
+        model = build_model(make_config(dict(non_linearity=act, up_dim=40)))
         assert model.blocks[0].ffn.c_fc.out_features == 80
 
 
@@ -145,7 +143,7 @@ def test_heterogeneous_stack():
     layers = [ATTENTION_SPECS["mla"], ATTENTION_SPECS["gqa"], dict(attn="mqa", n_head=2, non_linearity="swiglu")]
     config = make_config(layers, pos_emb="rope", norm="rms")
     check_model(config)
-    kinds = [type(b.attn).__name__ for b in LLM(config).blocks]
+    kinds = [type(b.attn).__name__ for b in build_model(config).blocks]
     assert kinds == ["MultiHeadLatentAttention", "GroupedQueryAttention", "GroupedQueryAttention"]
 
 
@@ -167,26 +165,26 @@ def test_heterogeneous_stack_with_moe():
     layers = [{**ATTENTION_SPECS["mla"], **MOE_SPECS["sigmoid-auxfree-swiglu"]}, ATTENTION_SPECS["gqa"]]
     config = make_config(layers, pos_emb="rope", norm="rms")
     check_model(config)
-    total, active = LLM(config).get_num_params()
+    total, active = build_model(config).get_num_params()
     assert active < total
 
 
 def test_vocab_is_padded_and_logits_sliced():
-    model = LLM(make_config(vocab_size=97))
+    model = build_model(make_config(vocab_size=97))
     assert model.tok_emb.weight.shape[0] == 128
     logits = model(torch.zeros(1, 4, dtype=torch.long)).logits
     assert logits.shape[-1] == 97
 
 
 def test_sequence_longer_than_block_size_is_refused():
-    model = LLM(make_config(block_size=8))
+    model = build_model(make_config(block_size=8))
     with pytest.raises(ValueError, match="block_size=8"):
         model(torch.zeros(1, 9, dtype=torch.long))
 
 
 def test_residual_projections_scaled_by_depth():
     config = make_config(n_layer=8, n_embd=256, layers=[dict(n_head=4)] * 8)
-    model = LLM(config)
+    model = build_model(config)
     std = model.blocks[0].attn.c_proj.weight.std().item()
     assert abs(std - 0.02 / math.sqrt(16)) < 1e-3
     assert abs(model.blocks[0].attn.c_attn.weight.std().item() - 0.02) < 1e-3
@@ -196,7 +194,7 @@ def test_llama3_8b_preset_parameter_count_on_meta():
     model_cfg, block, _ = PRESETS["llama3-8b-genomic"]
     config = LLMconfig(**{**model_cfg.__dict__, "layers": [resolve_block(block, model_cfg.n_embd)] * model_cfg.n_layer})
     with torch.device("meta"):
-        model = LLM(config)
+        model = build_model(config)
     total, _ = model.get_num_params()
     C, L, F, kv = 4096, 32, 14336, 1024
     per_layer = 2 * C * C + 2 * C * kv + 3 * C * F + 2 * C

@@ -5,13 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.model import LLM
-from llm.model.ffn.moe import MoE
+from llm.checkpoint import read_checkpoint, save_checkpoint
+from llm.config import ConfigError, Trainconfig, config_dict
+from llm.model import LLM, build_model
 from llm.model.ffn.activations import activation
 from llm.model.ffn.experts import padded_bmm
-from llm.model.ffn.moe import sequence_balance_loss, switch_balance_loss
-from llm.config import ConfigError, Trainconfig, config_dict
-from llm.checkpoint import read_checkpoint, save_checkpoint
+from llm.model.ffn.moe import MoE, sequence_balance_loss, switch_balance_loss
 from tests.conftest import make_config
 
 C = 32
@@ -19,7 +18,7 @@ C = 32
 
 def moe_layer(**spec) -> MoE:
     config = make_config(dict(ffn="moe", **spec), n_embd=C, n_layer=1)
-    return LLM(config).blocks[0].ffn
+    return build_model(config).blocks[0].ffn
 
 
 def brute_force_routing(logits: torch.Tensor, bias: torch.Tensor | None, score: str, k: int, norm_topk: bool):
@@ -102,7 +101,7 @@ MOE_SHAPES = [
 @pytest.mark.parametrize("bias", [False, True])
 def test_layer_equals_per_token_loop(spec, bias):
     config = make_config(dict(ffn="moe", **spec), n_embd=C, n_layer=1, bias=bias)
-    moe = LLM(config).blocks[0].ffn
+    moe = build_model(config).blocks[0].ffn
     for name, p in moe.named_parameters():
         if name.endswith("bias"):
             torch.nn.init.normal_(p, std=0.1)
@@ -220,7 +219,7 @@ def test_bias_moves_by_gamma_towards_balance():
 
 def moe_model(**overrides) -> LLM:
     layers = [dict(ffn="moe", n_exp=6, n_shared=1, n_act=3, aux_free=True, gamma=0.05, **overrides), dict()]
-    return LLM(make_config(layers, n_embd=C))
+    return build_model(make_config(layers, n_embd=C))
 
 
 def test_recomputation_counts_loads_once_and_gives_identical_gradients():

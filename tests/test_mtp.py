@@ -8,9 +8,10 @@ import torch.nn.functional as F
 
 import sample
 from llm import export, speculative
-from llm.config import ConfigError, parse
+from llm.cli import parse
+from llm.config import ConfigError
 from llm.generate import generate
-from llm.model import LLM
+from llm.model import LLM, build_model
 from llm.model.objectives import IGNORE
 from llm.speculative import SpeculativeStats, speculative_generate
 from llm.train import train
@@ -59,7 +60,7 @@ def reference_losses(model: LLM, idx: torch.Tensor, targets: torch.Tensor) -> li
 
 @pytest.mark.parametrize("mode", MODES)
 def test_losses_equal_the_reference_and_gradients_reach_every_parameter(mode):
-    model = LLM(mtp_config(mode))
+    model = build_model(mtp_config(mode))
     B, T, V = 3, model.config.block_size, model.config.vocab_size
     idx, targets = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
     targets[0, 5:9] = IGNORE
@@ -69,7 +70,7 @@ def test_losses_equal_the_reference_and_gradients_reach_every_parameter(mode):
     for k, loss in enumerate(expected, start=1):
         torch.testing.assert_close(out.stats[f"mtp/loss_{k}"], loss.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out.aux_loss, 0.1 * torch.stack(expected).mean(), rtol=1e-5, atol=1e-6)
-    plain = LLM(make_config(SPEC, pos_emb="rope", norm="rms"))
+    plain = build_model(make_config(SPEC, pos_emb="rope", norm="rms"))
     plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")})
     torch.testing.assert_close(out.loss, plain(idx, targets).loss)  # the main loss is the main head's alone
     (out.loss + out.aux_loss).backward()
@@ -82,7 +83,7 @@ def test_losses_equal_the_reference_and_gradients_reach_every_parameter(mode):
 def test_each_depth_sees_only_the_tokens_it_may(mode):
     """Depth k's prediction at t reads tokens <= t+k (sequential: the embedding of token t+k) or <= t (parallel),
     never later ones; the main logits stay causal."""
-    model = LLM(mtp_config(mode)).eval()
+    model = build_model(mtp_config(mode)).eval()
     T, V, t = model.config.block_size, model.config.vocab_size, 10
     idx = torch.randint(0, V, (2, T))
     for k in (1, 2, 3):
@@ -117,7 +118,7 @@ def test_parameter_count(mode, bias):
     block += mlp_params(C, b.up_dim, gated=True, bias=bias)
     module = block + norm + ((2 * norm + 2 * C * C + bias * C) if mode == "sequential" else 0)
     trunk, _ = model_params(config)
-    assert LLM(config).get_num_params() == (trunk + 2 * module, trunk + 2 * module)  # the head is shared
+    assert build_model(config).get_num_params() == (trunk + 2 * module, trunk + 2 * module)  # the head is shared
 
 
 @pytest.mark.parametrize("fields,message", [
@@ -140,7 +141,7 @@ def test_bad_flags_are_one_line(capsys):
 
 
 def test_activation_recomputation_gives_identical_gradients():
-    model = LLM(mtp_config("sequential", depths=2)).train()
+    model = build_model(mtp_config("sequential", depths=2)).train()
     idx, targets = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 32))
     grads = []
     for recompute in (False, True):
@@ -155,15 +156,15 @@ def test_activation_recomputation_gives_identical_gradients():
 
 def test_moe_blocks_of_the_modules_add_their_balance_loss_and_move_their_bias():
     moe = dict(attn="gqa", n_head=4, n_kv_heads=2, ffn="moe", n_exp=6, n_shared=1, n_act=3, up_dim=32)
-    model = LLM(make_config({**moe, "aux_free": True, "gamma": 0.1}, mtp="sequential", n_mtp_tokens=2))
+    model = build_model(make_config({**moe, "aux_free": True, "gamma": 0.1}, mtp="sequential", n_mtp_tokens=2))
     idx, targets = torch.randint(0, 97, (2, 32)), torch.randint(0, 97, (2, 32))
     out = model(idx, targets)
     assert len(out.layer_stats) == 2 + 2 and all("load" in stats for stats in out.layer_stats)
-    routers = [block.ffn.router for block in model.mtp_blocks()]
+    routers = [block.ffn.router for block in model.mtp.blocks()]
     assert all(router.expert_bias.abs().sum() == 0 for router in routers)
     model.after_step(out.layer_stats)
     assert all(router.expert_bias.abs().sum() > 0 for router in routers)
-    without_bias_loss = LLM(make_config(moe, mtp="parallel", n_mtp_tokens=1))
+    without_bias_loss = build_model(make_config(moe, mtp="parallel", n_mtp_tokens=1))
     out = without_bias_loss(idx, targets)
     trunk_aux = without_bias_loss.trunk(idx)[1]
     assert out.aux_loss - 0.1 * out.stats["mtp/loss_1"] - trunk_aux > 1e-4  # the module's Switch loss is in aux_loss
@@ -196,8 +197,9 @@ def test_training_logs_each_depth_and_resumes_exactly(char_data, tmp_path, mode)
 def test_export_leaves_the_modules_out_and_matches_our_logits(char_data, tmp_path, capsys):
     train_run(char_data, tmp_path, "run", "--mtp", "sequential", "--save_model", "--max_iters", "1")
     export.main(["--ckpt", str(tmp_path / "run"), "--out", str(tmp_path / "hf")])
-    assert "note: the 2 multi-token prediction modules (mtp=sequential) are training-only" in capsys.readouterr().out
+    assert "note: the head add-on 'mtp' is training-only and is left out of the export" in capsys.readouterr().out
     import transformers
+
     from llm.checkpoint import load_trained
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
@@ -212,7 +214,7 @@ def test_export_leaves_the_modules_out_and_matches_our_logits(char_data, tmp_pat
 def drafting_model(char_data) -> LLM:
     """A tiny sequential-MTP model trained briefly on Tiny Shakespeare, so that some of its drafts are accepted."""
     torch.manual_seed(0)
-    model = LLM(make_config(SPEC, mtp="sequential", n_mtp_tokens=3, pos_emb="rope", norm="rms", vocab_size=65,
+    model = build_model(make_config(SPEC, mtp="sequential", n_mtp_tokens=3, pos_emb="rope", norm="rms", vocab_size=65,
                             block_size=24, n_layer=1, n_embd=48))
     data = torch.from_numpy(__import__("numpy").fromfile(char_data / "train.bin", dtype="uint16").astype("int64"))
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -272,14 +274,14 @@ def test_speculative_decoding_stops_at_end_of_text(drafting_model):
 
 @pytest.mark.parametrize("layers,fields", [
     pytest.param([SPEC, {**SPEC, "mod": True, "capacity": 0.5}], {}, id="mixture-of-depths"),
-    pytest.param([SPEC] * 3, dict(recurrent_depth=True, n_prelude=1, n_core=1, n_coda=1, eval_recurrence=2),
+    pytest.param([SPEC] * 3, dict(arch="recurrent", n_prelude=1, n_core=1, n_coda=1, eval_recurrence=2),
                  id="recurrent-depth"),
 ])
 def test_speculative_decoding_rolls_back_routed_and_recurrent_caches(layers, fields):
     """Untrained modules draft badly, so most rounds reject drafts and roll every cache back (a routed layer's
     flags and its mixer's keys; each core iteration's caches): the tokens still equal greedy decoding."""
     torch.manual_seed(0)
-    model = LLM(make_config(layers, mtp="sequential", n_mtp_tokens=2, pos_emb="rope", norm="rms", block_size=32,
+    model = build_model(make_config(layers, mtp="sequential", n_mtp_tokens=2, pos_emb="rope", norm="rms", block_size=32,
                             **fields)).eval()
     prompts = [torch.randint(0, model.config.vocab_size, (n,)).tolist() for n in (3, 9)]
     stats = SpeculativeStats()
@@ -289,7 +291,7 @@ def test_speculative_decoding_rolls_back_routed_and_recurrent_caches(layers, fie
 
 def test_speculative_is_refused_without_sequential_modules():
     with pytest.raises(ConfigError, match="the checkpoint has mtp=parallel; train with --mtp sequential"):
-        speculative_generate(LLM(mtp_config("parallel")), [[1, 2]], 3)
+        speculative_generate(build_model(mtp_config("parallel")), [[1, 2]], 3)
 
 
 @pytest.fixture(scope="module")

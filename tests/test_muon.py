@@ -12,8 +12,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from llm.config import ConfigError, Trainconfig, parse
-from llm.model import LLM
+from llm.cli import parse
+from llm.config import ConfigError, Trainconfig
+from llm.model import LLM, build_model
 from llm.train import train
 from llm.train.muon import NS_COEFFICIENTS, NS_STEPS, Muon, newton_schulz, orthogonalized
 from llm.train.optim import Schedule, build_optimizer, muon_momentum, set_step_hyperparameters
@@ -151,7 +152,7 @@ def names(model: LLM, group: dict) -> set[str]:
 
 
 def test_param_groups_untied_with_moe_learned_positions_and_biases():
-    model = LLM(make_config(MOE, pos_emb="learn", bias=True, tie_embeddings=False))
+    model = build_model(make_config(MOE, pos_emb="learn", bias=True, tie_embeddings=False))
     groups = groups_by_role(model, weight_decay=0.1, muon_weight_decay=0.01)
     everything = set(dict(model.named_parameters()))
     assert set().union(*(names(model, g) for g in groups.values())) == everything
@@ -169,7 +170,7 @@ def test_param_groups_untied_with_moe_learned_positions_and_biases():
 
 
 def test_tied_inputs_take_the_head_rate_and_peer_tables_are_scalars():
-    model = LLM(make_config(PEER, tie_embeddings=True, pos_emb="learn"))
+    model = build_model(make_config(PEER, tie_embeddings=True, pos_emb="learn"))
     groups = groups_by_role(model, decay_embeddings=False)
     assert "embed" not in groups
     assert names(model, groups["head"]) == {"tok_emb.weight", "pos_emb.table.weight"}  # added together: one rate
@@ -184,7 +185,7 @@ def test_state_space_and_convolution_parameters_are_adamw_scalars():
     """Muon orthogonalises matrices: Mamba's A_log and D (no weight decay) and every depthwise convolution (3-D, not
     an expert stack) go to AdamW at scalar_lr; the projections stay Muon's."""
     layers = [{"attn": "mamba", "ffn": "none", "d_state": 4}, {"attn": "hyena", "n_head": 4, "ffn": "dense"}]
-    model = LLM(make_config(layers, pos_emb="rope", norm="rms"))
+    model = build_model(make_config(layers, pos_emb="rope", norm="rms"))
     groups = groups_by_role(model)
     scalars, muon = names(model, groups["scalar"]), names(model, groups["muon"])
     assert {"blocks.0.attn.A_log", "blocks.0.attn.D", "blocks.0.attn.conv1d.weight"} <= scalars
@@ -193,7 +194,7 @@ def test_state_space_and_convolution_parameters_are_adamw_scalars():
 
 
 def test_adamw_is_unchanged():
-    model = LLM(make_config())
+    model = build_model(make_config())
     optimizer = build_optimizer(model, Trainconfig(device="cpu"), torch.device("cpu"))
     assert type(optimizer) is torch.optim.AdamW and len(optimizer.param_groups) == 2
 
@@ -201,7 +202,7 @@ def test_adamw_is_unchanged():
 def test_step_rates_scale_each_peak_by_the_schedule_and_momentum_warms_up():
     cfg = Trainconfig(device="cpu", optimizer="muon", learning_rate=2e-3, max_iters=1000, warmup_steps=100,
                       lr_schedule="trapezoid", muon_momentum_warmup=300)
-    model = LLM(make_config(MOE))
+    model = build_model(make_config(MOE))
     muon = build_optimizer(model, cfg, torch.device("cpu"))
     adamw = build_optimizer(model, replace(cfg, optimizer="adamw"), torch.device("cpu"))
     schedule = Schedule.of(cfg)

@@ -10,13 +10,14 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from llm.checkpoint import load_trained
-from llm.config import ConfigError, Trainconfig, parse
-from llm.model import LLM
+from llm.cli import parse
+from llm.config import ConfigError, Trainconfig
+from llm.model import LLM, build_model
 from llm.model.llm import padded_vocab_size
+from llm.precision import Precision
 from llm.train import train
 from llm.train.distributed import Distributed
 from llm.train.optim import build_optimizer
-from llm.train.precision import Precision
 from llm.train.step import train_step
 from tests.conftest import make_config
 
@@ -35,9 +36,9 @@ SPHERE_DIMS = {"tok_emb.weight": 1, "lm_head.weight": 1, "attn.c_attn.weight": 1
 def ngpt_model(spec: dict = GQA, **fields) -> LLM:
     """A small nGPT model with its learned scalings moved away from their initial values (so that each one matters
     in the comparisons)."""
-    model = LLM(make_config(spec, **{**NGPT, **fields}))
+    model = build_model(make_config(spec, **{**NGPT, **fields}))
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() == 1:
                 param.mul_(torch.empty_like(param).uniform_(0.5, 1.5))
     return model
@@ -241,11 +242,11 @@ def test_parameter_count(spec, tied):
     mlp = d * 2 * U + U * d + 2 * U  # W_u and W_nu, W_o, s_u and s_nu
     per_layer = attention + mlp + 2 * d  # alpha_A, alpha_M
     expected = V * d * (1 if tied else 2) + V + L * per_layer  # embeddings (and head), s_z
-    assert LLM(config).get_num_params() == (expected, expected)
+    assert build_model(config).get_num_params() == (expected, expected)
 
 
 def test_scalings_start_at_their_scale_and_act_at_their_init():
-    model = LLM(make_config(GQA, **NGPT, ngpt_alpha_attn_init=0.1, ngpt_alpha_mlp_init=0.2))
+    model = build_model(make_config(GQA, **NGPT, ngpt_alpha_attn_init=0.1, ngpt_alpha_mlp_init=0.2))
     d = model.config.n_embd
     block = model.blocks[0]
     cases = [(block.alpha_attn, 1 / math.sqrt(d), 0.1), (block.alpha_mlp, 1 / math.sqrt(d), 0.2),
@@ -254,7 +255,7 @@ def test_scalings_start_at_their_scale_and_act_at_their_init():
     for scaling, scale, init in cases:
         torch.testing.assert_close(scaling.value, torch.full_like(scaling.value, scale))
         torch.testing.assert_close(scaling(), torch.full_like(scaling.value, init))
-    other = LLM(make_config(GQA, **NGPT, ngpt_alpha_scale=0.25)).blocks[0].alpha_attn
+    other = build_model(make_config(GQA, **NGPT, ngpt_alpha_scale=0.25)).blocks[0].alpha_attn
     torch.testing.assert_close(other.value, torch.full_like(other.value, 0.25))
     torch.testing.assert_close(other(), torch.full_like(other.value, 0.05))
 
@@ -279,8 +280,8 @@ REFUSALS = [
     (NGPT_FLAGS + ["--window", "8"], "sliding window (window=8)"),
     (NGPT_FLAGS + ["--mod"], "mod=true (mixture-of-depths) is not supported"),
     (NGPT_FLAGS + ["--mtp", "sequential"], "mtp=sequential is not supported"),
-    (NGPT_FLAGS + ["--recurrent_depth", "--n_prelude", "1", "--n_core", "2", "--n_coda", "1"],
-     "recurrent_depth is not supported"),
+    (NGPT_FLAGS + ["--arch", "ngpt", "--recurrent_depth", "--n_prelude", "1", "--n_core", "2", "--n_coda", "1"],
+     "--arch ngpt contradicts --recurrent_depth"),
     (NGPT_FLAGS + ["--bias"], "has no biases"),
     (NGPT_FLAGS + ["--dropout", "0.1"], "dropout=0.1; set --dropout 0"),
     (NGPT_FLAGS + ["--norm", "rms"], "norm=rms would be ignored"),
@@ -289,7 +290,7 @@ REFUSALS = [
     (NGPT_FLAGS + ["--dist", "fsdp"], "use --dist ddp"),
     (NGPT_FLAGS + ["--ngpt_alpha_scale", "0"], "ngpt_alpha_scale=0.0 must be > 0"),
     (NGPT_FLAGS + ["--ngpt_alpha_attn_init", "-0.1"], "ngpt_alpha_attn_init=-0.1 must be > 0"),
-    (["--ngpt_alpha_mlp_init", "0.1"], "ngpt_alpha_mlp_init=0.1 is read only by nGPT models; add --arch ngpt"),
+    (["--ngpt_alpha_mlp_init", "0.1"], "ngpt_alpha_mlp_init=0.1 is read only by arch=ngpt models; add --arch ngpt"),
 ]
 
 

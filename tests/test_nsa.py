@@ -7,9 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llm.config import BlockConfig, ConfigError, parse
+from llm.cli import parse
+from llm.config import BlockConfig, ConfigError
 from llm.generate import generate
-from llm.model import LLM
+from llm.model import build_model
 from llm.model.mixers.nsa import NativeSparseAttention
 from tests.conftest import make_config
 
@@ -206,7 +207,7 @@ def test_batched_prompts_of_different_lengths_decode_like_each_alone(pos_emb):
     """Left-padded rows are realigned to their first real token, so a row decodes as it would alone, and the cache
     equals recomputing each context."""
     spec = dict(attn="nsa", n_head=4, n_kv_heads=2, **SPECS["strided"])
-    model = LLM(make_config(spec, pos_emb=pos_emb, block_size=16)).eval()
+    model = build_model(make_config(spec, pos_emb=pos_emb, block_size=16)).eval()
     prompts = [[1, 2, 3], [7, 8, 9, 10, 11, 12, 13], [42]]
     batched_logits, recomputed_logits = [], []
     batched = generate(model, prompts, 12, temperature=0, on_step=lambda logits, new: batched_logits.append(logits))
@@ -220,7 +221,7 @@ def test_batched_prompts_of_different_lengths_decode_like_each_alone(pos_emb):
 
 
 def test_cache_bytes_per_token():
-    model = LLM(make_config(dict(attn="nsa", n_head=4, n_kv_heads=2), n_embd=32, n_layer=3))
+    model = build_model(make_config(dict(attn="nsa", n_head=4, n_kv_heads=2), n_embd=32, n_layer=3))
     assert model.cache_bytes_per_token() == 3 * 6 * 2 * 8 * 4  # layers x six keys/values x KV heads x D x fp32
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import transformers
 
-from llm.model import LLM
+from llm.model import LLM, build_model
 from llm.model.ffn.moe import MoE
 from tests.conftest import make_config
 
@@ -55,7 +55,7 @@ def test_llama_parity(attn, n_kv, tie):
     )
     hf = transformers.LlamaForCausalLM(hf_config).float()
     spec = dict(attn=attn, n_head=H, n_kv_heads=n_kv, up_dim=F, non_linearity="swiglu")
-    ours = LLM(make_config(spec, vocab_size=V, n_embd=C, n_layer=L, block_size=T, pos_emb="rope", rope_theta=5000.0,
+    ours = build_model(make_config(spec, vocab_size=V, n_embd=C, n_layer=L, block_size=T, pos_emb="rope", rope_theta=5000.0,
                            norm="rms", bias=False, tie_embeddings=tie))
     copy_llama_ends(ours, hf)
     for block, layer in zip(ours.blocks, hf.model.layers):
@@ -75,7 +75,7 @@ def test_gpt2_parity(act, hf_act):
         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=1e-5, tie_word_embeddings=True,
     )
     hf = transformers.GPT2LMHeadModel(hf_config).float()
-    ours = LLM(make_config(dict(attn="mha", n_head=H, up_dim=4 * C, non_linearity=act), vocab_size=V, n_embd=C,
+    ours = build_model(make_config(dict(attn="mha", n_head=H, up_dim=4 * C, non_linearity=act), vocab_size=V, n_embd=C,
                            n_layer=L, block_size=T, pos_emb="learn", norm="layer", bias=True, tie_embeddings=True))
     t = hf.transformer
     copy_into(ours.tok_emb.weight, t.wte.weight)
@@ -135,7 +135,7 @@ def test_mla_parity_with_deepseek_v3(q_latent):
     hf = deepseek_v3(V, C, H, F, L, T, dc, dr, q_latent, first_k_dense_replace=L)
     spec = dict(attn="mla", n_head=H, q_latent_dim=q_latent, kv_latent_dim=dc, rope_head_dim=dr, up_dim=F,
                 non_linearity="swiglu")
-    ours = LLM(make_config(spec, vocab_size=V, n_embd=C, n_layer=L, block_size=T, pos_emb="rope", norm="rms",
+    ours = build_model(make_config(spec, vocab_size=V, n_embd=C, n_layer=L, block_size=T, pos_emb="rope", norm="rms",
                            norm_eps=1e-6, bias=False, tie_embeddings=False))
     copy_llama_ends(ours, hf)
     for block, layer in zip(ours.blocks, hf.model.layers):
@@ -154,7 +154,7 @@ def test_moe_parity_with_deepseek_v3():
     attn = dict(attn="mla", n_head=H, q_latent_dim=q_latent, kv_latent_dim=dc, rope_head_dim=dr, non_linearity="swiglu")
     moe = dict(ffn="moe", up_dim=Fm, n_exp=routed + shared, n_shared=shared, n_act=shared + k, router_score="sigmoid",
                aux_free=True, norm_topk=True)
-    ours = LLM(make_config([dict(attn, up_dim=F)] + [dict(attn, **moe)] * (L - 1), vocab_size=V, n_embd=C,
+    ours = build_model(make_config([dict(attn, up_dim=F)] + [dict(attn, **moe)] * (L - 1), vocab_size=V, n_embd=C,
                            block_size=T, pos_emb="rope", norm="rms", norm_eps=1e-6, tie_embeddings=False))
     copy_llama_ends(ours, hf)
     copy_llama_mlp_and_norms(ours.blocks[0], hf.model.layers[0])

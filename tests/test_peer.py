@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from llm.checkpoint import load_trained
-from llm.config import BlockConfig, ConfigError, LLMconfig, Trainconfig, parse
-from llm.model import LLM
-from llm.model.ffn.peer import Peer, candidates_per_table, ceil_root, configure_usage_reports
+from llm.cli import parse
+from llm.config import BlockConfig, ConfigError, LLMconfig, Trainconfig
+from llm.model import build_model
+from llm.model.ffn.peer import Peer, candidates_per_table, ceil_root
 from llm.train import train
 from tests.conftest import make_config
 
@@ -22,7 +23,7 @@ C = 16
 def peer_layer(bias: bool = False, n_embd: int = C, **spec) -> Peer:
     """One PEER layer with its weights initialised as in a model."""
     config = make_config(dict(ffn="peer", **spec), n_embd=n_embd, n_layer=1, bias=bias)
-    return LLM(config).blocks[0].ffn
+    return build_model(config).blocks[0].ffn
 
 
 def brute_force(layer: Peer, x: torch.Tensor) -> tuple[torch.Tensor, list]:
@@ -130,7 +131,7 @@ def test_parameter_counts_in_closed_form(case, bias):
     experts = 2 * E * C * hidden
     assert sum(p.numel() for p in layer.parameters()) == query + norm + sub_keys + experts
     assert layer.inactive_params() == 2 * C * hidden * max(0, E - H * k)
-    model = LLM(make_config([dict(ffn="peer", **spec), {}], n_embd=C, bias=bias))
+    model = build_model(make_config([dict(ffn="peer", **spec), {}], n_embd=C, bias=bias))
     total, active = model.get_num_params()
     assert total - active == 2 * C * hidden * max(0, E - H * k)
 
@@ -181,8 +182,8 @@ def report(layer: Peer, counts: torch.Tensor) -> dict:
 
 
 def test_usage_is_reported_every_peer_log_interval_steps():
-    model = LLM(make_config([dict(ffn="peer", **CASES["two_tables"]), {}], n_embd=C))
-    configure_usage_reports(model, Trainconfig(peer_log_interval=3, usage_threshold=5.0))
+    model = build_model(make_config([dict(ffn="peer", **CASES["two_tables"]), {}], n_embd=C))
+    model.configure_run(Trainconfig(peer_log_interval=3, usage_threshold=5.0))
     layer = model.blocks[0].ffn
     counts = torch.zeros(64, dtype=torch.long)
     counts[:48] = 1  # 48 experts picked once
@@ -197,10 +198,10 @@ def test_usage_is_reported_every_peer_log_interval_steps():
     later[9] = 30  # mean 38 / 64, hot above 2.97
     assert report(layer, later) == {} and report(layer, torch.zeros_like(counts)) == {}
     assert report(layer, later) == {"experts_used": pytest.approx(9 / 64), "hot_experts": 1}
-    configure_usage_reports(model, Trainconfig(peer_log_interval=1, usage_threshold=0.5))
+    model.configure_run(Trainconfig(peer_log_interval=1, usage_threshold=0.5))
     assert report(layer, later) == {"experts_used": pytest.approx(9 / 64), "hot_experts": 9}
     with pytest.raises(ConfigError, match="peer_log_interval=0 must be >= 1"):
-        configure_usage_reports(model, Trainconfig(peer_log_interval=0))
+        model.configure_run(Trainconfig(peer_log_interval=0))
 
 
 def test_usage_counts_are_training_stats_only():

@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from llm.config import ConfigError, parse
+from llm.cli import parse
+from llm.config import ConfigError
 from llm.generate import generate
-from llm.model import LLM
-from llm.model.recurrent import sample_recurrence
+from llm.model import LLM, build_model
+from llm.model.arch.recurrent import sample_recurrence
 from llm.train import train
-from llm.train.mfu import flops_per_token
 from tests.conftest import REPO, make_config
 
-RD = dict(n_layer=4, recurrent_depth=True, n_prelude=1, n_core=2, n_coda=1, mean_recurrence=3, r_max=6, k_trunc=2,
+RD = dict(n_layer=4, arch="recurrent", n_prelude=1, n_core=2, n_coda=1, mean_recurrence=3, r_max=6, k_trunc=2,
           eval_recurrence=3)
 ADAPTERS = ["concat", "add"]
 
@@ -56,7 +56,7 @@ def reference_forward(model: LLM, idx: torch.Tensor, r: int, k: int, state: torc
 @pytest.mark.parametrize("adapter_mode", ADAPTERS)
 @pytest.mark.parametrize("r,k", [(5, 2), (2, 4), (3, 3)])
 def test_loss_and_gradients_equal_the_direct_definition_with_truncated_backprop(adapter_mode, r, k):
-    model = LLM(rd_config(adapter_mode=adapter_mode, k_trunc=k, s0_std=0.5)).train()
+    model = build_model(rd_config(adapter_mode=adapter_mode, k_trunc=k, s0_std=0.5)).train()
     model.recurrence.train_recurrence = r
     idx = torch.randint(0, 97, (2, 12))
     torch.manual_seed(7)
@@ -81,7 +81,7 @@ def test_truncation_changes_the_gradient_of_the_prelude():
     prelude_grads = []
     for k in (1, 4):
         torch.manual_seed(0)
-        model = LLM(rd_config(k_trunc=k)).train()
+        model = build_model(rd_config(k_trunc=k)).train()
         model.recurrence.train_recurrence = 4
         model(idx, idx).loss.backward()
         prelude_grads.append(model.blocks[0].attn.c_attn.weight.grad)
@@ -90,7 +90,7 @@ def test_truncation_changes_the_gradient_of_the_prelude():
 
 @pytest.mark.parametrize("adapter_mode", ADAPTERS)
 def test_eval_mode_starts_from_zeros_at_eval_recurrence_and_is_causal(adapter_mode):
-    model = LLM(rd_config(adapter_mode=adapter_mode, eval_recurrence=4)).eval()
+    model = build_model(rd_config(adapter_mode=adapter_mode, eval_recurrence=4)).eval()
     idx = torch.randint(0, 97, (2, 16))
     with torch.no_grad():
         out = model(idx, idx, return_logits=True)
@@ -110,7 +110,7 @@ def test_eval_mode_starts_from_zeros_at_eval_recurrence_and_is_causal(adapter_mo
 
 @pytest.mark.parametrize("adapter_mode", ADAPTERS)
 def test_cached_decoding_equals_the_full_forward_pass(adapter_mode):
-    model = LLM(rd_config(dict(attn="gqa", n_head=4, n_kv_heads=2), adapter_mode=adapter_mode, pos_emb="rope",
+    model = build_model(rd_config(dict(attn="gqa", n_head=4, n_kv_heads=2), adapter_mode=adapter_mode, pos_emb="rope",
                           eval_recurrence=3)).eval()
     idx = torch.randint(0, 97, (2, 12))
     pad = torch.tensor([0, 3])
@@ -129,8 +129,8 @@ def test_cached_decoding_equals_the_full_forward_pass(adapter_mode):
 
 
 def test_cache_bytes_count_one_cache_per_core_iteration():
-    plain = LLM(make_config(n_layer=4)).cache_bytes_per_token()
-    model = LLM(rd_config(eval_recurrence=5))
+    plain = build_model(make_config(n_layer=4)).cache_bytes_per_token()
+    model = build_model(rd_config(eval_recurrence=5))
     assert model.cache_bytes_per_token() == plain // 4 * (1 + 2 * 5 + 1)
 
 
@@ -171,7 +171,7 @@ def test_recurrence_depends_on_the_seed_and_step_only():
     assert first == [sample_recurrence(config, 1337, step) for step in range(50)]
     assert first != [sample_recurrence(config, 1338, step) for step in range(50)]
     assert len(set(first)) > 5
-    model = LLM(config)
+    model = build_model(config)
     model.before_step(17, 1337)
     assert model.recurrence.train_recurrence == first[17]
 
@@ -180,27 +180,27 @@ def test_parameter_count_counts_the_core_once_and_the_adapter():
     V, T, C = 128, 32, 48  # vocabulary 97 padded to 128
     block = 12 * C * C + 2 * C  # attention 4C^2, MLP 8C^2, two LayerNorms without bias
     plain = V * C + T * C + 4 * block + C  # tied embedding, learned positions, 4 blocks, final norm
-    assert LLM(rd_config()).get_num_params() == (plain + 2 * C * C,) * 2
-    assert LLM(rd_config(adapter_mode="add")).get_num_params() == (plain, plain)
-    concat, add = (LLM(rd_config(bias=True, adapter_mode=mode)).get_num_params()[0] for mode in ADAPTERS)
+    assert build_model(rd_config()).get_num_params() == (plain + 2 * C * C,) * 2
+    assert build_model(rd_config(adapter_mode="add")).get_num_params() == (plain, plain)
+    concat, add = (build_model(rd_config(bias=True, adapter_mode=mode)).get_num_params()[0] for mode in ADAPTERS)
     assert concat - add == 2 * C * C + C  # the adapter with its bias
-    assert LLM(rd_config()).core_params() == 2 * block + 2 * C * C
+    assert build_model(rd_config()).core_params() == 2 * block + 2 * C * C
 
 
 def test_flops_count_the_core_at_the_mean_recurrence():
-    config = rd_config(mean_recurrence=3, k_trunc=2)
-    C, T, core, total = 48, 32, 1000, 5000
+    C, T = 48, 32
     attention = 12 * C * T
-    once = 6 * (total - core) + 2 * attention  # prelude and coda
-    iteration = 6 * core + 2 * attention  # the core's two layers, forward and backward
-    assert flops_per_token(config, total, core_params=core) == pytest.approx(once + 2 * iteration + iteration / 3)
-    one_pass = rd_config(mean_recurrence=1, k_trunc=2)
-    assert flops_per_token(one_pass, total, core_params=core) == pytest.approx(once + iteration)
+    for mean_recurrence, iterations in ((3, 2 + 1 / 3), (1, 1)):  # k_trunc 2: the third iteration runs forward only
+        model = build_model(rd_config(mean_recurrence=mean_recurrence, k_trunc=2))
+        total, core = model.get_num_params()[1], model.core_params()
+        once = 6 * (total - core) + 2 * attention  # prelude and coda
+        iteration = 6 * core + 2 * attention  # the core's two layers, forward and backward
+        assert model.flops_per_token() == pytest.approx(once + iterations * iteration)
 
 
 def test_moe_in_the_core_sums_its_loads_over_iterations_and_averages_its_aux_loss_over_the_backprop_ones():
     moe = dict(attn="gqa", n_head=4, n_kv_heads=2, ffn="moe", n_exp=6, n_shared=1, n_act=3, up_dim=32)
-    model = LLM(rd_config(moe, k_trunc=2)).train()
+    model = build_model(rd_config(moe, k_trunc=2)).train()
     idx = torch.randint(0, 97, (2, 8))
     model.recurrence.train_recurrence = 5
     out = model(idx, idx)
@@ -211,7 +211,7 @@ def test_moe_in_the_core_sums_its_loads_over_iterations_and_averages_its_aux_los
     assert model.blocks[0].ffn.router.gate.weight.grad.abs().sum() > 0
 
 
-SMALL = ["--recurrent_depth", "--n_layer", "3", "--n_prelude", "1", "--n_core", "1", "--n_coda", "1",
+SMALL = ["--arch", "recurrent", "--n_layer", "3", "--n_prelude", "1", "--n_core", "1", "--n_coda", "1",
          "--mean_recurrence", "3", "--r_max", "6", "--k_trunc", "2", "--eval_recurrence", "3", "--s0_std", "0.1",
          "--recurrence_sweep", "1", "3", "--n_embd", "32", "--n_head", "2", "--block_size", "32", "--batch_size", "4",
          "--total_batch_size_str", "2*4*32", "--dropout", "0.1", "--learning_rate", "3e-3", "--warmup_steps", "2",
@@ -250,8 +250,8 @@ def test_train_py_logs_the_recurrence_and_the_loss_against_r(char_data, tmp_path
 
 
 @pytest.mark.parametrize("flags,message", [
-    (["--n_core", "3"], "n_core=3 is read only by recurrent-depth models; add --recurrent_depth or drop --n_core"),
-    (["--recurrent_depth"], "recurrent_depth splits the layers, but n_prelude=2 + n_core=4 + n_coda=2 = 8 differs "
+    (["--n_core", "3"], "n_core=3 is read only by arch=recurrent models; add --arch recurrent or drop --n_core"),
+    (["--recurrent_depth"], "arch=recurrent splits the layers, but n_prelude=2 + n_core=4 + n_coda=2 = 8 differs "
                             "from n_layer=4; make them equal"),
     (["--recurrent_depth", "--n_layer", "8", "--k_trunc", "0"], "k_trunc=0 must be >= 1"),
     (["--recurrent_depth", "--n_layer", "8", "--r_max", "0"], "r_max=0 must be >= 1"),
@@ -260,7 +260,7 @@ def test_train_py_logs_the_recurrence_and_the_loss_against_r(char_data, tmp_path
     (["--recurrent_depth", "--n_layer", "8", "--lognorm_var", "-1"], "lognorm_var=-1.0 must be >= 0"),
     (["--recurrent_depth", "--n_layer", "8", "--s0_std", "-0.1"], "s0_std=-0.1 must be >= 0"),
     (["--recurrent_depth", "--n_layer", "8", "--recurrence_sweep", "0", "4"], "recurrence_sweep=[0, 4] must hold"),
-    (["--recurrent_depth", "--n_layer", "8", "--mod"], "recurrent_depth with mod=true layers"),
+    (["--recurrent_depth", "--n_layer", "8", "--mod"], "arch=recurrent with mod=true layers"),
 ])
 def test_bad_recurrent_depth_flags_are_one_line_errors(flags, message):
     with pytest.raises(ConfigError) as error:
@@ -272,11 +272,23 @@ def test_train_py_reports_a_bad_split_in_one_line():
     result = subprocess.run([sys.executable, str(REPO / "train.py"), "--recurrent_depth", "--n_layer", "6"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert result.stderr.startswith("error: recurrent_depth splits the layers")
+    assert result.stderr.startswith("error: arch=recurrent splits the layers")
 
 
 def test_export_refuses_a_recurrent_depth_model():
     from llm.hf import family
 
-    with pytest.raises(ConfigError, match="cannot export: recurrent_depth"):
+    with pytest.raises(ConfigError, match="cannot export: arch=recurrent"):
         family(rd_config())
+
+
+def test_recurrent_depth_is_a_spelling_of_arch_recurrent(tmp_path):
+    """--recurrent_depth and a config file's "recurrent_depth": true (the earlier field) both mean arch recurrent."""
+    flags = ["--n_layer", "3", "--n_prelude", "1", "--n_core", "1", "--n_coda", "1"]
+    assert parse(["--recurrent_depth", *flags])[0] == parse(["--arch", "recurrent", *flags])[0]
+    earlier = {"model": {"recurrent_depth": True, "n_layer": 3, "n_prelude": 1, "n_core": 1, "n_coda": 1}}
+    (tmp_path / "rd.json").write_text(json.dumps(earlier))
+    assert parse(["--config", str(tmp_path / "rd.json")])[0].arch == "recurrent"
+    with pytest.raises(ConfigError, match='"recurrent_depth": true contradicts "arch": "ngpt"'):
+        (tmp_path / "both.json").write_text(json.dumps({"model": {**earlier["model"], "arch": "ngpt"}}))
+        parse(["--config", str(tmp_path / "both.json")])

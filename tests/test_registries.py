@@ -8,8 +8,9 @@ from torch import nn
 
 import train as train_entry
 from llm.checkpoint import load_trained
-from llm.config import BlockConfig, ConfigError, LLMconfig, parse, require
-from llm.model import LLM
+from llm.cli import parse
+from llm.config import BlockConfig, ConfigError, LLMconfig, require
+from llm.model import build_model
 from llm.model.cache import TokenCache
 from llm.model.kinds import FeedForward, FFNKind, FFNOutput, MixerKind
 from llm.model.registry import FFNS, MIXERS, register_ffn, register_mixer
@@ -124,7 +125,7 @@ def test_every_registered_kind_has_examples():
 @pytest.mark.parametrize("pos_emb", ["learn", "rope"])
 def test_registered_kind_examples_are_causal_train_and_decode_like_the_full_forward(spec, pos_emb):
     torch.manual_seed(0)
-    model = LLM(make_config(spec, pos_emb=pos_emb, n_embd=48, n_layer=2, block_size=16))
+    model = build_model(make_config(spec, pos_emb=pos_emb, n_embd=48, n_layer=2, block_size=16))
     idx = torch.randint(0, 97, (2, 12))
     out = model(idx, idx)
     assert out.logits is None and torch.isfinite(out.loss)  # logits only without targets or when asked for
@@ -153,7 +154,7 @@ def bidirectional_examples() -> list:
 def test_bidirectional_kind_examples_train_under_mlm_and_have_no_cache(spec, pos_emb):
     """Such a kind trains under mlm (shapes, finite gradients for every parameter); it never generates, and its
     bidirectionality is checked in tests/test_genomic.py."""
-    model = LLM(make_config(spec, objective="mlm", pos_emb=pos_emb, n_embd=48, n_layer=2, block_size=16))
+    model = build_model(make_config(spec, objective="mlm", pos_emb=pos_emb, n_embd=48, n_layer=2, block_size=16))
     idx = torch.randint(0, 97, (2, 12))
     assert model(idx).logits.shape == (2, 12, 97)
     out = model(idx, idx)

@@ -8,11 +8,12 @@ import sys
 import pytest
 import torch
 
-from llm.config import ConfigError, config_dict, parse
-from llm.model import LLM
 from llm import checkpoint as checkpoint_module
-from llm.train import loop, train
 from llm.checkpoint import find_checkpoint, step_checkpoints
+from llm.cli import parse
+from llm.config import ConfigError, config_dict
+from llm.model import build_model
+from llm.train import loop, train
 from llm.train.optim import Schedule, build_optimizer
 from tests.conftest import REPO, make_config
 
@@ -129,7 +130,7 @@ def test_resume_with_other_flags_lists_the_differences(char_data, tmp_path):
 
 def test_four_micro_batches_equal_one_batch_four_times_larger():
     torch.manual_seed(0)
-    model = LLM(make_config(dict(attn="gqa", n_head=4, n_kv_heads=2), pos_emb="rope"))
+    model = build_model(make_config(dict(attn="gqa", n_head=4, n_kv_heads=2), pos_emb="rope"))
     idx = torch.randint(0, 97, (8, 32))
     model(idx, idx).loss.backward()
     whole = [p.grad.clone() for p in model.parameters()]
@@ -146,7 +147,7 @@ def test_min_lr_and_betas_reach_the_optimizer(char_data, tmp_path):
     assert metrics[-1]["lr"] == pytest.approx(1e-4 + 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 2 / 3)).item())
                                               * (3e-3 - 1e-4))
     _, cfg = parse(SMALL + ["--beta1", "0.8", "--beta2", "0.99", "--weight_decay", "0.05"])
-    model = LLM(make_config())
+    model = build_model(make_config())
     decayed, plain = build_optimizer(model, cfg, torch.device("cpu")).param_groups
     assert decayed["betas"] == plain["betas"] == (0.8, 0.99)
     assert (decayed["weight_decay"], plain["weight_decay"]) == (0.05, 0.0)

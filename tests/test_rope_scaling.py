@@ -8,10 +8,11 @@ import pytest
 import torch
 import transformers
 
-from llm.config import ConfigError, parse
+from llm.cli import parse
+from llm.config import ConfigError
 from llm.generate import generate
 from llm.hf import config_from_hf, from_hf, hf_config, to_hf
-from llm.model import LLM
+from llm.model import LLM, build_model
 from llm.model.positions import RopeScaling, rope_angles
 from tests.conftest import make_config
 
@@ -125,7 +126,7 @@ def logit_difference(ours: LLM, theirs: torch.nn.Module, tokens: int = LONG) -> 
 
 @pytest.mark.parametrize("name", SCALINGS)
 def test_export_has_the_logits_of_transformers_beyond_the_original_context(name, tmp_path):
-    ours = LLM(llama_config(SCALINGS[name]))
+    ours = build_model(llama_config(SCALINGS[name]))
     to_hf(ours).save_pretrained(tmp_path)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     diff = logit_difference(ours, theirs)
@@ -155,7 +156,7 @@ def test_import_of_a_scaled_transformers_llama_has_its_logits(name, tmp_path):
 def test_mla_under_yarn_has_the_logits_of_transformers_deepseek_v3_both_ways(name, tmp_path):
     """Export and import at 200 tokens (original context 64); DeepSeek's mscale^2 on the softmax scale and the
     scaled frequencies each matter."""
-    ours = LLM(deepseek_config(DEEPSEEK_YARN[name]))
+    ours = build_model(deepseek_config(DEEPSEEK_YARN[name]))
     to_hf(ours).save_pretrained(tmp_path / "export")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32)
     assert isinstance(theirs, transformers.DeepseekV3ForCausalLM)
@@ -213,9 +214,9 @@ def test_rope_types_and_keys_we_do_not_represent_are_refused_on_import(params, m
 def test_cache_equals_recomputation_beyond_the_original_context(name):
     """GQA's KV cache, and MLA's absorbed latent cache with its softmax mscale."""
     if name.startswith("mla-"):
-        model = LLM(deepseek_config(DEEPSEEK_YARN[name[4:]], block_size=96)).eval()
+        model = build_model(deepseek_config(DEEPSEEK_YARN[name[4:]], block_size=96)).eval()
     else:
-        model = LLM(llama_config(SCALINGS[name], block_size=96)).eval()
+        model = build_model(llama_config(SCALINGS[name], block_size=96)).eval()
     prompt = [list(range(1, 60))]
     logits = {}
     for use_cache in (True, False):
@@ -230,7 +231,7 @@ def test_cache_equals_recomputation_beyond_the_original_context(name):
                          ids=["gqa", "nsa", "mla"])
 @pytest.mark.parametrize("name", ["llama3", "yarn"])
 def test_scaled_attention_is_causal_and_every_parameter_learns(attn, name):
-    model = LLM(make_config(attn, n_embd=64, pos_emb="rope", norm="rms", block_size=96, **SCALINGS[name]))
+    model = build_model(make_config(attn, n_embd=64, pos_emb="rope", norm="rms", block_size=96, **SCALINGS[name]))
     idx = torch.randint(0, model.config.vocab_size, (2, 90))
     model.train()
     model(idx, idx).loss.backward()
@@ -245,7 +246,7 @@ def test_scaled_attention_is_causal_and_every_parameter_learns(attn, name):
 
 
 def test_parameter_count_does_not_depend_on_rope_scaling():
-    count = lambda config: sum(p.numel() for p in LLM(config).parameters())  # noqa: E731
+    count = lambda config: sum(p.numel() for p in build_model(config).parameters())  # noqa: E731
     assert count(llama_config(SCALINGS["yarn"])) == count(llama_config({}))
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from llm.checkpoint import load_trained, step_checkpoints
-from llm.config import ConfigError, parse
+from llm.cli import parse
+from llm.config import ConfigError
 from llm.train import loop, train
 from tests.conftest import REPO
 

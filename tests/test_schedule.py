@@ -5,7 +5,8 @@ import math
 
 import pytest
 
-from llm.config import ConfigError, parse
+from llm.cli import parse
+from llm.config import ConfigError
 from llm.train.optim import Schedule
 
 

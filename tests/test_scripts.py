@@ -67,7 +67,7 @@ def test_families_script_runs_each_family_and_tabulates_them(char_data, tmp_path
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ") and "family" not in line]
     assert [row.split(" | ")[0][2:] for row in rows] == families
     config = json.loads((tmp_path / "family_recurrent" / "config.json").read_text())["model"]
-    assert config["recurrent_depth"] and config["n_layer"] == 3
+    assert config["arch"] == "recurrent" and config["n_layer"] == 3
     metrics = (tmp_path / "family_mtp" / "metrics.jsonl").read_text()
     assert "mtp/loss_2" in metrics
 

@@ -11,18 +11,19 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from llm.config import ConfigError, Trainconfig, parse
+from llm.cli import parse
+from llm.config import ConfigError, Trainconfig
 from llm.generate import generate
 from llm.hf import family
-from llm.model import LLM
+from llm.model import LLM, build_model
 from llm.model.cache import WindowCache
 from llm.model.mixers import attention as kernels
 from llm.model.mixers.attention import AttentionCall, Machine, SlidingWindow, schedule_windows, select_backend
 from llm.model.positions import apply_rope, rope_angles
+from llm.precision import Precision
 from llm.train import loop, train
 from llm.train.distributed import Distributed
 from llm.train.optim import build_optimizer
-from llm.train.precision import Precision
 from llm.train.step import train_step
 from llm.train.window_schedule import scheduled_window
 from tests.conftest import make_config
@@ -79,7 +80,7 @@ def reference_mixer(attn, x, window, causal=True):
 def windowed(spec: dict, window: int | None, **fields) -> LLM:
     """A two-layer RoPE model of `spec` with every layer's window set (block_size 16 unless given)."""
     fields = {"pos_emb": "rope", "block_size": 16, **fields}
-    return LLM(make_config({**spec, "window": window}, **fields))
+    return build_model(make_config({**spec, "window": window}, **fields))
 
 
 # --- the kernel -------------------------------------------------------------------------------------------------
@@ -283,7 +284,7 @@ def test_window_wider_than_block_size_streams_with_a_ring_of_the_window():
 def test_models_that_do_not_stream_prefill_again_at_block_size(layers, pos_emb):
     """Learned positions have block_size rows, and a full-attention layer's cache grows with the sequence: such
     models slide their context at block_size as before, and the ring caches follow."""
-    model = LLM(make_config(layers, pos_emb=pos_emb, block_size=16))
+    model = build_model(make_config(layers, pos_emb=pos_emb, block_size=16))
     assert not model.streams
     with pytest.raises(ValueError, match="exceeds block_size=16"):
         model(torch.zeros(1, 17, dtype=torch.long))
@@ -291,7 +292,7 @@ def test_models_that_do_not_stream_prefill_again_at_block_size(layers, pos_emb):
 
 
 def test_cache_bytes_count_at_most_the_window():
-    model = LLM(make_config([SPECS["gqa"] | {"window": 4}, SPECS["gqa"]], pos_emb="rope"))
+    model = build_model(make_config([SPECS["gqa"] | {"window": 4}, SPECS["gqa"]], pos_emb="rope"))
     per_token = 2 * 2 * (48 // 4) * 4  # keys and values, 2 KV heads of 12, fp32: per layer
     assert model.cache_bytes_per_token() == 2 * per_token
     assert model.cache_bytes(3) == 2 * 3 * per_token

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llm.config import ConfigError, parse
-from llm.model import LLM
+from llm.cli import parse
+from llm.config import ConfigError, run_dir_name
+from llm.model import LLM, build_model
 from llm.train import train
-from llm.config import run_dir_name
 from tests.conftest import REPO, make_config
 
 
@@ -90,7 +90,7 @@ def test_run_dir_name_is_path_safe_and_never_empty():
 def test_activation_recomputation_gives_identical_gradients():
     config = make_config([dict(attn="mla", n_head=4, kv_latent_dim=16, rope_head_dim=8), dict(attn="gqa", n_head=4, n_kv_heads=2)],
                          pos_emb="rope")
-    model = LLM(config)
+    model = build_model(config)
     idx = torch.randint(0, config.vocab_size, (2, 16))
     grads = []
     for recompute in (False, True):

@@ -93,6 +93,20 @@ def ffn_spelling(spec: dict, where: str) -> dict:
     return spec
 
 
+def arch_spelling(model: dict, where: str) -> dict:
+    """A model section with `"recurrent_depth": true|false` (the earlier spelling) rewritten as `"arch": "recurrent"`
+    (or dropped when false); a true value must then agree with "arch"."""
+    if "recurrent_depth" not in model:
+        return model
+    model = dict(model)
+    recurrent = model.pop("recurrent_depth")
+    if not isinstance(recurrent, bool):
+        raise ConfigError(f"{where}: recurrent_depth={recurrent!r} must be bool, got {type(recurrent).__name__}")
+    if recurrent and model.setdefault("arch", "recurrent") != "recurrent":
+        raise ConfigError(f'{where}: "recurrent_depth": true contradicts "arch": "{model["arch"]}"; keep only "arch"')
+    return model
+
+
 def dataclass_from_dict(cls: type, data: dict, where: str, base: Any = None) -> Any:
     """Builds `cls` from `data` over `base` (or the defaults), checking keys and types."""
     if not isinstance(data, dict):
@@ -105,7 +119,7 @@ def dataclass_from_dict(cls: type, data: dict, where: str, base: Any = None) -> 
 
 def model_config_from_dict(data: dict, where: str) -> LLMconfig:
     """An LLMconfig with its per-layer specs from JSON (the "model" part of a saved config.json)."""
-    fields = {k: v for k, v in data.items() if k != "layers"}
+    fields = {k: v for k, v in arch_spelling(data, where).items() if k != "layers"}
     layers = [dataclass_from_dict(BlockConfig, ffn_spelling(spec, f"{where} layer {i}"), f"{where} layer {i}")
               for i, spec in enumerate(data.get("layers", []))]
     return dataclasses.replace(dataclass_from_dict(LLMconfig, fields, where), layers=layers)

@@ -247,37 +247,36 @@ class LLMconfig:
     mod_every_other: bool = False
     """MoD: only the odd layers (1, 3, 5, ...) among those with mod route; the others run in full (the paper's
     interleaving of routed and full blocks)."""
-    recurrent_depth: bool = False
-    """Recurrent depth (Geiping et al. 2025): the layers split into a prelude (n_prelude), a core (n_core) iterated r
-    times on a latent state, and a coda (n_coda); see docs/model-kinds.md."""
     n_prelude: int = 2
-    """recurrent_depth: the first n_prelude layers, run once, embed the input."""
+    """arch=recurrent: the first n_prelude layers, run once, embed the input."""
     n_core: int = 4
-    """recurrent_depth: the next n_core layers, iterated r times (n_prelude + n_core + n_coda must equal n_layer)."""
+    """arch=recurrent: the next n_core layers, iterated r times (n_prelude + n_core + n_coda must equal n_layer)."""
     n_coda: int = 2
-    """recurrent_depth: the last n_coda layers, run once on the final state."""
+    """arch=recurrent: the last n_coda layers, run once on the final state."""
     mean_recurrence: int = 32
-    """recurrent_depth: r-bar, the mean of the log-normal rate from which each training step's r is drawn."""
+    """arch=recurrent: r-bar, the mean of the log-normal rate from which each training step's r is drawn."""
     lognorm_var: float = 0.25
-    """recurrent_depth: sigma^2 of tau ~ N(log r-bar - sigma^2 / 2, sigma^2), r ~ Poisson(e^tau) + 1 (the paper's
+    """arch=recurrent: sigma^2 of tau ~ N(log r-bar - sigma^2 / 2, sigma^2), r ~ Poisson(e^tau) + 1 (the paper's
     sigma = 0.5: 0.25; 0 makes r - 1 a plain Poisson draw of mean r-bar)."""
     r_max: int = 64
-    """recurrent_depth: training recurrences are capped at r_max."""
+    """arch=recurrent: training recurrences are capped at r_max."""
     k_trunc: int = 8
-    """recurrent_depth: backpropagation through the last k_trunc iterations only (the earlier ones run without
+    """arch=recurrent: backpropagation through the last k_trunc iterations only (the earlier ones run without
     gradients)."""
     s0_std: float = 0.02
-    """recurrent_depth: standard deviation of the Gaussian noise the state starts from in training (zeros in eval
+    """arch=recurrent: standard deviation of the Gaussian noise the state starts from in training (zeros in eval
     mode)."""
     eval_recurrence: int = 32
-    """recurrent_depth: r in eval mode: validation loss, benchmarks and generation."""
+    """arch=recurrent: r in eval mode: validation loss, benchmarks and generation."""
     adapter_mode: Literal["concat", "add"] = "concat"
-    """recurrent_depth: the core's input from the state s and the prelude's output e: concat (a linear adapter
+    """arch=recurrent: the core's input from the state s and the prelude's output e: concat (a linear adapter
     W [s; e], 2 n_embd -> n_embd) or add (s + e, no parameters)."""
-    arch: Literal["gpt", "ngpt"] = "gpt"
-    """Architecture: gpt (pre-norm residual blocks) or ngpt (the normalized transformer, Loshchilov et al. 2024:
+    arch: str = "gpt"
+    """Architecture kind: gpt (pre-norm residual blocks), ngpt (the normalized transformer, Loshchilov et al. 2024:
     embeddings, hidden states and the weights' vectors along the width on the unit sphere, no norm layers; needs
-    pos_emb rope, a gated MLP and weight_decay 0; see --preset ngpt and docs/model-kinds.md)."""
+    pos_emb rope, a gated MLP and weight_decay 0; see --preset ngpt) or recurrent (recurrent depth, Geiping et al.
+    2025: the layers split into a prelude (n_prelude), a core (n_core) iterated r times on a latent state, and a coda
+    (n_coda); --recurrent_depth is its other spelling); see docs/model-kinds.md."""
     ngpt_alpha_attn_init: float = 0.05
     """arch=ngpt: initial value of the attention eigen learning rates alpha_A (one per channel)."""
     ngpt_alpha_mlp_init: float = 0.05
@@ -438,5 +437,5 @@ class Trainconfig:
     window_block: int = 128
     """window_schedule=linear: the limit's first value and the step between its values."""
     recurrence_sweep: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32, 64])
-    """recurrent_depth: at each evaluation also the validation loss at each of these recurrences, on the same batches
+    """arch=recurrent: at each evaluation also the validation loss at each of these recurrences, on the same batches
     as val_loss, logged as val_loss_rR (pass the flag alone for none)."""

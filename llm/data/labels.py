@@ -5,7 +5,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ConfigError
-from ..model.objectives import IGNORE
+from ..targets import IGNORE
 
 ACGT = frozenset("ACGTacgt")
 

@@ -8,9 +8,10 @@
 
 Text is streamed to disk in bounded parts and tokenized by worker processes; documents are separated by the
 tokenizer's end-of-text token. With a sequence tokenizer (nucleotide, nuc, 3mer, 6mer) each sequence is stored as
-`<begin> tokens <end>` and SPLIT.docs.npy beside the tokens holds where each sequence starts (data_order windows). A dataset without its own validation split holds out the last val_fraction of
-its tokens. A second run with the same inputs and options is skipped unless --force. The files are written under
-*.tmp names and renamed into place at the end; a run that fails or is interrupted removes them.
+`<begin> tokens <end>` and SPLIT.docs.npy beside the tokens holds where each sequence starts (data_order windows).
+A dataset without its own validation split holds out the last val_fraction of its tokens. A second run with the
+same inputs and options is skipped unless --force. The files are written under *.tmp names and renamed into place at
+the end; a run that fails or is interrupted removes them.
 """
 import hashlib
 import io
@@ -33,9 +34,15 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from ..config import ConfigError, exit_on_user_error
 from ..files import fsync_path, write_atomically
 from .genomic_sources import genomic_corpus
-from .sources import HF_DATASETS, Corpus, Piece, local_corpus, shakespeare_corpus, hf_corpus
-from .tokenizers import (KMER_SIZES, SEQUENCE_TOKENIZERS, ByteTokenizer, CharTokenizer, GPT2Tokenizer,
-                         tokenizer_from_meta)
+from .sources import HF_DATASETS, Corpus, Piece, hf_corpus, local_corpus, shakespeare_corpus
+from .tokenizers import (
+    KMER_SIZES,
+    SEQUENCE_TOKENIZERS,
+    ByteTokenizer,
+    CharTokenizer,
+    GPT2Tokenizer,
+    tokenizer_from_meta,
+)
 from .windows import documents_path
 
 DatasetName = Literal["shakespeare_char", "shakespeare", "tinystories", "fineweb", "wikitext", "text", "genomic"]

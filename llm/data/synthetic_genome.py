@@ -21,7 +21,7 @@ import tyro
 
 from ..config import ConfigError, exit_on_user_error
 from ..files import write_atomically
-from .genetic_code import START_CODON, STANDARD_CODE, STOP, STOP_CODONS
+from ..genetic_code import STANDARD_CODE, START_CODON, STOP, STOP_CODONS
 
 CONTIG_BASES = 100_000
 INTERGENIC_BASES = (100, 2_000)  # the length of an intergenic stretch, drawn uniformly

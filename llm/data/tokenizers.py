@@ -2,7 +2,7 @@
 import tiktoken
 
 from ..config import ConfigError
-from .genetic_code import BASES, kmers
+from ..genetic_code import BASES, kmers
 
 END_OF_TEXT = "<|endoftext|>"
 # the meta.json keys that define a tokenizer

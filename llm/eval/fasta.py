@@ -20,7 +20,7 @@ from ..config import ConfigError, exit_on_user_error
 from ..data.genomic_sources import genomic_corpus
 from ..data.labels import build_labels
 from ..data.tokenizers import tokenizer_from_meta
-from ..model.objectives import IGNORE
+from ..targets import IGNORE
 
 
 @dataclass
@@ -62,7 +62,7 @@ def score(model, labels, ids: list[int], generator: torch.Generator, device: tor
 def evaluate_fasta(args: EvalArgs) -> dict:
     """Scores every record and returns {"sequences": [...], "loss", "perplexity", ...}, printing a line for each."""
     from ..checkpoint import load_trained
-    from ..train.precision import pick_precision
+    from ..precision import pick_precision
 
     if not Path(args.fasta).exists():
         raise ConfigError(f"--fasta={args.fasta!r}: no such file or folder; pass a FASTA file or a folder of them")

@@ -21,7 +21,7 @@ def load_causal(ckpt: str, device: str):
     folder; a masked LM is refused."""
     from ..checkpoint import load_trained
     from ..data.tokenizers import tokenizer_from_meta
-    from ..train.precision import pick_precision
+    from ..precision import pick_precision
 
     folder, model, meta = load_trained(ckpt)
     if not model.causal:

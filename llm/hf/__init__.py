@@ -19,9 +19,10 @@ import dataclasses
 
 import torch
 
-from ..config import ConfigError, LLMconfig, resolve_block, validate_model
-from ..model import LLM
+from ..config import ConfigError, LLMconfig, resolve_block
+from ..model import ARCHS, LLM, build_model
 from ..model.mod import routes
+from ..validate import validate_model
 from .common import Family, copy_weight, refuse, saved_tensors, weight_pairs
 from .deepseek_v3 import DEEPSEEK_V3
 from .gpt2 import GPT2
@@ -52,10 +53,8 @@ def family(config: LLMconfig) -> str:
         refuse(f"objective={config.objective!r}; the transformers families here are causal LMs (objective clm)")
     if any(routes(config, i) for i in range(len(config.layers))):
         refuse("mod=true (mixture-of-depths routing); no transformers family represents it")
-    if config.recurrent_depth:
-        refuse("recurrent_depth (a core iterated r times); the transformers families here run each layer once")
-    if config.arch == "ngpt":
-        refuse("arch=ngpt (the normalized transformer); no transformers family represents it")
+    if ARCHS[config.arch].export_refusal is not None:
+        refuse(ARCHS[config.arch].export_refusal)
     used = {field: {getattr(b, field) for b in config.layers} for field in KIND_FIELDS}
     for field, label in KIND_FIELDS.items():
         known = set().union(*(getattr(f, field) for f in FAMILIES.values()))
@@ -153,7 +152,7 @@ def from_hf(directory: str, check: bool = True, **overrides) -> LLM:
         hf = t.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise ConfigError(f"cannot load a transformers model from {directory!r}: {str(e).splitlines()[0]}") from None
-    model = LLM(config_from_hf(hf.config))
+    model = build_model(config_from_hf(hf.config))
     kind = family(model.config)
     theirs = hf.state_dict()
     with torch.no_grad():

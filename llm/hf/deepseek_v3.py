@@ -3,8 +3,20 @@ layers with a sigmoid router, shared experts and the aux-free selection bias (`e
 import dataclasses
 
 from ..config import BlockConfig, ConfigError, LLMconfig
-from .common import (Family, Weight, act_name, gate_rows, hf_rope_rms_fields, only, our_rope_rms_fields,
-                     refuse, same, uniform, up_rows, vocab_rows)
+from .common import (
+    Family,
+    Weight,
+    act_name,
+    gate_rows,
+    hf_rope_rms_fields,
+    only,
+    our_rope_rms_fields,
+    refuse,
+    same,
+    uniform,
+    up_rows,
+    vocab_rows,
+)
 
 
 def check(config: LLMconfig) -> None:

@@ -3,8 +3,21 @@ import torch
 
 from ..config import BlockConfig, ConfigError, LLMconfig
 from ..model.mixers.gqa import head_size, kv_heads
-from .common import (SILU_ONLY, Family, Weight, act_name, gate_rows, hf_rope_rms_fields,
-                     our_head_dim, our_rope_rms_fields, refuse, same, uniform, up_rows, vocab_rows)
+from .common import (
+    SILU_ONLY,
+    Family,
+    Weight,
+    act_name,
+    gate_rows,
+    hf_rope_rms_fields,
+    our_head_dim,
+    our_rope_rms_fields,
+    refuse,
+    same,
+    uniform,
+    up_rows,
+    vocab_rows,
+)
 
 
 def check(config: LLMconfig) -> None:

@@ -3,8 +3,16 @@ import dataclasses
 
 from ..config import LLMconfig
 from ..model.mixers.gqa import head_size, kv_heads
-from .common import (LLAMA_LIKE_MAPPED, SILU_ONLY, Family, hf_rope_rms_fields, llama_like_layer,
-                     our_rope_rms_fields, refuse, same)
+from .common import (
+    LLAMA_LIKE_MAPPED,
+    SILU_ONLY,
+    Family,
+    hf_rope_rms_fields,
+    llama_like_layer,
+    our_rope_rms_fields,
+    refuse,
+    same,
+)
 from .llama import LAYER_WEIGHTS, WEIGHTS
 from .llama import check as llama_check
 

@@ -4,10 +4,22 @@ import dataclasses
 
 from ..config import ConfigError, LLMconfig
 from ..model.mixers.gqa import head_size, kv_heads
-from .common import (LLAMA_LIKE_MAPPED, SILU_ONLY, Refusal, Family, Weight, hf_rope_rms_fields, llama_like_layer, our_rope_rms_fields, refuse, same,
-                     uniform)
+from .common import (
+    LLAMA_LIKE_MAPPED,
+    SILU_ONLY,
+    Family,
+    Refusal,
+    Weight,
+    hf_rope_rms_fields,
+    llama_like_layer,
+    our_rope_rms_fields,
+    refuse,
+    same,
+    uniform,
+)
 from .llama import LAYER_WEIGHTS as LLAMA_LAYER_WEIGHTS
-from .llama import WEIGHTS, check as llama_check, k_rows, q_rows, v_rows
+from .llama import WEIGHTS, k_rows, q_rows, v_rows
+from .llama import check as llama_check
 
 SLIDING, FULL = "sliding_attention", "full_attention"
 

@@ -18,6 +18,7 @@ class Block(nn.Module):
         self.attn = MIXERS[block.attn].build(block, config)
         self.ffn = FFNS[block.ffn].build(block, config)
         self.ln_2 = None if isinstance(self.ffn, NoFeedForward) else build_norm(config)
+        self.mixing = MIXERS[block.attn].mixing_flops(block, config)  # FLOPs per token of its mixing without weights
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
                 cache=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -40,3 +41,7 @@ class Block(nn.Module):
     def skipped_params(self, T: int) -> float:
         """Active parameters that the average token of a length-T sequence skips (0: every token goes through)."""
         return 0.0
+
+    def mixing_flops(self) -> float:
+        """FLOPs per training token, forward and backward, of the mixing without weights (MixerKind.mixing_flops)."""
+        return self.mixing

@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import require
-from ..data.genetic_code import START_CODON, STANDARD_CODE, STOP, STOP_CODONS, kmers
-from .objectives import IGNORE
+from ..genetic_code import STANDARD_CODE, START_CODON, STOP, STOP_CODONS, kmers
+from ..targets import IGNORE
 
 SPECIAL_TOKENS = {"pad": "<pad>", "cls": "<cls>", "eos": "<eos>", "unk": "<unk>", "mask": "<mask>",
                   "distill_token": "<distill_token>"}  # tree node -> its token

@@ -1,6 +1,8 @@
-"""What a layer kind declares: the contracts of sequence mixers, feed-forward layers and training objectives.
+"""What a kind declares: the contracts of sequence mixers, feed-forward layers, training objectives, block kinds,
+head add-ons and architectures.
 
-A kind is a name in the config (`attn`, `ffn`, `objective`) bound to one of these records in `registry.py`. The
+A kind is a name in the config (`attn`, `ffn`, `objective`, `arch`) bound to one of these records in `registry.py`
+(layer kinds), `parts.py` (block kinds, head add-ons) or `arch/__init__.py` (architectures). The
 record says how to build the module and how to check the config fields the kind reads; the module classes below
 fix what every kind's forward pass returns, so the block, the model and the training loop never branch on a kind.
 """
@@ -10,7 +12,7 @@ from typing import Callable, NamedTuple
 import torch
 from torch import nn
 
-from ..config import BlockConfig, LLMconfig
+from ..config import BlockConfig, LLMconfig, Trainconfig
 
 
 def no_checks(block: BlockConfig, config: LLMconfig) -> None:
@@ -46,7 +48,8 @@ class MixerKind:
     `examples` are small valid layer specs (with attn set) that the generic model tests run.
     `direction` says which objectives the kind serves: "both" (the model sets `causal`), "causal" (left to right
     only, e.g. a recurrent scan) or "bidirectional" (masked LM only); `validate` refuses the others, and the
-    generic tests run the examples under the objectives it serves.
+    generic tests run the examples under the objectives it serves; `counterpart` names the kind to suggest instead
+    under the other direction (mamba: bimamba).
     `mixing_flops(block, config)` is the layer's FLOPs per token, forward and backward, that mix tokens without
     weights (attention scores and sums, a scan, an FFT convolution): what the 6 * parameters estimate of MFU misses.
     """
@@ -56,6 +59,7 @@ class MixerKind:
     validate: Callable[[BlockConfig, LLMconfig], None] = no_checks
     examples: dict[str, dict] = field(default_factory=dict)
     direction: str = "both"
+    counterpart: str | None = None
     mixing_flops: Callable[[BlockConfig, LLMconfig], float] = full_attention_flops
 
 
@@ -73,6 +77,10 @@ class FeedForward(nn.Module):
     The hooks below have neutral defaults; a kind overrides the ones it needs. `stats` passed to them are the
     layer's FFNOutput.stats summed over all micro-steps and ranks of one optimizer step.
     """
+
+    def configure_run(self, train: Trainconfig) -> None:
+        """Called once before training with the run's settings (PEER: when to report expert usage); raises
+        ConfigError for a setting the kind cannot honour."""
 
     def after_step(self, stats: dict[str, torch.Tensor]) -> None:
         """Called once after each optimizer step (MoE: moves its selection bias)."""
@@ -115,3 +123,74 @@ class ObjectiveKind:
     name: str
     build: Callable[[LLMconfig], nn.Module]
     causal: bool = True
+
+
+def no_model_checks(config: LLMconfig) -> None:
+    """The model-wide validation of a kind that adds no rule."""
+
+
+def no_run_checks(train: Trainconfig, config: LLMconfig) -> None:
+    """The run validation of a kind that refuses no run setting."""
+
+
+@dataclass(frozen=True)
+class ArchKind:
+    """A model-level structure (the model's `arch` string): how the layers are assembled into a model.
+
+    `build(config)` returns the model: `llm.model.llm.LLM` itself (gpt) or a subclass that overrides its hooks (see
+    LLM's docstring: the blocks, the final norm and head weight, the order in which the blocks run, the generation
+    cache's slots, the hooks before and after an optimizer step, FLOPs per token and extra evaluations).
+    `validate(config)` checks the model-wide fields, `validate_block(block, config)` each layer (its messages are
+    prefixed with where the layer was given), `validate_run(train, config)` the run settings the kind refuses.
+    `fields` are the LLMconfig fields only this kind reads: under any other arch they must keep their defaults.
+    `export_refusal` says why no transformers family can hold the kind (None: the families' own checks decide).
+    """
+
+    name: str
+    build: Callable[[LLMconfig], nn.Module]
+    validate: Callable[[LLMconfig], None] = no_model_checks
+    validate_block: Callable[[BlockConfig, LLMconfig], None] = no_checks
+    validate_run: Callable[[Trainconfig, LLMconfig], None] = no_run_checks
+    fields: tuple[str, ...] = ()
+    export_refusal: str | None = None
+
+
+@dataclass(frozen=True)
+class BlockKind:
+    """How one layer wraps its mixer and feed-forward kinds, when it is not the plain pre-norm `Block`.
+
+    `claims(config, i)` says whether layer i is built by this kind; `build(block, config)` returns a module with
+    Block's interface (forward, new_cache, metrics, skipped_params, mixing_flops). `validate(block, config)` checks
+    each layer (it returns quietly for layers the kind does not concern), `validate_model(config)` the model-wide
+    rules.
+    """
+
+    name: str
+    claims: Callable[[LLMconfig, int], bool]
+    build: Callable[[BlockConfig, LLMconfig], nn.Module]
+    validate: Callable[[BlockConfig, LLMconfig], None] = no_checks
+    validate_model: Callable[[LLMconfig], None] = no_model_checks
+
+
+class HeadOutput(NamedTuple):
+    """What a head add-on adds to a training forward pass."""
+
+    aux_loss: torch.Tensor  # () added to the training loss
+    layer_stats: list[dict[str, torch.Tensor]]  # per block of the add-on, its feed-forward stats
+    stats: dict[str, torch.Tensor]  # model-wide figures (), logged by name
+
+
+@dataclass(frozen=True)
+class HeadKind:
+    """A head add-on trained beside the output head (multi-token prediction), attached to the model as the
+    submodule `name` when `enabled(config)`.
+
+    `build(config)` returns a module with `forward(model, hidden (B, T, C), idx (B, T), targets (B, T)) -> HeadOutput`
+    (hidden: the trunk's last hidden state before the final norm; called with targets only) and `blocks()`: its
+    blocks, whose stats follow the trunk's in ModelOutput.layer_stats. `validate(config)` checks its fields.
+    """
+
+    name: str
+    enabled: Callable[[LLMconfig], bool]
+    build: Callable[[LLMconfig], nn.Module]
+    validate: Callable[[LLMconfig], None] = no_model_checks

@@ -1,25 +1,27 @@
-"""The language model: embeddings, a stack of per-layer blocks, final norm and output head."""
+"""The language model of the `gpt` architecture and the base of every other architecture kind: embeddings, a stack
+of per-layer blocks, final norm, output head, the objective and any head add-ons."""
+import contextlib
 import math
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import ConfigError, LLMconfig
-from .block import Block
+from ..config import ConfigError, LLMconfig, Trainconfig
 from .cache import Cache
 from .ffn.experts import ExpertLinear
+from .kinds import FeedForward
 from .mixers.attention import SlidingWindow
-from .mod import RoutedBlock, routes
-from .mtp import MultiTokenPrediction
-from .ngpt import LogitScale, NormalizedBlock, normalize_after_load, normalize_weights
 from .norms import build_norm
+from .parts import HEADS, build_block
 from .positions import POSITIONS
-from .recurrent import RecurrentDepth, effective_depth, sample_recurrence
 from .registry import OBJECTIVES
 
 VOCAB_MULTIPLE = 64  # embedding rows are padded to a multiple of 64 for faster matmuls
+
+# run_block(i, x (B, T, C), layer cache or None) -> (x (B, T, C), aux_loss (), stats) runs the model's block i
+RunBlock = Callable[[int, torch.Tensor, object], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
 
 
 def padded_vocab_size(vocab_size: int) -> int:
@@ -32,30 +34,41 @@ class ModelOutput(NamedTuple):
 
     logits: torch.Tensor | None  # (B, T, vocab_size) without targets or when asked for, else None
     loss: torch.Tensor | None  # () the objective's loss (mean cross-entropy) when targets are given
-    aux_loss: torch.Tensor  # () sum of the layers' weighted auxiliary losses (0 when no layer has one)
-    layer_stats: list[dict[str, torch.Tensor]]  # per layer (then per MTP block), its feed-forward stats (MoE: {"load":
-    # (E,)}; dense: {}), with a mixture-of-depths layer's counts added (mod_predicted, mod_agreed, mod_tokens)
+    aux_loss: torch.Tensor  # () sum of the layers' (and head add-ons') weighted auxiliary losses (0 when none has one)
+    layer_stats: list[dict[str, torch.Tensor]]  # per layer (then per head add-on block), its feed-forward stats (MoE:
+    # {"load": (E,)}; dense: {}), with a mixture-of-depths layer's counts added (mod_predicted, mod_agreed, mod_tokens)
     stats: dict[str, torch.Tensor] = {}  # model-wide figures () averaged over micro-steps and ranks, logged by name
 
 
 class LLM(nn.Module):
-    """A decoder-only language model built from an `LLMconfig` and its list of per-layer specs."""
+    """A decoder-only language model built from an `LLMconfig` and its list of per-layer specs: the `gpt`
+    architecture. Build any architecture with `llm.model.build_model(config)`.
+
+    Another architecture kind subclasses it (setting `arch`) and overrides the hooks it needs: `build_blocks`,
+    `build_final_norm`, `add_modules` (its own submodules, created before the weights are initialised),
+    `after_init`, `mean_depth`, `run_blocks` (the order in which the blocks run), `head_weight`, `cache_blocks`,
+    `before_step`, `after_step`, `flops_per_token` and `evaluation_variants`. `compiles_whole` False makes training
+    compile each block instead of the whole model (for a trunk whose control flow changes from step to step).
+    """
+
+    arch = "gpt"
+    compiles_whole = True
 
     def __init__(self, config: LLMconfig):
         super().__init__()
         if config.vocab_size is None:
             raise ValueError("LLMconfig.vocab_size is unset; set it or take it from the dataset's meta.json")
+        if config.arch != self.arch:
+            raise ConfigError(f"{type(self).__name__} builds arch={self.arch!r}, not arch={config.arch!r}; build the "
+                              "model with llm.model.build_model(config)")
         self.config = config
         self.act_recomp = False  # recompute each block's activations in backward (set by the trainer)
         vocab = padded_vocab_size(config.vocab_size)
         self.tok_emb = nn.Embedding(vocab, config.n_embd)
         self.pos_emb = POSITIONS[config.pos_emb](config) if config.pos_emb in POSITIONS else None
         self.drop = nn.Dropout(config.dropout)
-        self.ngpt = config.arch == "ngpt"  # the normalized transformer: no norm layers, scaled logits
-        self.blocks = nn.ModuleList((NormalizedBlock if self.ngpt else RoutedBlock if routes(config, i) else Block)(
-            block, config) for i, block in enumerate(config.layers))
-        self.ln_f = nn.Identity() if self.ngpt else build_norm(config)
-        self.logit_scale = LogitScale(vocab, config) if self.ngpt else None
+        self.blocks = self.build_blocks()
+        self.ln_f = self.build_final_norm()
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
         self.objective = OBJECTIVES[config.objective].build(config)
         self.causal = OBJECTIVES[config.objective].causal
@@ -66,18 +79,18 @@ class LLM(nn.Module):
         self.streams = self.causal and config.pos_emb == "rope" and all(
             isinstance(getattr(b.attn, "window", None), SlidingWindow) and b.attn.window.size is not None
             for b in self.blocks)
-        self.recurrence = RecurrentDepth(config) if config.recurrent_depth else None  # prelude, core x r, coda
-        self.mtp = MultiTokenPrediction(config) if config.mtp != "none" else None  # causal: mtp needs clm
+        self.add_modules()
+        self.heads = [name for name, kind in HEADS.items() if kind.enabled(config)]  # head add-ons, as submodules
+        for name in self.heads:
+            self.add_module(name, HEADS[name].build(config))
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)
-        residual_std = 0.02 / math.sqrt(2 * effective_depth(config))  # GPT-2: scale residual projections by depth
+        residual_std = 0.02 / math.sqrt(2 * self.mean_depth())  # GPT-2: scale residual projections by depth
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=residual_std)
-        if self.ngpt:  # weights start on the unit sphere and return to it after every load
-            normalize_weights(self)
-            self.register_load_state_dict_post_hook(normalize_after_load)
+        self.after_init()
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, ExpertLinear)):
@@ -88,13 +101,76 @@ class LLM(nn.Module):
             std = self.config.emb_init_std if module is self.tok_emb else 0.02
             nn.init.normal_(module.weight, mean=0.0, std=std)
 
+    # ---------------------------------------------------------------- hooks of the architecture kinds
+
+    def build_blocks(self) -> nn.ModuleList:
+        """One block per layer spec, each of its block kind (llm.model.parts)."""
+        return nn.ModuleList(build_block(self.config, i) for i in range(len(self.config.layers)))
+
+    def build_final_norm(self) -> nn.Module:
+        """The norm before the output head: the config's norm kind."""
+        return build_norm(self.config)
+
+    def add_modules(self) -> None:
+        """Submodules of the architecture beyond blocks, norm and head; they are initialised with the rest."""
+
+    def after_init(self) -> None:
+        """Runs once the weights are initialised."""
+
+    def mean_depth(self) -> float:
+        """Layers a token passes through on average (the residual projections' init scales by it): n_layer."""
+        return self.config.n_layer
+
+    def run_blocks(self, run_block: RunBlock, x: torch.Tensor, cache: Cache | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        """The blocks over the embedded tokens x (B, T, C), in order. Returns the last hidden state (B, T, C), the
+        summed auxiliary loss (), each layer's stats and model-wide figures (none here)."""
+        aux_loss, layer_stats = x.new_zeros((), dtype=torch.float32), []
+        for i in range(len(self.blocks)):
+            x, aux, stats = run_block(i, x, None if cache is None else cache.layers[i])
+            aux_loss = aux_loss + aux
+            layer_stats.append(stats)
+        return x, aux_loss, layer_stats, {}
+
+    def head_weight(self) -> torch.Tensor:
+        """The output head's weight (V_padded, C)."""
+        return self.lm_head.weight
+
+    def cache_blocks(self) -> list[nn.Module]:
+        """The block that owns each slot of the generation cache: every block once."""
+        return list(self.blocks)
+
+    def before_step(self, step: int, seed: int) -> None:
+        """Before optimizer step `step` of a run seeded with `seed` (every rank calls it with the same values)."""
+
+    def after_step(self, layer_stats: list[dict[str, torch.Tensor]]) -> None:
+        """After an optimizer step, with each layer's stats summed over the step: every feed-forward layer's hook
+        (MoE: the aux-free selection bias moves from the step's expert loads)."""
+        for block, stats in zip(self.stat_blocks(), layer_stats, strict=True):
+            block.ffn.after_step(stats)
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per token: 6 * N for a forward and backward pass, N the active parameters less those the
+        average token skips (mixture-of-depths), plus each layer's token mixing from its kind
+        (`MixerKind.mixing_flops`): PaLM's (appendix B) 6 * N + 12 * L * n_embd * T for full attention, the window's
+        keys for a sliding window, the scan for Mamba, the FFT convolutions for Hyena; a routed layer's mixing counts
+        (k / T)^2 of it."""
+        return 6 * (self.get_num_params()[1] - self.skipped_params()) + sum(b.mixing_flops() for b in self.blocks)
+
+    def evaluation_variants(self, train: Trainconfig) -> dict[str, Callable[[], contextlib.AbstractContextManager]]:
+        """Extra evaluations: {suffix: context in which eval-mode forward passes run the variant}; each split's loss
+        is then also logged as SPLIT_loss{suffix}. None here."""
+        return {}
+
+    # ---------------------------------------------------------------- the forward pass
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None,
                 return_logits: bool = False) -> ModelOutput:
         """Logits (B, T, vocab_size) for token ids idx (B, T), the objective's loss when targets are given (targets
         equal to -1 are ignored), and the layers' auxiliary loss and stats. Train on loss + aux_loss.
 
-        With targets and --mtp, the multi-token prediction modules run too: `loss` stays the main head's, aux_loss
-        adds mtp_lambda * the mean of their depths' losses, and stats holds each depth's loss as mtp/loss_K.
+        With targets, each head add-on runs too (e.g. multi-token prediction): `loss` stays the main
+        head's; the add-on's auxiliary loss, block stats and figures join aux_loss, layer_stats and stats.
 
         With targets the logits are returned only when return_logits; otherwise the objective computes the loss
         without materialising them (in chunks of tokens) and `logits` is None.
@@ -103,18 +179,17 @@ class LLM(nn.Module):
         """
         x, aux_loss, layer_stats, stats = self.trunk(idx, cache)
         logits, loss = self.objective(self.ln_f(x), self.head_weight(), targets, return_logits)
-        if self.mtp is not None and targets is not None:
-            losses, mtp_aux, mtp_stats = self.mtp(x, idx, targets, self.tok_emb, self.lm_head, self.objective,
-                                                  recompute=self.act_recomp and self.training)
-            aux_loss = aux_loss + mtp_aux + self.config.mtp_lambda * torch.stack(losses).mean()
-            layer_stats = layer_stats + mtp_stats
-            stats = {**stats, **{f"mtp/loss_{k}": depth.detach() for k, depth in enumerate(losses, start=1)}}
+        if targets is not None:
+            for name in self.heads:
+                extra = getattr(self, name)(self, x, idx, targets)
+                aux_loss, layer_stats = aux_loss + extra.aux_loss, layer_stats + extra.layer_stats
+                stats = {**stats, **extra.stats}
         return ModelOutput(logits, loss, aux_loss, layer_stats, stats)
 
     def trunk(self, idx: torch.Tensor, cache: Cache | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
         """The last hidden state (B, T, C) before the final norm for token ids idx (B, T), the layers' summed
-        auxiliary loss () and their stats, and model-wide figures (recurrent depth: the recurrence); with a cache as
+        auxiliary loss () and their stats, and model-wide figures (those of the architecture's run_blocks); with a cache as
         in `forward`."""
         T = idx.shape[1]
         start = 0 if cache is None else cache.length
@@ -134,26 +209,16 @@ class LLM(nn.Module):
                 return checkpoint(self.blocks[i], x, positions, mask, layer_cache, use_reentrant=False)
             return self.blocks[i](x, positions, mask, layer_cache)
 
-        model_stats = {}
-        if self.recurrence is not None:
-            x, aux_loss, layer_stats, model_stats = self.recurrence(run_block, x, cache)  # (B, T, C)
-        else:
-            aux_loss, layer_stats = torch.zeros((), device=idx.device), []
-            for i in range(len(self.blocks)):
-                x, aux, stats = run_block(i, x, None if cache is None else cache.layers[i])
-                aux_loss = aux_loss + aux
-                layer_stats.append(stats)
+        x, aux_loss, layer_stats, model_stats = self.run_blocks(run_block, x, cache)  # (B, T, C)
         if cache is not None:
             cache.length += T
         return x, aux_loss, layer_stats, model_stats  # (B, T, C), (), per layer, model-wide figures
 
-    def head_weight(self) -> torch.Tensor:
-        """The output head's weight (V_padded, C); nGPT: each row times its logit scale s_z."""
-        return self.lm_head.weight if self.logit_scale is None else self.logit_scale(self.lm_head.weight)
+    # ---------------------------------------------------------------- generation, accounting, the run
 
-    def mtp_blocks(self) -> list[Block]:
-        """The blocks of the multi-token prediction modules (none without --mtp)."""
-        return [] if self.mtp is None else [module.block for module in self.mtp.depths]
+    def stat_blocks(self) -> list[nn.Module]:
+        """The blocks whose stats ModelOutput.layer_stats lists: the layers, then each head add-on's blocks."""
+        return [*self.blocks, *(block for name in self.heads for block in getattr(self, name).blocks())]
 
     def new_cache(self, batch: int, pad: torch.Tensor | None = None, max_len: int | None = None) -> Cache:
         """An empty cache for `batch` rows, each left-padded by pad[b] tokens (none by default), holding up to
@@ -163,8 +228,7 @@ class LLM(nn.Module):
                               "generation cache and does not generate text; evaluate it with python -m llm.eval")
         device, dtype = self.tok_emb.weight.device, self.tok_emb.weight.dtype
         pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad.to(device)
-        blocks = self.blocks if self.recurrence is None else self.recurrence.cached_blocks(self.blocks)
-        layers = [b.new_cache(batch, max_len or self.config.block_size, dtype, device) for b in blocks]
+        layers = [b.new_cache(batch, max_len or self.config.block_size, dtype, device) for b in self.cache_blocks()]
         return Cache(layers, 0, pad, bool(pad.any()))
 
     def cache_bytes_per_token(self) -> int:
@@ -177,40 +241,24 @@ class LLM(nn.Module):
         layer counts at most its window of tokens."""
         return sum(layer.nbytes_held(tokens) for layer in self.new_cache(1, max_len=1).layers)
 
-    def before_step(self, step: int, seed: int) -> None:
-        """Before optimizer step `step` of a run seeded with `seed`: a recurrent-depth model draws the step's r."""
-        if self.recurrence is not None:
-            self.recurrence.train_recurrence = sample_recurrence(self.config, seed, step)
-
-    def after_step(self, layer_stats: list[dict[str, torch.Tensor]]) -> None:
-        """After an optimizer step, with each layer's stats summed over the step: every feed-forward layer's hook
-        (MoE: the aux-free selection bias moves from the step's expert loads); nGPT puts its weights back on the
-        unit sphere."""
-        for block, stats in zip([*self.blocks, *self.mtp_blocks()], layer_stats, strict=True):
-            block.ffn.after_step(stats)
-        if self.ngpt:
-            normalize_weights(self)
+    def configure_run(self, train: Trainconfig) -> None:
+        """Gives every feed-forward layer the run's settings (FeedForward.configure_run)."""
+        for module in self.modules():
+            if isinstance(module, FeedForward):
+                module.configure_run(train)
 
     def get_num_params(self) -> tuple[int, int]:
         """(total, active) parameter counts; tied weights count once, padded vocabulary rows included.
 
         Active parameters are those a token uses in training: all but those its feed-forward layers leave out (MoE: the
-        routed experts it does not pick). The multi-token prediction modules count in both: they run on every
-        training token (MFU counts training FLOPs), though generation leaves them out.
+        routed experts it does not pick). Head add-ons count in both: they run on every training token (MFU counts
+        training FLOPs), though generation leaves them out.
         """
         total = sum(p.numel() for p in self.parameters())
-        blocks = [*self.blocks, *self.mtp_blocks()]
-        return total, total - sum(block.ffn.inactive_params() for block in blocks)
+        inactive = sum(m.inactive_params() for m in self.modules() if isinstance(m, FeedForward))
+        return total, total - inactive
 
     def skipped_params(self) -> float:
         """Active parameters that the average training token skips: each mixture-of-depths layer's block parameters
         times the fraction of a block_size sequence it leaves out (0 without such layers)."""
         return sum(block.skipped_params(self.config.block_size) for block in self.blocks)
-
-    def core_params(self) -> int:
-        """Active parameters one core iteration uses (its blocks and the adapter); 0 without recurrent depth."""
-        if self.recurrence is None:
-            return 0
-        core = [self.blocks[i] for i in self.recurrence.core]
-        active = sum(p.numel() for block in core for p in block.parameters()) - sum(b.ffn.inactive_params() for b in core)
-        return active + sum(p.numel() for p in self.recurrence.parameters())

@@ -19,6 +19,7 @@ from torch import nn
 from ..config import BlockConfig, LLMconfig, require
 from .block import Block
 from .cache import TokenCache
+from .kinds import BlockKind
 from .registry import OBJECTIVES
 
 
@@ -68,6 +69,7 @@ class RoutedBlock(Block):
     def __init__(self, block: BlockConfig, config: LLMconfig):
         super().__init__(block, config)
         self.capacity = block.capacity
+        self.block_size = config.block_size
         self.router = nn.Linear(config.n_embd, 1, bias=False)
         self.predictor = nn.Sequential(nn.Linear(config.n_embd, block.mod_predictor_dim), nn.GELU(),
                                        nn.Linear(block.mod_predictor_dim, 1))
@@ -126,6 +128,12 @@ class RoutedBlock(Block):
         return (1 - routed_tokens(self.capacity, T) / T) * (own - self.ffn.inactive_params())
 
 
+    def mixing_flops(self) -> float:
+        """The mixing of k routed tokens over k keys, for k of the block_size queries: (k / block_size)^2 of the
+        full layer's."""
+        return self.mixing * (routed_tokens(self.capacity, self.block_size) / self.block_size) ** 2
+
+
 def validate(block: BlockConfig, config: LLMconfig) -> None:
     """A routed layer needs a capacity in (0, 1], a predictor, a causal objective and a kernel that takes masks."""
     if not block.mod:
@@ -146,8 +154,11 @@ def validate(block: BlockConfig, config: LLMconfig) -> None:
             "use --attn_backend auto")
 
 
-def validate_every_other(config: LLMconfig) -> None:
+def validate_routing(config: LLMconfig) -> None:
     """mod_every_other must leave some layer routed."""
     require(not config.mod_every_other or any(routes(config, i) for i in range(len(config.layers))),
             "mod_every_other=true routes only odd layers (1, 3, ...) with mod=true, and there is none; set mod on an "
             "odd layer or drop --mod_every_other")
+
+
+ROUTED = BlockKind("routed", routes, RoutedBlock, validate, validate_routing)

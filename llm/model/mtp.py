@@ -18,9 +18,11 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..config import LLMconfig
+from ..config import LLMconfig, require
 from .block import Block
+from .kinds import HeadKind, HeadOutput
 from .norms import build_norm
+from .registry import OBJECTIVES
 
 
 class MTPModule(nn.Module):
@@ -47,30 +49,54 @@ class MultiTokenPrediction(nn.Module):
     def __init__(self, config: LLMconfig):
         super().__init__()
         self.sequential = config.mtp == "sequential"
+        self.weight = config.mtp_lambda
         self.depths = nn.ModuleList(MTPModule(config, self.sequential) for _ in range(config.n_mtp_tokens))
 
-    def forward(self, hidden: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor, tok_emb: nn.Embedding,
-                head: nn.Linear, objective: nn.Module, recompute: bool = False
-                ) -> tuple[list[torch.Tensor], torch.Tensor, list[dict[str, torch.Tensor]]]:
+    def blocks(self) -> list[Block]:
+        """Each depth's block (their stats follow the trunk's layers)."""
+        return [module.block for module in self.depths]
+
+    def forward(self, model: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor) -> HeadOutput:
         """hidden (B, T, C): the trunk's last hidden state; idx, targets (B, T) the model's inputs and targets.
-        Returns each depth's loss (), the sum of the blocks' auxiliary losses () and each block's stats.
-        `recompute` recomputes each block's activations in backward (activation checkpointing)."""
+        The auxiliary loss is mtp_lambda * the mean of the depths' losses plus their blocks' auxiliary losses; the
+        stats hold each depth's loss as mtp/loss_K. Under the model's act_recomp each block's activations are
+        recomputed in backward."""
         T = idx.shape[1]
-        losses, aux_loss, stats = [], hidden.new_zeros((), dtype=torch.float32), []
+        recompute = model.act_recomp and model.training
+        losses, aux_loss, layer_stats = [], hidden.new_zeros((), dtype=torch.float32), []
         previous = hidden  # (B, T, C) h⁰
         for k, module in enumerate(self.depths, start=1):
             source = previous if self.sequential else hidden
             x = source[:, : T - k]  # (B, T-k, C): positions t whose target x[t+k+1] is in the window
             if self.sequential:
-                x = module.combine(x, tok_emb(idx[:, k:]))  # (B, T-k, C) with the embedding of x[t+k]
+                x = module.combine(x, model.tok_emb(idx[:, k:]))  # (B, T-k, C) with the embedding of x[t+k]
             positions = torch.arange(T - k, device=idx.device)[None]  # (1, T-k)
             if recompute:
                 x, aux, block_stats = checkpoint(module.block, x, positions, None, None, use_reentrant=False)
             else:
                 x, aux, block_stats = module.block(x, positions)  # (B, T-k, C)
-            _, loss = objective(module.norm_out(x), head.weight, targets[:, k:], False)
+            _, loss = model.objective(module.norm_out(x), model.head_weight(), targets[:, k:], False)
             losses.append(loss)
             aux_loss = aux_loss + aux
-            stats.append(block_stats)
+            layer_stats.append(block_stats)
             previous = x
-        return losses, aux_loss, stats
+        aux_loss = aux_loss + self.weight * torch.stack(losses).mean()
+        stats = {f"mtp/loss_{k}": loss.detach() for k, loss in enumerate(losses, start=1)}
+        return HeadOutput(aux_loss, layer_stats, stats)
+
+
+def validate(config: LLMconfig) -> None:
+    """At least one extra token, fewer than block_size, a weight >= 0, a causal objective."""
+    if config.mtp == "none":
+        return
+    require(1 <= config.n_mtp_tokens < config.block_size,
+            f"n_mtp_tokens={config.n_mtp_tokens} must be in [1, block_size={config.block_size}) with mtp={config.mtp}; "
+            "change --n_mtp_tokens or use --mtp none")
+    require(config.mtp_lambda >= 0,
+            f"mtp_lambda={config.mtp_lambda} must be >= 0 (the weight of the extra depths' losses)")
+    require(OBJECTIVES[config.objective].causal, f"mtp={config.mtp} predicts further tokens to the right, but "
+                                                 f"objective={config.objective!r} is not causal; use --objective clm "
+                                                 "or --mtp none")
+
+
+MTP = HeadKind("mtp", lambda config: config.mtp != "none", MultiTokenPrediction, validate)

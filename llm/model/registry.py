@@ -21,7 +21,8 @@ FFNS: dict[str, FFNKind] = {kind.name: kind for kind in (DENSE, MOE, PEER, NONE)
 OBJECTIVES: dict[str, ObjectiveKind] = {kind.name: kind for kind in (CLM, MLM)}
 
 
-def _register(registry: dict, kind) -> None:
+def register(registry: dict, kind) -> None:
+    """Adds `kind` under its name; another kind of that name is refused."""
     if kind.name in registry and registry[kind.name] is not kind:
         raise ValueError(f"a kind named {kind.name!r} is already registered; choose another name")
     registry[kind.name] = kind
@@ -29,14 +30,14 @@ def _register(registry: dict, kind) -> None:
 
 def register_mixer(kind: MixerKind) -> None:
     """Makes `attn: kind.name` available in flags, layer specs and config files."""
-    _register(MIXERS, kind)
+    register(MIXERS, kind)
 
 
 def register_ffn(kind: FFNKind) -> None:
     """Makes `ffn: kind.name` available in flags, layer specs and config files."""
-    _register(FFNS, kind)
+    register(FFNS, kind)
 
 
 def register_objective(kind: ObjectiveKind) -> None:
     """Makes `objective: kind.name` available."""
-    _register(OBJECTIVES, kind)
+    register(OBJECTIVES, kind)

@@ -10,9 +10,9 @@ from ..checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
 from ..config import Trainconfig
 from ..data.loader import TokenLoader
 from ..model import LLM
+from ..precision import Precision
 from .distributed import Distributed
 from .optim import Schedule
-from .precision import Precision
 
 
 class Checkpointer:

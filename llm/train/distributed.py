@@ -11,7 +11,6 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 
-
 @dataclass
 class Distributed:
     """This process's place in the job (rank 0 of 1 without torchrun)."""

@@ -19,20 +19,25 @@ from ..data.prepare import DEFAULT_DATASET, prepare_default
 from ..data.tokenizers import SEQUENCE_TOKENIZERS, TOKENIZER_KEYS, tokenizer_from_meta
 from ..data.windows import WindowOptions
 from ..files import write_atomically
-from ..model import LLM
-from ..model.ffn.peer import configure_usage_reports
+from ..model import LLM, build_model
 from ..model.registry import OBJECTIVES
+from ..precision import Precision, pick_precision
 from .benchmarks import EvalTask, load_eval_tasks, score_eval_tasks
 from .checkpointer import Checkpointer
 from .distributed import Distributed, init_distributed, wrap
 from .fp8 import convert_to_fp8
 from .metrics import MetricsLog, layer_metrics, peak_memory_bytes
-from .mfu import flops_per_token, mfu
+from .mfu import mfu
 from .optim import build_optimizer, set_step_hyperparameters
-from .precision import Precision, pick_precision
 from .rundir import claim
-from .step import (NonFiniteGuard, StepResult, estimate_loss, loss_against_recurrence, out_of_memory_explained,
-                   train_step)
+from .step import (
+    NonFiniteGuard,
+    StepResult,
+    estimate_loss,
+    loss_of_variants,
+    out_of_memory_explained,
+    train_step,
+)
 from .window_schedule import apply_window_schedule
 
 
@@ -108,7 +113,8 @@ class Session:
     loaders: dict[str, TokenLoader | MixtureLoader]  # train, train_eval and val (a mixture: val/NAME per source)
     accum_steps: int
     tokens_per_step: int
-    params: tuple[int, int]  # (total, active), counted on every rank (sharded weights need collectives); MFU uses active
+    params: tuple[int, int]  # (total, active), counted on every rank (sharded weights need collectives)
+    flops_per_token: float  # training FLOPs per token, from the model's architecture (MFU)
     checkpointer: Checkpointer
     guard: NonFiniteGuard
     eval_tasks: list[EvalTask]  # benchmarks scored at each evaluation (--eval_tasks)
@@ -212,26 +218,26 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
     labels, windows = batch_rules(meta, model_config, cfg)
     loaders = build_loaders(sources, cfg, model_config.block_size, device, job, labels, windows)
     check_batch_fits(loaders, cfg, model_config.block_size, job.world_size)
-    model = (pretrained or LLM(model_config)).to(device)
+    model = (pretrained or build_model(model_config)).to(device)
     model.act_recomp = cfg.act_recomp
-    configure_usage_reports(model, cfg)  # peer layers: when to report expert usage, and what counts as hot
+    model.configure_run(cfg)  # e.g. peer layers: when to report expert usage, and what counts as hot
     if cfg.fp8:
         convert_to_fp8(model, device)  # before wrapping and compiling
     step_model = wrap(model, cfg.dist, precision.dtype, cfg.compile, device, job)
     if cfg.compile and not (job.world_size > 1 and cfg.dist == "fsdp"):  # FSDP compiles each block in wrap()
-        if model_config.recurrent_depth:  # r changes every step: each block compiles, the iterations run eagerly
+        if model.compiles_whole:
+            step_model = torch.compile(step_model)
+        else:  # a trunk whose control flow changes from step to step: each block compiles, the trunk runs eagerly
             for block in model.blocks:
                 block.compile()
-        else:
-            step_model = torch.compile(step_model)
     optimizer = build_optimizer(model, cfg, device)
     tokenizer = {k: v for k, v in meta.items() if k in TOKENIZER_KEYS}
     checkpointer = Checkpointer(run_dir, cfg, config_dict(model_config, cfg), tokenizer, job, model, optimizer,
                                 precision, loaders)
     eval_tasks = load_eval_tasks(cfg.eval_tasks, model.causal)
     return Session(cfg, job, precision, model_config, model, step_model, optimizer, loaders, accum_steps,
-                   total_batch_tokens(cfg), model.get_num_params(), checkpointer, NonFiniteGuard(device, run_dir),
-                   eval_tasks)
+                   total_batch_tokens(cfg), model.get_num_params(), model.flops_per_token(), checkpointer,
+                   NonFiniteGuard(device, run_dir), eval_tasks)
 
 
 def open_log(s: Session, start_step: int) -> MetricsLog | None:
@@ -265,13 +271,11 @@ def evaluates(cfg: Trainconfig, step: int) -> bool:
 def step_metrics(s: Session, step: int, lr: float, result: StepResult, seconds_per_step: float) -> dict:
     """The figures of a logged step (each `.item()` here is a host sync, paid only on logged steps)."""
     tokens_per_s = s.tokens_per_step / seconds_per_step
-    # mixture-of-depths layers leave tokens out; a recurrent-depth core runs r times
-    counts = (s.model_config, s.params[1], s.model.skipped_params(), s.model.core_params())
     metrics = {"step": step, "loss": result.loss.item() / s.accum_steps, "lr": lr,
                "grad_norm": result.grad_norm.item(), "ms_per_step": 1000 * seconds_per_step,
                "eta_s": seconds_per_step * (s.cfg.max_iters - 1 - step), "tokens_per_s": tokens_per_s,
-               "mfu": mfu(tokens_per_s / s.job.world_size, *counts[:2], s.precision.device, *counts[2:]),
-               "flops_per_token": flops_per_token(*counts),
+               "mfu": mfu(tokens_per_s / s.job.world_size, s.flops_per_token, s.precision.device),
+               "flops_per_token": s.flops_per_token,
                "peak_memory_bytes": peak_memory_bytes(s.precision.device)}
     metrics.update(layer_metrics(s.model, result.aux_loss.item() / s.accum_steps, result.layer_stats))
     metrics.update({name: value.item() for name, value in result.stats.items()})
@@ -280,9 +284,9 @@ def step_metrics(s: Session, step: int, lr: float, result: StepResult, seconds_p
         metrics.update({f"tokens/{name}": count for name, count in train_loader.tokens_seen.items()})
     if evaluates(s.cfg, step):
         validation = {k: v for k, v in s.loaders.items() if k.startswith("val")}
-        if s.model_config.recurrent_depth:
-            metrics.update(loss_against_recurrence(s.model, validation, s.cfg.recurrence_sweep, s.cfg.eval_iters,
-                                                   s.precision, s.job))
+        variants = s.model.evaluation_variants(s.cfg)  # {suffix: context} of the architecture
+        if variants:
+            metrics.update(loss_of_variants(s.model, validation, variants, s.cfg.eval_iters, s.precision, s.job))
         evaluated = {"train": s.loaders["train_eval"], **validation}
         metrics.update(estimate_loss(s.model, evaluated, s.cfg.eval_iters, s.precision, s.job))
         if s.cfg.data_mix is not None:  # the mixture's validation loss: its sources' weighted by the mix
@@ -302,7 +306,7 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
         with StopRequest() as stop:
             for step in range(start_step, cfg.max_iters):
                 lr = set_step_hyperparameters(s.optimizer, s.checkpointer.schedule, cfg, step)
-                s.model.before_step(step, cfg.seed)  # recurrent depth: the step's r, from (seed, step)
+                s.model.before_step(step, cfg.seed)  # the same (step, seed) on every rank
                 apply_window_schedule(s.model, step, cfg)
                 result = train_step(s.model, s.step_model, s.loaders["train"], s.accum_steps, s.precision,
                                     s.optimizer, cfg, job)

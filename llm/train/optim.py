@@ -36,9 +36,10 @@ def build_adamw(model: nn.Module, cfg: Trainconfig, device: torch.device) -> tor
 def muon_groups(model: nn.Module, cfg: Trainconfig) -> list[dict]:
     """Muon's param groups, each with its peak rate (peak_lr) and a role: muon for the blocks' matrices (every 2-D
     parameter inside model.blocks but their nn.Embedding tables and the parameters marked `_no_weight_decay`, such
-    as Mamba's A_log, plus the MoE expert stacks, (E, out, in) each; routers included), and AdamW for the output head (head), the input tables outside the blocks (embed: the token
-    embedding and learned positions, which are added together and so share a rate; both join the head when the
-    token embedding is tied to it) and everything else (scalar: norm weights, biases, PEER's expert tables).
+    as Mamba's A_log, plus the MoE expert stacks, (E, out, in) each; routers included), and AdamW for the output
+    head (head), the input tables outside the blocks (embed: the token embedding and learned positions, which are
+    added together and so share a rate; both join the head when the token embedding is tied to it) and everything
+    else (scalar: norm weights, biases, PEER's expert tables).
     Weight decay: muon_weight_decay on the matrices, weight_decay on the head and the input tables (not on tables
     with --no_decay_embeddings), none on the scalars."""
     head = model.lm_head.weight

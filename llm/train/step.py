@@ -2,7 +2,7 @@
 import contextlib
 import math
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -12,9 +12,9 @@ from ..checkpoint import step_checkpoints
 from ..config import ConfigError, Trainconfig
 from ..data.loader import TokenLoader
 from ..model import LLM
-from ..model.objectives import IGNORE
+from ..precision import Precision
+from ..targets import IGNORE
 from .distributed import Distributed, gradient_sync
-from .precision import Precision
 
 
 class StepResult(NamedTuple):
@@ -105,18 +105,19 @@ def estimate_loss(model: LLM, loaders: dict[str, TokenLoader], iters: int, preci
     return losses
 
 
-def loss_against_recurrence(model: LLM, loaders: dict[str, TokenLoader], recurrences: list[int], iters: int,
-                            precision: Precision, job: Distributed) -> dict[str, float]:
-    """A recurrent-depth model's loss on each split at each recurrence r, as SPLIT_loss_rR; every r sees the batches
-    the loaders give next, and the loaders are left where they were (the main evaluation then reads them too)."""
+def loss_of_variants(model: LLM, loaders: dict[str, TokenLoader], variants: dict[str, Callable], iters: int,
+                     precision: Precision, job: Distributed) -> dict[str, float]:
+    """The figures of estimate_loss under each of the model's evaluation variants ({suffix: context}, from
+    LLM.evaluation_variants), each key followed by its suffix; every variant sees the batches the loaders give next,
+    and the loaders are left where they were (the main evaluation then reads them too)."""
     start = {name: loader.state_dict() for name, loader in loaders.items()}
     losses = {}
-    for r in recurrences:
+    for suffix, variant in variants.items():
         for name, loader in loaders.items():
             loader.load_state_dict(start[name])
-        with model.recurrence.evaluated_at(r):
-            losses.update({f"{key}_r{r}": value for key, value in estimate_loss(model, loaders, iters, precision,
-                                                                                  job).items()})
+        with variant():
+            losses.update({f"{key}{suffix}": value for key, value in estimate_loss(model, loaders, iters, precision,
+                                                                                     job).items()})
     for name, loader in loaders.items():
         loader.load_state_dict(start[name])
     return losses

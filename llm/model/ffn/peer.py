@@ -43,7 +43,7 @@ class Peer(FeedForward):
 
     Usage: in training, the forward pass returns {"usage": (num_experts,) selections per expert}; `after_step`
     adds each step's counts to the buffer `counts`, and `metrics` reports them once `report_interval` steps have
-    passed since the last report (the run's peer_log_interval; set by `configure_usage_reports`), then resets them.
+    passed since the last report (the run's peer_log_interval; set by `configure_run`), then resets them.
     """
 
     def __init__(self, block: BlockConfig, config: LLMconfig):
@@ -128,22 +128,18 @@ class Peer(FeedForward):
         self.reported_at = self.steps
         return {"experts_used": used, "hot_experts": hot}
 
+    def configure_run(self, train: Trainconfig) -> None:
+        """The run's report interval (peer_log_interval) and hot-expert threshold (usage_threshold)."""
+        require(train.peer_log_interval >= 1, f"peer_log_interval={train.peer_log_interval} must be >= 1")
+        require(train.usage_threshold > 0, f"usage_threshold={train.usage_threshold} must be > 0 (hot experts exceed "
+                                           "this multiple of the mean count)")
+        self.report_interval, self.hot_threshold = train.peer_log_interval, train.usage_threshold
+
     def inactive_params(self) -> int:
         """The experts a token does not use: 2 * C * expert_hidden_size * max(0, num_experts - num_heads * k)
         (each head picks k experts; an expert picked by two heads counts twice, so this is a lower bound)."""
         per_expert = self.down.weight.shape[1] + self.up.weight.shape[1]
         return per_expert * max(0, self.num_experts - self.heads * self.top_k)
-
-
-def configure_usage_reports(model: nn.Module, cfg: Trainconfig) -> None:
-    """Gives every peer layer of `model` the run's report interval (peer_log_interval) and hot-expert threshold
-    (usage_threshold)."""
-    require(cfg.peer_log_interval >= 1, f"peer_log_interval={cfg.peer_log_interval} must be >= 1")
-    require(cfg.usage_threshold > 0,
-            f"usage_threshold={cfg.usage_threshold} must be > 0 (hot experts exceed this multiple of the mean count)")
-    for module in model.modules():
-        if isinstance(module, Peer):
-            module.report_interval, module.hot_threshold = cfg.peer_log_interval, cfg.usage_threshold
 
 
 def validate(block: BlockConfig, config: LLMconfig) -> None:

@@ -238,15 +238,10 @@ class BiMamba(nn.Module):
         return self.c_proj(torch.cat((ahead, behind), dim=-1))  # (B, T, C)
 
 
-def is_causal(config: LLMconfig) -> bool:
-    """Whether the model's objective is causal (clm) rather than bidirectional (mlm)."""
-    from ..registry import OBJECTIVES  # the registry imports this module
-
-    return OBJECTIVES[config.objective].causal
 
 
-def check_sizes(block: BlockConfig) -> None:
-    """The Mamba fields that both kinds read are in range."""
+def check_sizes(block: BlockConfig, config: LLMconfig) -> None:
+    """The Mamba fields that both kinds read are in range; no mixture-of-depths routing."""
     for name in ("d_state", "expand", "d_conv"):
         value = getattr(block, name)
         require(value >= 1, f"{name}={value} must be >= 1")
@@ -257,20 +252,6 @@ def check_sizes(block: BlockConfig) -> None:
     require(block.dt_init_floor >= 0, f"dt_init_floor={block.dt_init_floor} must be >= 0")
     require(not block.mod, f"mod=true with attn={block.attn}: mixture-of-depths routing of a recurrent scan is not "
                            "supported; drop --mod")
-
-
-def validate_mamba(block: BlockConfig, config: LLMconfig) -> None:
-    """Sizes in range, a causal objective (the scan runs left to right), no mixture-of-depths routing."""
-    check_sizes(block)
-    require(is_causal(config), f"attn=mamba scans left to right, but objective={config.objective} needs every "
-                               "position to see the whole sequence; use --attn bimamba")
-
-
-def validate_bimamba(block: BlockConfig, config: LLMconfig) -> None:
-    """Sizes in range and a bidirectional objective (mlm)."""
-    check_sizes(block)
-    require(not is_causal(config), f"attn=bimamba reads the sequence both ways, which the causal objective="
-                                   f"{config.objective} forbids; use --objective mlm, or --attn mamba")
 
 
 def mixing_flops(block: BlockConfig, config: LLMconfig) -> float:
@@ -284,11 +265,11 @@ def bidirectional_mixing_flops(block: BlockConfig, config: LLMconfig) -> float:
     return 2 * mixing_flops(block, config)
 
 
-MAMBA = MixerKind("mamba", Mamba, validate_mamba, direction="causal", mixing_flops=mixing_flops, examples={
+MAMBA = MixerKind("mamba", Mamba, check_sizes, direction="causal", counterpart="bimamba", mixing_flops=mixing_flops, examples={
     "mamba": dict(attn="mamba", d_state=4, expand=2, d_conv=3),
     "mamba_rank2": dict(attn="mamba", d_state=3, expand=1, d_conv=4, dt_rank=2, conv_bias=False)})
 # The bimamba example's convolution spans the generic tests' sequences, so that each position's dependence on every
 # later token shows through the backward branch at initialisation, where the scan's share is still tiny.
-BIMAMBA = MixerKind("bimamba", BiMamba, validate_bimamba, direction="bidirectional",
+BIMAMBA = MixerKind("bimamba", BiMamba, check_sizes, direction="bidirectional", counterpart="mamba",
                     mixing_flops=bidirectional_mixing_flops,
                     examples={"bimamba": dict(attn="bimamba", d_state=4, expand=2, d_conv=8)})

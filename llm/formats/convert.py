@@ -1,4 +1,4 @@
-"""python -m llm.config.convert FILE --out ours.yaml: a config file of any recognised format (transformers
+"""python -m llm.formats.convert FILE --out ours.yaml: a config file of any recognised format (transformers
 config.json, HELM model config, llm720 YAML, Hydra model config, or ours) written in our own format, which --config
 reads back to the same resolved config."""
 import argparse
@@ -6,14 +6,13 @@ from pathlib import Path
 
 import yaml
 
-from . import foreign
-from .cli import _load_mapping
-from .errors import ConfigError, exit_on_user_error
+from ..config import ConfigError, exit_on_user_error
+from . import load_mapping, to_ours
 
 
 def convert(path: str, lenient: bool = False) -> dict:
     """Our config dict for the file at `path`."""
-    return foreign.to_ours(path, _load_mapping(path), lenient)
+    return to_ours(path, load_mapping(path), lenient)
 
 
 def main(argv: list[str] | None = None) -> None:

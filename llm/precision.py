@@ -3,7 +3,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import ConfigError
+from .config import ConfigError
 
 
 @dataclass

@@ -7,8 +7,8 @@ ids and bookkeeping keys are accepted without effect (the tokenizer comes with t
 """
 from typing import Any
 
-from ...hf import FAMILIES, _transformers, config_from_hf
-from ..errors import ConfigError
+from ..config import ConfigError
+from ..hf import FAMILIES, _transformers, config_from_hf
 from .common import Unmapped, model_with_layers
 
 WITHOUT_EFFECT = {

@@ -1,20 +1,18 @@
-"""Every cross-field check in one place. Each failure is a ConfigError naming the field, value and fix."""
+"""Every cross-field check in one place. Each failure is a ConfigError naming the field, value and fix.
+
+It sits above the model: a kind's own rules come from its record in the model's registries."""
 import dataclasses
 import math
 import re
-from dataclasses import replace
 
-from .errors import ConfigError, require
-from .expr import eval_int_expr
-from .fields import did_you_mean
-from .schema import BlockConfig, LLMconfig, Trainconfig
+from .config import BlockConfig, ConfigError, LLMconfig, Trainconfig, micro_steps, parse_mix, require, run_dir_name
+from .config.fields import did_you_mean
+from .model.arch import ARCHS
+from .model.mixers import attention
+from .model.parts import BLOCK_KINDS, HEADS
+from .model.registry import FFNS, MIXERS, OBJECTIVES
 
 CODON_VOCAB = 70  # the 3mer tokenizer's vocabulary: what the codon-tree losses (hxe, soft_labels) are defined on
-
-
-def resolve_block(block: BlockConfig, n_embd: int) -> BlockConfig:
-    """Fills derived per-layer defaults (up_dim = 4 * n_embd when unset)."""
-    return replace(block, up_dim=4 * n_embd) if block.up_dim is None else block
 
 
 def check_finite(config) -> None:
@@ -36,28 +34,36 @@ def validate_block(b: BlockConfig, m: LLMconfig, where: str) -> None:
 
     `where` prefixes each message (a file and line, or '' for flags).
     """
-    from ..model.mod import validate as validate_mod
-    from ..model.ngpt import validate_block as validate_ngpt_block
-    from ..model.registry import FFNS, MIXERS  # the kinds, with their modules and checks
-
     try:
         check_finite(b)
         check_kind("attn", b.attn, MIXERS)
         check_kind("ffn", b.ffn, FFNS)
+        check_direction(b, m)
         MIXERS[b.attn].validate(b, m)
         FFNS[b.ffn].validate(b, m)
-        validate_mod(b, m)
-        validate_ngpt_block(b, m)
+        for kind in BLOCK_KINDS.values():
+            kind.validate(b, m)
+        ARCHS[m.arch].validate_block(b, m)
     except ConfigError as e:
         raise ConfigError(f"{where}: {e}" if where else str(e)) from None
+
+
+def check_direction(b: BlockConfig, m: LLMconfig) -> None:
+    """A mixer kind that reads one way only (MixerKind.direction) serves only objectives of that way."""
+    kind, causal = MIXERS[b.attn], OBJECTIVES[m.objective].causal
+    instead = f"use --attn {kind.counterpart}" if kind.counterpart else "use a kind that reads both ways"
+    require(kind.direction != "causal" or causal,
+            f"attn={b.attn} reads left to right only, but objective={m.objective} needs every position to see the "
+            f"whole sequence; {instead}")
+    require(kind.direction != "bidirectional" or not causal,
+            f"attn={b.attn} reads the sequence both ways, which the causal objective={m.objective} forbids; use "
+            f"--objective mlm, or {instead.removeprefix('use ')}")
 
 
 def check_attn_backend(m: LLMconfig) -> None:
     """What the model alone tells about --attn_backend: flash needs flash-attn installed, and flex no dropout (the
     kernel is checked per call as well, where the device, dtype and head sizes are known)."""
-    from ..model.mixers.attention import FLASH
-
-    require(m.attn_backend != "flash" or bool(FLASH),
+    require(m.attn_backend != "flash" or bool(attention.FLASH),
             "attn_backend=flash but flash-attn is not installed; pip install 'llm[flash]' (flash-attn-4, for Hopper "
             "and Blackwell) or use --attn_backend auto")
     require(m.attn_backend != "flex" or m.dropout == 0,
@@ -96,41 +102,20 @@ def check_window_schedule(t: Trainconfig, m: LLMconfig) -> None:
             "(FlexAttention on CUDA)")
 
 
-RECURRENT_FIELDS = ("n_prelude", "n_core", "n_coda", "mean_recurrence", "lognorm_var", "r_max", "k_trunc", "s0_std",
-                    "eval_recurrence", "adapter_mode")
 
 
-def check_recurrent_depth(m: LLMconfig) -> None:
-    """The recurrent-depth fields: set only with --recurrent_depth, in range, and splitting the layers exactly."""
-    if not m.recurrent_depth:
-        for name in RECURRENT_FIELDS:
+
+
+
+def check_arch_fields(m: LLMconfig) -> None:
+    """The fields an architecture kind alone reads (ArchKind.fields) keep their defaults under any other arch."""
+    for owner in ARCHS.values():
+        if owner.name == m.arch:
+            continue
+        for name in owner.fields:
             value = getattr(m, name)
-            require(value == getattr(LLMconfig, name),
-                    f"{name}={value} is read only by recurrent-depth models; add --recurrent_depth or drop --{name}")
-        return
-    for name, low in (("n_prelude", 0), ("n_core", 1), ("n_coda", 0), ("mean_recurrence", 1), ("r_max", 1),
-                      ("k_trunc", 1), ("eval_recurrence", 1)):
-        value = getattr(m, name)
-        require(value >= low, f"{name}={value} must be >= {low}")
-    require(m.lognorm_var >= 0, f"lognorm_var={m.lognorm_var} must be >= 0 (the variance of the log-normal rate)")
-    require(m.s0_std >= 0, f"s0_std={m.s0_std} must be >= 0 (the standard deviation of the initial state)")
-    require(not any(b.mod for b in m.layers), "recurrent_depth with mod=true layers: mixture-of-depths routing inside "
-                                             "a recurrent model is not supported; drop --mod or --recurrent_depth")
-    split = m.n_prelude + m.n_core + m.n_coda
-    require(split == m.n_layer, f"recurrent_depth splits the layers, but n_prelude={m.n_prelude} + n_core={m.n_core} + "
-                                f"n_coda={m.n_coda} = {split} differs from n_layer={m.n_layer}; make them equal")
-
-
-def check_mtp(m: LLMconfig) -> None:
-    """Multi-token prediction: at least one extra token, fewer than block_size, a weight >= 0, a causal objective."""
-    if m.mtp == "none":
-        return
-    require(1 <= m.n_mtp_tokens < m.block_size,
-            f"n_mtp_tokens={m.n_mtp_tokens} must be in [1, block_size={m.block_size}) with mtp={m.mtp}; "
-            "change --n_mtp_tokens or use --mtp none")
-    require(m.mtp_lambda >= 0, f"mtp_lambda={m.mtp_lambda} must be >= 0 (the weight of the extra depths' losses)")
-    require(m.objective == "clm", f"mtp={m.mtp} predicts further tokens to the right, but objective={m.objective!r} "
-                                  "is not causal; use --objective clm or --mtp none")
+            require(value == getattr(LLMconfig, name), f"{name}={value} is read only by arch={owner.name} models; add "
+                                                       f"--arch {owner.name} or drop --{name}")
 
 
 def check_rope_scaling(m: LLMconfig) -> None:
@@ -157,11 +142,8 @@ def check_rope_scaling(m: LLMconfig) -> None:
 
 def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     """Checks model-wide values and every layer; `wheres[i]` tells where layer i was specified."""
-    from ..model.mod import validate_every_other
-    from ..model.ngpt import validate as validate_ngpt
-    from ..model.registry import OBJECTIVES
-
     check_kind("objective", m.objective, OBJECTIVES)
+    check_kind("arch", m.arch, ARCHS)
     check_finite(m)
     require(m.vocab_size is None or m.vocab_size >= 1, f"vocab_size={m.vocab_size} must be >= 1")
     for name in ("block_size", "n_embd", "n_layer"):
@@ -180,55 +162,22 @@ def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     require(m.loss == "ce" or m.vocab_size in (None, CODON_VOCAB),
             f"loss={m.loss} needs the 3mer tokenizer's {CODON_VOCAB} tokens, but vocab_size={m.vocab_size}; prepare the "
             "data with --tokenizer 3mer and leave --vocab_size unset, or use --loss ce")
-    check_mtp(m)
+    for head in HEADS.values():
+        head.validate(m)
     require(len(m.layers) == m.n_layer,
             f"n_layer={m.n_layer} but {len(m.layers)} layer specs were given; make them equal or omit --n_layer")
     check_attn_backend(m)
-    check_recurrent_depth(m)
-    validate_ngpt(m)
+    check_arch_fields(m)
+    ARCHS[m.arch].validate(m)
     wheres = wheres or [f"layer {i}" for i in range(m.n_layer)]
     for block, where in zip(m.layers, wheres):
         validate_block(block, m, where)
-    validate_every_other(m)
-
-
-def run_dir_name(run_name: str) -> str:
-    """A path-safe version of a run name ('trial_run_w/o_mix' -> 'trial_run_w_o_mix'); refuses a name that has
-    nothing left ('', '..', '/')."""
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", run_name).strip("._")
-    require(bool(name), f"wandb_run_name={run_name!r} names no directory; pass a name with letters or digits, "
-                        "as --wandb_run_name my_run")
-    return name
-
-
-def total_batch_tokens(t: Trainconfig) -> int:
-    """Tokens per optimizer step, from the total_batch_size_str expression."""
-    return eval_int_expr(t.total_batch_size_str, "total_batch_size_str")
-
-
-def parse_mix(text: str) -> dict[str, float]:
-    """'name:weight,...' -> {name: weight / total}; names unique, weights positive finite numbers."""
-    weights: dict[str, float] = {}
-    for part in text.split(","):
-        name, sep, value = part.strip().partition(":")
-        try:
-            weight = float(value)
-        except ValueError:
-            weight = math.nan
-        if not sep or not name or not math.isfinite(weight) or weight <= 0:
-            raise ConfigError(f"data_mix={text!r}: {part.strip()!r} is not NAME:WEIGHT with a positive weight; write "
-                              "it as 'fineweb:0.7,tinystories:0.3'")
-        if name in weights:
-            raise ConfigError(f"data_mix={text!r} names {name!r} twice; give each dataset once")
-        weights[name] = weight
-    total = sum(weights.values())
-    return {name: weight / total for name, weight in weights.items()}
+    for kind in BLOCK_KINDS.values():
+        kind.validate_model(m)
 
 
 def validate_train(t: Trainconfig, m: LLMconfig) -> None:
     """Checks the run's values, including that the batch splits into whole micro-steps."""
-    from ..model.ngpt import validate_run as validate_ngpt_run
-
     check_finite(t)
     for name, low in (("batch_size", 1), ("max_iters", 0), ("eval_interval", 1),
                       ("eval_iters", 1), ("ckpt_interval", 1), ("log_interval", 1),
@@ -268,19 +217,8 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
     require(all(r >= 1 for r in t.recurrence_sweep),
             f"recurrence_sweep={t.recurrence_sweep} must hold recurrences >= 1")
     check_cpu_run(t, m)
-    validate_ngpt_run(t, m)
+    ARCHS[m.arch].validate_run(t, m)
     micro_steps(t, m)
-
-
-def micro_steps(t: Trainconfig, m: LLMconfig, world_size: int = 1) -> int:
-    """Micro-steps per optimizer step: total tokens / (batch_size * block_size * world_size), which must divide."""
-    total = total_batch_tokens(t)
-    micro = t.batch_size * m.block_size * world_size
-    ranks = f" * world_size {world_size}" if world_size > 1 else ""
-    require(total > 0 and total % micro == 0,
-            f"total_batch_size_str={t.total_batch_size_str!r} = {total} tokens is not a positive multiple of "
-            f"batch_size * block_size{ranks} = {micro}; change one of them")
-    return total // micro
 
 
 def validate(m: LLMconfig, t: Trainconfig, wheres: list[str] | None = None) -> None:

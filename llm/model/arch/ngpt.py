@@ -1,4 +1,4 @@
-"""The normalized transformer (`--arch ngpt`; Loshchilov et al. 2024, "nGPT: Normalized Transformer with
+"""`arch: ngpt`, the normalized transformer ( Loshchilov et al. 2024, "nGPT: Normalized Transformer with
 Representation Learning on the Hypersphere", arXiv:2410.01131).
 
 Embeddings, hidden states and the weights' vectors along the model width live on the unit sphere. A block moves
@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import BlockConfig, LLMconfig, Trainconfig, require
-from .ffn.activations import activation
-from .kinds import FeedForward, FFNOutput
-from .mixers.attention import causal_attention
-from .mixers.gqa import GroupedQueryAttention, KVCache
-from .positions import apply_rope, rope_angles
+from ...config import BlockConfig, LLMconfig, Trainconfig, require
+from ..ffn.activations import activation
+from ..kinds import ArchKind, FeedForward, FFNOutput, full_attention_flops
+from ..llm import LLM
+from ..mixers.attention import causal_attention
+from ..mixers.gqa import GroupedQueryAttention, KVCache
+from ..positions import apply_rope, rope_angles
 
 ATTN_KINDS = ("mha", "mqa", "gqa")
 ALPHA_FIELDS = ("ngpt_alpha_attn_init", "ngpt_alpha_mlp_init", "ngpt_alpha_scale")
@@ -103,6 +104,7 @@ class NormalizedBlock(nn.Module):
         scale = config.ngpt_alpha_scale or 1 / math.sqrt(config.n_embd)
         self.alpha_attn = Scaling(config.n_embd, config.ngpt_alpha_attn_init, scale)
         self.alpha_mlp = Scaling(config.n_embd, config.ngpt_alpha_mlp_init, scale)
+        self.mixing = full_attention_flops(block, config)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
                 cache=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
@@ -126,6 +128,10 @@ class NormalizedBlock(nn.Module):
     def skipped_params(self, T: int) -> float:
         """Every token goes through the block: 0."""
         return 0.0
+
+    def mixing_flops(self) -> float:
+        """Its attention's mixing FLOPs per token (MixerKind.mixing_flops of mha/mqa/gqa)."""
+        return self.mixing
 
 
 class LogitScale(nn.Module):
@@ -174,14 +180,7 @@ def normalize_after_load(model: nn.Module, incompatible_keys) -> None:
 
 
 def validate(m: LLMconfig) -> None:
-    """The model-wide checks of --arch ngpt: RoPE, no biases, dropout, norm flags, MTP or recurrent depth; the
-    alpha fields set only with it and positive."""
-    if m.arch != "ngpt":
-        for name in ALPHA_FIELDS:
-            value = getattr(m, name)
-            require(value == getattr(LLMconfig, name),
-                    f"{name}={value} is read only by nGPT models; add --arch ngpt or drop --{name}")
-        return
+    """The model-wide checks: RoPE, no biases, dropout, norm flags, MTP; the alpha fields positive."""
     require(m.pos_emb == "rope", f"arch=ngpt keeps hidden states on the unit sphere and adds no position vectors, "
                                  f"but pos_emb={m.pos_emb}; use --pos_emb rope")
     require(not m.bias, "arch=ngpt has no biases but bias=True; drop --bias")
@@ -191,8 +190,6 @@ def validate(m: LLMconfig) -> None:
             f"arch=ngpt puts the embedding rows on the unit sphere, so emb_init_std={m.emb_init_std} would be "
             "ignored; drop --emb_init_std")
     require(m.mtp == "none", f"arch=ngpt with mtp={m.mtp} is not supported; use --mtp none or --arch gpt")
-    require(not m.recurrent_depth, "arch=ngpt with recurrent_depth is not supported; drop --recurrent_depth or use "
-                                   "--arch gpt")
     for name in ("ngpt_alpha_attn_init", "ngpt_alpha_mlp_init"):
         require(getattr(m, name) > 0, f"{name}={getattr(m, name)} must be > 0")
     require(m.ngpt_alpha_scale is None or m.ngpt_alpha_scale > 0,
@@ -201,8 +198,6 @@ def validate(m: LLMconfig) -> None:
 
 def validate_block(b: BlockConfig, m: LLMconfig) -> None:
     """One layer of an nGPT model: mha/mqa/gqa attention without a window or routing, a dense gated MLP."""
-    if m.arch != "ngpt":
-        return
     require(b.attn in ATTN_KINDS, f"arch=ngpt normalises mha/mqa/gqa attention, not attn={b.attn}; use --attn "
                                   "mha, mqa or gqa")
     require(b.window is None, f"arch=ngpt with a sliding window (window={b.window}) is not supported; drop --window")
@@ -216,9 +211,39 @@ def validate_block(b: BlockConfig, m: LLMconfig) -> None:
 def validate_run(t: Trainconfig, m: LLMconfig) -> None:
     """What an nGPT run refuses: weight decay (the weights stay on the sphere), FSDP (normalising over sharded
     dimensions is not implemented) and float8."""
-    if m.arch != "ngpt":
-        return
     require(t.weight_decay == 0, f"arch=ngpt keeps its weights on the unit sphere, so weight_decay={t.weight_decay} "
                                  "must be 0; pass --weight_decay 0 (--preset ngpt does)")
     require(t.dist != "fsdp", "arch=ngpt renormalises weights across the dimension FSDP shards; use --dist ddp")
     require(not t.fp8, "arch=ngpt with fp8 is not supported; drop --fp8")
+
+
+class NormalizedLLM(LLM):
+    """The nGPT model: normalized blocks, no final norm, logits scaled by s_z; its weights start on the unit sphere
+    and return to it after every optimizer step and every load."""
+
+    arch = "ngpt"
+
+    def build_blocks(self) -> nn.ModuleList:
+        return nn.ModuleList(NormalizedBlock(block, self.config) for block in self.config.layers)
+
+    def build_final_norm(self) -> nn.Module:
+        return nn.Identity()
+
+    def add_modules(self) -> None:
+        self.logit_scale = LogitScale(self.lm_head.weight.shape[0], self.config)
+
+    def after_init(self) -> None:
+        normalize_weights(self)
+        self.register_load_state_dict_post_hook(normalize_after_load)
+
+    def head_weight(self) -> torch.Tensor:
+        """The output head's weight (V_padded, C), each row times its logit scale s_z."""
+        return self.logit_scale(self.lm_head.weight)
+
+    def after_step(self, layer_stats: list[dict[str, torch.Tensor]]) -> None:
+        super().after_step(layer_stats)
+        normalize_weights(self)
+
+
+NGPT = ArchKind("ngpt", NormalizedLLM, validate, validate_block, validate_run, fields=ALPHA_FIELDS,
+                export_refusal="arch=ngpt (the normalized transformer); no transformers family represents it")

@@ -6,8 +6,7 @@ llm720's model is DeepSeek-style: MLA with RoPE, RMSNorm and SwiGLU MLPs in the 
 """
 import dataclasses
 
-from ..errors import ConfigError
-from ..schema import BlockConfig
+from ..config import BlockConfig, ConfigError
 from .common import Unmapped, expect_dict, model_with_layers, take
 
 SECTIONS = ("model_config", "train_config", "dataset_config", "eval_config", "wandb_config")

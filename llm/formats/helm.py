@@ -4,8 +4,7 @@ model_config: {model, d_model, n_layer, d_intermediate, pos_embedding, max_posit
 model_type picks the mixer (transformer: GPT-2 layers; mamba: Mamba, bidirectional Mamba under mlm; hyena), mode the
 objective, tokenizer the prepared dataset (genomic_3mer or genomic_nuc), helm: true the hierarchical cross-entropy.
 """
-from ..errors import ConfigError
-from ..schema import BlockConfig
+from ..config import BlockConfig, ConfigError
 from .common import Unmapped, expect_dict, model_with_layers, take
 
 TOP_KEYS = {"model_type", "mode", "tokenizer", "helm", "model_config"}

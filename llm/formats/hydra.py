@@ -7,8 +7,7 @@ followed by a linear decay over the last cooldown_frac of the steps; those setti
 """
 from pathlib import Path
 
-from ..errors import ConfigError
-from ..schema import BlockConfig
+from ..config import BlockConfig, ConfigError
 from .common import Unmapped, expect_dict, model_with_layers, take
 
 UNSUPPORTED_FAMILIES = {
@@ -155,7 +154,7 @@ def _family(family: str, model: dict, block: BlockConfig, cfg: dict, unmapped: U
         if sum(depths.values()) != model["n_layer"]:
             unmapped.refuse("model_cfg.n_layers", f"{model['n_layer']} differs from l_p + l_core + l_c = "
                             f"{sum(depths.values())}, the distinct layers of the recurrent-depth model")
-        model.update(recurrent_depth=True, n_layer=sum(depths.values()), **depths)
+        model.update(arch="recurrent", n_layer=sum(depths.values()), **depths)
         for key in ("mean_recurrence", "k_trunc", "r_max", "eval_recurrence", "adapter_mode"):
             if key in cfg:
                 model[key] = take(cfg, key)

@@ -1,4 +1,4 @@
-"""Recurrent depth (Geiping et al. 2025, "Scaling up Test-Time Compute with Latent Reasoning: A Recurrent Depth
+"""`arch: recurrent`, recurrent depth (Geiping et al. 2025, "Scaling up Test-Time Compute with Latent Reasoning: A Recurrent Depth
 Approach"): a prelude embeds the input once, a core iterated r times refines a latent state, a coda decodes the last
 state. The blocks stay in the model's one list (prelude, core, coda in order); this module holds what the recurrence
 adds: the adapter, the number of iterations and the order in which the blocks run.
@@ -11,12 +11,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import LLMconfig
+from ...config import LLMconfig, Trainconfig, require
+from ..kinds import ArchKind
+from ..llm import LLM, RunBlock
 
 MAX_LOG_RATE = 40.0  # e^40 iterations are far beyond any r_max: a larger tau draws r_max as well
 
-# run_block(i, x (B, T, C), layer cache or None) -> (x (B, T, C), aux_loss (), stats) runs the model's block i
-RunBlock = Callable[[int, torch.Tensor, object], tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]
+FIELDS = ("n_prelude", "n_core", "n_coda", "mean_recurrence", "lognorm_var", "r_max", "k_trunc", "s0_std",
+          "eval_recurrence", "adapter_mode")  # the LLMconfig fields only this kind reads
 
 
 def sample_recurrence(config: LLMconfig, seed: int, step: int) -> int:
@@ -27,13 +29,6 @@ def sample_recurrence(config: LLMconfig, seed: int, step: int) -> int:
     tau = rng.normal(math.log(config.mean_recurrence) - config.lognorm_var / 2, math.sqrt(config.lognorm_var))
     rate = math.exp(min(tau, MAX_LOG_RATE))
     return min(int(rng.poisson(rate)) + 1, config.r_max)
-
-
-def effective_depth(config: LLMconfig) -> float:
-    """Layers a token passes through on average: n_layer, or n_prelude + n_core * mean_recurrence + n_coda."""
-    if not config.recurrent_depth:
-        return config.n_layer
-    return config.n_prelude + config.n_core * config.mean_recurrence + config.n_coda
 
 
 def sum_stats(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -129,3 +124,72 @@ class RecurrentDepth(nn.Module):
             x, aux = run(i, x, i + (r - 1) * n_core)
             aux_loss = aux_loss + aux
         return x, aux_loss, layer_stats, {"rd/recurrence": torch.full((), float(r), device=x.device)}
+
+
+class RecurrentDepthLLM(LLM):
+    """The recurrent-depth model: the blocks run as prelude, core x r, coda (`RecurrentDepth`); each training step
+    draws its r from (seed, step); evaluation also reports the loss at each recurrence of --recurrence_sweep."""
+
+    arch = "recurrent"
+    compiles_whole = False  # r changes every step: each block compiles, the iterations run eagerly
+
+    def add_modules(self) -> None:
+        self.recurrence = RecurrentDepth(self.config)  # the adapter, r, and the order of the blocks
+
+    def mean_depth(self) -> float:
+        """n_prelude + n_core * mean_recurrence + n_coda."""
+        config = self.config
+        return config.n_prelude + config.n_core * config.mean_recurrence + config.n_coda
+
+    def run_blocks(self, run_block: RunBlock, x: torch.Tensor, cache
+                   ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+        return self.recurrence(run_block, x, cache)  # (B, T, C), (), per layer, {"rd/recurrence": r}
+
+    def cache_blocks(self) -> list[nn.Module]:
+        return self.recurrence.cached_blocks(self.blocks)
+
+    def before_step(self, step: int, seed: int) -> None:
+        """Draws the step's r from (seed, step)."""
+        self.recurrence.train_recurrence = sample_recurrence(self.config, seed, step)
+
+    def core_params(self) -> int:
+        """Active parameters one core iteration uses (its blocks and the adapter)."""
+        core = [self.blocks[i] for i in self.recurrence.core]
+        active = sum(p.numel() for block in core for p in block.parameters()) - sum(b.ffn.inactive_params() for b in core)
+        return active + sum(p.numel() for p in self.recurrence.parameters())
+
+    def flops_per_token(self) -> float:
+        """The prelude and coda once, the core (core_params per iteration, adapter included) at the mean recurrence:
+        a forward pass only (a third) for the mean_recurrence - k_trunc iterations without gradients, forward and
+        backward for the min(mean_recurrence, k_trunc) with them."""
+        config, core = self.config, self.recurrence.core
+        with_grad = min(config.mean_recurrence, config.k_trunc)
+        iterations = (config.mean_recurrence - with_grad) / 3 + with_grad  # in units of a forward and backward pass
+        mixing = [block.mixing_flops() for block in self.blocks]
+        core_mixing, core_params = sum(mixing[core.start:core.stop]), self.core_params()
+        once = 6 * (self.get_num_params()[1] - core_params) + sum(mixing) - core_mixing
+        return once + iterations * (6 * core_params + core_mixing)
+
+    def evaluation_variants(self, train: Trainconfig) -> dict[str, Callable[[], contextlib.AbstractContextManager]]:
+        """The loss at each recurrence r of --recurrence_sweep, as SPLIT_loss_rR."""
+        return {f"_r{r}": (lambda r=r: self.recurrence.evaluated_at(r)) for r in train.recurrence_sweep}
+
+
+def validate(m: LLMconfig) -> None:
+    """The fields in range, splitting the layers exactly; no mixture-of-depths routing inside."""
+    for name, low in (("n_prelude", 0), ("n_core", 1), ("n_coda", 0), ("mean_recurrence", 1), ("r_max", 1),
+                      ("k_trunc", 1), ("eval_recurrence", 1)):
+        value = getattr(m, name)
+        require(value >= low, f"{name}={value} must be >= {low}")
+    require(m.lognorm_var >= 0, f"lognorm_var={m.lognorm_var} must be >= 0 (the variance of the log-normal rate)")
+    require(m.s0_std >= 0, f"s0_std={m.s0_std} must be >= 0 (the standard deviation of the initial state)")
+    require(not any(b.mod for b in m.layers), "arch=recurrent with mod=true layers: mixture-of-depths routing inside "
+                                             "a recurrent model is not supported; drop --mod or use --arch gpt")
+    split = m.n_prelude + m.n_core + m.n_coda
+    require(split == m.n_layer, f"arch=recurrent splits the layers, but n_prelude={m.n_prelude} + n_core={m.n_core} + "
+                                f"n_coda={m.n_coda} = {split} differs from n_layer={m.n_layer}; make them equal")
+
+
+RECURRENT = ArchKind("recurrent", RecurrentDepthLLM, validate, fields=FIELDS,
+                     export_refusal="arch=recurrent (a core iterated r times); the transformers families here run "
+                                    "each layer once")

@@ -4,18 +4,15 @@ import dataclasses
 import json
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal, Sequence
 
 import tyro
 
-from . import foreign
-from .errors import ConfigError
-from .fields import dataclass_from_dict, did_you_mean, known_fields, unique_keys
-from .layers import block_from_spec, parse_layer_configs, read_layer_configs_jsonl
-from .presets import PRESETS
-from .schema import BlockConfig, LLMconfig, Trainconfig
-from .validate import resolve_block, validate
+from . import formats
+from .config import PRESETS, BlockConfig, ConfigError, LLMconfig, Trainconfig, config_dict, resolve_block
+from .config.fields import arch_spelling, dataclass_from_dict, did_you_mean, known_fields
+from .config.layers import block_from_spec, parse_layer_configs, read_layer_configs_jsonl
+from .validate import validate
 
 PresetName = Literal[tuple(PRESETS)]
 
@@ -42,17 +39,12 @@ class Args:
     """Path of a JSONL file with one layer spec object per line (not with --layer_configs)."""
 
 
-def config_dict(model: LLMconfig, train: Trainconfig) -> dict:
-    """The resolved config as plain JSON-serialisable data (what --print_config and checkpoints write)."""
-    return {"model": dataclasses.asdict(model), "train": dataclasses.asdict(train)}
-
-
 def parse(argv: Sequence[str] | None = None) -> tuple[LLMconfig, Trainconfig]:
     """Parses and validates the command line; prints the config and exits for --print_config.
 
     Raises ConfigError for user mistakes (entry points turn it into one line and exit code 2).
     """
-    argv = ffn_flag_spelling(list(sys.argv[1:] if argv is None else argv))
+    argv = flag_spellings(list(sys.argv[1:] if argv is None else argv))
     args = tyro.cli(Args, args=argv, default=_defaults(argv), use_underscores=True)
     model, wheres = _with_layers(args, _given_flags(argv))
     validate(model, args.train, wheres)
@@ -62,22 +54,28 @@ def parse(argv: Sequence[str] | None = None) -> tuple[LLMconfig, Trainconfig]:
     return model, args.train
 
 
-def ffn_flag_spelling(argv: list[str]) -> list[str]:
-    """argv with `--moe` / `--no_moe` rewritten as `--ffn moe` / `--ffn dense`; refuses flags that disagree."""
+# Switches that are other spellings of a kind: --moe is --ffn moe, --recurrent_depth is --arch recurrent.
+SPELLINGS = {"moe": ("ffn", "moe"), "no_moe": ("ffn", "dense"), "recurrent_depth": ("arch", "recurrent")}
+
+
+def flag_spellings(argv: list[str]) -> list[str]:
+    """argv with each switch of SPELLINGS rewritten as the kind flag it spells; refuses flags that disagree."""
     rewritten, spelled = [], []
     for arg in argv:
         name = arg[2:].replace("-", "_") if arg.startswith("--") else None
-        if name in ("moe", "no_moe"):
-            kind = "moe" if name == "moe" else "dense"
-            spelled.append((arg, kind))
-            rewritten += ["--ffn", kind]
+        if name in SPELLINGS:
+            field, kind = SPELLINGS[name]
+            spelled.append((field, arg, kind))
+            rewritten += [f"--{field}", kind]
         else:
             rewritten.append(arg)
-    given = _flag_value(argv, "ffn")
-    flags = ([(f"--ffn {given}", given)] if given is not None else []) + spelled
-    if len({kind for _, kind in flags}) > 1:
-        other = next(flag for flag, kind in flags if kind != flags[0][1])
-        raise ConfigError(f"{flags[0][0]} contradicts {other}; pass only one of them")
+    for field in dict.fromkeys(field for field, _ in SPELLINGS.values()):
+        given = _flag_value(argv, field)
+        flags = ([(f"--{field} {given}", given)] if given is not None else []) + [
+            (arg, kind) for f, arg, kind in spelled if f == field]
+        if len({kind for _, kind in flags}) > 1:
+            other = next(flag for flag, kind in flags if kind != flags[0][1])
+            raise ConfigError(f"{flags[0][0]} contradicts {other}; pass only one of them")
     return rewritten
 
 
@@ -112,14 +110,14 @@ def _defaults(argv: list[str]) -> Args:
 
 
 def _read_config_file(path: str, model: LLMconfig, layer: BlockConfig, train: Trainconfig, lenient: bool = False):
-    """Applies a config file (ours or another system's, see llm/config/foreign/) to the defaults. A homogeneous
+    """Applies a config file (ours or another system's, see llm/formats/) to the defaults. A homogeneous
     `layers` list becomes the flag defaults."""
-    data = foreign.to_ours(path, _load_mapping(path), lenient)
+    data = formats.to_ours(path, formats.load_mapping(path), lenient)
     for key in data:
         if key not in ("model", "train"):
             raise ConfigError(f'{path}: unknown top-level key "{key}"{did_you_mean(key, ["model", "train"])}; use '
                               '"model" and "train" (or another system\'s format: docs/configuration.md)')
-    model_data = dict(data.get("model") or {})
+    model_data = arch_spelling(dict(data.get("model") or {}), f"{path} model")
     specs = model_data.pop("layers", None) or []
     if not isinstance(specs, list):
         raise ConfigError(f"{path}: model.layers must be a list of layer objects")
@@ -133,31 +131,6 @@ def _read_config_file(path: str, model: LLMconfig, layer: BlockConfig, train: Tr
     if all(b == blocks[0] for b in blocks):
         return dataclasses.replace(model, n_layer=len(blocks), layers=[]), blocks[0], train
     return dataclasses.replace(model, n_layer=len(blocks), layers=blocks), layer, train
-
-
-def _load_mapping(path: str) -> dict:
-    """The parsed contents of a .json or .yaml config file (a mapping)."""
-    file = Path(path)
-    if not file.is_file():
-        raise ConfigError(f"--config={path!r}: no such file")
-    text = file.read_text()
-    if file.suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise ConfigError(f"--config={path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
-    elif file.suffix == ".json":
-        try:
-            data = json.loads(text, object_pairs_hook=unique_keys(f"--config={path!r}"))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"--config={path!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    else:
-        raise ConfigError(f"--config={path!r}: unknown file type; use a .json or .yaml file")
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config={path!r} must hold an object with keys model and train")
-    return data
 
 
 def _with_layers(args: Args, given: set[str]) -> tuple[LLMconfig, list[str]]:

@@ -4,6 +4,11 @@ an llm720 YAML and a Hydra-style modded-nanogpt model config (see docs/configura
 `to_ours(path, data, lenient)` returns our config dict ({"model": ..., "train": ...}) for a file's parsed contents;
 our own files pass through unchanged.
 """
+import json
+from pathlib import Path
+
+from ..config import ConfigError
+from ..config.fields import unique_keys
 from .helm import helm_to_ours, is_helm
 from .hydra import hydra_to_ours, is_hydra
 from .llm720 import is_llm720, llm720_to_ours
@@ -35,3 +40,28 @@ def to_ours(path: str, data: dict, lenient: bool = False) -> dict:
 
         return hf_config_to_ours(data, path, lenient)
     return {"helm": helm_to_ours, "llm720": llm720_to_ours, "hydra": hydra_to_ours}[name](data, path, lenient)
+
+
+def load_mapping(path: str) -> dict:
+    """The parsed contents of a .json or .yaml config file (a mapping)."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--config={path!r}: no such file")
+    text = file.read_text()
+    if file.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--config={path!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+    elif file.suffix == ".json":
+        try:
+            data = json.loads(text, object_pairs_hook=unique_keys(f"--config={path!r}"))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"--config={path!r} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    else:
+        raise ConfigError(f"--config={path!r}: unknown file type; use a .json or .yaml file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config={path!r} must hold an object with keys model and train")
+    return data

@@ -4,9 +4,8 @@ import dataclasses
 import sys
 from typing import Any
 
-from ..errors import ConfigError
-from ..layers import REQUIRED_KEYS
-from ..schema import BlockConfig
+from ..config import BlockConfig, ConfigError
+from ..config.layers import REQUIRED_KEYS
 
 
 class Unmapped:
