@@ -10,13 +10,14 @@ refused with --strict_prompt.
 """
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import tyro
 
 from llm.config import ConfigError, exit_on_user_error
+from llm.plugins import Imports, import_modules
 
 
 @dataclass
@@ -50,6 +51,9 @@ class SampleArgs:
     speculative: bool = False
     """Greedy speculative decoding: the checkpoint's sequential MTP modules (--mtp sequential) draft tokens that the
     model verifies in one pass; the output equals --temperature 0 decoding (needs --temperature 0 and the cache)."""
+    imports: Imports = field(default_factory=list)
+    """--import MODULE (repeatable): a module to import first, e.g. one that registers kinds of its own with
+    llm.model.register_arch; looked up on sys.path and in the working directory."""
 
 
 def check(args: SampleArgs) -> None:
@@ -99,6 +103,7 @@ def main(argv: list[str] | None = None) -> None:
     args = tyro.cli(SampleArgs, args=argv, use_underscores=True)
     with exit_on_user_error():
         check(args)
+        import_modules(args.imports)
         from llm.checkpoint import load_trained
         from llm.data.tokenizers import SEQUENCE_TOKENIZERS, tokenizer_from_meta
         from llm.generate import generate
@@ -108,9 +113,8 @@ def main(argv: list[str] | None = None) -> None:
         folder, model, tokenizer_meta = load_trained(args.ckpt)
         if args.speculative:
             check_speculative(model)
-        if not model.causal:
-            raise ConfigError(f"{folder} is a masked LM (objective={model.config.objective}): it fills in masked tokens "
-                              "and does not generate text; evaluate it with python -m llm.eval fasta")
+        if model.generation_refusal() is not None:  # the objective's reason not to generate
+            raise ConfigError(f"{folder}: {model.generation_refusal()}")
         tokenizer = tokenizer_from_meta(tokenizer_meta)
         device = pick_precision(args.device, "float32").device
         model.to(device)

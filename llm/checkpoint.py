@@ -25,6 +25,7 @@ from .config import ConfigError
 from .config.fields import model_config_from_dict
 from .files import write_atomically, write_folder_atomically
 from .model import LLM, build_model
+from .validate import validate_model
 
 STEP_FOLDER = re.compile(r"step_(\d+)")
 STATE_FILE = "state.pt"
@@ -262,7 +263,12 @@ def load_trained(ckpt: str) -> tuple[Path, LLM, dict]:
     folder = best_or_latest(Path(ckpt))
     saved = read_saved_config(folder)
     config = model_config_from_dict(saved["model"], f"{folder}/config.json model")
-    model = build_model(dataclasses.replace(config, attn_backend="auto"))  # the kernel it trained with may not be here
+    config = dataclasses.replace(config, attn_backend="auto")  # the kernel it trained with may not be here
+    try:
+        validate_model(config)  # its kinds are registered here (--import MODULE for kinds of one's own)
+    except ConfigError as e:
+        raise ConfigError(f"{folder}/config.json: {e}") from None
+    model = build_model(config)
     weights = read_weights(folder)
     mismatches = weight_mismatches(model.state_dict(), weights)
     if mismatches:

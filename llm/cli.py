@@ -3,7 +3,7 @@ import copy
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Sequence
 
 import tyro
@@ -12,6 +12,7 @@ from . import formats
 from .config import PRESETS, BlockConfig, ConfigError, LLMconfig, Trainconfig, config_dict, resolve_block
 from .config.fields import arch_spelling, dataclass_from_dict, did_you_mean, known_fields
 from .config.layers import block_from_spec, parse_layer_configs, read_layer_configs_jsonl
+from .plugins import Imports, import_modules
 from .validate import validate
 
 PresetName = Literal[tuple(PRESETS)]
@@ -37,6 +38,9 @@ class Args:
     """Per-layer specs as a JSON list of objects, one per layer (not with --layer_configs_jsonl)."""
     layer_configs_jsonl: str | None = None
     """Path of a JSONL file with one layer spec object per line (not with --layer_configs)."""
+    imports: Imports = field(default_factory=list)
+    """--import MODULE (repeatable): a module to import first, e.g. one that registers kinds of its own with
+    llm.model.register_arch; looked up on sys.path and in the working directory."""
 
 
 def parse(argv: Sequence[str] | None = None) -> tuple[LLMconfig, Trainconfig]:
@@ -46,6 +50,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[LLMconfig, Trainconfig]:
     """
     argv = flag_spellings(list(sys.argv[1:] if argv is None else argv))
     args = tyro.cli(Args, args=argv, default=_defaults(argv), use_underscores=True)
+    import_modules(args.imports)
     model, wheres = _with_layers(args, _given_flags(argv))
     validate(model, args.train, wheres)
     if args.print_config:
@@ -64,15 +69,15 @@ def flag_spellings(argv: list[str]) -> list[str]:
     for arg in argv:
         name = arg[2:].replace("-", "_") if arg.startswith("--") else None
         if name in SPELLINGS:
-            field, kind = SPELLINGS[name]
-            spelled.append((field, arg, kind))
-            rewritten += [f"--{field}", kind]
+            target, kind = SPELLINGS[name]
+            spelled.append((target, arg, kind))
+            rewritten += [f"--{target}", kind]
         else:
             rewritten.append(arg)
-    for field in dict.fromkeys(field for field, _ in SPELLINGS.values()):
-        given = _flag_value(argv, field)
-        flags = ([(f"--{field} {given}", given)] if given is not None else []) + [
-            (arg, kind) for f, arg, kind in spelled if f == field]
+    for target in dict.fromkeys(target for target, _ in SPELLINGS.values()):
+        given = _flag_value(argv, target)
+        flags = ([(f"--{target} {given}", given)] if given is not None else []) + [
+            (arg, kind) for t, arg, kind in spelled if t == target]
         if len({kind for _, kind in flags}) > 1:
             other = next(flag for flag, kind in flags if kind != flags[0][1])
             raise ConfigError(f"{flags[0][0]} contradicts {other}; pass only one of them")

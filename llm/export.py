@@ -8,7 +8,7 @@ import base64
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import tyro
@@ -17,6 +17,7 @@ from .checkpoint import load_trained
 from .config import ConfigError, exit_on_user_error
 from .data.tokenizers import END_OF_TEXT, SEQUENCE_TOKENIZERS, GPT2Tokenizer, tokenizer_from_meta
 from .hf import to_hf
+from .plugins import Imports, import_modules
 
 
 @dataclass
@@ -29,6 +30,9 @@ class ExportArgs:
     """The directory to write; it must not exist or be empty, unless --overwrite."""
     overwrite: bool = False
     """Replace the --out directory when it already holds files."""
+    imports: Imports = field(default_factory=list)
+    """--import MODULE (repeatable): a module to import first, e.g. one that registers kinds of its own with
+    llm.model.register_arch; looked up on sys.path and in the working directory."""
 
 
 def save_gpt2_tokenizer(out: Path) -> None:
@@ -80,6 +84,7 @@ def export(ckpt: str, out: str, overwrite: bool = False) -> Path:
 def main(argv: list[str] | None = None) -> None:
     args = tyro.cli(ExportArgs, args=argv, use_underscores=True, prog="python -m llm.export")
     with exit_on_user_error():
+        import_modules(args.imports)
         export(args.ckpt, args.out, args.overwrite)
 
 

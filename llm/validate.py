@@ -26,7 +26,8 @@ def check_finite(config) -> None:
 def check_kind(field: str, name: str, registry: dict) -> None:
     """Refuses a kind name that is not registered, listing the registered ones."""
     require(name in registry, f"{field}={name!r} is not a registered kind; use --{field} with one of "
-                              f"{', '.join(registry)}{did_you_mean(name, registry)}")
+                              f"{', '.join(registry)}{did_you_mean(name, registry)} (a kind of your own: pass "
+                              "--import MODULE, the module that registers it)")
 
 
 def validate_block(b: BlockConfig, m: LLMconfig, where: str) -> None:

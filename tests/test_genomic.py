@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from llm.cli import parse
-from llm.config import ConfigError
+from llm.config import ConfigError, Trainconfig
 from llm.data import prepare as prepare_module
-from llm.data.labels import build_labels
+from llm.data.labels import label_rules
 from llm.data.loader import TokenLoader
 from llm.data.synthetic_genome import codon_usage, fasta_record, orf_sequences, synthetic_genome
 from llm.data.tokenizers import (
@@ -27,8 +27,9 @@ from llm.genetic_code import kmers
 from llm.model import build_model
 from llm.model.codon_losses import CodonTree, HXELoss, SoftLabelLoss, codon_token_names
 from llm.model.mixers import attention as kernels
-from llm.model.objectives import IGNORE
-from llm.model.registry import MIXERS
+from llm.model.objectives.clm import NextToken
+from llm.model.registry import MIXERS, OBJECTIVES
+from llm.targets import IGNORE
 from llm.train import train
 from llm.train.loop import batch_rules
 from tests.conftest import make_config, objectives_served
@@ -40,8 +41,15 @@ NUCLEOTIDES = "ACGTacgt"
 # ---------------------------------------------------------------- labels
 
 
+def batching(tokenizer, objective: str = "clm", loss_mask: str = "none", uppercase: bool = False,
+             mask_prob: float = 0.15, strategy: str = "helm"):
+    """The objective's batching under the tokenizer's label rules, as training builds it."""
+    rules = label_rules(tokenizer, loss_mask, uppercase)
+    return OBJECTIVES[objective].batching(rules, Trainconfig(mask_prob=mask_prob, mask_strategy=strategy))
+
+
 def test_nucleotide_labels_under_acgt_loss_mask():
-    table = build_labels(NucleotideTokenizer(), causal=True, loss_mask="acgt").table
+    table = label_rules(NucleotideTokenizer(), "acgt").table
     for i in range(256):  # A=65 ... t=116: each character is its code; 0-3 are <EOS> <PAD> <BOS> <UNK>
         expected = i if i >= 4 and chr(i) in NUCLEOTIDES else IGNORE
         assert table[i].item() == expected, (i, chr(i))
@@ -49,14 +57,14 @@ def test_nucleotide_labels_under_acgt_loss_mask():
 
 
 def test_nucleotide_labels_without_loss_mask_keep_every_letter_but_not_specials():
-    table = build_labels(NucleotideTokenizer(), causal=True).table
+    table = label_rules(NucleotideTokenizer()).table
     assert table[:4].tolist() == [IGNORE] * 4
     assert torch.equal(table[4:], torch.arange(4, 256))
 
 
 @pytest.mark.parametrize("loss_mask", ["none", "acgt"])
 def test_uppercase_labels_map_soft_masked_bases_to_upper_case(loss_mask):
-    table = build_labels(NucleotideTokenizer(), causal=True, loss_mask=loss_mask, uppercase=True).table
+    table = label_rules(NucleotideTokenizer(), loss_mask, uppercase=True).table
     for lower in "acgt":
         assert table[ord(lower)].item() == ord(lower.upper())
         assert table[ord(lower.upper())].item() == ord(lower.upper())
@@ -76,10 +84,10 @@ def causal_labels_rows(seed: int) -> torch.Tensor:
 
 
 def test_causal_batch_is_next_token_labels():
-    labels = build_labels(NucleotideTokenizer(), causal=True, loss_mask="acgt")
+    labels = batching(NucleotideTokenizer(), loss_mask="acgt")
     rows = causal_labels_rows(0)
-    assert labels.row_length(32) == 33 and labels.random_count(4, 33) == 0
-    x, y = labels.make_batch(rows)
+    assert labels.extra_tokens == 1 and labels.draws == 0
+    x, y = labels(rows, None)
     assert torch.equal(x, rows[:, :-1])
     expected = [[t if t >= 4 and chr(t) in NUCLEOTIDES else IGNORE for t in row] for row in rows[:, 1:].tolist()]
     assert y.tolist() == expected
@@ -95,7 +103,8 @@ def text_meta(tokenizer: str) -> dict:
 @pytest.mark.parametrize("tokenizer", ["gpt2", "char"])
 def test_text_tokenizers_keep_the_plain_next_token_path(tokenizer):
     model, cfg = parse([])
-    assert batch_rules(text_meta(tokenizer), model, cfg) == (None, None)
+    labels, windows = batch_rules(text_meta(tokenizer), model, cfg)
+    assert isinstance(labels, NextToken) and labels.table is None and windows is None
     _, windows_cfg = parse(["--data_order", "windows"])
     with pytest.raises(ConfigError, match="data_order=windows needs sequence data"):
         batch_rules(text_meta(tokenizer), model, windows_cfg)
@@ -104,7 +113,7 @@ def test_text_tokenizers_keep_the_plain_next_token_path(tokenizer):
 def test_char_tokenizer_with_loss_mask_gets_labels():
     model, cfg = parse(["--loss_mask", "acgt"])
     labels, windows = batch_rules(text_meta("char"), model, cfg)
-    assert windows is None and labels.causal
+    assert windows is None and isinstance(labels, NextToken)
     assert labels.table.tolist() == [0, 1, 2, 3, 4, 5]  # A C G T a c: all bases, none special
 
 
@@ -112,7 +121,7 @@ def test_sequence_tokenizers_get_labels_and_window_options():
     meta = {**NucleotideTokenizer().meta(), "dtype": "uint16"}
     model, cfg = parse(["--data_order", "windows", "--window_stride", "5", "--window_specials", "ends"])
     labels, windows = batch_rules(meta, model, cfg)
-    assert labels.causal and labels.table[:4].tolist() == [IGNORE] * 4
+    assert isinstance(labels, NextToken) and labels.table[:4].tolist() == [IGNORE] * 4
     assert windows == WindowOptions(5, "ends", bos=2, eos=0, pad=1)
 
 
@@ -141,11 +150,11 @@ def mlm_rows(tokenizer, seed: int, rows: int = 8, length: int = 64) -> torch.Ten
 
 @pytest.mark.parametrize("tokenizer", [NucTokenizer(), KmerTokenizer(3)], ids=["nuc", "3mer"])
 def test_helm_masking_chooses_only_content_tokens(tokenizer):
-    labels = build_labels(tokenizer, causal=False, mask_prob=0.25, strategy="helm")
+    labels = batching(tokenizer, "mlm", mask_prob=0.25, strategy="helm")
     rows = mlm_rows(tokenizer, 0)
-    assert labels.row_length(64) == 64 and labels.random_count(8, 64) == 2 * 8 * 64
+    assert labels.extra_tokens == 0 and labels.draws == 2
     uniforms = torch.rand(2, *rows.shape, generator=torch.Generator().manual_seed(1))
-    x, y = labels.make_batch(rows, uniforms)
+    x, y = labels(rows, uniforms)
     special = torch.tensor([[t in tokenizer.special_ids for t in row] for row in rows.tolist()])
     chosen = ~special & (uniforms[0] < 0.25)
     assert torch.equal(y != IGNORE, chosen)
@@ -157,10 +166,10 @@ def test_helm_masking_chooses_only_content_tokens(tokenizer):
 
 def test_bert_masking_proportions():
     tokenizer = KmerTokenizer(3)
-    labels = build_labels(tokenizer, causal=False, mask_prob=0.15, strategy="bert")
+    labels = batching(tokenizer, "mlm", mask_prob=0.15, strategy="bert")
     rows = mlm_rows(tokenizer, 2, rows=64, length=512)
     uniforms = torch.rand(2, *rows.shape, generator=torch.Generator().manual_seed(3))
-    x, y = labels.make_batch(rows, uniforms)
+    x, y = labels(rows, uniforms)
     special = torch.tensor([[t in tokenizer.special_ids for t in row] for row in rows.tolist()])
     chosen = y != IGNORE
     n = chosen.sum().item()  # about 0.15 * 30,000 = 4,500: the bounds below are over 4 standard deviations
@@ -191,10 +200,10 @@ class SoftMaskedTokenizer(SequenceTokenizer):
 
 def test_masked_targets_are_the_labels_of_the_chosen_tokens():
     tokenizer = SoftMaskedTokenizer()
-    labels = build_labels(tokenizer, causal=False, loss_mask="acgt", uppercase=True, mask_prob=0.5)
+    labels = batching(tokenizer, "mlm", loss_mask="acgt", uppercase=True, mask_prob=0.5)
     rows = mlm_rows(tokenizer, 4)
     uniforms = torch.rand(2, *rows.shape, generator=torch.Generator().manual_seed(5))
-    x, y = labels.make_batch(rows, uniforms)
+    x, y = labels(rows, uniforms)
     letters = tokenizer.tokens
     for r, row in enumerate(rows.tolist()):
         for t, token in enumerate(row):
@@ -207,7 +216,7 @@ def test_masked_targets_are_the_labels_of_the_chosen_tokens():
 
 def test_mlm_needs_a_tokenizer_with_a_mask_token():
     with pytest.raises(ConfigError, match="objective=mlm needs a tokenizer with a <mask> token"):
-        build_labels(NucleotideTokenizer(), causal=False)
+        batching(NucleotideTokenizer(), "mlm")
     meta = {**NucleotideTokenizer().meta(), "dtype": "uint16"}
     model, cfg = parse(["--objective", "mlm"])
     with pytest.raises(ConfigError, match="--tokenizer nuc, 3mer or 6mer"):
@@ -331,8 +340,8 @@ def write_sequences(folder, lengths=CONTENT_LENGTHS, bos: int = BOS, eos: int = 
 def test_windows_order_visits_each_window_once_per_epoch(tmp_path):
     path, tokens, starts = write_sequences(tmp_path / "d")
     options = WindowOptions(2, "every", BOS, EOS, PAD)
-    labels = build_labels(NucleotideTokenizer(), causal=True)
-    loader = TokenLoader(path, "uint32", 3, 8, CPU, seed=5, order="windows", labels=labels, windows=options)
+    labels = batching(NucleotideTokenizer())
+    loader = TokenLoader(path, "uint32", 3, 8, CPU, seed=5, order="windows", batching=labels, windows=options)
     windows = SequenceWindows(starts, len(tokens), 9, options)
     assert loader.n_windows == windows.n_windows
     index = {tuple(windows.row(tokens, w)[:-1].tolist()): w for w in range(windows.n_windows)}
@@ -353,11 +362,11 @@ def test_windows_loader_resumes_exactly(tmp_path, objective):
     tokenizer = NucTokenizer()
     path, _, _ = write_sequences(tmp_path / "d", [30, 3, 50, 12, 0, 70], tokenizer.bos, tokenizer.eos,
                                  lambda ids: 4 + ids % 4)  # A T C G
-    labels = build_labels(tokenizer, causal=objective == "clm", mask_prob=0.3)
+    labels = batching(tokenizer, objective, mask_prob=0.3)
     options = WindowOptions(3, "ends", tokenizer.bos, tokenizer.eos, tokenizer.pad)
 
     def loader():
-        return TokenLoader(path, "uint32", 4, 16, CPU, seed=2, order="windows", labels=labels, windows=options)
+        return TokenLoader(path, "uint32", 4, 16, CPU, seed=2, order="windows", batching=labels, windows=options)
 
     first = loader()
     for _ in range(5):

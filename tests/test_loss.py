@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from llm.model import LLM, build_model
 from llm.model.chunked_loss import linear_cross_entropy
-from llm.model.objectives import IGNORE
+from llm.targets import IGNORE
 from tests.conftest import make_config
 
 N, C, V, V_PADDED = 60, 16, 97, 128

@@ -12,8 +12,8 @@ from llm.cli import parse
 from llm.config import ConfigError
 from llm.generate import generate
 from llm.model import LLM, build_model
-from llm.model.objectives import IGNORE
 from llm.speculative import SpeculativeStats, speculative_generate
+from llm.targets import IGNORE
 from llm.train import train
 from tests.conftest import make_config
 from tests.test_model import attention_params, mlp_params, model_params

@@ -1,54 +1,12 @@
-"""From rows of tokens to (inputs, targets): next-token targets, or masked-LM inputs and targets, with the tokens
-that never count in the loss (padding, special tokens, labels outside ACGT under --loss_mask acgt) set to IGNORE."""
-from dataclasses import dataclass
-
+"""A dataset's label rules: which token ids count as targets (padding, special tokens and, under --loss_mask acgt,
+labels outside ACGT never do), which of them an objective may corrupt, and the tokenizer's mask token. The
+objectives (llm/model/objectives/) turn rows of tokens into inputs and targets with these rules."""
 import torch
 
 from ..config import ConfigError
-from ..targets import IGNORE
+from ..targets import IGNORE, LabelRules
 
 ACGT = frozenset("ACGTacgt")
-
-
-@dataclass
-class Labels:
-    """How a batch of token rows becomes (x, y).
-
-    causal: x = row[:-1], y = row[1:] (rows hold block_size + 1 tokens). Otherwise (masked LM, rows of block_size
-    tokens): each maskable token is chosen with probability mask_prob; y holds the chosen tokens' labels and IGNORE
-    elsewhere; chosen inputs become `mask_id` (strategy helm) or, as BERT does, `mask_id` 80%, a random maskable
-    token 10%, unchanged 10% (strategy bert). `table` (V,) maps each token id to its label id or IGNORE.
-    """
-
-    causal: bool
-    table: torch.Tensor  # (V,) int64
-    maskable: torch.Tensor  # (V,) bool: tokens a masked LM may choose (not special, not padding)
-    mask_id: int | None = None
-    mask_prob: float = 0.15
-    strategy: str = "helm"
-
-    def row_length(self, block_size: int) -> int:
-        """Tokens per row: one more than the inputs when the targets are the next tokens."""
-        return block_size + 1 if self.causal else block_size
-
-    def random_count(self, rows: int, length: int) -> int:
-        """Uniform random numbers make_batch draws for `rows` rows of `length` tokens: (2, rows, length) of them."""
-        return 0 if self.causal else 2 * rows * length
-
-    def make_batch(self, rows: torch.Tensor, uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y), each (B, T), from rows (B, R) of token ids; `uniforms` (2, B, R) in [0, 1) decide the masking."""
-        if self.causal:
-            return rows[:, :-1], self.table[rows[:, 1:]]  # (B, T) each
-        choose, kind = uniforms  # (B, T) each
-        chosen = self.maskable[rows] & (choose < self.mask_prob)  # (B, T)
-        y = torch.where(chosen, self.table[rows], IGNORE)  # (B, T)
-        to_mask = chosen if self.strategy == "helm" else chosen & (kind < 0.8)  # (B, T)
-        x = torch.where(to_mask, self.mask_id, rows)  # (B, T)
-        if self.strategy == "bert":
-            candidates = self.maskable.nonzero().squeeze(1)  # (M,)
-            pick = ((kind - 0.8) / 0.1 * len(candidates)).long().clamp(0, len(candidates) - 1)  # (B, T)
-            x = torch.where(chosen & (kind >= 0.8) & (kind < 0.9), candidates[pick], x)  # (B, T)
-        return x, y
 
 
 def label_table(tokenizer, loss_mask: str, uppercase: bool) -> torch.Tensor:
@@ -78,14 +36,9 @@ def sequence_specials(tokenizer) -> frozenset:
     return tokenizer.special_ids if getattr(tokenizer, "bos", None) is not None else frozenset()
 
 
-def build_labels(tokenizer, causal: bool, loss_mask: str = "none", uppercase: bool = False, mask_prob: float = 0.15,
-                 strategy: str = "helm") -> Labels:
-    """The Labels of a dataset's tokenizer and the run's options; a masked LM needs a tokenizer with a mask token."""
-    table = label_table(tokenizer, loss_mask, uppercase)
+def label_rules(tokenizer, loss_mask: str = "none", uppercase: bool = False) -> LabelRules:
+    """The LabelRules of a dataset's tokenizer under the run's --loss_mask and --uppercase_labels."""
     never = sequence_specials(tokenizer)
     maskable = torch.tensor([i not in never for i in range(tokenizer.vocab_size)])
-    mask_id = getattr(tokenizer, "mask", None)
-    if not causal and mask_id is None:
-        raise ConfigError(f"objective=mlm needs a tokenizer with a <mask> token, but the dataset uses "
-                          f"{tokenizer.name!r}; prepare it with --tokenizer nuc, 3mer or 6mer")
-    return Labels(causal, table, maskable, mask_id, mask_prob, strategy)
+    return LabelRules(label_table(tokenizer, loss_mask, uppercase), maskable, getattr(tokenizer, "mask", None),
+                      tokenizer.name)

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from .labels import Labels
+from ..targets import Batching
 from .prepare import DATASET_NAMES
 from .windows import SequenceWindows, WindowOptions, read_documents
 
@@ -58,20 +58,22 @@ def read_meta(folder: Path, dataset: str) -> dict:
     return meta
 
 
-def rank_batch(rows: list[np.ndarray], generator: torch.Generator, labels: Labels | None, rank: int, batch_size: int,
-               device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def rank_batch(rows: list[np.ndarray], generator: torch.Generator, batching: Batching | None, rank: int,
+               batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's (x, y), each (batch_size, block_size), from the rows of a global batch: its slice of the rows,
-    with masking drawn from `generator` for the whole global batch (so the state depends only on the global batch)."""
+    made into inputs and targets by the objective's `batching` (None: the tokens and the next tokens), with the
+    uniform numbers it asks for drawn from `generator` for the whole global batch (so the state depends only on the
+    global batch)."""
     count, length = len(rows), len(rows[0])
     uniforms = None
-    if labels is not None and labels.random_count(count, length):
-        uniforms = torch.rand(2, count, length, generator=generator)  # the global batch's draws
+    if batching is not None and batching.draws:
+        uniforms = torch.rand(batching.draws, count, length, generator=generator)  # the global batch's draws
     mine = slice(rank * batch_size, (rank + 1) * batch_size)
     batch = torch.from_numpy(np.stack(rows[mine]).astype(np.int64))  # (B, R)
-    if labels is None:
+    if batching is None:
         x, y = batch[:, :-1], batch[:, 1:]  # (B, T) each
     else:
-        x, y = labels.make_batch(batch, None if uniforms is None else uniforms[:, mine])
+        x, y = batching(batch, None if uniforms is None else uniforms[:, mine])
     if device.type == "cuda":
         return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
     return x.to(device), y.to(device)
@@ -79,7 +81,8 @@ def rank_batch(rows: list[np.ndarray], generator: torch.Generator, labels: Label
 
 class TokenLoader:
     """(x, y) batches of batch_size rows of tokens: by default windows of block_size + 1 tokens with y = x shifted by
-    one token; with `labels`, `Labels.make_batch` turns the rows into (x, y) (masked-LM rows, ignored labels).
+    one token; with an objective's `batching` (`llm.targets.Batching`), rows of block_size + batching.extra_tokens
+    tokens that it turns into (x, y) (masked-LM inputs, ignored labels).
 
     - order "random": windows at uniformly random offsets, drawn with replacement from a seeded generator.
     - order "epoch": the file cut into non-overlapping windows, visited in a fresh permutation each epoch
@@ -94,7 +97,7 @@ class TokenLoader:
     """
 
     def __init__(self, path: Path, dtype: str, batch_size: int, block_size: int, device: torch.device, seed: int,
-                 order: DataOrder = "random", rank: int = 0, world_size: int = 1, labels: Labels | None = None,
+                 order: DataOrder = "random", rank: int = 0, world_size: int = 1, batching: Batching | None = None,
                  windows: WindowOptions | None = None):
         fix = f"prepare the dataset again with `{prepare_command(path.parent, path.parent.name)} --force`"
         if dtype not in TOKEN_DTYPES:
@@ -104,8 +107,8 @@ class TokenLoader:
         self.path, self.dtype = path, np.dtype(dtype)
         self.batch_size, self.block_size, self.device = batch_size, block_size, device
         self.order, self.seed, self.rank, self.world_size = order, seed, rank, world_size
-        self.labels = labels
-        self.row_length = block_size + 1 if labels is None else labels.row_length(block_size)
+        self.batching = batching
+        self.row_length = block_size + (1 if batching is None else batching.extra_tokens)
         size = path.stat().st_size
         if size % self.dtype.itemsize:
             raise ConfigError(f"{path}: {size:,} bytes is not a whole number of {dtype} tokens ({self.dtype.itemsize} "
@@ -156,7 +159,7 @@ class TokenLoader:
     def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's (x, y), each (batch_size, block_size), from the next global batch."""
         rows = self.global_rows(self.batch_size * self.world_size)
-        return rank_batch(rows, self.generator, self.labels, self.rank, self.batch_size, self.device)
+        return rank_batch(rows, self.generator, self.batching, self.rank, self.batch_size, self.device)
 
     def state_dict(self) -> dict:
         """Position and generator state (tensors and ints only: loadable with torch.load(weights_only=True))."""

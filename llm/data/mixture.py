@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError
-from .labels import Labels
+from ..targets import Batching
 from .loader import TokenLoader, rank_batch
 from .tokenizers import TOKENIZER_KEYS
 
@@ -29,10 +29,11 @@ class MixtureLoader:
     from each source."""
 
     def __init__(self, sources: dict[str, TokenLoader], weights: dict[str, float], seed: int, batch_size: int,
-                 device: torch.device, rank: int = 0, world_size: int = 1, labels: Labels | None = None):
+                 device: torch.device, rank: int = 0, world_size: int = 1, batching: Batching | None = None):
         self.sources, self.names = sources, list(sources)
         self.weights = torch.tensor([weights[name] for name in self.names], dtype=torch.float64)  # (S,)
-        self.batch_size, self.device, self.rank, self.world_size, self.labels = batch_size, device, rank, world_size, labels
+        self.batch_size, self.device, self.rank, self.world_size = batch_size, device, rank, world_size
+        self.batching = batching
         self.generator = torch.Generator().manual_seed(seed)
         self.tokens_seen = {name: 0 for name in self.names}
         first = sources[self.names[0]]
@@ -51,7 +52,7 @@ class MixtureLoader:
                 for i, row in zip(where, source.global_rows(len(where))):
                     rows[i] = row
                 self.tokens_seen[name] += len(where) * source.block_size
-        return rank_batch(rows, self.generator, self.labels, self.rank, self.batch_size, self.device)
+        return rank_batch(rows, self.generator, self.batching, self.rank, self.batch_size, self.device)
 
     def state_dict(self) -> dict:
         """The generator, tokens seen and every source's state (tensors, ints and strings only)."""

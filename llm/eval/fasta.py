@@ -9,18 +9,20 @@ line per sequence (tokens scored, loss, perplexity), then the token-weighted los
 """
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 import tyro
 
-from ..config import ConfigError, exit_on_user_error
+from ..config import ConfigError, Trainconfig, exit_on_user_error
 from ..data.genomic_sources import genomic_corpus
-from ..data.labels import build_labels
+from ..data.labels import label_rules
 from ..data.tokenizers import tokenizer_from_meta
-from ..targets import IGNORE
+from ..model.registry import OBJECTIVES
+from ..plugins import Imports, import_modules
+from ..targets import IGNORE, Batching
 
 
 @dataclass
@@ -41,14 +43,18 @@ class EvalArgs:
     """Masked LM: the seed of the masking."""
     json: str | None = None
     """Also write the results to this JSON file."""
+    imports: Imports = field(default_factory=list)
+    """--import MODULE (repeatable): a module to import first, e.g. one that registers kinds of its own with
+    llm.model.register_arch; looked up on sys.path and in the working directory."""
 
 
 @torch.no_grad()
-def score(model, labels, ids: list[int], generator: torch.Generator, device: torch.device) -> tuple[float, int, int]:
+def score(model, batching: Batching, ids: list[int], generator: torch.Generator,
+          device: torch.device) -> tuple[float, int, int]:
     """(summed loss, tokens scored, tokens predicted correctly) of one tokenized sequence."""
     row = torch.tensor([ids])  # (1, n)
-    uniforms = torch.rand(2, 1, row.size(1), generator=generator) if not labels.causal else None
-    x, y = labels.make_batch(row, uniforms)  # (1, T) each
+    uniforms = torch.rand(batching.draws, 1, row.size(1), generator=generator) if batching.draws else None
+    x, y = batching(row, uniforms)  # (1, T) each
     x, y = x.to(device), y.to(device)
     logits = model(x).logits.float()  # (1, T, V)
     scored = y != IGNORE  # (1, T)
@@ -73,10 +79,10 @@ def evaluate_fasta(args: EvalArgs) -> dict:
     model.to(device)
     tokenizer = tokenizer_from_meta(tokenizer_meta)
     saved = json.loads((folder / "config.json").read_text()).get("train", {})
-    labels = build_labels(tokenizer, model.causal, "acgt", False, saved.get("mask_prob", 0.15),
-                          saved.get("mask_strategy", "helm"))
+    as_trained = Trainconfig(mask_prob=saved.get("mask_prob", 0.15), mask_strategy=saved.get("mask_strategy", "helm"))
+    batching = OBJECTIVES[model.config.objective].batching(label_rules(tokenizer, "acgt"), as_trained)
     generator = torch.Generator().manual_seed(args.seed)
-    length = model.config.block_size + (1 if model.causal else 0)  # a causal row holds one more token than it predicts
+    length = model.config.block_size + batching.extra_tokens  # a causal row holds one more token than it predicts
     rows, total_loss, total_tokens, total_hits = [], 0.0, 0, 0
     corpus = genomic_corpus(args.fasta, part_chars=None)
     for number, piece in enumerate(corpus.train(), start=1):
@@ -85,7 +91,7 @@ def evaluate_fasta(args: EvalArgs) -> dict:
         ids = tokenizer.encode(piece.text)[:length]
         if len(ids) < 2:
             raise ConfigError(f"{args.fasta}: record {number} has {len(ids)} tokens; at least 2 are needed")
-        loss, n, hits = score(model, labels, ids, generator, device)
+        loss, n, hits = score(model, batching, ids, generator, device)
         row = {"record": number, "tokens": n, "loss": loss / n if n else None,
                "perplexity": math.exp(loss / n) if n else None, "accuracy": hits / n if n else None}
         rows.append(row)
@@ -108,6 +114,7 @@ def main(argv: list[str]) -> dict:
     mistake."""
     args = tyro.cli(EvalArgs, args=argv, use_underscores=True, prog="python -m llm.eval")
     with exit_on_user_error():
+        import_modules(args.imports)
         result = evaluate_fasta(args)
     if args.json:
         with open(args.json, "w") as f:

@@ -13,13 +13,14 @@ label has the highest summed log-likelihood; acc_norm divides each by the ending
 """
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import tyro
 
 from ..config import ConfigError, exit_on_user_error
+from ..plugins import Imports, import_modules
 from .scoring import continuation_logprobs, encode_pair, load_causal, write_json
 
 OFFICIAL_FIELDS = ("activity_label", "ctx_a", "ctx_b")
@@ -41,6 +42,9 @@ class HellaswagArgs:
     """auto (cuda when available, else cpu), cpu, cuda or cuda:N."""
     json: str | None = None
     """Also write the results (and every example's scores) to this JSON file."""
+    imports: Imports = field(default_factory=list)
+    """--import MODULE (repeatable): a module to import first, e.g. one that registers kinds of its own with
+    llm.model.register_arch; looked up on sys.path and in the working directory."""
 
 
 @dataclass
@@ -159,6 +163,7 @@ def main(argv: list[str]) -> dict:
     """`python -m llm.eval hellaswag ...` (argv without the word hellaswag)."""
     args = tyro.cli(HellaswagArgs, args=argv, use_underscores=True, prog="python -m llm.eval hellaswag")
     with exit_on_user_error():
+        import_modules(args.imports)
         result = evaluate_hellaswag(args)
         write_json(args.json, result)
     return result

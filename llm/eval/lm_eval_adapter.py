@@ -14,7 +14,7 @@ Requests are handled as lm-eval's hf backend handles them, with block_size as th
   the window slides); text stops at end-of-text or at the first of the `until` strings.
 """
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, make_
 from ..config import ConfigError, exit_on_user_error
 from ..data.tokenizers import SEQUENCE_TOKENIZERS
 from ..generate import generate
+from ..plugins import Imports, import_modules
 from .scoring import continuation_logprobs, load_causal, prefix_token, write_json
 
 DEFAULT_MAX_GEN_TOKS = 256  # as lm-eval's hf backend, for tasks that do not set max_gen_toks
@@ -58,6 +59,9 @@ class LmEvalArgs:
     """Bootstrap resamples for the standard errors of metrics that need them (0: none)."""
     json: str | None = None
     """Also write the results to this JSON file."""
+    imports: Imports = field(default_factory=list)
+    """--import MODULE (repeatable): a module to import first, e.g. one that registers kinds of its own with
+    llm.model.register_arch; looked up on sys.path and in the working directory."""
 
 
 class Stopped(Exception):
@@ -225,6 +229,7 @@ def main(argv: list[str]) -> dict:
     """`python -m llm.eval lm_eval ...` (argv without the word lm_eval)."""
     args = tyro.cli(LmEvalArgs, args=argv, use_underscores=True, prog="python -m llm.eval lm_eval")
     with exit_on_user_error():
+        import_modules(args.imports)
         result = evaluate_lm_eval(args)
         write_json(args.json, result)
     return result

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..config import BlockConfig, LLMconfig, Trainconfig
+from ..targets import Batching, LabelRules
 
 
 def no_checks(block: BlockConfig, config: LLMconfig) -> None:
@@ -113,16 +114,26 @@ class FFNKind:
 
 @dataclass(frozen=True)
 class ObjectiveKind:
-    """A training objective (the model's `objective` string): `build(config)` returns a module with
+    """A training objective (the model's `objective` string), end to end.
+
+    `build(config)` returns the loss module (see objectives/token_loss.py's TokenLoss) with
     `forward(hidden (B, T, C), weight (V_padded, C), targets (B, T) or None, return_logits) -> (logits, loss)`:
     hidden are the final hidden states after the final norm, weight the output head's (vocab_size rows padded to
     V_padded; the logits are hidden @ weight.T sliced to vocab_size); logits (B, T, vocab_size) when there are no
-    targets or return_logits, else None; loss () when there are targets, else None. `causal` False makes every
-    mixer bidirectional (the targets then sit at the input positions, as in masked-LM training)."""
+    targets or return_logits, else None; loss () when there are targets, else None; and the evaluation hooks
+    `eval_logits`, `eval_sums(out, y)` and `eval_figures(sums, batches)`.
+    `batching(rules, train)` returns how a loader's rows of tokens become (inputs, targets) (`targets.Batching`),
+    under the dataset's label rules (None for text read with no rules, when `needs_rules` is False) and the run's
+    settings. `causal` False makes every mixer bidirectional. `generation_refusal`, when set, is why the model
+    does not generate (sampling and cached decoding refuse it with that line).
+    """
 
     name: str
     build: Callable[[LLMconfig], nn.Module]
+    batching: Callable[[LabelRules | None, Trainconfig], Batching]
     causal: bool = True
+    needs_rules: bool = False
+    generation_refusal: str | None = None
 
 
 def no_model_checks(config: LLMconfig) -> None:

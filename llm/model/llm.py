@@ -220,12 +220,15 @@ class LLM(nn.Module):
         """The blocks whose stats ModelOutput.layer_stats lists: the layers, then each head add-on's blocks."""
         return [*self.blocks, *(block for name in self.heads for block in getattr(self, name).blocks())]
 
+    def generation_refusal(self) -> str | None:
+        """Why the model does not generate text (its objective's ObjectiveKind.generation_refusal), or None."""
+        return OBJECTIVES[self.config.objective].generation_refusal
+
     def new_cache(self, batch: int, pad: torch.Tensor | None = None, max_len: int | None = None) -> Cache:
         """An empty cache for `batch` rows, each left-padded by pad[b] tokens (none by default), holding up to
         max_len (default block_size) positions in the dtype of the parameters."""
-        if not self.causal:
-            raise ConfigError(f"objective={self.config.objective!r} is bidirectional (a masked LM): it has no "
-                              "generation cache and does not generate text; evaluate it with python -m llm.eval")
+        if self.generation_refusal() is not None:
+            raise ConfigError(self.generation_refusal())
         device, dtype = self.tok_emb.weight.device, self.tok_emb.weight.dtype
         pad = torch.zeros(batch, dtype=torch.long, device=device) if pad is None else pad.to(device)
         layers = [b.new_cache(batch, max_len or self.config.block_size, dtype, device) for b in self.cache_blocks()]

@@ -14,7 +14,8 @@ from .mixers.hyena import HYENA
 from .mixers.mamba import BIMAMBA, MAMBA
 from .mixers.mla import MLA
 from .mixers.nsa import NSA
-from .objectives import CLM, MLM
+from .objectives.clm import CLM
+from .objectives.mlm import MLM
 
 MIXERS: dict[str, MixerKind] = {kind.name: kind for kind in (MHA, MQA, GQA, MLA, NSA, HYENA, MAMBA, BIMAMBA)}
 FFNS: dict[str, FFNKind] = {kind.name: kind for kind in (DENSE, MOE, PEER, NONE)}

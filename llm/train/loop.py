@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError, LLMconfig, Trainconfig, config_dict, micro_steps, parse_mix, total_batch_tokens
-from ..data.labels import Labels, build_labels
+from ..data.labels import label_rules
 from ..data.loader import TokenLoader, read_meta
 from ..data.mixture import MixtureLoader, check_same_tokenizer
 from ..data.prepare import DEFAULT_DATASET, prepare_default
@@ -22,6 +22,7 @@ from ..files import write_atomically
 from ..model import LLM, build_model
 from ..model.registry import OBJECTIVES
 from ..precision import Precision, pick_precision
+from ..targets import Batching
 from .benchmarks import EvalTask, load_eval_tasks, score_eval_tasks
 from .checkpointer import Checkpointer
 from .distributed import Distributed, init_distributed, wrap
@@ -139,7 +140,7 @@ def dataset_metas(cfg: Trainconfig, job: Distributed) -> dict[str, tuple[Path, d
 
 
 def build_loaders(sources: dict[str, tuple[Path, dict]], cfg: Trainconfig, block_size: int, device: torch.device,
-                  job: Distributed, labels: Labels | None, windows: WindowOptions | None) -> dict:
+                  job: Distributed, batching: Batching, windows: WindowOptions | None) -> dict:
     """The loaders: train (in --data_order), and for evaluation train_eval and val (or, for a mixture, val/NAME per
     source), each with its own seed. A mixture's loaders draw each row's source by weight."""
     eval_order = "windows" if cfg.data_order == "windows" else "random"  # windows never mix two sequences
@@ -147,7 +148,7 @@ def build_loaders(sources: dict[str, tuple[Path, dict]], cfg: Trainconfig, block
 
     def loader(folder: Path, meta: dict, split: str, order: str, seed: int) -> TokenLoader:
         return TokenLoader(folder / f"{split}.bin", meta["dtype"], cfg.batch_size, block_size, device, seed, order,
-                           job.rank, job.world_size, labels, windows)
+                           job.rank, job.world_size, batching, windows)
 
     if cfg.data_mix is None:
         ((folder, meta),) = sources.values()
@@ -160,30 +161,31 @@ def build_loaders(sources: dict[str, tuple[Path, dict]], cfg: Trainconfig, block
         parts = {source: loader(folder, meta, split, order, cfg.seed + 1000 * (j + 1) + i)
                  for j, (source, (folder, meta)) in enumerate(sources.items())}
         loaders[name] = MixtureLoader(parts, weights, cfg.seed + i, cfg.batch_size, device, job.rank, job.world_size,
-                                      labels)
+                                      batching)
     for j, (source, (folder, meta)) in enumerate(sources.items()):
         loaders[f"val/{source}"] = loader(folder, meta, "val", eval_order, cfg.seed + 1000 * (j + 1) + 2)
     return loaders
 
 
-def batch_rules(meta: dict, model_config: LLMconfig, cfg: Trainconfig) -> tuple[Labels | None, WindowOptions | None]:
-    """How the loader makes (x, y) from the data's tokens: the labels (None: plain next-token targets, for text
-    tokenizers without label options) and the window options of data_order windows."""
+def batch_rules(meta: dict, model_config: LLMconfig, cfg: Trainconfig) -> tuple[Batching, WindowOptions | None]:
+    """How the loader makes (x, y) from the data's tokens: the objective's batching under the dataset's label rules
+    (none for text tokenizers without label options, unless the objective needs them) and the window options of
+    data_order windows."""
     if model_config.loss != "ce" and meta["tokenizer"] != "3mer":
         raise ConfigError(f"loss={model_config.loss} is defined on codons, but dataset {cfg.dataset!r} uses the "
                           f"{meta['tokenizer']} tokenizer; prepare it with --tokenizer 3mer or use --loss ce")
-    causal = OBJECTIVES[model_config.objective].causal
+    objective = OBJECTIVES[model_config.objective]
     wraps = meta["tokenizer"] in SEQUENCE_TOKENIZERS  # each sequence in begin/end tokens, which never count
     if cfg.data_order == "windows" and not wraps:
         raise ConfigError(f"data_order=windows needs sequence data (python -m llm.data.prepare genomic), but dataset "
                           f"{cfg.dataset!r} uses the {meta['tokenizer']} tokenizer; use --data_order random or epoch")
-    if not (wraps or not causal or cfg.loss_mask != "none" or cfg.uppercase_labels):
-        return None, None  # text under next-token prediction: the tokenizer is not even loaded
+    if not (wraps or objective.needs_rules or cfg.loss_mask != "none" or cfg.uppercase_labels):
+        return objective.batching(None, cfg), None  # text without label options: the tokenizer is not even loaded
     tokenizer = tokenizer_from_meta(meta)
-    labels = build_labels(tokenizer, causal, cfg.loss_mask, cfg.uppercase_labels, cfg.mask_prob, cfg.mask_strategy)
+    batching = objective.batching(label_rules(tokenizer, cfg.loss_mask, cfg.uppercase_labels), cfg)
     if cfg.data_order != "windows":
-        return labels, None
-    return labels, WindowOptions(cfg.window_stride, cfg.window_specials, tokenizer.bos, tokenizer.eos, tokenizer.pad)
+        return batching, None
+    return batching, WindowOptions(cfg.window_stride, cfg.window_specials, tokenizer.bos, tokenizer.eos, tokenizer.pad)
 
 
 def check_batch_fits(loaders: dict[str, TokenLoader], cfg: Trainconfig, block_size: int, world_size: int) -> None:
@@ -215,8 +217,8 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
     model_config = resolve_vocab(model_config, meta, cfg.dataset)
     accum_steps = micro_steps(cfg, model_config, job.world_size)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
-    labels, windows = batch_rules(meta, model_config, cfg)
-    loaders = build_loaders(sources, cfg, model_config.block_size, device, job, labels, windows)
+    batching, windows = batch_rules(meta, model_config, cfg)
+    loaders = build_loaders(sources, cfg, model_config.block_size, device, job, batching, windows)
     check_batch_fits(loaders, cfg, model_config.block_size, job.world_size)
     model = (pretrained or build_model(model_config)).to(device)
     model.act_recomp = cfg.act_recomp

@@ -1,6 +1,5 @@
 """One optimizer step and one evaluation, and the guards against a non-finite loss and running out of memory."""
 import contextlib
-import math
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -13,7 +12,6 @@ from ..config import ConfigError, Trainconfig
 from ..data.loader import TokenLoader
 from ..model import LLM
 from ..precision import Precision
-from ..targets import IGNORE
 from .distributed import Distributed, gradient_sync
 
 
@@ -83,26 +81,25 @@ def sum_over_ranks(layer_stats: list[dict[str, torch.Tensor]], job: Distributed)
 @torch.no_grad()
 def estimate_loss(model: LLM, loaders: dict[str, TokenLoader], iters: int, precision: Precision,
                   job: Distributed) -> dict[str, float]:
-    """Mean loss of the objective over `iters` global batches of each split (each rank evaluates its share); for a
-    masked LM also the perplexity exp(loss) and the accuracy of the most likely token at the masked positions."""
+    """The objective's figures over `iters` global batches of each split (each rank evaluates its share), as
+    SPLIT_NAME: the mean loss, and what the objective adds (a masked LM: the perplexity exp(loss) and the accuracy
+    of the most likely token at the masked positions)."""
     model.eval()
-    losses = {}
+    objective = model.objective
+    figures = {}
     for split, loader in loaders.items():
-        total, hits, masked = (torch.zeros((), device=precision.device) for _ in range(3))
+        sums = {}
         for _ in range(iters):
             x, y = loader.next_batch()
             with precision.autocast():
-                out = model(x, y, return_logits=not model.causal)
-            total += out.loss.float()
-            if not model.causal:
-                hits += ((out.logits.argmax(-1) == y) & (y != IGNORE)).sum()
-                masked += (y != IGNORE).sum()
-        losses[f"{split}_loss"] = job.sum(total).item() / (iters * job.world_size)
-        if not model.causal:
-            losses[f"{split}_ppl"] = math.exp(losses[f"{split}_loss"])
-            losses[f"{split}_masked_acc"] = job.sum(hits).item() / max(1.0, job.sum(masked).item())
+                out = model(x, y, return_logits=objective.eval_logits)
+            sums = {name: sums.get(name, 0) + value for name, value in objective.eval_sums(out, y).items()}
+        summed = job.sum_all([torch.as_tensor(value, device=precision.device).float() for value in sums.values()])
+        totals = {name: value.item() for name, value in zip(sums, summed)}
+        figures.update({f"{split}_{name}": value
+                        for name, value in objective.eval_figures(totals, iters * job.world_size).items()})
     model.train()
-    return losses
+    return figures
 
 
 def loss_of_variants(model: LLM, loaders: dict[str, TokenLoader], variants: dict[str, Callable], iters: int,
