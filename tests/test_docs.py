@@ -43,7 +43,7 @@ ENTRY_PATTERNS = [
     ("llm.eval lm_eval", r"-m\s+llm\.eval\s+lm_eval\b"),
     ("llm.eval", r"-m\s+llm\.eval\b"),
     ("llm.data.synthetic_genome", r"-m\s+llm\.data\.synthetic_genome\b"),
-    ("llm.formats.convert", r"-m\s+llm\.config\.convert\b"),
+    ("llm.formats.convert", r"-m\s+llm\.formats\.convert\b"),
     ("scripts/mixers_cpu.py", r"(?<![\w./-])(?:\S*/)?mixers_cpu\.py(?![\w.])"),
     ("train.py", r"\bbash\s+\S*scripts/\w+\.sh\b"),
 ]

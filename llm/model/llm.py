@@ -36,7 +36,7 @@ class ModelOutput(NamedTuple):
     loss: torch.Tensor | None  # () the objective's loss (mean cross-entropy) when targets are given
     aux_loss: torch.Tensor  # () sum of the layers' (and head add-ons') weighted auxiliary losses (0 when none has one)
     layer_stats: list[dict[str, torch.Tensor]]  # per layer (then per head add-on block), its feed-forward stats (MoE:
-    # {"load": (E,)}; dense: {}), with a mixture-of-depths layer's counts added (mod_predicted, mod_agreed, mod_tokens)
+    # {"load": (E,)}; dense: {}), with the counts of its block kind added (a routed layer's tokens routed)
     stats: dict[str, torch.Tensor] = {}  # model-wide figures () averaged over micro-steps and ranks, logged by name
 
 
@@ -151,7 +151,7 @@ class LLM(nn.Module):
 
     def flops_per_token(self) -> float:
         """Training FLOPs per token: 6 * N for a forward and backward pass, N the active parameters less those the
-        average token skips (mixture-of-depths), plus each layer's token mixing from its kind
+        average token skips (layers that route tokens around them), plus each layer's token mixing from its kind
         (`MixerKind.mixing_flops`): PaLM's (appendix B) 6 * N + 12 * L * n_embd * T for full attention, the window's
         keys for a sliding window, the scan for Mamba, the FFT convolutions for Hyena; a routed layer's mixing counts
         (k / T)^2 of it."""
@@ -169,7 +169,7 @@ class LLM(nn.Module):
         """Logits (B, T, vocab_size) for token ids idx (B, T), the objective's loss when targets are given (targets
         equal to -1 are ignored), and the layers' auxiliary loss and stats. Train on loss + aux_loss.
 
-        With targets, each head add-on runs too (e.g. multi-token prediction): `loss` stays the main
+        With targets, each head add-on runs too (llm.model.parts.HEADS): `loss` stays the main
         head's; the add-on's auxiliary loss, block stats and figures join aux_loss, layer_stats and stats.
 
         With targets the logits are returned only when return_logits; otherwise the objective computes the loss
@@ -262,6 +262,6 @@ class LLM(nn.Module):
         return total, total - inactive
 
     def skipped_params(self) -> float:
-        """Active parameters that the average training token skips: each mixture-of-depths layer's block parameters
+        """Active parameters that the average training token skips: each routed layer's block parameters
         times the fraction of a block_size sequence it leaves out (0 without such layers)."""
         return sum(block.skipped_params(self.config.block_size) for block in self.blocks)
