@@ -32,6 +32,7 @@ class Batching(Protocol):
     extra_tokens: int
     draws: int
 
-    def __call__(self, rows: torch.Tensor, uniforms: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x, y), each (B, block_size), from rows (B, R) of token ids and uniforms (draws, B, R) (None when
-        draws is 0)."""
+    def __call__(self, rows: torch.Tensor, uniforms: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+        """(x, y), each (B, block_size), or (x, y, token_weights) with float weights (B, block_size) that multiply
+        each target's term of the loss, from rows (B, R) of token ids and uniforms (draws, B, R) (None when draws
+        is 0)."""

@@ -47,6 +47,24 @@ def test_chunked_loss_and_gradients_equal_the_plain_ones(chunk):
     assert not got[2][V:].any(), "padding rows of the head get no gradient"
 
 
+@pytest.mark.parametrize("chunk", [7, 1000])
+def test_token_weights_multiply_each_terms_loss_and_gradient(chunk):
+    """With per-token weights w, the loss is sum(w * cross-entropy) over the counted tokens / their count."""
+    hidden, weight, targets = inputs()
+    w = torch.rand(N) * 2
+
+    def weighted(h, w_, t):
+        per_token = F.cross_entropy((h @ w_.T)[:, :V], t, ignore_index=IGNORE, reduction="none")  # (N,)
+        return (per_token * w).sum() / (t != IGNORE).sum()
+
+    expected = loss_and_grads(weighted, hidden, weight, targets)
+    got = loss_and_grads(lambda h, w_, t: linear_cross_entropy(h, w_, t, V, IGNORE, chunk, w), hidden, weight, targets)
+    for g, e in zip(got, expected):
+        assert_close_relative(g, e)
+    ones = linear_cross_entropy(hidden, weight, targets, V, IGNORE, chunk, torch.ones(N))
+    assert torch.equal(ones, linear_cross_entropy(hidden, weight, targets, V, IGNORE, chunk))
+
+
 def test_chunked_loss_passes_gradcheck_in_float64():
     hidden, weight, targets = inputs(torch.float64)
     assert torch.autograd.gradcheck(lambda h, w: linear_cross_entropy(h, w, targets, V, IGNORE, 7),

@@ -62,7 +62,8 @@ GATED_STACKS = ArchKind("gated_stacks", GatedStacks, check_gated_stacks,
 
 class NoisyNextToken:
     """Next-token batching whose inputs are corrupted: each input token is, with probability 0.2, replaced by the
-    token at a uniformly drawn position of its row; the targets stay the clean next tokens."""
+    token at a uniformly drawn position of its row; the targets stay the clean next tokens, and position t of T
+    weighs 2 (t + 1) / (T + 1) in the loss (mean 1: tokens with more context count more)."""
 
     extra_tokens = 1
     draws = 2
@@ -70,30 +71,17 @@ class NoisyNextToken:
     def __init__(self, rules: LabelRules | None):
         self.table = None if rules is None else rules.table
 
-    def __call__(self, rows: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(self, rows: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, ...]:
         corrupt, where = uniforms[:, :, :-1]  # (B, T) each
         x = rows[:, :-1]  # (B, T)
         swapped = x.gather(1, (where * x.shape[1]).long())  # (B, T) a token from elsewhere in the row
         y = rows[:, 1:] if self.table is None else self.table[rows[:, 1:]]  # (B, T)
-        return torch.where(corrupt < 0.2, swapped, x), y
+        T = x.shape[1]
+        weights = (2 * torch.arange(1, T + 1) / (T + 1)).expand_as(x)  # (B, T)
+        return torch.where(corrupt < 0.2, swapped, x), y, weights
 
 
-class LaterTokensWeighMore(TokenLoss):
-    """Cross-entropy with position t of T weighted by 2 (t + 1) / (T + 1) (mean 1): tokens with more context count
-    more."""
-
-    def forward(self, hidden, weight, targets, return_logits):
-        logits = F.linear(hidden, weight)[..., : self.vocab_size]  # (B, T, V)
-        if targets is None:
-            return logits, None
-        T = targets.shape[1]
-        w = 2 * torch.arange(1, T + 1, device=targets.device) / (T + 1) * (targets != IGNORE)  # (B, T)
-        per_token = F.cross_entropy(logits.transpose(1, 2).float(), targets, ignore_index=IGNORE,
-                                    reduction="none")  # (B, T)
-        return (logits if return_logits else None), (per_token * w).sum() / w.sum()
-
-
-NOISY_CLM = ObjectiveKind("noisy_clm", LaterTokensWeighMore, lambda rules, train: NoisyNextToken(rules))
+NOISY_CLM = ObjectiveKind("noisy_clm", TokenLoss, lambda rules, train: NoisyNextToken(rules))
 
 register_arch(GATED_STACKS)
 register_objective(NOISY_CLM)
@@ -129,7 +117,7 @@ def test_toy_architecture_and_objective_train_resume_reload_and_run_every_comman
             (full[step]["loss"], full[step]["grad_norm"], full[step].get("val_loss"))
 
     _, model, _ = load_trained(str(tmp_path / "full"))  # rebuilt from config.json with the registered kinds
-    assert type(model) is GatedStacks and type(model.objective) is LaterTokensWeighMore
+    assert type(model) is GatedStacks and type(model.objective) is TokenLoss
     assert model.gate.abs().sum() > 0  # trained, and loaded
 
     run = str(tmp_path / "full")
@@ -156,11 +144,27 @@ def test_toy_kinds_check_their_configs_and_batches():
     batching = OBJECTIVES["noisy_clm"].batching(None, Trainconfig())
     rows = torch.arange(2 * 9).view(2, 9)  # (B, R): distinct tokens
     uniforms = torch.rand(2, 2, 9, generator=torch.Generator().manual_seed(0))
-    x, y = batching(rows, uniforms)
-    assert torch.equal(y, rows[:, 1:])
+    x, y, weights = batching(rows, uniforms)
+    assert torch.equal(y, rows[:, 1:]) and weights.mean() == 1 and weights[0, -1] > weights[0, 0]
     kept = uniforms[0, :, :-1] >= 0.2  # (B, T)
     assert torch.equal(x[kept], rows[:, :-1][kept]) and not kept.all()
     assert (x // 9 == torch.arange(2)[:, None]).all()  # a corrupted input comes from its own row
+
+
+def test_the_token_weights_multiply_each_targets_term_chunked_or_not():
+    config = parse(FLAGS + ["--vocab_size", "50", "--dropout", "0"])[0]
+    model = ARCHS["gated_stacks"].build(config)
+    idx, targets = torch.randint(0, 50, (2, 12)), torch.randint(0, 50, (2, 12))
+    targets[0, :3] = IGNORE
+    weights = torch.rand(2, 12)
+    chunked = model(idx, targets, token_weights=weights)  # the chunked cross-entropy, no logits
+    full = model(idx, targets, return_logits=True, token_weights=weights)
+    per_token = F.cross_entropy(full.logits.transpose(1, 2), targets, ignore_index=IGNORE, reduction="none")
+    expected = (per_token * weights).sum() / (targets != IGNORE).sum()
+    torch.testing.assert_close(chunked.loss, expected)
+    torch.testing.assert_close(full.loss, expected)
+    grads = torch.autograd.grad(chunked.loss, model.gate)[0]
+    torch.testing.assert_close(grads, torch.autograd.grad(expected, model.gate)[0])
 
 
 def test_the_toy_architecture_is_causal_and_its_cache_equals_the_full_forward():

@@ -59,11 +59,11 @@ def read_meta(folder: Path, dataset: str) -> dict:
 
 
 def rank_batch(rows: list[np.ndarray], generator: torch.Generator, batching: Batching | None, rank: int,
-               batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's (x, y), each (batch_size, block_size), from the rows of a global batch: its slice of the rows,
-    made into inputs and targets by the objective's `batching` (None: the tokens and the next tokens), with the
-    uniform numbers it asks for drawn from `generator` for the whole global batch (so the state depends only on the
-    global batch)."""
+               batch_size: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """This rank's (x, y), each (batch_size, block_size), or (x, y, token_weights), from the rows of a global batch:
+    its slice of the rows, made into inputs and targets by the objective's `batching` (None: the tokens and the
+    next tokens), with the uniform numbers it asks for drawn from `generator` for the whole global batch (so the
+    state depends only on the global batch)."""
     count, length = len(rows), len(rows[0])
     uniforms = None
     if batching is not None and batching.draws:
@@ -71,18 +71,18 @@ def rank_batch(rows: list[np.ndarray], generator: torch.Generator, batching: Bat
     mine = slice(rank * batch_size, (rank + 1) * batch_size)
     batch = torch.from_numpy(np.stack(rows[mine]).astype(np.int64))  # (B, R)
     if batching is None:
-        x, y = batch[:, :-1], batch[:, 1:]  # (B, T) each
+        parts = batch[:, :-1], batch[:, 1:]  # (B, T) each
     else:
-        x, y = batching(batch, None if uniforms is None else uniforms[:, mine])
+        parts = batching(batch, None if uniforms is None else uniforms[:, mine])
     if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+        return tuple(part.pin_memory().to(device, non_blocking=True) for part in parts)
+    return tuple(part.to(device) for part in parts)
 
 
 class TokenLoader:
     """(x, y) batches of batch_size rows of tokens: by default windows of block_size + 1 tokens with y = x shifted by
     one token; with an objective's `batching` (`llm.targets.Batching`), rows of block_size + batching.extra_tokens
-    tokens that it turns into (x, y) (masked-LM inputs, ignored labels).
+    tokens that it turns into (x, y) (masked-LM inputs, ignored labels) or (x, y, token_weights).
 
     - order "random": windows at uniformly random offsets, drawn with replacement from a seeded generator.
     - order "epoch": the file cut into non-overlapping windows, visited in a fresh permutation each epoch
@@ -156,8 +156,9 @@ class TokenLoader:
         self.position += count
         return rows
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (x, y), each (batch_size, block_size), from the next global batch."""
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """This rank's (x, y), each (batch_size, block_size), from the next global batch (with the objective's
+        token weights third when its batching gives them)."""
         rows = self.global_rows(self.batch_size * self.world_size)
         return rank_batch(rows, self.generator, self.batching, self.rank, self.batch_size, self.device)
 

@@ -40,8 +40,9 @@ class MixtureLoader:
         self.path = Path(first.path.parent.name)  # for messages
         self.n_offsets = min(source.n_offsets for source in sources.values())
 
-    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's (x, y), each (batch_size, block_size), from the next global batch."""
+    def next_batch(self) -> tuple[torch.Tensor, ...]:
+        """This rank's (x, y), each (batch_size, block_size), from the next global batch (with the objective's
+        token weights third when its batching gives them)."""
         count = self.batch_size * self.world_size
         choice = torch.multinomial(self.weights, count, replacement=True, generator=self.generator)  # (count,)
         rows: list[np.ndarray | None] = [None] * count

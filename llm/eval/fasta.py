@@ -54,7 +54,7 @@ def score(model, batching: Batching, ids: list[int], generator: torch.Generator,
     """(summed loss, tokens scored, tokens predicted correctly) of one tokenized sequence."""
     row = torch.tensor([ids])  # (1, n)
     uniforms = torch.rand(batching.draws, 1, row.size(1), generator=generator) if batching.draws else None
-    x, y = batching(row, uniforms)  # (1, T) each
+    x, y, *_ = batching(row, uniforms)  # (1, T) each; the plain loss, without the objective's token weights
     x, y = x.to(device), y.to(device)
     logits = model(x).logits.float()  # (1, T, V)
     scored = y != IGNORE  # (1, T)

@@ -17,9 +17,11 @@ def chunk_tokens(rows: int) -> int:
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                         ignore_index: int, chunk: int | None = None) -> torch.Tensor:
+                         ignore_index: int, chunk: int | None = None,
+                         token_weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of the logits hidden @ weight.T, restricted to the first vocab_size columns, against
-    targets; tokens whose target is ignore_index count neither in the sum nor in the mean.
+    targets; tokens whose target is ignore_index count neither in the sum nor in the mean. With token_weights (N,),
+    each token's term is multiplied by its weight (the mean stays over the counted tokens).
 
     hidden (N, C); weight (V, C) with V >= vocab_size (rows past vocab_size are padding and are never predicted);
     targets (N,). Chunks of `chunk` tokens (default `chunk_tokens(V)`). Under autocast the matmuls run in its
@@ -28,8 +30,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     chunk = chunk or chunk_tokens(weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, ignore_index, chunk)
-    return loss_and_grads(hidden, weight, targets, vocab_size, ignore_index, chunk, False, False)[0]
+        return LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, ignore_index, chunk, token_weights)
+    return loss_and_grads(hidden, weight, targets, vocab_size, ignore_index, chunk, False, False, token_weights)[0]
 
 
 def matmul_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -40,7 +42,8 @@ def matmul_dtype(weight: torch.Tensor) -> torch.dtype:
 
 
 def loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                   ignore_index: int, chunk: int, grad_hidden: bool, grad_weight: bool
+                   ignore_index: int, chunk: int, grad_hidden: bool, grad_weight: bool,
+                   token_weights: torch.Tensor | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(mean loss (), its gradient w.r.t. hidden (N, C) or None, w.r.t. weight (V, C) or None), as described in
     `linear_cross_entropy`, computed over chunks of tokens without building any graph."""
@@ -49,14 +52,15 @@ def loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     w = weight.to(mm_dtype)  # (V, C)
     kept = targets != ignore_index  # (N,)
     count = kept.sum()
+    factor = kept.to(dtype) if token_weights is None else kept * token_weights.to(dtype)  # (N,) each term's factor
     # d(mean loss)/d(logits) of a row is (softmax - one_hot(target)) * scale; scale is 0 for ignored rows, and
     # count is clamped so that when every row is ignored the gradients are 0 (and the loss NaN), as F.cross_entropy.
-    scale = kept.to(dtype) / count.clamp(min=1)  # (N,)
+    scale = factor / count.clamp(min=1)  # (N,)
     safe_targets = torch.where(kept, targets, 0)  # (N,) a valid index in every row
     total = torch.zeros((), dtype=dtype, device=hidden.device)
     d_hidden = []  # per chunk (K, C)
     d_weight = torch.zeros_like(weight, dtype=dtype) if grad_weight else None  # (V, C)
-    for h, t, k, s in zip(hidden.to(mm_dtype).split(chunk), safe_targets.split(chunk), kept.split(chunk),
+    for h, t, k, s in zip(hidden.to(mm_dtype).split(chunk), safe_targets.split(chunk), factor.split(chunk),
                           scale.split(chunk)):
         logits = (h @ w.T).to(dtype)  # (K, V)
         logits[:, vocab_size:] = float("-inf")  # padding rows of the head are never predicted
@@ -81,9 +85,9 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                ignore_index: int, chunk: int) -> torch.Tensor:
+                ignore_index: int, chunk: int, token_weights: torch.Tensor | None) -> torch.Tensor:
         loss, d_hidden, d_weight = loss_and_grads(hidden, weight, targets, vocab_size, ignore_index, chunk,
-                                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+                                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1], token_weights)
         ctx.save_for_backward(d_hidden, d_weight.to(weight.dtype) if d_weight is not None else None)
         return loss
 
@@ -91,4 +95,4 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         d_hidden, d_weight = ctx.saved_tensors
         return (None if d_hidden is None else d_hidden * grad_loss,
-                None if d_weight is None else d_weight * grad_loss, None, None, None, None)
+                None if d_weight is None else d_weight * grad_loss, None, None, None, None, None)

@@ -117,7 +117,8 @@ class ObjectiveKind:
     """A training objective (the model's `objective` string), end to end.
 
     `build(config)` returns the loss module (see objectives/token_loss.py's TokenLoss) with
-    `forward(hidden (B, T, C), weight (V_padded, C), targets (B, T) or None, return_logits) -> (logits, loss)`:
+    `forward(hidden (B, T, C), weight (V_padded, C), targets (B, T) or None, return_logits, token_weights (B, T) or
+    None) -> (logits, loss)`:
     hidden are the final hidden states after the final norm, weight the output head's (vocab_size rows padded to
     V_padded; the logits are hidden @ weight.T sliced to vocab_size); logits (B, T, vocab_size) when there are no
     targets or return_logits, else None; loss () when there are targets, else None; and the evaluation hooks
@@ -196,8 +197,9 @@ class HeadKind:
     """A head add-on trained beside the output head (multi-token prediction), attached to the model as the
     submodule `name` when `enabled(config)`.
 
-    `build(config)` returns a module with `forward(model, hidden (B, T, C), idx (B, T), targets (B, T)) -> HeadOutput`
-    (hidden: the trunk's last hidden state before the final norm; called with targets only) and `blocks()`: its
+    `build(config)` returns a module with `forward(model, hidden (B, T, C), idx (B, T), targets (B, T), token_weights
+    (B, T) or None) -> HeadOutput` (hidden: the trunk's last hidden state before the final norm; called with targets
+    only) and `blocks()`: its
     blocks, whose stats follow the trunk's in ModelOutput.layer_stats. `validate(config)` checks its fields.
     """
 

@@ -165,9 +165,10 @@ class LLM(nn.Module):
     # ---------------------------------------------------------------- the forward pass
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None,
-                return_logits: bool = False) -> ModelOutput:
+                return_logits: bool = False, token_weights: torch.Tensor | None = None) -> ModelOutput:
         """Logits (B, T, vocab_size) for token ids idx (B, T), the objective's loss when targets are given (targets
-        equal to -1 are ignored), and the layers' auxiliary loss and stats. Train on loss + aux_loss.
+        equal to -1 are ignored; token_weights (B, T), when the objective's batching gives them, weigh each target's
+        term), and the layers' auxiliary loss and stats. Train on loss + aux_loss.
 
         With targets, each head add-on runs too (llm.model.parts.HEADS): `loss` stays the main
         head's; the add-on's auxiliary loss, block stats and figures join aux_loss, layer_stats and stats.
@@ -178,10 +179,10 @@ class LLM(nn.Module):
         With a cache (generation), idx continues the cached tokens and the cache is extended by them.
         """
         x, aux_loss, layer_stats, stats = self.trunk(idx, cache)
-        logits, loss = self.objective(self.ln_f(x), self.head_weight(), targets, return_logits)
+        logits, loss = self.objective(self.ln_f(x), self.head_weight(), targets, return_logits, token_weights)
         if targets is not None:
             for name in self.heads:
-                extra = getattr(self, name)(self, x, idx, targets)
+                extra = getattr(self, name)(self, x, idx, targets, token_weights)
                 aux_loss, layer_stats = aux_loss + extra.aux_loss, layer_stats + extra.layer_stats
                 stats = {**stats, **extra.stats}
         return ModelOutput(logits, loss, aux_loss, layer_stats, stats)

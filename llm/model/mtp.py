@@ -56,8 +56,10 @@ class MultiTokenPrediction(nn.Module):
         """Each depth's block (their stats follow the trunk's layers)."""
         return [module.block for module in self.depths]
 
-    def forward(self, model: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor) -> HeadOutput:
-        """hidden (B, T, C): the trunk's last hidden state; idx, targets (B, T) the model's inputs and targets.
+    def forward(self, model: nn.Module, hidden: torch.Tensor, idx: torch.Tensor, targets: torch.Tensor,
+                token_weights: torch.Tensor | None = None) -> HeadOutput:
+        """hidden (B, T, C): the trunk's last hidden state; idx, targets (B, T) the model's inputs and targets, and
+        their per-token weights (B, T) if any.
         The auxiliary loss is mtp_lambda * the mean of the depths' losses plus their blocks' auxiliary losses; the
         stats hold each depth's loss as mtp/loss_K. Under the model's act_recomp each block's activations are
         recomputed in backward."""
@@ -75,7 +77,8 @@ class MultiTokenPrediction(nn.Module):
                 x, aux, block_stats = checkpoint(module.block, x, positions, None, None, use_reentrant=False)
             else:
                 x, aux, block_stats = module.block(x, positions)  # (B, T-k, C)
-            _, loss = model.objective(module.norm_out(x), model.head_weight(), targets[:, k:], False)
+            weights = None if token_weights is None else token_weights[:, k:]  # (B, T-k)
+            _, loss = model.objective(module.norm_out(x), model.head_weight(), targets[:, k:], False, weights)
             losses.append(loss)
             aux_loss = aux_loss + aux
             layer_stats.append(block_stats)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import LLMconfig
+from ...config import ConfigError, LLMconfig
 from ...targets import IGNORE
 from ..chunked_loss import linear_cross_entropy
 from ..codon_losses import CodonTree, HXELoss, SoftLabelLoss, codon_token_names
@@ -23,7 +23,8 @@ def codon_loss(config: LLMconfig) -> nn.Module | None:
 class TokenLoss(nn.Module):
     """The loss of the logits at each position against the target at that position, averaged over the targets that
     are not -1: cross-entropy, or a codon-tree loss (`loss`). The objective's batching places the targets: the next
-    tokens for clm, the masked tokens for mlm (-1 elsewhere).
+    tokens for clm, the masked tokens for mlm (-1 elsewhere). Per-token weights (B, T), when the batching gives
+    them, multiply each token's cross-entropy term (the mean stays over the counted tokens).
 
     Cross-entropy with targets and no logits asked for is computed over chunks of `chunk` tokens (None: a size
     chosen from the vocabulary, `chunked_loss.chunk_tokens`), so the logits of the whole batch are never
@@ -40,12 +41,18 @@ class TokenLoss(nn.Module):
         self.vocab_size = config.vocab_size
         self.chunk: int | None = None
         self.codon_loss = codon_loss(config)
+        self.codon_loss_name = config.loss
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None,
-                return_logits: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                return_logits: bool, token_weights: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if token_weights is not None and self.codon_loss is not None:
+            raise ConfigError(f"loss={self.codon_loss_name} takes no per-token weights, which this objective gives; "
+                              "use --loss ce")
+        flat_weights = None if token_weights is None else token_weights.reshape(-1)  # (B*T,)
         if targets is not None and not return_logits and self.codon_loss is None:
             loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                        self.vocab_size, IGNORE, self.chunk)
+                                        self.vocab_size, IGNORE, self.chunk, flat_weights)
             return None, loss
         logits = F.linear(hidden, weight)[..., : self.vocab_size]  # (B, T, V)
         if targets is None:
@@ -53,7 +60,10 @@ class TokenLoss(nn.Module):
         flat_logits, flat_targets = logits.reshape(-1, self.vocab_size), targets.reshape(-1)  # (B*T, V), (B*T,)
         if self.codon_loss is not None:
             return logits, self.codon_loss(flat_logits, flat_targets)
-        return logits, F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE)
+        if flat_weights is None:
+            return logits, F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE)
+        per_token = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE, reduction="none")  # (B*T,)
+        return logits, (per_token * flat_weights).sum() / (flat_targets != IGNORE).sum()
 
     def eval_sums(self, out, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """One evaluation batch's figures to sum: its mean loss ()."""
