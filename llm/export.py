@@ -66,7 +66,7 @@ def export(ckpt: str, out: str, overwrite: bool = False) -> Path:
     else:
         bos = eos = tokenizer.get("eot")
     hf = to_hf(model, bos, eos)
-    for name in model.heads:
+    for name in model.head_addons:
         print(f"note: the head add-on {name!r} is training-only and is left out of the export")
     if target.is_dir():
         if target.resolve() in (folder.resolve(), *folder.resolve().parents):

@@ -103,11 +103,6 @@ def check_window_schedule(t: Trainconfig, m: LLMconfig) -> None:
             "(FlexAttention on CUDA)")
 
 
-
-
-
-
-
 def check_arch_fields(m: LLMconfig) -> None:
     """The fields an architecture kind alone reads (ArchKind.fields) keep their defaults under any other arch."""
     for owner in ARCHS.values():

@@ -154,7 +154,6 @@ def test_sample_py_bad_input_is_one_line(argv, message, capsys, char_data, tmp_p
     assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
 
 
-
 def test_sample_py_keeps_the_end_of_a_long_prompt_or_refuses_it_with_strict_prompt(char_data, tmp_path, capsys):
     train(*parse(["--data_dir", str(char_data.parent), "--out_dir", str(tmp_path), "--max_iters", "1",
                   "--save_model", "--n_layer", "1", "--block_size", "16"]))

@@ -80,8 +80,8 @@ class LLM(nn.Module):
             isinstance(getattr(b.attn, "window", None), SlidingWindow) and b.attn.window.size is not None
             for b in self.blocks)
         self.add_modules()
-        self.heads = [name for name, kind in HEADS.items() if kind.enabled(config)]  # head add-ons, as submodules
-        for name in self.heads:
+        self.head_addons = [name for name, kind in HEADS.items() if kind.enabled(config)]  # their submodules
+        for name in self.head_addons:
             self.add_module(name, HEADS[name].build(config))
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
@@ -170,8 +170,8 @@ class LLM(nn.Module):
         equal to -1 are ignored; token_weights (B, T), when the objective's batching gives them, weigh each target's
         term), and the layers' auxiliary loss and stats. Train on loss + aux_loss.
 
-        With targets, each head add-on runs too (llm.model.parts.HEADS): `loss` stays the main
-        head's; the add-on's auxiliary loss, block stats and figures join aux_loss, layer_stats and stats.
+        With targets, each head add-on runs too (llm.model.parts.HEADS): `loss` stays the main head's; the add-on's
+        auxiliary loss, block stats and figures join aux_loss, layer_stats and stats.
 
         With targets the logits are returned only when return_logits; otherwise the objective computes the loss
         without materialising them (in chunks of tokens) and `logits` is None.
@@ -181,7 +181,7 @@ class LLM(nn.Module):
         x, aux_loss, layer_stats, stats = self.trunk(idx, cache)
         logits, loss = self.objective(self.ln_f(x), self.head_weight(), targets, return_logits, token_weights)
         if targets is not None:
-            for name in self.heads:
+            for name in self.head_addons:
                 extra = getattr(self, name)(self, x, idx, targets, token_weights)
                 aux_loss, layer_stats = aux_loss + extra.aux_loss, layer_stats + extra.layer_stats
                 stats = {**stats, **extra.stats}
@@ -190,8 +190,8 @@ class LLM(nn.Module):
     def trunk(self, idx: torch.Tensor, cache: Cache | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
         """The last hidden state (B, T, C) before the final norm for token ids idx (B, T), the layers' summed
-        auxiliary loss () and their stats, and model-wide figures (those of the architecture's run_blocks); with a cache as
-        in `forward`."""
+        auxiliary loss () and their stats, and model-wide figures (from the architecture's run_blocks); with a cache
+        as in `forward`."""
         T = idx.shape[1]
         start = 0 if cache is None else cache.length
         if start + T > self.config.block_size and not self.streams:
@@ -219,7 +219,7 @@ class LLM(nn.Module):
 
     def stat_blocks(self) -> list[nn.Module]:
         """The blocks whose stats ModelOutput.layer_stats lists: the layers, then each head add-on's blocks."""
-        return [*self.blocks, *(block for name in self.heads for block in getattr(self, name).blocks())]
+        return [*self.blocks, *(block for name in self.head_addons for block in getattr(self, name).blocks())]
 
     def generation_refusal(self) -> str | None:
         """Why the model does not generate text (its objective's ObjectiveKind.generation_refusal), or None."""
@@ -263,6 +263,6 @@ class LLM(nn.Module):
         return total, total - inactive
 
     def skipped_params(self) -> float:
-        """Active parameters that the average training token skips: each routed layer's block parameters
-        times the fraction of a block_size sequence it leaves out (0 without such layers)."""
+        """Active parameters that the average training token skips: each routed layer's block parameters times the
+        fraction of a block_size sequence it leaves out (0 without such layers)."""
         return sum(block.skipped_params(self.config.block_size) for block in self.blocks)

@@ -1,4 +1,4 @@
-"""`arch: ngpt`, the normalized transformer ( Loshchilov et al. 2024, "nGPT: Normalized Transformer with
+"""`arch: ngpt`, the normalized transformer (Loshchilov et al. 2024, "nGPT: Normalized Transformer with
 Representation Learning on the Hypersphere", arXiv:2410.01131).
 
 Embeddings, hidden states and the weights' vectors along the model width live on the unit sphere. A block moves

@@ -1,7 +1,7 @@
-"""`arch: recurrent`, recurrent depth (Geiping et al. 2025, "Scaling up Test-Time Compute with Latent Reasoning: A Recurrent Depth
-Approach"): a prelude embeds the input once, a core iterated r times refines a latent state, a coda decodes the last
-state. The blocks stay in the model's one list (prelude, core, coda in order); this module holds what the recurrence
-adds: the adapter, the number of iterations and the order in which the blocks run.
+"""`arch: recurrent`, recurrent depth (Geiping et al. 2025, "Scaling up Test-Time Compute with Latent Reasoning: A
+Recurrent Depth Approach"): a prelude embeds the input once, a core iterated r times refines a latent state, a coda
+decodes the last state. The blocks stay in the model's one list (prelude, core, coda in order); this module holds
+what the recurrence adds: the adapter, the number of iterations and the order in which the blocks run.
 """
 import contextlib
 import math
@@ -155,7 +155,8 @@ class RecurrentDepthLLM(LLM):
     def core_params(self) -> int:
         """Active parameters one core iteration uses (its blocks and the adapter)."""
         core = [self.blocks[i] for i in self.recurrence.core]
-        active = sum(p.numel() for block in core for p in block.parameters()) - sum(b.ffn.inactive_params() for b in core)
+        inactive = sum(block.ffn.inactive_params() for block in core)
+        active = sum(p.numel() for block in core for p in block.parameters()) - inactive
         return active + sum(p.numel() for p in self.recurrence.parameters())
 
     def flops_per_token(self) -> float:

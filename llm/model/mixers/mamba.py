@@ -238,8 +238,6 @@ class BiMamba(nn.Module):
         return self.c_proj(torch.cat((ahead, behind), dim=-1))  # (B, T, C)
 
 
-
-
 def check_sizes(block: BlockConfig, config: LLMconfig) -> None:
     """The Mamba fields that both kinds read are in range; no mixture-of-depths routing."""
     for name in ("d_state", "expand", "d_conv"):
@@ -265,9 +263,10 @@ def bidirectional_mixing_flops(block: BlockConfig, config: LLMconfig) -> float:
     return 2 * mixing_flops(block, config)
 
 
-MAMBA = MixerKind("mamba", Mamba, check_sizes, direction="causal", counterpart="bimamba", mixing_flops=mixing_flops, examples={
-    "mamba": dict(attn="mamba", d_state=4, expand=2, d_conv=3),
-    "mamba_rank2": dict(attn="mamba", d_state=3, expand=1, d_conv=4, dt_rank=2, conv_bias=False)})
+MAMBA = MixerKind("mamba", Mamba, check_sizes, direction="causal", counterpart="bimamba", mixing_flops=mixing_flops,
+                  examples={"mamba": dict(attn="mamba", d_state=4, expand=2, d_conv=3),
+                            "mamba_rank2": dict(attn="mamba", d_state=3, expand=1, d_conv=4, dt_rank=2,
+                                                conv_bias=False)})
 # The bimamba example's convolution spans the generic tests' sequences, so that each position's dependence on every
 # later token shows through the backward branch at initialisation, where the scan's share is still tiny.
 BIMAMBA = MixerKind("bimamba", BiMamba, check_sizes, direction="bidirectional", counterpart="mamba",
