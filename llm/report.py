@@ -8,7 +8,7 @@ Reads each run's config.json and metrics.jsonl; writes report/report.md (also pr
 import json
 import statistics
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +17,8 @@ import tyro
 from .config import ConfigError, eval_int_expr, exit_on_user_error
 from .config.fields import model_config_from_dict
 from .model import build_model
+from .plugins import Imports, import_modules
+from .validate import validate_model
 
 
 @dataclass
@@ -27,6 +29,9 @@ class ReportArgs:
     """Run directories (out/RUN), each with config.json and metrics.jsonl."""
     out: str = "report"
     """Folder for report.md and loss.png."""
+    imports: Imports = field(default_factory=list)
+    """--import MODULE (repeatable): a module to import first, e.g. one that registers kinds of its own with
+    llm.model.register_arch; looked up on sys.path and in the working directory."""
 
 
 @dataclass
@@ -71,15 +76,20 @@ def read_run(folder: str) -> Run:
     return Run(path.name, config, rows)
 
 
-def parameters(config: dict) -> tuple[int, int]:
+def parameters(run: Run) -> tuple[int, int]:
     """(total, active) parameters of the run's model, counted on the meta device (no memory used)."""
+    model_config = model_config_from_dict(run.config["model"], f"{run.name}/config.json model")
+    try:
+        validate_model(model_config)  # its kinds are registered here (--import MODULE for kinds of one's own)
+    except ConfigError as e:
+        raise ConfigError(f"{run.name}/config.json: {e}") from None
     with torch.device("meta"):
-        return build_model(model_config_from_dict(config["model"], "config.json model")).get_num_params()
+        return build_model(model_config).get_num_params()
 
 
 def summary(run: Run) -> dict:
     """The figures of one table row."""
-    total, active = parameters(run.config)
+    total, active = parameters(run)
     last = run.rows[-1]
     evaluated = [r for r in run.rows if "val_loss" in r]
     speeds = [r["tokens_per_s"] for r in run.rows[1:]] or [last["tokens_per_s"]]  # the first step includes warm-up
@@ -147,6 +157,7 @@ def report(run_dirs: list[str], out: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = tyro.cli(ReportArgs, args=argv, use_underscores=True)
     with exit_on_user_error():
+        import_modules(args.imports)
         print(report(list(args.runs), args.out), end="")
 
 

@@ -1,6 +1,6 @@
 """The model level is open: an architecture kind and an objective kind defined in this file (outside the package)
-train through train.py's entry point, resume bit-exactly, reload from their checkpoint, and sample, export and
-evaluate through the commands' --import flag.
+train through train.py's entry point, resume bit-exactly, reload from their checkpoint, and sample, export,
+evaluate and report through the commands' --import flag.
 
 Importing this module registers both kinds, so `--import tests.test_model_level` brings them to a command."""
 import json
@@ -134,6 +134,8 @@ def test_toy_architecture_and_objective_train_resume_reload_and_run_every_comman
     evaluated = command("-m", "llm.eval", "fasta", "--ckpt", run, "--fasta", str(tmp_path / "seq.fa"), "--import",
                         "tests.test_model_level")
     assert evaluated.returncode == 0 and "2 sequences" in evaluated.stdout, evaluated.stderr
+    reported = command("-m", "llm.report", run, "--out", str(tmp_path / "report"), "--import", "tests.test_model_level")
+    assert reported.returncode == 0 and "| full |" in reported.stdout, reported.stderr
 
 
 def test_toy_kinds_check_their_configs_and_batches():
