@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import tyro
 
-from llm.config import ConfigError, exit_on_user_error
+from llm.config import ConfigError, exit_on_user_error, read_user_text
 from llm.plugins import Imports, import_modules
 
 
@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> None:
 
         if args.prompt_file is not None and not Path(args.prompt_file).is_file():
             raise ConfigError(f"--prompt_file={args.prompt_file!r}: no such file")
-        texts = list(args.prompt) + ([Path(args.prompt_file).read_text()] if args.prompt_file else [])
+        prompt_file = [read_user_text(Path(args.prompt_file), f"--prompt_file={args.prompt_file!r}")] \
+            if args.prompt_file else []
+        texts = list(args.prompt) + prompt_file
         if not texts:
             texts = [""]
         if tokenizer_meta["tokenizer"] in SEQUENCE_TOKENIZERS:  # a sequence begins with its begin token

@@ -51,7 +51,11 @@ def parse(argv: Sequence[str] | None = None) -> tuple[LLMconfig, Trainconfig]:
     argv = flag_spellings(list(sys.argv[1:] if argv is None else argv))
     args = tyro.cli(Args, args=argv, default=_defaults(argv), use_underscores=True)
     import_modules(args.imports)
-    model, wheres = _with_layers(args, _given_flags(argv))
+    given = _given_flags(argv)
+    if "dataset" in given and args.train.data_mix is not None:
+        raise ConfigError(f"--dataset {args.train.dataset} and --data_mix {args.train.data_mix!r} were both given; a "
+                          "mixture reads only the datasets it names: drop --dataset or add it to --data_mix")
+    model, wheres = _with_layers(args, given)
     validate(model, args.train, wheres)
     if args.print_config:
         print(json.dumps(config_dict(model, args.train), indent=2))
@@ -156,6 +160,9 @@ def _with_layers(args: Args, given: set[str]) -> tuple[LLMconfig, list[str]]:
         if per_layer:
             raise ConfigError(f"--{per_layer[0]} cannot change the heterogeneous layers read from --config; "
                               "edit model.layers in the file or pass --layer_configs_jsonl")
+        if "n_layer" in given and model.n_layer != len(model.layers):
+            raise ConfigError(f"--n_layer {model.n_layer} cannot change the {len(model.layers)} heterogeneous layers "
+                              "read from --config; edit model.layers in the file or pass --layer_configs_jsonl")
         blocks, wheres = model.layers, [f"model.layers item {i}" for i in range(len(model.layers))]
     else:
         if model.n_layer < 1:

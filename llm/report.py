@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import tyro
 
-from .config import ConfigError, eval_int_expr, exit_on_user_error
+from .config import ConfigError, eval_int_expr, exit_on_user_error, require_folder
 from .config.fields import model_config_from_dict
 from .model import build_model
 from .plugins import Imports, import_modules
@@ -147,6 +147,7 @@ def report(run_dirs: list[str], out: str) -> str:
     runs = [read_run(d) for d in run_dirs]
     table = markdown([summary(r) for r in runs])
     folder = Path(out)
+    require_folder(folder, f"--out={out!r}")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.md").write_text(table)
     if not plot(runs, folder / "loss.png"):

@@ -296,3 +296,28 @@ def test_moe_is_a_spelling_of_ffn_everywhere(tmp_path, capsys):
 def test_kind_names_and_their_spellings_are_checked(argv, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         parse(argv)
+
+
+def test_n_layer_cannot_change_the_heterogeneous_layers_of_a_config_file(tmp_path):
+    spec = dict(attn="mha", n_head=2, ffn="dense", up_dim=64, non_linearity="gelu")
+    layers = [spec, {**spec, "non_linearity": "relu"}] * 2
+    (tmp_path / "four.json").write_text(json.dumps({"model": {"n_embd": 32, "layers": layers}}))
+    with pytest.raises(ConfigError, match="^--n_layer 2 cannot change the 4 heterogeneous layers read from --config"):
+        parse(["--config", str(tmp_path / "four.json"), "--n_layer", "2"])
+    assert parse(["--config", str(tmp_path / "four.json"), "--n_layer", "4"])[0].n_layer == 4
+
+
+@pytest.mark.parametrize("flag,name", [("--config", "bad.json"), ("--config", "bad.yaml"),
+                                       ("--layer_configs_jsonl", "bad.jsonl")])
+def test_a_file_that_is_not_utf8_is_a_one_line_error(tmp_path, flag, name):
+    (tmp_path / name).write_bytes(b'{"model": {"n_layer": 2}}\xff\xfe')
+    with pytest.raises(ConfigError, match=rf"^{flag}=.*: .*{name} is not UTF-8 text \(byte 25 is 0xff\)"):
+        parse([flag, str(tmp_path / name)])
+
+
+def test_an_out_dir_that_names_a_file_is_refused_before_training(tmp_path, char_data):
+    from llm.train import train
+
+    (tmp_path / "taken").write_text("a file")
+    with pytest.raises(ConfigError, match=r"^--out_dir='.*taken': .*taken is a file, not a folder"):
+        train(*parse(["--out_dir", str(tmp_path / "taken"), "--data_dir", str(char_data.parent), "--max_iters", "1"]))

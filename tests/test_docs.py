@@ -151,3 +151,10 @@ def test_relative_links_point_at_files(doc):
     targets = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", doc.read_text())
     missing = [t for t in targets if "://" not in t and not (doc.parent / t).exists()]
     assert missing == []
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=[d.relative_to(REPO).as_posix() for d in DOCS])
+def test_every_code_fence_is_closed(doc):
+    """An unclosed fence turns the rest of the page, headings included, into code."""
+    fences = [number for number, line in enumerate(doc.read_text().splitlines(), start=1) if line.startswith("```")]
+    assert len(fences) % 2 == 0, f"{doc.name}: the fence opened on line {fences[-1]} is never closed"

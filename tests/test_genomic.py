@@ -110,11 +110,14 @@ def test_text_tokenizers_keep_the_plain_next_token_path(tokenizer):
         batch_rules(text_meta(tokenizer), model, windows_cfg)
 
 
-def test_char_tokenizer_with_loss_mask_gets_labels():
-    model, cfg = parse(["--loss_mask", "acgt"])
-    labels, windows = batch_rules(text_meta("char"), model, cfg)
-    assert windows is None and isinstance(labels, NextToken)
-    assert labels.table.tolist() == [0, 1, 2, 3, 4, 5]  # A C G T a c: all bases, none special
+@pytest.mark.parametrize("tokenizer", ["gpt2", "char"])
+@pytest.mark.parametrize("flags", [["--loss_mask", "acgt"], ["--uppercase_labels"]])
+def test_nucleotide_label_options_are_refused_on_text_tokenizers(tokenizer, flags):
+    """On text (Tiny Shakespeare, say) they would silently drop or rewrite most targets."""
+    model, cfg = parse(flags)
+    with pytest.raises(ConfigError, match=f"^{' '.join(flags)} relabels nucleotides, which needs sequence "
+                                          f"data .* uses the {tokenizer} tokenizer; drop {flags[0]}"):
+        batch_rules(text_meta(tokenizer), model, cfg)
 
 
 def test_sequence_tokenizers_get_labels_and_window_options():
@@ -490,6 +493,16 @@ def test_prepare_genomic_max_tokens_keeps_sequences_whole_at_the_cut(tmp_path, m
         assert tokenizer.bos not in doc[1:] and tokenizer.eos not in doc[:-1], doc
 
 
+@pytest.mark.parametrize("name,content", [("empty.fa", ""), ("blank.fa", "\n\n"), ("empty.jsonl", "")])
+def test_a_source_without_records_is_refused_not_prepared_into_an_invented_sequence(tmp_path, capsys, name, content):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(SystemExit) as exit_info:
+        prepare_genomic(tmp_path, tmp_path / name, "nucleotide")
+    assert exit_info.value.code == 2 and not (tmp_path / "g_nucleotide" / "meta.json").exists()
+    assert capsys.readouterr().err == f"error: --source={str(tmp_path / name)!r} holds no sequence record (an empty " \
+                                      "file?); pass FASTA, FASTQ, JSONL or Parquet sequences\n"
+
+
 def genome_fasta(path, n_bases: int, seed: int, contig_bases: int):
     path.write_text("".join(fasta_record(name, seq) for name, seq in synthetic_genome(n_bases, seed,
                                                                                         contig_bases=contig_bases)))
@@ -518,6 +531,15 @@ def test_training_a_few_steps_on_windows(tmp_path, objective, tokenizer, flags):
     if objective == "mlm":
         assert metrics["val_ppl"] == pytest.approx(math.exp(metrics["val_loss"]))
         assert 0 <= metrics["val_masked_acc"] <= 1
+
+
+def test_a_masked_lm_run_ends_with_how_to_evaluate_it_not_sample_it(tmp_path, capsys):
+    out, _, _ = prepare_genomic(tmp_path, genome_fasta(tmp_path / "g.fa", 3000, 1, 700), "nuc")
+    train(*parse(["--dataset", out.name, "--data_dir", str(tmp_path), "--out_dir", str(tmp_path / "runs"),
+                  "--objective", "mlm", "--max_iters", "1", "--batch_size", "2", "--block_size", "32",
+                  "--total_batch_size_str", "2*32", *TINY_RUN, "--save_model"]))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.endswith("does not generate text; evaluate it with python -m llm.eval fasta") and "sample.py" not in last
 
 
 # ---------------------------------------------------------------- bidirectional models

@@ -115,3 +115,10 @@ def test_a_mixture_run_logs_tokens_per_source_and_the_weighted_val_loss(char_dat
     assert last[f"tokens/{char_data.name}"] > last["tokens/copy"]
     weighted = 0.75 * last[f"val/{char_data.name}_loss"] + 0.25 * last["val/copy_loss"]
     assert last["val_loss"] == pytest.approx(weighted)
+
+
+def test_dataset_and_data_mix_together_are_refused():
+    """A mixture reads only the datasets it names: a --dataset beside it would be silently dropped."""
+    with pytest.raises(ConfigError, match="^--dataset genomic and --data_mix 'a:0.5,b:0.5' were both given"):
+        parse(["--dataset", "genomic", "--data_mix", "a:0.5,b:0.5"])
+    assert parse(["--data_mix", "a:0.5,b:0.5"])[1].data_mix == "a:0.5,b:0.5"

@@ -292,3 +292,12 @@ def test_recurrent_depth_is_a_spelling_of_arch_recurrent(tmp_path):
     with pytest.raises(ConfigError, match='"recurrent_depth": true contradicts "arch": "ngpt"'):
         (tmp_path / "both.json").write_text(json.dumps({"model": {**earlier["model"], "arch": "ngpt"}}))
         parse(["--config", str(tmp_path / "both.json")])
+
+
+def test_eval_recurrence_defaults_to_the_mean_training_recurrence():
+    """Unset, eval mode runs mean_recurrence iterations (a model trained at r-bar 4 is not judged at 32)."""
+    model = build_model(rd_config(mean_recurrence=4, eval_recurrence=None))
+    assert model.recurrence.eval_recurrence == 4
+    assert len(model.new_cache(1).layers) == 1 + 4 * 2 + 1  # prelude, the core's two layers x 4, coda
+    with pytest.raises(ConfigError, match="eval_recurrence=0 must be >= 1"):
+        rd_config(eval_recurrence=0)

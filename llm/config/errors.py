@@ -1,6 +1,7 @@
-"""The error type for user mistakes in configuration."""
+"""The error type for user mistakes in configuration, and the checks that raise it."""
 import contextlib
 import sys
+from pathlib import Path
 
 
 class ConfigError(ValueError):
@@ -25,3 +26,18 @@ def require(ok: bool, message: str) -> None:
     """Raises ConfigError(message) unless ok: the one-line form of every config check."""
     if not ok:
         raise ConfigError(message)
+
+
+def read_user_text(path: Path, given_as: str) -> str:
+    """The text of a file a user named (given_as: the flag and value, for the message); a file that is not UTF-8
+    text is a one-line ConfigError."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{given_as}: {path} is not UTF-8 text (byte {e.start} is 0x{e.object[e.start]:02x}); "
+                          "pass a text file saved as UTF-8") from None
+
+
+def require_folder(path: Path, given_as: str) -> None:
+    """Refuses a path that names an existing file where a folder is to be written."""
+    require(not path.exists() or path.is_dir(), f"{given_as}: {path} is a file, not a folder; pass a folder path")

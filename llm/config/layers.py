@@ -2,7 +2,7 @@
 import json
 from pathlib import Path
 
-from .errors import ConfigError
+from .errors import ConfigError, read_user_text
 from .fields import dataclass_from_dict, ffn_spelling, unique_keys
 from .schema import BlockConfig
 
@@ -39,7 +39,7 @@ def read_layer_configs_jsonl(path: str, base: BlockConfig) -> tuple[list[BlockCo
     if not file.is_file():
         raise ConfigError(f"--layer_configs_jsonl={path!r}: no such file; pass the path of a JSONL file of layer specs")
     blocks, wheres = [], []
-    for number, line in enumerate(file.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_user_text(file, f"--layer_configs_jsonl={path!r}").splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path} line {number}"

@@ -266,8 +266,9 @@ class LLMconfig:
     s0_std: float = 0.02
     """arch=recurrent: standard deviation of the Gaussian noise the state starts from in training (zeros in eval
     mode)."""
-    eval_recurrence: int = 32
-    """arch=recurrent: r in eval mode: validation loss, benchmarks and generation."""
+    eval_recurrence: int | None = None
+    """arch=recurrent: r in eval mode: validation loss, benchmarks and generation; unset: mean_recurrence (the
+    recurrence the model trains at on average)."""
     adapter_mode: Literal["concat", "add"] = "concat"
     """arch=recurrent: the core's input from the state s and the prelude's output e: concat (a linear adapter
     W [s; e], 2 n_embd -> n_embd) or add (s + e, no parameters)."""

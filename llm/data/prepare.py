@@ -319,6 +319,9 @@ def write_splits(corpus: Corpus, tokenizer, dtype: np.dtype, out: Path, args: Pr
     sequence indexes); returns the writer and both token counts."""
     tokenizer_meta = tokenizer.meta()
     wrap = (tokenizer.bos, tokenizer.eos) if tokenizer.name in SEQUENCE_TOKENIZERS else None
+    if wrap is not None and next(iter(corpus.train()), None) is None:  # else it would become one invented sequence
+        raise ConfigError(f"--source={corpus.source!r} holds no sequence record (an empty file?); pass FASTA, FASTQ, "
+                          "JSONL or Parquet sequences")
     encoder = Encoder(tokenizer_meta, workers)
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TimeElapsedColumn())

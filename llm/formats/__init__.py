@@ -7,7 +7,7 @@ our own files pass through unchanged.
 import json
 from pathlib import Path
 
-from ..config import ConfigError
+from ..config import ConfigError, read_user_text
 from ..config.fields import unique_keys
 from .helm import helm_to_ours, is_helm
 from .hydra import hydra_to_ours, is_hydra
@@ -47,7 +47,7 @@ def load_mapping(path: str) -> dict:
     file = Path(path)
     if not file.is_file():
         raise ConfigError(f"--config={path!r}: no such file")
-    text = file.read_text()
+    text = read_user_text(file, f"--config={path!r}")
     if file.suffix in (".yaml", ".yml"):
         import yaml
 

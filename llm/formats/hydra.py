@@ -7,7 +7,7 @@ followed by a linear decay over the last cooldown_frac of the steps; those setti
 """
 from pathlib import Path
 
-from ..config import BlockConfig, ConfigError
+from ..config import BlockConfig, ConfigError, read_user_text
 from .common import Unmapped, expect_dict, model_with_layers, take
 
 UNSUPPORTED_FAMILIES = {
@@ -44,7 +44,10 @@ def compose(path: Path, seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: defaults form a cycle through {', '.join(map(str, seen))}")
     if not path.is_file():
         raise ConfigError(f"{path}: no such file (named in the defaults of {seen[-1] if seen else path})")
-    data = expect_dict(yaml.safe_load(path.read_text()), str(path))
+    try:
+        data = expect_dict(yaml.safe_load(read_user_text(path, f"--config={str(path)!r}")), str(path))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     merged: dict = {}
     for entry in data.pop("defaults", None) or []:
         if entry == "_self_":

@@ -179,7 +179,13 @@ def batch_rules(meta: dict, model_config: LLMconfig, cfg: Trainconfig) -> tuple[
     if cfg.data_order == "windows" and not wraps:
         raise ConfigError(f"data_order=windows needs sequence data (python -m llm.data.prepare genomic), but dataset "
                           f"{cfg.dataset!r} uses the {meta['tokenizer']} tokenizer; use --data_order random or epoch")
-    if not (wraps or objective.needs_rules or cfg.loss_mask != "none" or cfg.uppercase_labels):
+    asked = [flag for flag, on in (("--loss_mask acgt", cfg.loss_mask != "none"),
+                                   ("--uppercase_labels", cfg.uppercase_labels)) if on]
+    if asked and not wraps:
+        raise ConfigError(f"{asked[0]} relabels nucleotides, which needs sequence data (python -m llm.data.prepare "
+                          f"genomic), but dataset {cfg.dataset!r} uses the {meta['tokenizer']} tokenizer; drop "
+                          f"{asked[0]}")
+    if not (wraps or objective.needs_rules):
         return objective.batching(None, cfg), None  # text without label options: the tokenizer is not even loaded
     tokenizer = tokenizer_from_meta(meta)
     batching = objective.batching(label_rules(tokenizer, cfg.loss_mask, cfg.uppercase_labels), cfg)
@@ -342,5 +348,7 @@ def say_where_saved(s: Session) -> None:
         return
     if s.checkpointer.saved is None:
         print("no checkpoint saved" + ("" if s.cfg.save_model else " (--no_save_model)"))
+    elif s.model.generation_refusal() is not None:  # its objective does not generate: its reason and what to run
+        print(f"checkpoint {s.checkpointer.saved}; {s.model.generation_refusal()}")
     else:
         print(f"checkpoint {s.checkpointer.saved}; sample from it with: python sample.py --ckpt {s.checkpointer.run_dir}")

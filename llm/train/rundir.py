@@ -12,7 +12,7 @@ the old run is moved aside to NAME.replaced-N (never deleted).
 import shutil
 from pathlib import Path
 
-from ..config import ConfigError, Trainconfig, run_dir_name
+from ..config import ConfigError, Trainconfig, require_folder, run_dir_name
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoints")  # any of these means the directory holds a run
 
@@ -49,6 +49,8 @@ def claim(cfg: Trainconfig, is_main: bool) -> Path:
     """The run's directory, checked to belong to this run: a new run in a directory that holds another is refused,
     or, with --overwrite, the old run is moved aside (on rank 0). Returns the directory."""
     folder = run_dir(cfg)
+    require_folder(Path(cfg.out_dir), f"--out_dir={cfg.out_dir!r}")
+    require_folder(folder, f"--out_dir={cfg.out_dir!r} --wandb_run_name={cfg.wandb_run_name!r}")
     if continues_own_run(cfg, folder) or not holds_run(folder):
         return folder
     if not cfg.overwrite:

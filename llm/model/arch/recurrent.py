@@ -52,7 +52,7 @@ class RecurrentDepth(nn.Module):
         C = config.n_embd
         self.adapter = nn.Linear(2 * C, C, bias=config.bias) if config.adapter_mode == "concat" else None
         self.train_recurrence = config.mean_recurrence  # replaced before each training step
-        self.eval_recurrence = config.eval_recurrence
+        self.eval_recurrence = config.eval_recurrence or config.mean_recurrence  # unset: the mean training r
         self.core = range(config.n_prelude, config.n_prelude + config.n_core)  # the core's block indices
 
     def recurrence(self) -> int:
@@ -179,9 +179,11 @@ class RecurrentDepthLLM(LLM):
 def validate(m: LLMconfig) -> None:
     """The fields in range, splitting the layers exactly; no mixture-of-depths routing inside."""
     for name, low in (("n_prelude", 0), ("n_core", 1), ("n_coda", 0), ("mean_recurrence", 1), ("r_max", 1),
-                      ("k_trunc", 1), ("eval_recurrence", 1)):
+                      ("k_trunc", 1)):
         value = getattr(m, name)
         require(value >= low, f"{name}={value} must be >= {low}")
+    require(m.eval_recurrence is None or m.eval_recurrence >= 1,
+            f"eval_recurrence={m.eval_recurrence} must be >= 1 (or unset: mean_recurrence={m.mean_recurrence})")
     require(m.lognorm_var >= 0, f"lognorm_var={m.lognorm_var} must be >= 0 (the variance of the log-normal rate)")
     require(m.s0_std >= 0, f"s0_std={m.s0_std} must be >= 0 (the standard deviation of the initial state)")
     require(not any(b.mod for b in m.layers), "arch=recurrent with mod=true layers: mixture-of-depths routing inside "

@@ -44,4 +44,4 @@ def batching(rules: LabelRules, train: Trainconfig) -> Masking:
 
 MLM = ObjectiveKind("mlm", MaskedTokenLoss, batching, causal=False, needs_rules=True,
                     generation_refusal="objective='mlm' is bidirectional (a masked LM): it has no generation cache and "
-                                       "does not generate text; evaluate it with python -m llm.eval")
+                                       "does not generate text; evaluate it with python -m llm.eval fasta")
