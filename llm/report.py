@@ -144,10 +144,10 @@ def report(run_dirs: list[str], out: str) -> str:
     """Writes out/report.md and out/loss.png; returns the markdown."""
     if not run_dirs:
         raise ConfigError("give at least one run directory: python -m llm.report out/RUN ...")
-    runs = [read_run(d) for d in run_dirs]
-    table = markdown([summary(r) for r in runs])
     folder = Path(out)
     require_folder(folder, f"--out={out!r}")
+    runs = [read_run(d) for d in run_dirs]
+    table = markdown([summary(r) for r in runs])
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.md").write_text(table)
     if not plot(runs, folder / "loss.png"):

@@ -141,8 +141,11 @@ def test_sample_py_streams_from_a_trained_checkpoint(char_data, tmp_path, capsys
     (["--ckpt", "nowhere"], "--ckpt=nowhere: "),  # the message after it is llm/checkpoint.py's
     (["--ckpt", "TRAINED", "--prompt", "Ωmega"], "character 'Ω' is not in this char vocabulary"),
     (["--ckpt", "x", "--temperature", "-1"], "--temperature=-1.0 must be >= 0"),
+    (["--ckpt", "TRAINED", "--prompt_file", "LATIN1"], "is not UTF-8 text (byte 5 is 0xe9)"),
 ])
 def test_sample_py_bad_input_is_one_line(argv, message, capsys, char_data, tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("ROMEO\u00e9".encode("latin-1"))
+    argv = [str(tmp_path / "latin1.txt") if a == "LATIN1" else a for a in argv]
     if "TRAINED" in argv:
         train(*parse(["--data_dir", str(char_data.parent), "--out_dir", str(tmp_path), "--max_iters", "1",
                       "--save_model", "--n_layer", "1"]))

@@ -89,3 +89,11 @@ def test_report_of_a_folder_that_is_not_a_run_is_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info, exit_on_user_error():
         report.main([str(tmp_path)])
     assert exit_info.value.code == 2 and "not a run directory" in capsys.readouterr().err
+
+
+def test_report_out_naming_a_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "report").write_text("a file")
+    with pytest.raises(SystemExit) as exit_info:
+        report.main(["out/run", "--out", str(tmp_path / "report")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.endswith("report is a file, not a folder; pass a folder path\n")
