@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError
+from .config import ConfigError, eval_int_expr
 from .config.fields import model_config_from_dict
 from .files import write_atomically, write_folder_atomically
 from .model import LLM, build_model
@@ -31,8 +31,8 @@ STEP_FOLDER = re.compile(r"step_(\d+)")
 STATE_FILE = "state.pt"
 # Train settings that change the trajectory: a resumed run must use the same ones (and the same global micro-batch,
 # batch_size x ranks, which may be split over another number of ranks).
-TRAJECTORY_FIELDS = ("dataset", "data_mix", "data_order", "total_batch_size_str", "learning_rate", "min_lr", "warmup_steps",
-                     "beta1", "beta2", "weight_decay", "grad_clip", "dtype", "seed")
+TRAJECTORY_FIELDS = ("dataset", "data_mix", "data_order", "learning_rate", "min_lr", "warmup_steps", "beta1", "beta2",
+                     "weight_decay", "grad_clip", "dtype", "seed")
 
 
 def checkpoints_dir(run_dir: Path) -> Path:
@@ -165,11 +165,21 @@ def config_differences(saved: dict, saved_ranks: int, current: dict, ranks: int)
     pairs = [(k, saved_model.get(k), v) for k, v in current["model"].items() if k not in ("attn_backend", "layers")]
     pairs += layer_differences(saved_model["layers"], current["model"]["layers"])
     pairs += [(k, saved["train"].get(k), current["train"][k]) for k in TRAJECTORY_FIELDS]
+    pairs += [("tokens per step", tokens_per_step(saved, saved_ranks), tokens_per_step(current, ranks))]
     differences = [f"{name}: {old!r} -> {new!r}" for name, old, new in pairs if old != new]
     old_batch, new_batch = saved["train"]["batch_size"], current["train"]["batch_size"]
     if old_batch * saved_ranks != new_batch * ranks:
         differences.append(f"batch_size x ranks: {old_batch} x {saved_ranks} -> {new_batch} x {ranks}")
     return differences
+
+
+def tokens_per_step(config: dict, ranks: int) -> int:
+    """The tokens of one optimizer step of a saved config: its total_batch_size_str expression ('2**11' and '2048'
+    are the same), or unset one micro-batch per rank."""
+    train, block_size = config["train"], config["model"]["block_size"]
+    if train.get("total_batch_size_str") is None:
+        return train["batch_size"] * block_size * ranks
+    return eval_int_expr(train["total_batch_size_str"], "total_batch_size_str")
 
 
 def best_or_latest(path: Path) -> Path:

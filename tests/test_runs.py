@@ -1,5 +1,6 @@
 """What a run owns and tells: its directory, its schedule, its checkpoints' cadence, its last line, and one-line
 errors for every damaged checkpoint file."""
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -187,3 +188,29 @@ def test_the_report_reads_one_runs_rows(tmp_path):
     path.write_text('{"step": 0}\nnot json\n{"step": 1}\n')
     with pytest.raises(ConfigError, match="metrics.jsonl line 2 is not a metrics row"):
         read_rows(path)
+
+
+def test_an_unset_total_batch_is_one_micro_batch_per_rank_and_the_run_records_it(char_data, tmp_path, capsys):
+    """No fixed default that breaks when the shape changes: 3 x 50 tokens is one step's batch, said and recorded."""
+    model_config, cfg = parse(["--batch_size", "3", "--block_size", "50", "--n_layer", "1", "--max_iters", "2",
+                               "--data_dir", str(char_data.parent), "--out_dir", str(tmp_path), "--save_model"])
+    assert cfg.total_batch_size_str is None
+    train(model_config, cfg)
+    assert "total_batch_size_str unset: one micro-batch per rank, 150 tokens per step" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["train"]["total_batch_size_str"] == "150"
+    resumed = parse(["--batch_size", "3", "--block_size", "50", "--n_layer", "1", "--max_iters", "3",
+                     "--data_dir", str(char_data.parent), "--out_dir", str(tmp_path), "--resume", "auto"])
+    assert train(*resumed)["step"] == 2  # the unset total resolves to the same 150 tokens: no difference
+
+
+def test_resume_compares_tokens_per_step_not_their_spelling():
+    from llm.checkpoint import config_differences
+    from llm.config import config_dict
+
+    model_config, cfg = parse(["--total_batch_size_str", "2**11"])
+    saved = config_dict(model_config, cfg)
+    same = config_dict(model_config, dataclasses.replace(cfg, total_batch_size_str="2048"))
+    doubled = config_dict(model_config, dataclasses.replace(cfg, total_batch_size_str="4096"))
+    assert config_differences(saved, 1, same, 1) == []
+    assert config_differences(saved, 1, doubled, 1) == ["tokens per step: 2048 -> 4096"]

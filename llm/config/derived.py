@@ -29,8 +29,10 @@ def run_dir_name(run_name: str) -> str:
     return name
 
 
-def total_batch_tokens(t: Trainconfig) -> int:
-    """Tokens per optimizer step, from the total_batch_size_str expression."""
+def total_batch_tokens(t: Trainconfig, m: LLMconfig, world_size: int = 1) -> int:
+    """Tokens per optimizer step: the total_batch_size_str expression, or unset one micro-batch per rank."""
+    if t.total_batch_size_str is None:
+        return t.batch_size * m.block_size * world_size
     return eval_int_expr(t.total_batch_size_str, "total_batch_size_str")
 
 
@@ -55,7 +57,7 @@ def parse_mix(text: str) -> dict[str, float]:
 
 def micro_steps(t: Trainconfig, m: LLMconfig, world_size: int = 1) -> int:
     """Micro-steps per optimizer step: total tokens / (batch_size * block_size * world_size), which must divide."""
-    total = total_batch_tokens(t)
+    total = total_batch_tokens(t, m, world_size)
     micro = t.batch_size * m.block_size * world_size
     ranks = f" * world_size {world_size}" if world_size > 1 else ""
     require(total > 0 and total % micro == 0,

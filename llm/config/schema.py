@@ -320,8 +320,9 @@ class Trainconfig:
     """objective=mlm: helm (every chosen token becomes <mask>) or bert (80% <mask>, 10% a random token, 10% kept)."""
     out_dir: str = "out"
     """Folder for run directories (out_dir/<run name>/)."""
-    total_batch_size_str: str = "2**11"
-    """Tokens per optimizer step, as integer arithmetic ('2**19', '8*1024'); gradient accumulation makes up the rest."""
+    total_batch_size_str: str | None = None
+    """Tokens per optimizer step, as integer arithmetic ('2**19', '8*1024'); gradient accumulation makes up the rest.
+    Unset: one micro-batch per rank (batch_size * block_size * ranks), which the run records in its config.json."""
     batch_size: int = 16
     """Sequences per micro-step on each device."""
     max_iters: int = 500

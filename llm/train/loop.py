@@ -221,6 +221,10 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
                              attn_backend=model_config.attn_backend)
         model_config = pretrained.config
     model_config = resolve_vocab(model_config, meta, cfg.dataset)
+    if cfg.total_batch_size_str is None:  # one micro-batch per rank, written down so the run's config says so
+        cfg = dataclasses.replace(cfg, total_batch_size_str=str(total_batch_tokens(cfg, model_config, job.world_size)))
+        if job.is_main:
+            print(f"total_batch_size_str unset: one micro-batch per rank, {cfg.total_batch_size_str} tokens per step")
     accum_steps = micro_steps(cfg, model_config, job.world_size)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
     batching, windows = batch_rules(meta, model_config, cfg)
@@ -244,7 +248,7 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
                                 precision, loaders)
     eval_tasks = load_eval_tasks(cfg.eval_tasks, model.causal)
     return Session(cfg, job, precision, model_config, model, step_model, optimizer, loaders, accum_steps,
-                   total_batch_tokens(cfg), model.get_num_params(), model.flops_per_token(), checkpointer,
+                   total_batch_tokens(cfg, model_config), model.get_num_params(), model.flops_per_token(), checkpointer,
                    NonFiniteGuard(device, run_dir), eval_tasks)
 
 
