@@ -120,6 +120,21 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(char_data, tmp
     assert [p.name for p in step_checkpoints(tmp_path / "n")][-1] == "step_0000003"  # nothing saved after step 3
 
 
+def test_a_non_finite_validation_loss_is_logged_then_stops_the_run(char_data, tmp_path, monkeypatch):
+    estimate = loop.estimate_loss
+
+    def nan_validation(*args):
+        return {name: float("nan") if name == "val_loss" else value for name, value in estimate(*args).items()}
+
+    monkeypatch.setattr(loop, "estimate_loss", nan_validation)
+    with pytest.raises(SystemExit, match=r"^error: val_loss=nan at the evaluation after step 2; the last good "
+                                         r"checkpoint is .*step_0000002; lower --learning_rate"):
+        run(char_data, tmp_path, "v", "--save_model", "--ckpt_interval", "2")
+    rows = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and rows[-1]["val_loss"] != rows[-1]["val_loss"]  # logged as NaN
+    assert [p.name for p in step_checkpoints(tmp_path / "v")][-1] == "step_0000002"  # nothing saved from step 2
+
+
 def test_resume_with_other_flags_lists_the_differences(char_data, tmp_path):
     run(char_data, tmp_path, "d", "--save_model", "--max_iters", "3", "--ckpt_interval", "3")
     with pytest.raises(ConfigError, match=r"different config \(n_embd: 32 -> 64; learning_rate: 0.003 -> 0.001\)"):

@@ -330,6 +330,7 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
                     metrics = step_metrics(s, step, lr, result, (time.perf_counter() - t0) / (step - last_logged))
                     if log is not None:
                         log.log(metrics)
+                    s.guard.check_figures(step, metrics)  # logged as they are, then the run stops before saving
                     t0, last_logged = time.perf_counter(), step
                 new_best = s.checkpointer.is_new_best(metrics, step)
                 if s.checkpointer.should_save(step, new_best, stopping):

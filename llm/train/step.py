@@ -1,5 +1,6 @@
 """One optimizer step and one evaluation, and the guards against a non-finite loss and running out of memory."""
 import contextlib
+import math
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -134,7 +135,18 @@ class NonFiniteGuard:
     def check(self) -> None:
         bad = int(self.first_bad.item())
         if bad >= 0:
-            found = step_checkpoints(self.run_dir)
-            kept = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved"
-            raise SystemExit(f"error: the loss became NaN or infinite at step {bad}; {kept}; lower --learning_rate "
-                             "or raise --warmup_steps")
+            raise SystemExit(f"error: the loss became NaN or infinite at step {bad}; {self.kept()}; lower "
+                             "--learning_rate or raise --warmup_steps")
+
+    def check_figures(self, step: int, metrics: dict) -> None:
+        """Stops the run, as a non-finite training loss does, when a logged loss (train_loss, val_loss, ...: every
+        key ending in _loss) is NaN or infinite."""
+        bad = [name for name, value in metrics.items() if name.endswith("_loss") and not math.isfinite(value)]
+        if bad:
+            raise SystemExit(f"error: {bad[0]}={metrics[bad[0]]} at the evaluation after step {step}; {self.kept()}; "
+                             "lower --learning_rate or raise --warmup_steps, or evaluate in float32 (--dtype float32)")
+
+    def kept(self) -> str:
+        """Where the last good checkpoint is, or that none was saved."""
+        found = step_checkpoints(self.run_dir)
+        return f"the last good checkpoint is {found[-1]}" if found else "no checkpoint was saved"

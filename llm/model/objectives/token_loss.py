@@ -11,6 +11,8 @@ from ...targets import IGNORE
 from ..chunked_loss import linear_cross_entropy
 from ..codon_losses import CodonTree, HXELoss, SoftLabelLoss, codon_token_names
 
+MAX_LOG_PPL = 709.0  # exp of more overflows a float: the perplexity is then reported as inf
+
 
 def codon_loss(config: LLMconfig) -> nn.Module | None:
     """The codon-tree loss that replaces cross-entropy (loss hxe or soft_labels), or None for cross-entropy."""
@@ -87,4 +89,5 @@ class MaskedTokenLoss(TokenLoss):
 
     def eval_figures(self, sums: dict[str, float], batches: int) -> dict[str, float]:
         loss = sums["loss"] / batches
-        return {"loss": loss, "ppl": math.exp(loss), "masked_acc": sums["hits"] / max(1.0, sums["masked"])}
+        ppl = math.inf if loss > MAX_LOG_PPL else math.exp(loss)  # NaN stays NaN
+        return {"loss": loss, "ppl": ppl, "masked_acc": sums["hits"] / max(1.0, sums["masked"])}
