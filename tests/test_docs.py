@@ -2,6 +2,8 @@
 short, its test command is the one CI runs, and their relative links point at files that exist."""
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -9,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from llm.cli import parse
+from llm.config import ConfigError
 from tests.conftest import REPO
 
 DOCS = [REPO / "README.md", REPO / "data" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
@@ -158,3 +162,65 @@ def test_every_code_fence_is_closed(doc):
     """An unclosed fence turns the rest of the page, headings included, into code."""
     fences = [number for number, line in enumerate(doc.read_text().splitlines(), start=1) if line.startswith("```")]
     assert len(fences) % 2 == 0, f"{doc.name}: the fence opened on line {fences[-1]} is never closed"
+
+
+# Documented train.py commands that name files outside this repository, which the test cannot have.
+OUTSIDE_FILES = {
+    "--config configs/moe.yaml": "llm720's own configs/moe.yaml (tests/test_foreign_configs.py converts a copy)",
+    "--import mykinds": "the reader's own module (tests/test_model_level.py runs --import with a module of its own)",
+}
+TRAIN_COMMAND = re.compile(r"(?:^|\s)(?:\S*/)?train\.py(?:\s|$)")
+
+
+def train_commands(doc: Path) -> list[list[tuple[list[str], str | None]]]:
+    """Per code block of the doc, its train.py commands in order: (train.py's arguments, the file its output is
+    redirected to, if any); torchrun's own flags and a chain's other commands are left out."""
+    blocks = []
+    for block in FENCE.findall(doc.read_text()):
+        commands = []
+        for line in re.sub(r"\\\n", " ", block).splitlines():
+            for command in re.split(r"&&|;", line):
+                if not TRAIN_COMMAND.search(command) or command.lstrip().startswith(("$", "error")):
+                    continue
+                words = shlex.split(command, comments=True)
+                start = next(i for i, word in enumerate(words) if word.endswith("train.py")) + 1
+                argv, out = words[start:], None
+                if ">" in argv:
+                    out, argv = argv[argv.index(">") + 1], argv[:argv.index(">")]
+                commands.append((argv, out))
+        if commands:
+            blocks.append(commands)
+    return blocks
+
+
+def documented_blocks() -> list:
+    return [pytest.param(doc, commands, id=f"{doc.relative_to(REPO).as_posix()}-{i}")
+            for doc in DOCS for i, commands in enumerate(train_commands(doc))]
+
+
+@pytest.mark.parametrize("doc,commands", documented_blocks())
+def test_every_documented_train_command_validates(doc, commands, tmp_path, monkeypatch, capsys):
+    """Each `python train.py ...` (or torchrun ... train.py ...) of README and docs goes through the real parser and
+    validator, in order within its block, in a folder holding the repository's example files."""
+    shutil.copy(REPO / "layer_configs.jsonl", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    for argv, out in commands:
+        line = " ".join(argv)
+        if any(part in line for part in OUTSIDE_FILES):
+            continue
+        try:
+            parse(argv)
+        except SystemExit as e:  # --print_config prints the config and exits 0
+            assert e.code == 0 and "--print_config" in argv, f"{doc.name}: train.py {line} exited with {e.code}"
+            if out:
+                Path(out).write_text(capsys.readouterr().out)
+        except ConfigError as e:
+            pytest.fail(f"{doc.name}: python train.py {line}\nerror: {e}")
+
+
+def test_the_documented_train_commands_are_found():
+    """The extraction sees every command line: continuations, chains, torchrun, redirection, comments."""
+    found = [argv for doc in DOCS for block in train_commands(doc) for argv, _ in block]
+    assert len(found) >= 25
+    assert ["--preset", "gpt2-124m", "--dist", "ddp"] in found  # after torchrun --nproc_per_node 8
+    assert any(argv[-2:] == ["--total_batch_size_str", "2**20"] for argv in found)  # continued lines, quotes
