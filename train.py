@@ -7,16 +7,20 @@
 """
 import sys
 
-from llm.cli import parse
-from llm.config import exit_on_user_error
-
 
 def main(argv: list[str] | None = None) -> None:
-    with exit_on_user_error():
-        model_config, train_config = parse(argv)
-        from llm.train import train
+    try:
+        from llm.cli import parse  # imported here, so that Ctrl-C while torch loads is caught too
+        from llm.config import exit_on_user_error
 
-        train(model_config, train_config)
+        with exit_on_user_error():
+            model_config, train_config = parse(argv)
+            from llm.train import train
+
+            train(model_config, train_config)
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over the signal (while importing or setting up)
+        print("interrupted during start-up; nothing was trained", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ It sits above the model: a kind's own rules come from its record in the model's 
 import dataclasses
 import math
 import re
+from pathlib import Path
 
 from .config import BlockConfig, ConfigError, LLMconfig, Trainconfig, micro_steps, parse_mix, require, run_dir_name
 from .config.fields import did_you_mean
@@ -181,8 +182,8 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
         value = getattr(t, name)
         require(value >= low, f"{name}={value} must be >= {low}")
     require(t.warmup_steps is None or 0 <= t.warmup_steps <= t.max_iters,
-            f"warmup_steps={t.warmup_steps} must be in [0, max_iters={t.max_iters}]; lower it, or leave it unset "
-            "(a tenth of max_iters)")
+            f"warmup_steps={t.warmup_steps} must be in [0, max_iters={t.max_iters}]; pass --warmup_steps "
+            f"{t.max_iters // 10} (a tenth of the run, its default) or raise --max_iters")
     require(t.learning_rate > 0, f"learning_rate={t.learning_rate} must be > 0")
     require(t.min_lr is None or 0 <= t.min_lr <= t.learning_rate,
             f"min_lr={t.min_lr} must be in [0, learning_rate={t.learning_rate}]")
@@ -201,6 +202,9 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
             f"device={t.device!r} is not a device; use auto, cpu, cuda or cuda:N")
     require(t.init_from is None or (t.init_from.startswith("hf:") and len(t.init_from) > 3),
             f"init_from={t.init_from!r} is not supported; use hf:DIR (a transformers model directory)")
+    require(t.init_from is None or Path(t.init_from.removeprefix("hf:")).is_dir(),
+            f"init_from={t.init_from!r}: no such directory; pass a transformers model directory on this machine "
+            "(nothing is downloaded)")
     run_dir_name(t.wandb_run_name)
     require(t.grad_clip >= 0, f"grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     if t.data_mix is not None:

@@ -23,7 +23,7 @@ ALL_FLAGS = [
     "--n_exp", "6", "--n_shared", "1", "--n_act", "2", "--aux_free", "--alpha", "0.001", "--gamma", "0.01",
     "--coeff", "0.02", "--router_score", "sigmoid", "--no_norm_topk", "--min_lr", "1e-5", "--beta1", "0.8",
     "--beta2", "0.99", "--weight_decay", "0.05", "--device", "cuda:1", "--dtype", "bfloat16", "--keep_last", "2",
-    "--resume", "latest", "--data_order", "epoch", "--dist", "fsdp", "--init_from", "hf:some/dir",
+    "--resume", "latest", "--data_order", "epoch", "--dist", "fsdp", "--init_from", "hf:.",
 ]
 
 
@@ -42,7 +42,7 @@ def test_every_flag_parses():
     assert (train.min_lr, train.beta1, train.beta2, train.weight_decay) == (1e-5, 0.8, 0.99, 0.05)
     assert (train.device, train.dtype, train.keep_last, train.resume, train.data_order) == \
         ("cuda:1", "bfloat16", 2, "latest", "epoch")
-    assert train.dist == "fsdp" and train.init_from == "hf:some/dir"
+    assert train.dist == "fsdp" and train.init_from == "hf:."
 
 
 def test_layer_configs_flag_parses():
@@ -189,6 +189,8 @@ BAD_INPUTS = [
     (["--min_lr", "0.1"], "min_lr=0.1 must be in [0, learning_rate=0.001]"),
     (["--keep_last", "0"], "keep_last=0 must be >= 1"),
     (["--init_from", "gpt2"], "init_from='gpt2' is not supported; use hf:DIR"),
+    (["--init_from", "hf:no/such/dir"], "init_from='hf:no/such/dir': no such directory; pass a transformers model "
+                                        "directory on this machine (nothing is downloaded)"),
     (["--batch_size", "3", "--total_batch_size_str", "1000"], "not a positive multiple"),
     (["--total_batch_size_str", "2**11 + exec('x')"], "total_batch_size_str"),
     (["--layer_configs", "[]", "--layer_configs_jsonl", "x.jsonl"], "pass only one"),
@@ -208,7 +210,8 @@ BAD_INPUTS = [
     (["--layer_configs", '[{"attn": "mha", "n_head": 4, "moe": false, "up_dim": 8, "non_linearity": "relu"}]',
       "--n_layer", "2"], "n_layer=2 but 1 layer specs"),
     (["--config", "nope.yaml"], "no such file"),
-    (["--max_iters", "20", "--warmup_steps", "30"], "warmup_steps=30 must be in [0, max_iters=20]"),
+    (["--max_iters", "20", "--warmup_steps", "30"], "warmup_steps=30 must be in [0, max_iters=20]; pass "
+                                                    "--warmup_steps 2 (a tenth of the run, its default)"),
     (["--layer_configs", '[{"attn": "mha", "n_head": 4, "n_head": 2, "ffn": "dense", "up_dim": 8, '
                          '"non_linearity": "relu"}]'], 'key "n_head" appears twice'),
     (["--layer_configs", '[{"attn": "mha", "n_head": 4, "n_embd": 64, "ffn": "dense", "up_dim": 8, '

@@ -203,7 +203,7 @@ def test_export_cli_writes_a_gpt2_tokenizer_and_init_from_reads_it_back(tmp_path
     assert all(torch.equal(imported[k][:50257], v[:50257]) for k, v in trained.items())  # padded vocab rows aside
     metrics = train(*parse(flags + ["--init_from", f"hf:{out}", "--wandb_run_name", "finetune"]))
     assert metrics["step"] == 1  # fine-tuning ran from the exported weights (architecture from the directory)
-    with pytest.raises(ConfigError, match="cannot load a transformers model"):
+    with pytest.raises(ConfigError, match="no such directory; pass a transformers model directory on this machine"):
         train(*parse(flags + ["--init_from", f"hf:{tmp_path / 'missing'}", "--wandb_run_name", "missing"]))
 
 

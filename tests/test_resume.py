@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -257,6 +258,18 @@ def test_ctrl_c_saves_then_train_py_and_the_sweep_exit_130(char_data, tmp_path):
     assert sweep.returncode == 130, out
     assert "=== sweep_mha_dense was interrupted (exit 130); stopping the sweep" in out
     assert step_checkpoints(tmp_path / "sweep_mha_dense") and not (tmp_path / "sweep_gqa_dense").exists()
+
+
+def test_ctrl_c_during_start_up_exits_130_in_one_line(char_data, tmp_path):
+    """SIGINT while train.py still imports torch and sets up: no traceback, exit 130."""
+    started = subprocess.Popen([sys.executable, str(REPO / "train.py"), "--data_dir", str(char_data.parent),
+                                "--out_dir", str(tmp_path)], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal,
+    # even when the tests themselves run in the background (where SIGINT is ignored, and children inherit that)
+    time.sleep(0.5)  # importing torch alone takes longer
+    started.send_signal(signal.SIGINT)
+    _, err = started.communicate(timeout=120)
+    assert started.returncode == 130 and err == "interrupted during start-up; nothing was trained\n", err
 
 
 def test_resume_with_other_layer_fields_names_only_those_fields(char_data, tmp_path):

@@ -96,11 +96,13 @@ def parse_example(record: dict, name: str) -> Example:
     return Example(context, endings, label, name)
 
 
-def read_examples(path: str, limit: int | None = None) -> list[Example]:
-    """The examples of a JSONL file (its first `limit`), or a one-line error naming the file and line."""
+def read_examples(path: str, limit: int | None = None, given_as: str | None = None) -> list[Example]:
+    """The examples of a JSONL file (its first `limit`), or a one-line error naming the file and line, and the flag
+    that named the file (given_as; default --file=PATH)."""
+    given_as = given_as or f"--file={path}"
     file = Path(path)
     if not file.is_file():
-        raise ConfigError(f"--file={path}: no such file; pass a JSONL file of examples")
+        raise ConfigError(f"{given_as}: no such file; pass a JSONL file of examples")
     examples = []
     with file.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -116,7 +118,7 @@ def read_examples(path: str, limit: int | None = None) -> list[Example]:
                 raise ConfigError(f"{path}:{number}: a {type(record).__name__}, not a JSON object")
             examples.append(parse_example(record, f"{path}:{number}"))
     if not examples:
-        raise ConfigError(f"--file={path} holds no examples")
+        raise ConfigError(f"{given_as} holds no examples")
     return examples
 
 

@@ -42,7 +42,8 @@ def load_eval_tasks(spec: str | None, causal: bool) -> list[EvalTask]:
         if kind == "hellaswag":
             from ..eval.hellaswag import read_examples
 
-            tasks.append(EvalTask(kind, Path(what).stem, examples=read_examples(what)))
+            examples = read_examples(what, given_as=f"--eval_tasks {kind}:{what}")
+            tasks.append(EvalTask(kind, Path(what).stem, examples=examples))
         else:
             try:
                 from ..eval.lm_eval_adapter import task_manager
