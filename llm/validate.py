@@ -206,6 +206,9 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
             f"init_from={t.init_from!r}: no such directory; pass a transformers model directory on this machine "
             "(nothing is downloaded)")
     run_dir_name(t.wandb_run_name)
+    require(not t.allow_data_change or t.resume is not None,
+            "allow_data_change=True lets a resume continue on changed data, but no --resume was given; drop "
+            "--allow_data_change or add --resume")
     require(t.grad_clip >= 0, f"grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     if t.data_mix is not None:
         parse_mix(t.data_mix)

@@ -1,6 +1,7 @@
 """Checkpoints and exact resume, signals, NaN stops, accumulation, and the shell scripts' flags end to end."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from llm.config import ConfigError, config_dict
 from llm.model import build_model
 from llm.train import loop, train
 from llm.train.optim import Schedule, build_optimizer
-from tests.conftest import REPO, make_config
+from tests.conftest import REPO, SHAKESPEARE, make_config
 
 # A small MoE model with dropout, gradient accumulation and evaluation: everything a resume must restore.
 SMALL = ["--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--block_size", "32", "--batch_size", "4",
@@ -282,3 +283,24 @@ def test_resume_with_other_layer_fields_names_only_those_fields(char_data, tmp_p
     new = [old, {**old, "n_head": 4}, old, {**old, "ffn": "moe"}]
     assert checkpoint_module.layer_differences([old] * 4, new) == [("layers[1].n_head", 2, 4),
                                                                    ("layers[3].ffn", "dense", "moe")]
+
+
+def test_resume_on_data_prepared_again_from_other_text_is_refused_unless_allowed(char_data, tmp_path, capsys):
+    """The loaders' saved positions would land elsewhere in the new tokens: a one-line error names the dataset."""
+    from llm.data.prepare import PrepareArgs, prepare
+
+    data = tmp_path / "data"
+    shutil.copytree(char_data, data / "shakespeare_char")
+    flags = ["--data_dir", str(data), "--save_model", "--max_iters", "3", "--ckpt_interval", "3"]
+    run(char_data, tmp_path, "d", *flags)
+    lines = SHAKESPEARE.read_text().splitlines(keepends=True)
+    (tmp_path / "other.txt").write_text("".join(reversed(lines)))  # other tokens, the same characters and vocabulary
+    prepare(PrepareArgs(name="shakespeare_char", source=str(tmp_path / "other.txt"), out=str(data / "shakespeare_char"),
+                        workers=1, force=True), verbose=False)
+    with pytest.raises(ConfigError, match=r"^dataset 'shakespeare_char' differs from the one checkpoint .*step_0000003 "
+                                          r"was trained on \(meta.json: "):
+        run(char_data, tmp_path, "d", *flags, "--max_iters", "4", "--resume", "latest")
+    resumed = run(char_data, tmp_path, "d", *flags, "--max_iters", "4", "--resume", "latest", "--allow_data_change")
+    assert resumed[-1]["step"] == 3
+    with pytest.raises(ConfigError, match="no --resume was given"):
+        parse(["--allow_data_change"])

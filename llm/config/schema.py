@@ -418,6 +418,9 @@ class Trainconfig:
     resume: str | None = None
     """Continue a run: auto (this run's newest checkpoint if it has one, else start fresh: for requeued jobs), latest
     (this run's newest checkpoint, which must exist), or the path of a checkpoint or run directory."""
+    allow_data_change: bool = False
+    """With --resume: continue although a dataset differs from the one the checkpoint recorded (prepared again, other
+    files); the loaders keep their saved positions on the new data."""
     overwrite: bool = False
     """Start a new run in a run directory that holds another: the old run is moved aside to NAME.replaced-N."""
     file_name: str = "llm"

@@ -1,4 +1,5 @@
 """Batches of token windows from a prepared, memory-mapped token file, with a state for exact resume."""
+import hashlib
 import json
 from pathlib import Path
 from typing import Literal
@@ -23,6 +24,19 @@ def prepare_command(folder: Path, dataset: str) -> str:
     if dataset in DATASET_NAMES:
         return f"python -m llm.data.prepare {dataset} --out {folder}"
     return f"python -m llm.data.prepare text --source PATH_TO_YOUR_FILES --out {folder}"
+
+
+def fingerprint(folder: Path) -> dict:
+    """What identifies a prepared dataset without reading its tokens: the hash of its meta.json (which holds its
+    source's content hash and the preparation's inputs), each split's size in bytes and the hash of its sequence
+    index when it has one. A resume compares it with the one its checkpoint recorded."""
+    found = {"meta.json": hashlib.sha256((folder / "meta.json").read_bytes()).hexdigest()}
+    for split in ("train", "val"):
+        found[f"{split}.bin bytes"] = (folder / f"{split}.bin").stat().st_size
+        index = folder / f"{split}.docs.npy"
+        if index.is_file():
+            found[f"{split}.docs.npy"] = hashlib.sha256(index.read_bytes()).hexdigest()
+    return found
 
 
 def meta_problem(meta) -> str | None:

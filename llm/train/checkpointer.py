@@ -7,7 +7,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from ..checkpoint import find_checkpoint, read_checkpoint, save_checkpoint
-from ..config import Trainconfig
+from ..config import ConfigError, Trainconfig
 from ..data.loader import TokenLoader
 from ..model import LLM
 from ..precision import Precision
@@ -25,9 +25,10 @@ class Checkpointer:
 
     def __init__(self, run_dir: Path, cfg: Trainconfig, config: dict, tokenizer: dict, job: Distributed,
                  model: LLM, optimizer: torch.optim.Optimizer, precision: Precision,
-                 loaders: dict[str, TokenLoader]):
+                 loaders: dict[str, TokenLoader], data: dict[str, dict]):
         self.run_dir, self.cfg, self.config, self.tokenizer, self.job = run_dir, cfg, config, tokenizer, job
         self.model, self.optimizer, self.precision, self.loaders = model, optimizer, precision, loaders
+        self.data = data  # {dataset: its fingerprint}, recorded in each checkpoint and compared on resume
         self.best_val = math.inf
         self.schedule = Schedule.of(cfg)
         self.saved: Path | None = None  # the last checkpoint written
@@ -45,6 +46,7 @@ class Checkpointer:
             self._say(f"no checkpoint in {self.run_dir}: starting fresh (--resume auto)")
             return 0
         weights, state, saved = read_checkpoint(path, self.config, self.job.world_size)
+        self.check_data(path, state.get("data"))
         set_state_dict(self.model, self.optimizer, model_state_dict=weights, optim_state_dict=state["optimizer"],
                        options=StateDictOptions(full_state_dict=True))
         if self.precision.scaler is not None and state["scaler"] is not None:
@@ -60,6 +62,18 @@ class Checkpointer:
         self._say(f"resumed from {path} at step {step}{done}")
         self.schedule = self.resumed_schedule(state, saved, step)
         return step
+
+    def check_data(self, path: Path, recorded: dict | None) -> None:
+        """Refuses to resume on data other than the checkpoint's (unless --allow_data_change): the loaders' saved
+        positions would land elsewhere. Checkpoints written before fingerprints were recorded pass."""
+        for name, found in self.data.items():
+            before = (recorded or {}).get(name, found)
+            changed = [key for key in found if before.get(key) != found[key]]
+            if changed and not self.cfg.allow_data_change:
+                key = changed[0]
+                raise ConfigError(f"dataset {name!r} differs from the one checkpoint {path} was trained on ({key}: "
+                                  f"{before.get(key)} -> {found[key]}); resume on that data, or pass "
+                                  "--allow_data_change to continue from the saved positions on the new data")
 
     def resumed_schedule(self, state: dict, saved: dict, step: int) -> Schedule:
         """The checkpoint's learning-rate schedule, continued smoothly to a changed --max_iters (checkpoints
@@ -99,7 +113,8 @@ class Checkpointer:
                  "schedule": dataclasses.asdict(self.schedule),
                  "rng": {"cpu": torch.get_rng_state(),
                          "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                 "loaders": {name: loader.state_dict() for name, loader in self.loaders.items()}}
+                 "loaders": {name: loader.state_dict() for name, loader in self.loaders.items()},
+                 "data": self.data}
         path = save_checkpoint(self.run_dir, next_step, weights, state, self.config, self.tokenizer,
                                self.cfg.file_name, self.cfg.keep_last, self.cfg.ckpt_interval,
                                self.best_val if new_best and self.cfg.save_model else None)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ConfigError, LLMconfig, Trainconfig, config_dict, micro_steps, parse_mix, total_batch_tokens
 from ..data.labels import label_rules
-from ..data.loader import TokenLoader, read_meta
+from ..data.loader import TokenLoader, fingerprint, read_meta
 from ..data.mixture import MixtureLoader, check_same_tokenizer
 from ..data.prepare import DEFAULT_DATASET, prepare_default
 from ..data.tokenizers import SEQUENCE_TOKENIZERS, TOKENIZER_KEYS, tokenizer_from_meta
@@ -245,7 +245,7 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
     optimizer = build_optimizer(model, cfg, device)
     tokenizer = {k: v for k, v in meta.items() if k in TOKENIZER_KEYS}
     checkpointer = Checkpointer(run_dir, cfg, config_dict(model_config, cfg), tokenizer, job, model, optimizer,
-                                precision, loaders)
+                                precision, loaders, {name: fingerprint(folder) for name, (folder, _) in sources.items()})
     eval_tasks = load_eval_tasks(cfg.eval_tasks, model.causal)
     return Session(cfg, job, precision, model_config, model, step_model, optimizer, loaders, accum_steps,
                    total_batch_tokens(cfg, model_config), model.get_num_params(), model.flops_per_token(), checkpointer,
