@@ -266,14 +266,15 @@ def weight_mismatches(expected: dict, weights: dict) -> list[str]:
     return [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}" for label, items in found if items]
 
 
-def load_trained(ckpt: str) -> tuple[Path, LLM, dict]:
-    """(checkpoint folder, model in eval mode on the CPU, tokenizer meta) for a run or checkpoint folder, as sampling
-    and export use it: the best checkpoint of a run (else its newest), built from its own config.json. Only the
+def load_trained(ckpt: str, **overrides) -> tuple[Path, LLM, dict]:
+    """(checkpoint folder, model in eval mode on the CPU, tokenizer meta) for a run or checkpoint folder, as sampling,
+    export and fine-tuning use it: the best checkpoint of a run (else its newest), built from its own config.json
+    with the attention kernel auto and the model fields in `overrides` (dropout, attn_backend) replaced. Only the
     weights, config.json and tokenizer.json are read: the training state may be missing."""
     folder = best_or_latest(Path(ckpt))
     saved = read_saved_config(folder)
     config = model_config_from_dict(saved["model"], f"{folder}/config.json model")
-    config = dataclasses.replace(config, attn_backend="auto")  # the kernel it trained with may not be here
+    config = dataclasses.replace(config, **{"attn_backend": "auto", **overrides})  # its kernel may not be here
     try:
         validate_model(config)  # its kinds are registered here (--import MODULE for kinds of one's own)
     except ConfigError as e:

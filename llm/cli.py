@@ -55,6 +55,7 @@ def parse(argv: Sequence[str] | None = None) -> tuple[LLMconfig, Trainconfig]:
     if "dataset" in given and args.train.data_mix is not None:
         raise ConfigError(f"--dataset {args.train.dataset} and --data_mix {args.train.data_mix!r} were both given; a "
                           "mixture reads only the datasets it names: drop --dataset or add it to --data_mix")
+    check_init_from(args.train, given)
     model, wheres = _with_layers(args, given)
     validate(model, args.train, wheres)
     if args.print_config:
@@ -86,6 +87,22 @@ def flag_spellings(argv: list[str]) -> list[str]:
             other = next(flag for flag, kind in flags if kind != flags[0][1])
             raise ConfigError(f"{flags[0][0]} contradicts {other}; pass only one of them")
     return rewritten
+
+
+# Model fields an initialised run still takes from its flags: the rest come with the weights.
+INIT_FROM_HONOURS = ("dropout", "attn_backend")
+
+
+def check_init_from(train: Trainconfig, given: set[str]) -> None:
+    """With --init_from the architecture comes with the weights: a model flag it would not honour is refused."""
+    if train.init_from is None:
+        return
+    model_fields = (set(known_fields(LLMconfig)) | set(known_fields(BlockConfig)) | {"moe", "layer_configs",
+                                                                                     "layer_configs_jsonl"})
+    ignored = sorted(given & model_fields - set(INIT_FROM_HONOURS))
+    if ignored:
+        raise ConfigError(f"--{ignored[0]} is not honoured with --init_from {train.init_from}: the architecture comes "
+                          f"with the weights (only --dropout and --attn_backend apply); drop --{ignored[0]}")
 
 
 def _flag_value(argv: list[str], name: str) -> str | None:

@@ -200,11 +200,16 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
     require(t.muon_weight_decay >= 0, f"muon_weight_decay={t.muon_weight_decay} must be >= 0")
     require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", t.device) is not None,
             f"device={t.device!r} is not a device; use auto, cpu, cuda or cuda:N")
-    require(t.init_from is None or (t.init_from.startswith("hf:") and len(t.init_from) > 3),
-            f"init_from={t.init_from!r} is not supported; use hf:DIR (a transformers model directory)")
-    require(t.init_from is None or Path(t.init_from.removeprefix("hf:")).is_dir(),
-            f"init_from={t.init_from!r}: no such directory; pass a transformers model directory on this machine "
-            "(nothing is downloaded)")
+    if t.init_from is not None and t.init_from.startswith("hf:"):
+        require(Path(t.init_from.removeprefix("hf:")).is_dir() and len(t.init_from) > 3,
+                f"init_from={t.init_from!r}: no such directory; pass a transformers model directory on this machine "
+                "(nothing is downloaded)")
+    require(t.import_check or (t.init_from or "").startswith("hf:"),
+            "import_check=False turns off the check of an import from transformers, but there is no --init_from "
+            "hf:DIR; drop --no_import_check")
+    require(t.init_from is None or t.init_from.startswith("hf:") or Path(t.init_from).is_dir(),
+            f"init_from={t.init_from!r} is not supported; use hf:DIR (a transformers model directory) or a run or "
+            "checkpoint folder of ours (out/RUN)")
     run_dir_name(t.wandb_run_name)
     require(not t.allow_data_change or t.resume is not None,
             "allow_data_change=True lets a resume continue on changed data, but no --resume was given; drop "
@@ -221,7 +226,8 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
             f"recurrence_sweep={t.recurrence_sweep} must hold recurrences >= 1")
     check_cpu_run(t, m)
     ARCHS[m.arch].validate_run(t, m)
-    micro_steps(t, m)
+    if t.init_from is None:  # else the model comes with the weights, and set-up checks the batch against it
+        micro_steps(t, m)
 
 
 def validate(m: LLMconfig, t: Trainconfig, wheres: list[str] | None = None) -> None:

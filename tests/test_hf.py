@@ -201,10 +201,14 @@ def test_export_cli_writes_a_gpt2_tokenizer_and_init_from_reads_it_back(tmp_path
     trained = read_weights(best_or_latest(tmp_path / "run"))
     imported = from_hf(str(out)).state_dict()
     assert all(torch.equal(imported[k][:50257], v[:50257]) for k, v in trained.items())  # padded vocab rows aside
-    metrics = train(*parse(flags + ["--init_from", f"hf:{out}", "--wandb_run_name", "finetune"]))
+    run_flags = ["--data_dir", str(tmp_path / "data"), "--dataset", "gpt2text", "--out_dir", str(tmp_path),
+                 "--max_iters", "2", "--batch_size", "4", "--total_batch_size_str", "64"]  # the model comes with --init_from
+    metrics = train(*parse(run_flags + ["--init_from", f"hf:{out}", "--wandb_run_name", "finetune"]))
     assert metrics["step"] == 1  # fine-tuning ran from the exported weights (architecture from the directory)
     with pytest.raises(ConfigError, match="no such directory; pass a transformers model directory on this machine"):
-        train(*parse(flags + ["--init_from", f"hf:{tmp_path / 'missing'}", "--wandb_run_name", "missing"]))
+        train(*parse(run_flags + ["--init_from", f"hf:{tmp_path / 'missing'}", "--wandb_run_name", "missing"]))
+    with pytest.raises(ConfigError, match=r"--n_embd is not honoured with --init_from hf:.*: the architecture comes"):
+        parse(run_flags + ["--init_from", f"hf:{out}", "--n_embd", "64"])
 
 
 @pytest.mark.parametrize("model_type", REGISTERED)
@@ -276,8 +280,7 @@ def test_no_import_check_flag_reaches_the_import(tmp_path, monkeypatch, char_dat
     monkeypatch.setattr(hf_package, "check_import", lambda *args: calls.append(args))
     directory = scaled_llama(tmp_path / "hf")
     flags = ["--data_dir", str(char_data.parent), "--out_dir", str(tmp_path), "--max_iters", "1", "--no_save_model",
-             "--block_size", "32", "--batch_size", "2", "--total_batch_size_str", "64",
-             "--init_from", f"hf:{directory}"]
+             "--batch_size", "2", "--init_from", f"hf:{directory}"]
     train(*parse(flags + ["--no_import_check"]))
     assert calls == []
     train(*parse(flags + ["--wandb_run_name", "checked"]))

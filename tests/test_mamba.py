@@ -371,9 +371,10 @@ def test_hybrid_and_bidirectional_stacks_are_refused_for_export():
 # ---------------------------------------------------------------- end to end
 
 
+RUN_FLAGS = ["--batch_size", "4", "--total_batch_size_str", "4*32", "--learning_rate", "1e-2", "--warmup_steps", "2",
+             "--log_interval", "5", "--save_model"]
 TRAIN_FLAGS = ["--attn", "mamba", "--ffn", "none", "--pos_emb", "none", "--norm", "rms", "--d_state", "8",
-               "--n_layer", "2", "--n_embd", "32", "--block_size", "32", "--batch_size", "4", "--total_batch_size_str",
-               "4*32", "--learning_rate", "1e-2", "--warmup_steps", "2", "--log_interval", "5", "--save_model"]
+               "--n_layer", "2", "--n_embd", "32", "--block_size", "32", *RUN_FLAGS]
 
 
 def test_train_export_and_greedy_text_equal_transformers(char_data, tmp_path, capsys):
@@ -395,8 +396,8 @@ def test_train_export_and_greedy_text_equal_transformers(char_data, tmp_path, ca
     theirs = hf.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert ours == "ROMEO:" + tokenizer.decode(theirs[0, prompt.size(1):].tolist())
     assert len(set(ours[len("ROMEO:"):])) >= 3  # real text, not one repeated character
-    train_entry.main(TRAIN_FLAGS + data + ["--max_iters", "2", "--init_from", f"hf:{out}", "--wandb_run_name",
-                                           "finetune"])
+    train_entry.main(RUN_FLAGS + data + ["--max_iters", "2", "--init_from", f"hf:{out}", "--wandb_run_name",
+                                         "finetune"])  # the architecture comes with the weights
     _, tuned, _ = load_trained(str(tmp_path / "finetune"))
     assert tuned.config.layers[0].d_state == 8 and tuned.config.pos_emb == "none"
     first = json.loads((tmp_path / "finetune" / "metrics.jsonl").open().readline())

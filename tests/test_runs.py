@@ -214,3 +214,25 @@ def test_resume_compares_tokens_per_step_not_their_spelling():
     doubled = config_dict(model_config, dataclasses.replace(cfg, total_batch_size_str="4096"))
     assert config_differences(saved, 1, same, 1) == []
     assert config_differences(saved, 1, doubled, 1) == ["tokens per step: 2048 -> 4096"]
+
+
+def test_init_from_one_of_our_runs_fine_tunes_its_weights_with_a_fresh_optimizer(char_data, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    train_run(char_data, tmp_path, "base", "--max_iters", "4", "--save_model")
+    base = load_trained(str(tmp_path / "base"))[1].state_dict()
+    # the model flags come with the weights; a tiny rate leaves them where they started
+    train(*parse(["--data_dir", str(char_data.parent), "--out_dir", str(tmp_path), "--wandb_run_name", "tuned",
+                  "--batch_size", "4", "--log_interval", "1", "--max_iters", "1", "--save_model", "--init_from",
+                  str(tmp_path / "base"), "--learning_rate", "1e-12", "--warmup_steps", "0"]))
+    tuned = [json.loads(line) for line in (tmp_path / "tuned" / "metrics.jsonl").read_text().splitlines()]
+    assert "initialised from " in capsys.readouterr().out and tuned[0]["step"] == 0  # a fresh schedule: step 0
+    saved = step_checkpoints(tmp_path / "tuned")[-1]
+    weights = load_file(str(next(saved.glob("*.safetensors"))))
+    assert set(weights) <= set(base) and all(torch.allclose(weights[k], base[k], atol=1e-6) for k in weights)
+    with pytest.raises(ConfigError, match=r"^--n_layer is not honoured with --init_from .*base: the architecture"):
+        parse(["--init_from", str(tmp_path / "base"), "--n_layer", "3"])
+    with pytest.raises(ConfigError, match="init_from='nowhere' is not supported; use hf:DIR"):
+        parse(["--init_from", "nowhere"])
+    with pytest.raises(ConfigError, match="there is no --init_from hf:DIR; drop --no_import_check"):
+        parse(["--no_import_check"])

@@ -410,8 +410,9 @@ class Trainconfig:
     keep_last: int = 3
     """Step checkpoints kept (the best one is kept besides them)."""
     init_from: str | None = None
-    """Start from pretrained weights: hf:DIR, a transformers GPT-2, Llama, DeepseekV3 or Mamba directory (its
-    architecture replaces the model flags)."""
+    """Start from pretrained weights: hf:DIR, a transformers model directory of a family llm.hf reads, or a run or
+    checkpoint folder of ours (out/RUN: its best checkpoint, else its newest); the architecture comes with the
+    weights and replaces the model flags, while the optimizer, schedule and data start fresh (fine-tuning)."""
     import_check: bool = True
     """With init_from: run the imported model and transformers' on a short random batch and refuse the import if
     their logits differ by more than 1e-4 (fp32); --no_import_check skips it (models too big to hold twice)."""

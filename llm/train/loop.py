@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..checkpoint import load_trained
 from ..config import ConfigError, LLMconfig, Trainconfig, config_dict, micro_steps, parse_mix, total_batch_tokens
 from ..data.labels import label_rules
 from ..data.loader import TokenLoader, fingerprint, read_meta
@@ -214,12 +215,19 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
     sources = dataset_metas(cfg, job)
     meta = next(iter(sources.values()))[1]
     pretrained = None
-    if cfg.init_from is not None:
+    if cfg.init_from is not None and cfg.init_from.startswith("hf:"):
         from ..hf import from_hf
 
         pretrained = from_hf(cfg.init_from.removeprefix("hf:"), check=cfg.import_check, dropout=model_config.dropout,
                              attn_backend=model_config.attn_backend)
         model_config = pretrained.config
+    elif cfg.init_from is not None:  # a run or checkpoint of ours: its weights, a fresh optimizer and schedule
+        folder, pretrained, _ = load_trained(cfg.init_from, dropout=model_config.dropout,
+                                             attn_backend=model_config.attn_backend)
+        pretrained.train()
+        model_config = pretrained.config
+        if job.is_main:
+            print(f"initialised from {folder} (its architecture; a fresh optimizer, schedule and data order)")
     model_config = resolve_vocab(model_config, meta, cfg.dataset)
     if cfg.total_batch_size_str is None:  # one micro-batch per rank, written down so the run's config says so
         cfg = dataclasses.replace(cfg, total_batch_size_str=str(total_batch_tokens(cfg, model_config, job.world_size)))
