@@ -23,7 +23,7 @@ ALL_FLAGS = [
     "--n_exp", "6", "--n_shared", "1", "--n_act", "2", "--aux_free", "--alpha", "0.001", "--gamma", "0.01",
     "--coeff", "0.02", "--router_score", "sigmoid", "--no_norm_topk", "--min_lr", "1e-5", "--beta1", "0.8",
     "--beta2", "0.99", "--weight_decay", "0.05", "--device", "cuda:1", "--dtype", "bfloat16", "--keep_last", "2",
-    "--resume", "latest", "--data_order", "epoch", "--dist", "fsdp", "--init_from", "hf:.",
+    "--resume", "latest", "--data_order", "epoch", "--dist", "fsdp",
 ]
 
 
@@ -42,7 +42,8 @@ def test_every_flag_parses():
     assert (train.min_lr, train.beta1, train.beta2, train.weight_decay) == (1e-5, 0.8, 0.99, 0.05)
     assert (train.device, train.dtype, train.keep_last, train.resume, train.data_order) == \
         ("cuda:1", "bfloat16", 2, "latest", "epoch")
-    assert train.dist == "fsdp" and train.init_from == "hf:."
+    assert train.dist == "fsdp"
+    assert parse(["--init_from", "hf:.", "--no_import_check"])[1].init_from == "hf:."  # the model flags come with it
 
 
 def test_layer_configs_flag_parses():
