@@ -1,6 +1,7 @@
 """Checkpoints: one folder per saved step under RUN/checkpoints/, written atomically.
 
     step_0000500/llm.safetensors  full weights (keys of the uncompiled module, buffers such as MoE biases included)
+    step_0000500/weights.sha256   the weights file's SHA-256 (as sha256sum writes it), verified when it is read
     step_0000500/state.pt         optimizer (full, keyed by parameter name), grad scaler, next step, best validation
                                   loss, RNG and loader states
     step_0000500/config.json      the resolved config
@@ -11,6 +12,7 @@ Everything loads with safetensors or `torch.load(weights_only=True)`. Full (gath
 checkpoint independent of how it was trained: one process, DDP or FSDP on any number of ranks.
 """
 import dataclasses
+import hashlib
 import json
 import pickle
 import re
@@ -29,6 +31,7 @@ from .validate import validate_model
 
 STEP_FOLDER = re.compile(r"step_(\d+)")
 STATE_FILE = "state.pt"
+CHECKSUM_FILE = "weights.sha256"  # the weights file's SHA-256, written beside it at save time
 # Train settings that change the trajectory: a resumed run must use the same ones (and the same global micro-batch,
 # batch_size x ranks, which may be split over another number of ranks).
 TRAJECTORY_FIELDS = ("dataset", "data_mix", "data_order", "learning_rate", "min_lr", "warmup_steps", "beta1", "beta2",
@@ -100,7 +103,9 @@ def save_checkpoint(run_dir: Path, step: int, weights: dict, state: dict, config
         weights = {k: v for k, v in weights.items() if k != head}  # stored once; read_weights restores it
 
     def write(tmp: Path) -> None:
-        save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp / f"{file_name}.safetensors"))
+        weights_file = tmp / f"{file_name}.safetensors"
+        save_file({k: v.contiguous() for k, v in weights.items()}, str(weights_file))
+        (tmp / CHECKSUM_FILE).write_text(f"{file_sha256(weights_file)}  {weights_file.name}\n")  # sha256sum's format
         torch.save(state, tmp / STATE_FILE)
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         (tmp / "tokenizer.json").write_text(json.dumps(tokenizer))
@@ -208,8 +213,19 @@ def read_saved_config(folder: Path) -> dict:
     return saved
 
 
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def read_weights(path: Path) -> dict:
-    """The checkpoint folder's full model state dict (a tied output head shares the embedding again)."""
+    """The checkpoint folder's full model state dict (a tied output head shares the embedding again), checked
+    against the checksum recorded when it was saved (checkpoints written before checksums were recorded have none)
+    and for non-finite values."""
     files = sorted(path.glob("*.safetensors"))
     if len(files) != 1:
         raise ConfigError(f"checkpoint {path} should hold one .safetensors file, found {len(files)}")
@@ -217,6 +233,13 @@ def read_weights(path: Path) -> dict:
         weights = load_file(str(files[0]))
     except (SafetensorError, OSError, ValueError) as e:
         raise ConfigError(f"{files[0]} is damaged or truncated ({e}); use another checkpoint of the run") from None
+    recorded = path / CHECKSUM_FILE
+    if recorded.is_file() and recorded.read_text().split()[:1] != [file_sha256(files[0])]:
+        raise ConfigError(f"{files[0]} is damaged: its bytes differ from the checksum recorded in {CHECKSUM_FILE} when "
+                          "it was saved; use another checkpoint of the run")
+    bad = next((name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise ConfigError(f"{files[0]}: {bad} holds NaN or infinite values; use another checkpoint of the run")
     head, embedding = TIED
     if head not in weights and embedding in weights:
         weights[head] = weights[embedding]

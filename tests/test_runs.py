@@ -119,10 +119,31 @@ def edit_json(change):
     return damage
 
 
+def flip_last_byte(path):
+    """Damage that keeps the file's format: one bit of the last tensor's data."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def nan_in_a_tensor(path):
+    """A NaN written into a well-formed weights file with no checksum beside it (an older checkpoint)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(path))
+    weights["tok_emb.weight"][0, 0] = float("nan")
+    save_file(weights, str(path))
+    (path.parent / "weights.sha256").unlink()
+
+
 CKPT = "checkpoints/step_0000002"
 DAMAGED = [  # (file, damage, what reads it, the message's gist)
     (f"{CKPT}/llm.safetensors", truncate, "sample", "llm.safetensors is damaged or truncated"),
     (f"{CKPT}/llm.safetensors", truncate, "resume", "llm.safetensors is damaged or truncated"),
+    (f"{CKPT}/llm.safetensors", flip_last_byte, "sample", "llm.safetensors is damaged: its bytes differ from the "
+                                                        "checksum recorded in weights.sha256"),
+    (f"{CKPT}/llm.safetensors", nan_in_a_tensor, "sample", "llm.safetensors: tok_emb.weight holds NaN or infinite"),
+    (f"{CKPT}/llm.safetensors", nan_in_a_tensor, "resume", "llm.safetensors: tok_emb.weight holds NaN or infinite"),
     (f"{CKPT}/state.pt", lambda p: p.unlink(), "resume", "state.pt is missing: the checkpoint has weights but not"),
     (f"{CKPT}/state.pt", truncate, "resume", "state.pt is damaged or truncated (torch.load raised"),
     (f"{CKPT}/state.pt", lambda p: torch.save({"step": 2}, p), "resume", "state.pt lacks optimizer, scaler"),
