@@ -2,6 +2,7 @@
 errors for every damaged checkpoint file."""
 import dataclasses
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -97,6 +98,17 @@ def test_metric_lines_count_to_max_iters_and_the_last_line_says_where_the_checkp
                          f"python sample.py --ckpt {tmp_path / 'q'}")
     train_run(char_data, tmp_path, "n", "--max_iters", "2", "--no_save_model")
     assert capsys.readouterr().out.splitlines()[-1] == "no checkpoint saved (--no_save_model)"
+
+
+def test_the_run_ends_with_a_summary_of_what_it_trained_and_its_best_checkpoint(char_data, tmp_path, capsys):
+    rows = train_run(char_data, tmp_path, "s", "--max_iters", "4", "--eval", "--eval_interval", "2",
+                     "--save_model")
+    summary = capsys.readouterr().out.splitlines()[-2]
+    best = min(rows[1]["val_loss"], rows[3]["val_loss"])
+    best_step = 2 if rows[1]["val_loss"] <= rows[3]["val_loss"] else 4
+    assert re.fullmatch(rf"trained 4 steps, 512 tokens, in \d+ s; val_loss {rows[3]['val_loss']:.4f} \(best "
+                        rf"{best:.4f}: {re.escape(str(tmp_path / 's' / 'checkpoints' / f'step_{best_step:07d}'))}\)",
+                        summary), summary
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 of a torchrun job. The step itself is in step.py, checkpoint decisions in checkpointer.py."""
 import dataclasses
 import json
+import math
 import signal
 import threading
 import time
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import load_trained
+from ..checkpoint import best_step, load_trained, step_folder
 from ..config import ConfigError, LLMconfig, Trainconfig, config_dict, micro_steps, parse_mix, total_batch_tokens
 from ..data.labels import label_rules
 from ..data.loader import TokenLoader, fingerprint, read_meta
@@ -318,6 +319,7 @@ def step_metrics(s: Session, step: int, lr: float, result: StepResult, seconds_p
 
 def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
     """The whole run on this rank: set-up and resume, then the steps with logging, evaluation and checkpoints."""
+    started = time.perf_counter()
     s = set_up(model_config, cfg, job)
     start_step = s.checkpointer.restore()
     log = open_log(s, start_step)
@@ -351,8 +353,24 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
     finally:
         if log is not None:
             log.close()
+    summarise(s, metrics, start_step, time.perf_counter() - started)
     say_where_saved(s)
     return metrics
+
+
+def summarise(s: Session, metrics: dict, start_step: int, seconds: float) -> None:
+    """The run's summary line: steps and tokens trained in this process and the time taken, the last validation
+    loss and the best one with the checkpoint that holds it."""
+    if not s.job.is_main or not metrics:
+        return
+    steps = metrics["step"] + 1 - start_step
+    line = f"trained {steps} steps, {steps * s.tokens_per_step:,} tokens, in {seconds:.0f} s"
+    if "val_loss" in metrics:
+        line += f"; val_loss {metrics['val_loss']:.4f}"
+    best = best_step(s.checkpointer.run_dir) if s.cfg.save_model else None
+    if best is not None and math.isfinite(s.checkpointer.best_val):
+        line += f" (best {s.checkpointer.best_val:.4f}: {step_folder(s.checkpointer.run_dir, best)})"
+    print(line)
 
 
 def say_where_saved(s: Session) -> None:
