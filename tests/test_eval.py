@@ -287,3 +287,13 @@ def test_hellaswag_scores_keeps_the_training_mode(gpt2_run):
     assert model.training and scores["examples"] == 2 and 0 <= scores["acc_norm"] <= 1
     with pytest.raises(ConfigError, match="label 'x' is out of range"):
         llm_eval.hellaswag.parse_example({"ctx": "a", "endings": ["b", "c"], "label": "x"}, "here")
+
+
+def test_the_scoring_snippet_of_evaluation_md_runs_as_written(gpt2_run, monkeypatch, capsys):
+    """docs/evaluation.md's code block, run from the repository root with its out/run pointing at a trained run."""
+    text = (REPO / "docs" / "evaluation.md").read_text()
+    snippet = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(REPO)
+    exec(compile(snippet.replace('"out/run"', repr(str(gpt2_run))), "evaluation.md", "exec"), {})
+    acc, acc_norm = map(float, capsys.readouterr().out.split())
+    assert 0 <= acc <= 1 and 0 <= acc_norm <= 1
