@@ -27,7 +27,7 @@ from .config import ConfigError, eval_int_expr
 from .config.fields import model_config_from_dict
 from .files import write_atomically, write_folder_atomically
 from .model import LLM, build_model
-from .validate import validate_model
+from .validate import validate_saved
 
 STEP_FOLDER = re.compile(r"step_(\d+)")
 STATE_FILE = "state.pt"
@@ -298,10 +298,7 @@ def load_trained(ckpt: str, **overrides) -> tuple[Path, LLM, dict]:
     saved = read_saved_config(folder)
     config = model_config_from_dict(saved["model"], f"{folder}/config.json model")
     config = dataclasses.replace(config, **{"attn_backend": "auto", **overrides})  # its kernel may not be here
-    try:
-        validate_model(config)  # its kinds are registered here (--import MODULE for kinds of one's own)
-    except ConfigError as e:
-        raise ConfigError(f"{folder}/config.json: {e}") from None
+    validate_saved(config, f"{folder}/config.json")
     model = build_model(config)
     weights = read_weights(folder)
     mismatches = weight_mismatches(model.state_dict(), weights)

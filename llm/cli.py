@@ -10,7 +10,7 @@ import tyro
 
 from . import formats
 from .config import PRESETS, BlockConfig, ConfigError, LLMconfig, Trainconfig, config_dict, resolve_block
-from .config.fields import arch_spelling, dataclass_from_dict, did_you_mean, known_fields
+from .config.fields import dataclass_from_dict, did_you_mean, kind_spelling, known_fields
 from .config.layers import block_from_spec, parse_layer_configs, read_layer_configs_jsonl
 from .plugins import Imports, import_modules
 from .validate import validate
@@ -143,7 +143,7 @@ def _read_config_file(path: str, model: LLMconfig, layer: BlockConfig, train: Tr
         if key not in ("model", "train"):
             raise ConfigError(f'{path}: unknown top-level key "{key}"{did_you_mean(key, ["model", "train"])}; use '
                               '"model" and "train" (or another system\'s format: docs/configuration.md)')
-    model_data = arch_spelling(dict(data.get("model") or {}), f"{path} model")
+    model_data = kind_spelling(dict(data.get("model") or {}), "recurrent_depth", f"{path} model")
     specs = model_data.pop("layers", None) or []
     if not isinstance(specs, list):
         raise ConfigError(f"{path}: model.layers must be a list of layer objects")

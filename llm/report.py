@@ -18,7 +18,7 @@ from .config import ConfigError, eval_int_expr, exit_on_user_error, require_fold
 from .config.fields import model_config_from_dict
 from .model import build_model
 from .plugins import Imports, import_modules
-from .validate import validate_model
+from .validate import validate_saved
 
 
 @dataclass
@@ -79,10 +79,7 @@ def read_run(folder: str) -> Run:
 def parameters(run: Run) -> tuple[int, int]:
     """(total, active) parameters of the run's model, counted on the meta device (no memory used)."""
     model_config = model_config_from_dict(run.config["model"], f"{run.name}/config.json model")
-    try:
-        validate_model(model_config)  # its kinds are registered here (--import MODULE for kinds of one's own)
-    except ConfigError as e:
-        raise ConfigError(f"{run.name}/config.json: {e}") from None
+    validate_saved(model_config, f"{run.name}/config.json")
     with torch.device("meta"):
         return build_model(model_config).get_num_params()
 

@@ -173,6 +173,15 @@ def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
         kind.validate_model(m)
 
 
+def validate_saved(m: LLMconfig, source: str) -> None:
+    """validate_model for a model config read back from a file (a run's or checkpoint's config.json at `source`):
+    its kinds must be registered here (--import MODULE for kinds of one's own); messages name the file."""
+    try:
+        validate_model(m)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
 def validate_train(t: Trainconfig, m: LLMconfig) -> None:
     """Checks the run's values, including that the batch splits into whole micro-steps."""
     check_finite(t)

@@ -79,32 +79,26 @@ def coerce(value: Any, annotation: Any, key: str, where: str) -> Any:
     return float(value) if annotation is float else value
 
 
-def ffn_spelling(spec: dict, where: str) -> dict:
-    """A layer spec with `"moe": true|false` rewritten as `"ffn": "moe"|"dense"`; both keys must then agree."""
-    if "moe" not in spec:
-        return spec
-    spec = dict(spec)
-    moe = spec.pop("moe")
-    if not isinstance(moe, bool):
-        raise ConfigError(f"{where}: moe={moe!r} must be bool, got {type(moe).__name__}")
-    spelled = "moe" if moe else "dense"
-    if spec.setdefault("ffn", spelled) != spelled:
-        raise ConfigError(f'{where}: "moe": {str(moe).lower()} contradicts "ffn": "{spec["ffn"]}"; keep only "ffn"')
-    return spec
+# Boolean keys that spell a kind: "moe": true|false is "ffn": "moe"|"dense" (in a layer spec), and the earlier
+# "recurrent_depth": true is "arch": "recurrent" (false: the key is dropped).
+SPELLINGS = {"moe": ("ffn", "moe", "dense"), "recurrent_depth": ("arch", "recurrent", None)}
 
 
-def arch_spelling(model: dict, where: str) -> dict:
-    """A model section with `"recurrent_depth": true|false` (the earlier spelling) rewritten as `"arch": "recurrent"`
-    (or dropped when false); a true value must then agree with "arch"."""
-    if "recurrent_depth" not in model:
-        return model
-    model = dict(model)
-    recurrent = model.pop("recurrent_depth")
-    if not isinstance(recurrent, bool):
-        raise ConfigError(f"{where}: recurrent_depth={recurrent!r} must be bool, got {type(recurrent).__name__}")
-    if recurrent and model.setdefault("arch", "recurrent") != "recurrent":
-        raise ConfigError(f'{where}: "recurrent_depth": true contradicts "arch": "{model["arch"]}"; keep only "arch"')
-    return model
+def kind_spelling(section: dict, switch: str, where: str) -> dict:
+    """The section with its `switch` key (of SPELLINGS) rewritten as the kind field it spells; both keys must
+    then agree."""
+    if switch not in section:
+        return section
+    field, on, off = SPELLINGS[switch]
+    section = dict(section)
+    value = section.pop(switch)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {switch}={value!r} must be bool, got {type(value).__name__}")
+    spelled = on if value else off
+    if spelled is not None and section.setdefault(field, spelled) != spelled:
+        raise ConfigError(f'{where}: "{switch}": {str(value).lower()} contradicts "{field}": "{section[field]}"; '
+                          f'keep only "{field}"')
+    return section
 
 
 def dataclass_from_dict(cls: type, data: dict, where: str, base: Any = None) -> Any:
@@ -119,7 +113,7 @@ def dataclass_from_dict(cls: type, data: dict, where: str, base: Any = None) -> 
 
 def model_config_from_dict(data: dict, where: str) -> LLMconfig:
     """An LLMconfig with its per-layer specs from JSON (the "model" part of a saved config.json)."""
-    fields = {k: v for k, v in arch_spelling(data, where).items() if k != "layers"}
-    layers = [dataclass_from_dict(BlockConfig, ffn_spelling(spec, f"{where} layer {i}"), f"{where} layer {i}")
+    fields = {k: v for k, v in kind_spelling(data, "recurrent_depth", where).items() if k != "layers"}
+    layers = [dataclass_from_dict(BlockConfig, kind_spelling(spec, "moe", f"{where} layer {i}"), f"{where} layer {i}")
               for i, spec in enumerate(data.get("layers", []))]
     return dataclasses.replace(dataclass_from_dict(LLMconfig, fields, where), layers=layers)

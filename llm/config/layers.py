@@ -3,7 +3,7 @@ import json
 from pathlib import Path
 
 from .errors import ConfigError, read_user_text
-from .fields import dataclass_from_dict, ffn_spelling, unique_keys
+from .fields import dataclass_from_dict, kind_spelling, unique_keys
 from .schema import BlockConfig
 
 REQUIRED_KEYS = ("attn", "n_head", "ffn", "up_dim", "non_linearity")  # "moe": true|false also names the ffn kind
@@ -13,7 +13,7 @@ def block_from_spec(spec: dict, base: BlockConfig, where: str) -> BlockConfig:
     """One layer from a JSON object; keys it omits (beyond the required ones) come from `base` (the flags)."""
     if not isinstance(spec, dict):
         raise ConfigError(f"{where}: expected a JSON object, got {type(spec).__name__}")
-    spec = ffn_spelling(spec, where)
+    spec = kind_spelling(spec, "moe", where)
     block = dataclass_from_dict(BlockConfig, spec, where, base=base)
     missing = [k for k in REQUIRED_KEYS if k not in spec]
     if missing:
