@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .config import ConfigError, eval_int_expr
+from .config import ConfigError, LLMconfig, eval_int_expr
 from .config.fields import model_config_from_dict
 from .files import write_atomically, write_folder_atomically
 from .model import LLM, build_model
@@ -289,16 +289,22 @@ def weight_mismatches(expected: dict, weights: dict) -> list[str]:
     return [f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}" for label, items in found if items]
 
 
-def load_trained(ckpt: str, **overrides) -> tuple[Path, LLM, dict]:
-    """(checkpoint folder, model in eval mode on the CPU, tokenizer meta) for a run or checkpoint folder, as sampling,
-    export and fine-tuning use it: the best checkpoint of a run (else its newest), built from its own config.json
-    with the attention kernel auto and the model fields in `overrides` (dropout, attn_backend) replaced. Only the
-    weights, config.json and tokenizer.json are read: the training state may be missing."""
+def trained_config(ckpt: str, **overrides) -> tuple[Path, LLMconfig]:
+    """(checkpoint folder, model config) of the checkpoint load_trained reads, with the same overrides."""
     folder = best_or_latest(Path(ckpt))
     saved = read_saved_config(folder)
     config = model_config_from_dict(saved["model"], f"{folder}/config.json model")
     config = dataclasses.replace(config, **{"attn_backend": "auto", **overrides})  # its kernel may not be here
     validate_saved(config, f"{folder}/config.json")
+    return folder, config
+
+
+def load_trained(ckpt: str, **overrides) -> tuple[Path, LLM, dict]:
+    """(checkpoint folder, model in eval mode on the CPU, tokenizer meta) for a run or checkpoint folder, as sampling,
+    export and fine-tuning use it: the best checkpoint of a run (else its newest), built from its own config.json
+    with the attention kernel auto and the model fields in `overrides` (dropout, attn_backend) replaced. Only the
+    weights, config.json and tokenizer.json are read: the training state may be missing."""
+    folder, config = trained_config(ckpt, **overrides)
     model = build_model(config)
     weights = read_weights(folder)
     mismatches = weight_mismatches(model.state_dict(), weights)

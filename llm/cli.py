@@ -34,6 +34,11 @@ class Args:
     refusing the file."""
     print_config: bool = False
     """Print the resolved config as JSON (readable by --config) and exit."""
+    estimate: bool = False
+    """Print the preflight estimate (exact parameter counts; memory per device of weights, gradients, optimizer
+    state and activations) and whether it fits the device here, then exit without training."""
+    ranks: int | None = None
+    """With --estimate: the number of data-parallel ranks to estimate for (default: torchrun's WORLD_SIZE, else 1)."""
     layer_configs: str | None = None
     """Per-layer specs as a JSON list of objects, one per layer (not with --layer_configs_jsonl)."""
     layer_configs_jsonl: str | None = None
@@ -60,6 +65,14 @@ def parse(argv: Sequence[str] | None = None) -> tuple[LLMconfig, Trainconfig]:
     validate(model, args.train, wheres)
     if args.print_config:
         print(json.dumps(config_dict(model, args.train), indent=2))
+        sys.exit(0)
+    if args.ranks is not None and (args.ranks < 1 or not args.estimate):
+        raise ConfigError(f"--ranks {args.ranks} applies to --estimate only and must be >= 1; torchrun sets a run's "
+                          "ranks (--nproc_per_node)")
+    if args.estimate:
+        from .train.preflight import print_estimate  # the model and torch are needed only here
+
+        print_estimate(model, args.train, args.ranks)
         sys.exit(0)
     return model, args.train
 

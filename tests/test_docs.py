@@ -1,5 +1,6 @@
 """README.md and docs/*.md: every flag they write exists in the help of the entry point that takes it, README stays
 short, its test command is the one CI runs, and their relative links point at files that exist."""
+import json
 import os
 import re
 import shlex
@@ -208,16 +209,38 @@ def test_every_documented_train_command_validates(doc, commands, tmp_path, monke
         line = " ".join(argv)
         if any(part in line for part in OUTSIDE_FILES):
             continue
-        if "--init_from" in argv:  # the directory the block's llm.export command writes before it
-            Path(argv[argv.index("--init_from") + 1].removeprefix("hf:")).mkdir(parents=True, exist_ok=True)
+        if "--init_from" in argv:  # the directory the block's commands write before it
+            write_init_source(argv[argv.index("--init_from") + 1])
+        printing = "--print_config" in argv or "--estimate" in argv
         try:
-            parse(argv)
-        except SystemExit as e:  # --print_config prints the config and exits 0
-            assert e.code == 0 and "--print_config" in argv, f"{doc.name}: train.py {line} exited with {e.code}"
-            if out:
-                Path(out).write_text(capsys.readouterr().out)
+            parse(argv if printing else [*argv, "--estimate"])  # the estimate: the model is built, nothing trains
+        except SystemExit as e:  # --print_config and --estimate print and exit 0
+            assert e.code == 0, f"{doc.name}: train.py {line} exited with {e.code}"
         except ConfigError as e:
             pytest.fail(f"{doc.name}: python train.py {line}\nerror: {e}")
+        else:
+            pytest.fail(f"{doc.name}: python train.py {line} returned instead of exiting")
+        printed = capsys.readouterr().out
+        if out:
+            Path(out).write_text(printed)
+        assert "--print_config" in argv or "estimate: " in printed, printed
+
+
+def write_init_source(init_from: str) -> None:
+    """What --init_from reads, made as the documented commands before it would: a transformers folder (the config
+    of a small Llama) or a run of ours (config.json of the default model)."""
+    if init_from.startswith("hf:"):
+        from transformers import LlamaConfig
+
+        LlamaConfig(vocab_size=65, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2).save_pretrained(init_from.removeprefix("hf:"))
+        return
+    from llm.config import config_dict
+
+    model, train = parse(["--vocab_size", "65"])
+    folder = Path(init_from) / "checkpoints" / "step_1"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config_dict(model, train)))
 
 
 def test_the_documented_train_commands_are_found():

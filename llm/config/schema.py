@@ -380,6 +380,9 @@ class Trainconfig:
     gradients and optimizer state sharded across ranks)."""
     act_recomp: bool = False
     """Recompute each block's activations in the backward pass to save memory."""
+    memory_check: bool = True
+    """Refuse to start when the preflight estimate of memory per device (printed in the run's first lines) exceeds
+    the device's memory; --no_memory_check starts anyway."""
     compile: bool = False
     """Compile the model with torch.compile."""
     fp8: bool = False

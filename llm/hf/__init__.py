@@ -139,6 +139,16 @@ def config_from_hf(hf_cfg) -> LLMconfig:
     return config
 
 
+def config_of(directory: str) -> LLMconfig:
+    """Our configuration of a transformers directory's config.json (the weights are not read)."""
+    t = _transformers()
+    try:
+        hf_cfg = t.AutoConfig.from_pretrained(directory)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot read a transformers config from {directory!r}: {str(e).splitlines()[0]}") from None
+    return config_from_hf(hf_cfg)
+
+
 IMPORT_TOLERANCE = 1e-4
 """The largest max abs logit difference (fp32) between an imported model and transformers' that import accepts."""
 

@@ -32,6 +32,7 @@ from .fp8 import convert_to_fp8
 from .metrics import MetricsLog, layer_metrics, peak_memory_bytes
 from .mfu import mfu
 from .optim import build_optimizer, set_step_hyperparameters
+from .preflight import preflight
 from .rundir import claim
 from .step import (
     NonFiniteGuard,
@@ -235,6 +236,7 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
         if job.is_main:
             print(f"total_batch_size_str unset: one micro-batch per rank, {cfg.total_batch_size_str} tokens per step")
     accum_steps = micro_steps(cfg, model_config, job.world_size)
+    preflight(model_config, cfg, job.world_size, device, precision.dtype, job.is_main)
     torch.manual_seed(cfg.seed)  # the same on every rank: identical initial weights
     batching, windows = batch_rules(meta, model_config, cfg)
     loaders = build_loaders(sources, cfg, model_config.block_size, device, job, batching, windows)
