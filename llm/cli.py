@@ -4,12 +4,13 @@ import dataclasses
 import json
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Sequence
 
 import tyro
 
 from . import formats
-from .config import PRESETS, BlockConfig, ConfigError, LLMconfig, Trainconfig, config_dict, resolve_block
+from .config import PRESETS, BlockConfig, ConfigError, LLMconfig, Trainconfig, config_dict, resolve_block, run_dir_name
 from .config.fields import dataclass_from_dict, did_you_mean, kind_spelling, known_fields
 from .config.layers import block_from_spec, parse_layer_configs, read_layer_configs_jsonl
 from .plugins import Imports, import_modules
@@ -143,9 +144,29 @@ def _defaults(argv: list[str]) -> Args:
     preset = _flag_value(argv, "preset") or "tiny"
     model, layer, train = copy.deepcopy(PRESETS.get(preset, PRESETS["tiny"]))
     path = _flag_value(argv, "config")
+    if path is None:
+        path = saved_run_config(argv, train)
     if path is not None:
         model, layer, train = _read_config_file(path, model, layer, train, lenient="--lenient" in argv)
     return Args(model=model, layer=layer, train=train)
+
+
+def saved_run_config(argv: list[str], train: Trainconfig) -> str | None:
+    """With --resume (and no --config): the config.json of the run or checkpoint it continues, so that the flags of
+    the first command need not be repeated (flags given still override it; the resume then checks what changed)."""
+    resume = _flag_value(argv, "resume")
+    if resume is None:
+        return None
+    if resume in ("auto", "latest"):
+        out_dir = _flag_value(argv, "out_dir") or train.out_dir
+        folder = Path(out_dir) / run_dir_name(_flag_value(argv, "wandb_run_name") or train.wandb_run_name)
+    else:
+        folder = Path(resume)
+    path = folder / "config.json"
+    if not path.is_file():
+        return None  # auto on a fresh run, or a path that the resume itself refuses with its reason
+    print(f"--resume {resume}: the run's settings come from {path}; flags given override them")
+    return str(path)
 
 
 def _read_config_file(path: str, model: LLMconfig, layer: BlockConfig, train: Trainconfig, lenient: bool = False):

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -145,6 +146,21 @@ def test_resume_with_other_flags_lists_the_differences(char_data, tmp_path):
         run(char_data, tmp_path, "empty", "--resume", "latest")
 
 
+def test_resume_reads_the_saved_config_so_flags_need_not_be_repeated(char_data, tmp_path, capsys):
+    """The first command's flags (a small MoE model, not the tiny preset) come back from the run's config.json; only
+    the run's location and --resume are given, and a flag given (max_iters) still overrides the file."""
+    run(char_data, tmp_path, "s", "--save_model", "--max_iters", "5", "--ckpt_interval", "5")
+    where = ["--out_dir", str(tmp_path), "--wandb_run_name", "s"]
+    model_config, cfg = parse([*where, "--resume", "latest", "--max_iters", "10"])
+    assert model_config.n_embd == 32 and model_config.layers[0].ffn == "moe" and cfg.max_iters == 10
+    assert f"the run's settings come from {tmp_path / 's' / 'config.json'}" in capsys.readouterr().out
+    train(model_config, cfg)
+    resumed = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in resumed] == list(range(10))
+    checkpoint = tmp_path / "s" / "checkpoints" / "step_0000005"
+    assert parse(["--resume", str(checkpoint), "--out_dir", str(tmp_path / "other")])[0].n_embd == 32
+
+
 def test_four_micro_batches_equal_one_batch_four_times_larger():
     torch.manual_seed(0)
     model = build_model(make_config(dict(attn="gqa", n_head=4, n_kv_heads=2), pos_emb="rope"))
@@ -267,7 +283,10 @@ def test_ctrl_c_during_start_up_exits_130_in_one_line(char_data, tmp_path):
                                 "--out_dir", str(tmp_path)], text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal,
     # even when the tests themselves run in the background (where SIGINT is ignored, and children inherit that)
-    time.sleep(0.5)  # importing torch alone takes longer
+    maps = Path(f"/proc/{started.pid}/maps")
+    deadline = time.monotonic() + 60
+    while "libtorch" not in maps.read_text() and time.monotonic() < deadline:  # inside main(), importing torch
+        time.sleep(0.01)
     started.send_signal(signal.SIGINT)
     _, err = started.communicate(timeout=120)
     assert started.returncode == 130 and err == "interrupted during start-up; nothing was trained\n", err
