@@ -325,3 +325,19 @@ def test_an_out_dir_that_names_a_file_is_refused_before_training(tmp_path, char_
     (tmp_path / "taken").write_text("a file")
     with pytest.raises(ConfigError, match=r"^--out_dir='.*taken': .*taken is a file, not a folder"):
         train(*parse(["--out_dir", str(tmp_path / "taken"), "--data_dir", str(char_data.parent), "--max_iters", "1"]))
+
+
+def test_help_narrowed_to_a_term_lists_only_the_flags_that_mention_it(capsys):
+    with pytest.raises(SystemExit) as exited:
+        parse(["--help", "moe"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    flags = {line.split()[0].rstrip(",") for line in text.splitlines() if line.startswith("  -")}
+    assert {"--ffn", "--n_exp", "--n_act", "--aux_free"} <= flags
+    assert not flags & {"--n_embd", "--learning_rate", "--attn"}
+    assert "layer options:" in text
+    with pytest.raises(SystemExit):
+        parse(["-h", "Muon"])  # case-insensitive, and -h works too
+    assert "--muon_lr" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="no flag of train.py mentions 'zzz'"):
+        parse(["--help", "zzz"])
