@@ -29,6 +29,8 @@ class ReportArgs:
     """Run directories (out/RUN), each with config.json and metrics.jsonl."""
     out: str = "report"
     """Folder for report.md and loss.png."""
+    overwrite: bool = False
+    """Replace the report.md and loss.png that an earlier report left in --out."""
     imports: Imports = field(default_factory=list)
     """--import MODULE (repeatable): a module to import first, e.g. one that registers kinds of its own with
     llm.model.register_arch; looked up on sys.path and in the working directory."""
@@ -137,12 +139,17 @@ def plot(runs: list[Run], path: Path) -> bool:
     return True
 
 
-def report(run_dirs: list[str], out: str) -> str:
-    """Writes out/report.md and out/loss.png; returns the markdown."""
+def report(run_dirs: list[str], out: str, overwrite: bool = False) -> str:
+    """Writes out/report.md and out/loss.png (an earlier report there is replaced only with `overwrite`); returns
+    the markdown."""
     if not run_dirs:
         raise ConfigError("give at least one run directory: python -m llm.report out/RUN ...")
     folder = Path(out)
     require_folder(folder, f"--out={out!r}")
+    earlier = [name for name in ("report.md", "loss.png") if (folder / name).exists()]
+    if earlier and not overwrite:
+        raise ConfigError(f"--out={out!r} already holds {' and '.join(earlier)} of an earlier report; pass "
+                          "--overwrite to replace them, or another --out")
     runs = [read_run(d) for d in run_dirs]
     table = markdown([summary(r) for r in runs])
     folder.mkdir(parents=True, exist_ok=True)
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     args = tyro.cli(ReportArgs, args=argv, use_underscores=True)
     with exit_on_user_error():
         import_modules(args.imports)
-        print(report(list(args.runs), args.out), end="")
+        print(report(list(args.runs), args.out, args.overwrite), end="")
 
 
 if __name__ == "__main__":

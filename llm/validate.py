@@ -226,7 +226,8 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
     require(t.grad_clip >= 0, f"grad_clip={t.grad_clip} must be >= 0 (0 disables clipping)")
     if t.data_mix is not None:
         parse_mix(t.data_mix)
-    require(t.eval_tasks is None or t.eval, f"eval_tasks={t.eval_tasks!r} is scored at evaluations; add --eval")
+    require(t.eval_tasks is None or t.eval, f"eval_tasks={t.eval_tasks!r} is scored at evaluations, which --no_eval "
+            "turns off; drop --no_eval")
     require(0 <= t.cooldown_frac <= 1, f"cooldown_frac={t.cooldown_frac} must be in [0, 1]")
     require(0 < t.mask_prob < 1, f"mask_prob={t.mask_prob} must be in (0, 1)")
     require(t.window_stride >= 0, f"window_stride={t.window_stride} must be >= 0 (tokens shared by consecutive windows)")

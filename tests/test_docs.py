@@ -14,7 +14,7 @@ import pytest
 
 from llm.cli import parse
 from llm.config import ConfigError
-from tests.conftest import REPO
+from tests.conftest import REPO, SHAKESPEARE
 
 DOCS = [REPO / "README.md", REPO / "data" / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 README_MAX_LINES = 250
@@ -251,3 +251,87 @@ def test_the_documented_train_commands_are_found():
     assert len(found) >= 25
     assert ["--preset", "gpt2-124m", "--dist", "ddp"] in found  # after torchrun --nproc_per_node 8
     assert any(argv[-2:] == ["--total_batch_size_str", "2**20"] for argv in found)  # continued lines, quotes
+
+
+# Documented tool commands (not train.py) that the test does not run, each with the reason.
+NOT_RUN = {
+    "llm.data.prepare tinystories": "downloads the dataset",
+    "llm.data.prepare fineweb": "downloads the dataset",
+    "--tasks hellaswag,arc_easy": "downloads the tasks (the mini_choice command beside it runs)",
+    "llm.bench": "a timed benchmark (tests/test_bench.py runs it at small shapes)",
+    "scripts/sweep.sh": "trains six runs (tests/test_scripts.py runs the sweep script at small shapes)",
+    "out/sweep_*": "reports the sweep above (tests/test_runs.py runs llm.report)",
+    "configs/moe.yaml": OUTSIDE_FILES["--config configs/moe.yaml"],
+    "--import mykinds": OUTSIDE_FILES["--import mykinds"],
+    "out/mtp_char": "samples the multi-token-prediction run of docs/sampling.md (tests/test_mtp.py samples one)",
+    "scripts/train_custom_layers.sh": "a training script (tests/test_scripts.py runs it)",
+}
+TOOL_COMMAND = re.compile(r"^(?:\w+=\S+\s+)*python\s+(?:-m\s+llm\.|sample\.py)")
+
+
+def tool_commands(doc: Path) -> list[str]:
+    """The doc's documented commands of sample.py and the llm.* modules, in order, as written (comments dropped)."""
+    found = []
+    for block in FENCE.findall(doc.read_text()):
+        for line in re.sub(r"\\\n", " ", block).splitlines():
+            for command in re.split(r"&&|;", line.partition(" #")[0]):
+                command = " ".join(command.split())
+                if TOOL_COMMAND.match(command):
+                    found.append(command)
+    return found
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, char_data) -> Path:
+    """A folder holding what the documented commands read: the prepared Tiny Shakespeare and a small character model
+    trained to step 500 in out/run, the repository's example and test files, FASTA files and a small text corpus."""
+    root = tmp_path_factory.mktemp("workspace")
+    shutil.copytree(char_data, root / "data" / "shakespeare_char")
+    shutil.copytree(REPO / "tests" / "data", root / "tests" / "data")
+    for name in ("layer_configs.jsonl", "sample.py", "train.py"):  # the docs run from the repository's root
+        shutil.copy(REPO / name, root)
+    shutil.copy(SHAKESPEARE, root / "input.txt")
+    shutil.copy(SHAKESPEARE, root / "genome.txt")
+    shutil.copy(REPO / "tests" / "data" / "hellaswag_mini.jsonl", root / "hellaswag_val.jsonl")
+    (root / "genomes").mkdir()
+    for name in ("genomes/a.fa", "mrna.fa", "test.fa"):
+        subprocess.run([sys.executable, "-m", "llm.data.synthetic_genome", "--out", str(root / name), "--megabases",
+                        "0.02", "--seed", str(len(name))], check=True, capture_output=True)
+    (root / "my_corpus").mkdir()
+    lines = SHAKESPEARE.read_text().splitlines()
+    (root / "my_corpus" / "a.jsonl").write_text("".join(json.dumps({"content": "\n".join(lines[i:i + 50])}) + "\n"
+                                                        for i in range(0, 5000, 50)))
+    trained = subprocess.run([sys.executable, str(REPO / "train.py"), "--n_layer", "1", "--n_embd", "32", "--n_head",
+                              "2", "--block_size", "128", "--batch_size", "4", "--max_iters", "500", "--ckpt_interval",
+                              "500", "--eval_interval", "500", "--eval_iters", "2", "--save_model", "--log_interval",
+                              "500"], cwd=root, capture_output=True, text=True, timeout=600, check=False)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert (root / "out" / "run" / "checkpoints" / "step_0000500").is_dir()
+    return root
+
+
+def documented_tool_docs() -> list:
+    return [pytest.param(doc, id=doc.relative_to(REPO).as_posix()) for doc in DOCS if tool_commands(doc)]
+
+
+@pytest.mark.parametrize("doc", documented_tool_docs())
+def test_every_documented_tool_command_runs(doc, workspace, tmp_path):
+    """Each documented `python sample.py ...` and `python -m llm.* ...` runs as written, in order within its page, in
+    a copy of the workspace (as a shell runs it: globs and environment prefixes included)."""
+    here = tmp_path / "here"
+    shutil.copytree(workspace, here, symlinks=True)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    for command in tool_commands(doc):
+        if any(part in command for part in NOT_RUN):
+            continue
+        result = subprocess.run(["bash", "-c", command], cwd=here, env=env, capture_output=True, text=True,
+                                timeout=600, check=False)
+        assert result.returncode == 0, f"{doc.name}: {command}\n{result.stderr[-2000:]}"
+
+
+def test_the_documented_tool_commands_are_found():
+    found = [command for doc in DOCS for command in tool_commands(doc)]
+    assert "python -m llm.export --ckpt out/run --out hf/run --overwrite" in found
+    assert any(c.startswith("python sample.py --ckpt out/run/checkpoints/step_0000500") for c in found)
+    assert all(any(part in c for c in found) for part in NOT_RUN if part != "scripts/sweep.sh"
+               and not part.startswith("scripts/")), "a NOT_RUN entry matches no documented command any more"

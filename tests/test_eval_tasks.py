@@ -31,7 +31,7 @@ def test_a_run_logs_the_scores_of_its_checkpoint(char_data, tmp_path):
 @pytest.mark.parametrize("argv,message", [
     (["--eval", "--eval_tasks", "hellaswag"], "is not KIND:WHAT"),
     (["--eval", "--eval_tasks", "arc:x.jsonl"], "is not KIND:WHAT"),
-    (["--eval_tasks", "hellaswag:x.jsonl"], "add --eval"),
+    (["--no_eval", "--eval_tasks", "hellaswag:x.jsonl"], "drop --no_eval"),
     (["--eval", "--eval_tasks", "hellaswag:missing.jsonl"], r"^--eval_tasks hellaswag:missing.jsonl: no such file"),
 ])
 def test_bad_specs_are_one_line(argv, message, char_data, tmp_path):

@@ -237,6 +237,7 @@ def test_train_py_logs_the_recurrence_and_the_loss_against_r(char_data, tmp_path
     result = subprocess.run([sys.executable, str(REPO / "train.py"), *SMALL, "--data_dir", str(char_data.parent),
                              "--out_dir", str(tmp_path), "--compile"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "compiling (torch.compile): the first step takes longer" in result.stdout
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all(1 <= row["rd/recurrence"] <= 6 for row in rows)
     evaluated = [row for row in rows if "val_loss" in row]

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from llm import report
-from llm.config import exit_on_user_error
+from llm.config import ConfigError, exit_on_user_error
 from tests.conftest import REPO
 
 FAST = {"MAX_ITERS": "3", "BATCH_SIZE": "4", "TOTAL_BATCH": "4*128", "EVAL_INTERVAL": "2",
@@ -33,6 +33,9 @@ def test_sweep_runs_a_grid_then_the_report_compares_it(char_data, tmp_path):
     assert "| 1,536 |" in lines[2]  # tokens seen: 3 steps of 4 x 128
     assert (tmp_path / "report" / "report.md").read_text() == table
     assert (tmp_path / "report" / "loss.png").stat().st_size > 1000
+    with pytest.raises(ConfigError, match="already holds report.md and loss.png of an earlier report; pass --overwrite"):
+        report.report(runs[:1], str(tmp_path / "report"))
+    assert report.report(runs[:1], str(tmp_path / "report"), overwrite=True).count("| sweep_") == 1
 
 
 def test_sweep_takes_every_registered_mixer_kind(char_data, tmp_path):

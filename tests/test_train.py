@@ -126,3 +126,13 @@ def test_training_functions_stay_short():
             if isinstance(node, ast.FunctionDef):
                 length = node.end_lineno - node.lineno + 1
                 assert length <= 60, f"{path.name}: {node.name} has {length} lines"
+
+
+def test_the_eta_is_smoothed_and_drops_the_first_interval():
+    from llm.train.metrics import StepClock
+
+    clock = StepClock()
+    assert clock.update(10.0) == 10.0  # the only figure so far: compilation included
+    assert clock.update(1.0) == 1.0  # the first interval is dropped
+    assert clock.update(2.0) == pytest.approx(1.3)
+    assert clock.update(1.0) == pytest.approx(1.21)

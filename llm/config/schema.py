@@ -396,8 +396,9 @@ class Trainconfig:
     usage_threshold: float = 5.0
     """PEER: an expert is hot when it was picked more than usage_threshold times the mean count since the last
     report."""
-    eval: bool = False
-    """Evaluate train and val loss every eval_interval steps."""
+    eval: bool = True
+    """Evaluate train and val loss every eval_interval steps and after the last step (eval_iters batches each);
+    --no_eval turns it off."""
     eval_interval: int = 100
     """Steps between evaluations."""
     eval_iters: int = 20

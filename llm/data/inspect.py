@@ -43,9 +43,10 @@ class InspectArgs:
 
 
 def dataset_folder(args: InspectArgs) -> Path:
-    """The folder the dataset argument names: a folder holding meta.json, else one under data_dir."""
+    """The folder the dataset argument names: a path (an existing folder, or one with a slash), else a name under
+    data_dir."""
     given = Path(args.dataset)
-    return given if (given / "meta.json").is_file() else Path(args.data_dir) / args.dataset
+    return given if given.is_dir() or len(given.parts) > 1 else Path(args.data_dir) / args.dataset
 
 
 def token_shown(tokenizer, i: int) -> str:
@@ -68,7 +69,7 @@ def describe_window(tokenizer, ids: list[int], labels: list[int]) -> list[str]:
 def inspect(args: InspectArgs) -> None:
     """Prints the dataset's figures and `args.windows` decoded windows of `args.split`."""
     folder = dataset_folder(args)
-    meta = read_meta(folder, args.dataset)
+    meta = read_meta(folder, folder.name)
     tokenizer = tokenizer_from_meta(meta)
     if not isinstance(tokenizer, SequenceTokenizer) and (args.loss_mask != "none" or args.uppercase_labels):
         raise ConfigError(f"--loss_mask/--uppercase_labels relabel nucleotides, but {folder} uses the "

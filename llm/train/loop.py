@@ -29,7 +29,7 @@ from .benchmarks import EvalTask, load_eval_tasks, score_eval_tasks
 from .checkpointer import Checkpointer
 from .distributed import Distributed, init_distributed, wrap
 from .fp8 import convert_to_fp8
-from .metrics import MetricsLog, layer_metrics, peak_memory_bytes
+from .metrics import MetricsLog, StepClock, layer_metrics, peak_memory_bytes
 from .mfu import mfu
 from .optim import build_optimizer, set_step_hyperparameters
 from .preflight import preflight
@@ -291,12 +291,14 @@ def evaluates(cfg: Trainconfig, step: int) -> bool:
     return cfg.eval and ((step + 1) % cfg.eval_interval == 0 or step == cfg.max_iters - 1)
 
 
-def step_metrics(s: Session, step: int, lr: float, result: StepResult, seconds_per_step: float) -> dict:
-    """The figures of a logged step (each `.item()` here is a host sync, paid only on logged steps)."""
+def step_metrics(s: Session, step: int, lr: float, result: StepResult, seconds_per_step: float,
+                 smoothed: float) -> dict:
+    """The figures of a logged step: seconds_per_step is this interval's, `smoothed` the ETA's (StepClock). Each
+    `.item()` here is a host sync, paid only on logged steps."""
     tokens_per_s = s.tokens_per_step / seconds_per_step
     metrics = {"step": step, "loss": result.loss.item() / s.accum_steps, "lr": lr,
                "grad_norm": result.grad_norm.item(), "ms_per_step": 1000 * seconds_per_step,
-               "eta_s": seconds_per_step * (s.cfg.max_iters - 1 - step), "tokens_per_s": tokens_per_s,
+               "eta_s": smoothed * (s.cfg.max_iters - 1 - step), "tokens_per_s": tokens_per_s,
                "mfu": mfu(tokens_per_s / s.job.world_size, s.flops_per_token, s.precision.device),
                "flops_per_token": s.flops_per_token,
                "peak_memory_bytes": peak_memory_bytes(s.precision.device)}
@@ -325,7 +327,9 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
     s = set_up(model_config, cfg, job)
     start_step = s.checkpointer.restore()
     log = open_log(s, start_step)
-    metrics, t0, last_logged = {}, time.perf_counter(), start_step - 1
+    metrics, t0, last_logged, clock = {}, time.perf_counter(), start_step - 1, StepClock()
+    if cfg.compile and job.is_main and start_step < cfg.max_iters:
+        print("compiling (torch.compile): the first step takes longer while the model is compiled")
     try:
         with StopRequest() as stop:
             for step in range(start_step, cfg.max_iters):
@@ -339,7 +343,8 @@ def run(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> dict:
                 stopping = job.any(stop.signum is not None)
                 if step % cfg.log_interval == 0 or step == cfg.max_iters - 1 or stopping or evaluates(cfg, step):
                     s.guard.check()
-                    metrics = step_metrics(s, step, lr, result, (time.perf_counter() - t0) / (step - last_logged))
+                    seconds_per_step = (time.perf_counter() - t0) / (step - last_logged)
+                    metrics = step_metrics(s, step, lr, result, seconds_per_step, clock.update(seconds_per_step))
                     if log is not None:
                         log.log(metrics)
                     s.guard.check_figures(step, metrics)  # logged as they are, then the run stops before saving

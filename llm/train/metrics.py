@@ -17,6 +17,25 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+class StepClock:
+    """Seconds per step for the ETA, smoothed over the logged intervals: an exponential average (weight SMOOTHING on
+    the newest) that drops the first interval, which holds compilation and warm-up, once a second one exists."""
+
+    SMOOTHING = 0.3
+
+    def __init__(self):
+        self.intervals, self.seconds_per_step = 0, 0.0
+
+    def update(self, seconds_per_step: float) -> float:
+        """Adds one logged interval's seconds per step; returns the smoothed figure."""
+        self.intervals += 1
+        if self.intervals <= 2:
+            self.seconds_per_step = seconds_per_step
+        else:
+            self.seconds_per_step += self.SMOOTHING * (seconds_per_step - self.seconds_per_step)
+        return self.seconds_per_step
+
+
 def duration(seconds: float) -> str:
     """A duration as 1h02m, 3m05s or 42s."""
     seconds = round(seconds)
