@@ -30,6 +30,7 @@ HELP_COMMANDS = {
     "llm.export": ["-m", "llm.export", "--help"],
     "llm.bench": ["-m", "llm.bench", "--help"],
     "llm.report": ["-m", "llm.report", "--help"],
+    "llm.sweep": ["-m", "llm.sweep", "--help"],
     "llm.eval": ["-m", "llm.eval", "fasta", "--help"],
     "llm.eval hellaswag": ["-m", "llm.eval", "hellaswag", "--help"],
     "llm.eval lm_eval": ["-m", "llm.eval", "lm_eval", "--help"],
@@ -46,6 +47,7 @@ ENTRY_PATTERNS = [
     ("llm.export", r"-m\s+llm\.export\b"),
     ("llm.bench", r"-m\s+llm\.bench\b"),
     ("llm.report", r"-m\s+llm\.report\b"),
+    ("llm.sweep", r"-m\s+llm\.sweep\b"),
     ("llm.eval hellaswag", r"-m\s+llm\.eval\s+hellaswag\b"),  # before llm.eval, which would match first
     ("llm.eval lm_eval", r"-m\s+llm\.eval\s+lm_eval\b"),
     ("llm.eval", r"-m\s+llm\.eval\b"),
@@ -56,7 +58,7 @@ ENTRY_PATTERNS = [
 ]
 ENTRY = re.compile("|".join(f"(?P<e{i}>{pattern})" for i, (_, pattern) in enumerate(ENTRY_PATTERNS)))
 # Flags of other tools that the docs show (torchrun, lm_eval); commands of pip, lm_eval and git are skipped whole.
-EXTERNAL_FLAGS = re.compile(r"nproc_per_node|nnodes|rdzv_\w*|model_args|tasks|model")
+EXTERNAL_FLAGS = re.compile(r"nproc_per_node|nnodes|standalone|rdzv_\w*|model_args|tasks|model")
 EXTERNAL_COMMANDS = ("pip", "lm_eval", "git")
 FLAG = re.compile(r"(?<![\w-])--([A-Za-z][\w-]*)")
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.DOTALL | re.MULTILINE)
@@ -82,7 +84,8 @@ def helps() -> dict[str, set[str]]:
     with ThreadPoolExecutor(len(HELP_COMMANDS)) as pool:
         texts = dict(zip(HELP_COMMANDS, pool.map(run, HELP_COMMANDS.values())))
     found = {entry: flags_in(text) for entry, text in texts.items()}
-    found["llm.bench"] |= found["train.py"]  # the benchmark takes every train.py flag besides its own
+    found["llm.bench"] |= found["train.py"]  # the benchmark and the sweep take every train.py flag besides their own
+    found["llm.sweep"] |= found["train.py"]
     return found
 
 
@@ -260,7 +263,10 @@ NOT_RUN = {
     "--tasks hellaswag,arc_easy": "downloads the tasks (the mini_choice command beside it runs)",
     "llm.bench": "a timed benchmark (tests/test_bench.py runs it at small shapes)",
     "scripts/sweep.sh": "trains six runs (tests/test_scripts.py runs the sweep script at small shapes)",
-    "out/sweep_*": "reports the sweep above (tests/test_runs.py runs llm.report)",
+    "out/sweep/*": "reports the sweep above (tests/test_runs.py runs llm.report)",
+    "out/ablation/*": "reports the sweep above (tests/test_scripts.py reports a sweep)",
+    "--max_iters 300 --parallel 2": "trains eight runs (tests/test_sweep.py runs sweeps at small shapes)",
+    "--file sweep.yaml": "the reader's sweep file (tests/test_sweep.py reads one with the same sections)",
     "configs/moe.yaml": OUTSIDE_FILES["--config configs/moe.yaml"],
     "--import mykinds": OUTSIDE_FILES["--import mykinds"],
     "out/mtp_char": "samples the multi-token-prediction run of docs/sampling.md (tests/test_mtp.py samples one)",

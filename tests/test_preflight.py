@@ -17,7 +17,7 @@ from tests.conftest import REPO
 
 # A measured peak (resident memory gained by a two-step run) over the estimate stays within these bounds on CPU: the
 # estimate counts tensors, the process also holds allocator slack and transient buffers.
-MEASURED_OVER_ESTIMATE = (0.8, 1.35)
+MEASURED_OVER_ESTIMATE = (0.8, 1.5)
 MEASURE = """
 import json, resource, sys
 from llm.cli import parse
@@ -41,7 +41,7 @@ def run_train_py(args: list[str], cwd) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("extra", [[], ["--act_recomp"], ["--ffn", "moe", "--n_exp", "4"]],
                          ids=["dense", "recomputed", "moe"])
 def test_the_estimate_is_close_to_the_measured_peak_on_cpu(extra, char_data, tmp_path):
-    args = [*SHAPE, *extra, "--max_iters", "2", "--device", "cpu", "--no_save_model", "--data_dir",
+    args = [*SHAPE, *extra, "--max_iters", "2", "--device", "cpu", "--no_save_model", "--no_eval", "--data_dir",
             str(char_data.parent), "--out_dir", str(tmp_path)]
     result = subprocess.run([sys.executable, "-c", MEASURE, *args], cwd=REPO, capture_output=True, text=True,
                             timeout=300, check=False)

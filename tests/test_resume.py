@@ -266,15 +266,17 @@ def test_ctrl_c_saves_then_train_py_and_the_sweep_exit_130(char_data, tmp_path):
            "TOTAL_BATCH": "4*128", "OUT_DIR": str(tmp_path)}
     sweep = subprocess.Popen(["bash", str(REPO / "scripts" / "sweep.sh"), "--data_dir", str(char_data.parent),
                               "--n_layer", "1", "--log_interval", "1", "--save_model"], env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    for line in sweep.stdout:
-        if line.startswith("step"):
-            os.killpg(sweep.pid, signal.SIGINT)
-            break
-    out, _ = sweep.communicate(timeout=120)
-    assert sweep.returncode == 130, out
-    assert "=== sweep_mha_dense was interrupted (exit 130); stopping the sweep" in out
-    assert step_checkpoints(tmp_path / "sweep_mha_dense") and not (tmp_path / "sweep_gqa_dense").exists()
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal
+    metrics = tmp_path / "sweep" / "attn-mha" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the first run has logged a step
+    os.killpg(sweep.pid, signal.SIGINT)
+    out, err = sweep.communicate(timeout=120)
+    assert sweep.returncode == 130, out + err
+    assert "the running runs saved their checkpoints; rerun the same command to continue" in err
+    assert step_checkpoints(tmp_path / "sweep" / "attn-mha") and not (tmp_path / "sweep" / "attn-gqa").exists()
 
 
 def test_ctrl_c_during_start_up_exits_130_in_one_line(char_data, tmp_path):

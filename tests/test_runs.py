@@ -106,7 +106,8 @@ def test_the_run_ends_with_a_summary_of_what_it_trained_and_its_best_checkpoint(
     summary = capsys.readouterr().out.splitlines()[-2]
     best = min(rows[1]["val_loss"], rows[3]["val_loss"])
     best_step = 2 if rows[1]["val_loss"] <= rows[3]["val_loss"] else 4
-    assert re.fullmatch(rf"trained 4 steps, 512 tokens, in \d+ s; val_loss {rows[3]['val_loss']:.4f} \(best "
+    assert re.fullmatch(rf"trained 4 steps, 512 tokens, in \d+ s; val_loss {rows[3]['val_loss']:.4f}, "
+                        rf"{rows[3]['val_bpb']:.4f} bits per byte \(best "
                         rf"{best:.4f}: {re.escape(str(tmp_path / 's' / 'checkpoints' / f'step_{best_step:07d}'))}\)",
                         summary), summary
 

@@ -23,35 +23,42 @@ def test_sweep_runs_a_grid_then_the_report_compares_it(char_data, tmp_path):
     env = {**FAST, "ATTNS": "mha mla", "MOES": "0", "OUT_DIR": str(tmp_path)}
     result = script("sweep.sh", env, "--data_dir", str(char_data.parent), "--n_layer", "1", "--log_interval", "1")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert "all runs finished" in result.stdout
-    runs = sorted(str(p) for p in tmp_path.glob("sweep_*"))
-    assert [os.path.basename(r) for r in runs] == ["sweep_mha_dense", "sweep_mla_dense"]
+    assert "all 2 runs finished" in result.stdout
+    runs = sorted(str(p) for p in (tmp_path / "sweep").glob("[!.]*"))
+    assert [os.path.basename(r) for r in runs] == ["attn-mha", "attn-mla"]
+    config = json.loads((tmp_path / "sweep" / "attn-mla" / "config.json").read_text())
+    assert (config["model"]["layers"][0]["ffn"], config["model"]["layers"][0]["up_dim"]) == ("dense", 768)
 
     table = report.report(runs, str(tmp_path / "report"))
     lines = table.splitlines()
-    assert len(lines) == 4 and lines[2].startswith("| sweep_mha_dense |") and lines[3].startswith("| sweep_mla_dense |")
-    assert "| 1,536 |" in lines[2]  # tokens seen: 3 steps of 4 x 128
+    assert lines[0].startswith("| attn | seeds | params (active) | tokens |")  # attn alone differs
+    assert sorted(line.split(" | ")[0] for line in lines[2:4]) == ["| mha", "| mla"]
+    assert all("| 1 | " in line and "| 1,536 |" in line for line in lines[2:4])  # one seed; 3 steps of 4 x 128
     assert (tmp_path / "report" / "report.md").read_text() == table
     assert (tmp_path / "report" / "loss.png").stat().st_size > 1000
-    with pytest.raises(ConfigError, match="already holds report.md and loss.png of an earlier report; pass --overwrite"):
+    with pytest.raises(ConfigError, match="already holds report.md, report.csv, loss.png, training.png of an earlier report"):
         report.report(runs[:1], str(tmp_path / "report"))
-    assert report.report(runs[:1], str(tmp_path / "report"), overwrite=True).count("| sweep_") == 1
+    alone = report.report(runs[:1], str(tmp_path / "report"), overwrite=True).splitlines()
+    assert alone[0].startswith("| run | seeds |") and alone[2].startswith("| attn-mha |")  # nothing differs
 
 
-def test_sweep_takes_every_registered_mixer_kind(char_data, tmp_path):
-    env = {**FAST, "MAX_ITERS": "1", "ATTNS": "nsa hyena mamba", "MOES": "0", "OUT_DIR": str(tmp_path)}
-    result = script("sweep.sh", env, "--data_dir", str(char_data.parent), "--n_layer", "1", "--no_eval")
+def test_sweep_takes_every_registered_mixer_kind_and_moe(char_data, tmp_path):
+    env = {**FAST, "MAX_ITERS": "1", "ATTNS": "nsa hyena mamba", "MOES": "0 1", "OUT_DIR": str(tmp_path)}
+    result = script("sweep.sh", env, "--data_dir", str(char_data.parent), "--n_layer", "1", "--no_eval",
+                    "--parallel", "2")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    assert sorted(p.name for p in tmp_path.glob("sweep_*")) == ["sweep_hyena_dense", "sweep_mamba_dense",
-                                                                 "sweep_nsa_dense"]
+    assert sorted(p.name for p in (tmp_path / "sweep").glob("[!.]*")) == [
+        f"{ffn}.attn-{attn}" for ffn in ("dense", "moe") for attn in ("hyena", "mamba", "nsa")]
+    config = json.loads((tmp_path / "sweep" / "moe.attn-nsa" / "config.json").read_text())
+    assert (config["model"]["layers"][0]["ffn"], config["model"]["layers"][0]["up_dim"]) == ("moe", 256)
 
 
-def test_sweep_goes_on_past_a_failed_run_and_names_it(char_data, tmp_path):
+def test_sweep_refuses_a_grid_that_does_not_validate_before_any_run(char_data, tmp_path):
     env = {**FAST, "ATTNS": "gqa", "MOES": "1 0", "OUT_DIR": str(tmp_path), "N_KV_HEADS": "3"}  # 3 does not divide 4
     result = script("sweep.sh", env, "--data_dir", str(char_data.parent), "--n_layer", "1")
-    assert result.returncode == 1
-    assert "failed runs: sweep_gqa_moe sweep_gqa_dense" in result.stdout
-    assert "n_kv_heads=3 does not divide n_head=4" in result.stderr
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: run moe: ") and "n_kv_heads=3 does not divide n_head=4" in result.stderr
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_custom_layers_script_trains_the_example_stack(char_data, tmp_path):

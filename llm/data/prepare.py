@@ -41,6 +41,7 @@ from .tokenizers import (
     ByteTokenizer,
     CharTokenizer,
     GPT2Tokenizer,
+    clean_sequence,
     tokenizer_from_meta,
 )
 from .windows import documents_path
@@ -204,10 +205,20 @@ class Encoder:
 class TokenWriter:
     """Streams token ids to a file, counting them, their largest id and a checksum of the text they came from."""
 
-    def __init__(self, dtype: np.dtype, progress: Progress, task):
+    def __init__(self, dtype: np.dtype, progress: Progress, task, sequences: frozenset | None = None):
+        """`sequences`: a sequence tokenizer's special ids, whose tokens stand for no text; for sequence data the
+        bytes are the letters of the cleaned sequence (newlines and other non-letters dropped)."""
         self.dtype, self.progress, self.task = dtype, progress, task
+        self.sequences = sequences is not None
         self.md5 = hashlib.md5()
         self.max_id = -1
+        self.specials = np.array(sorted(sequences or ()), dtype=np.int64)
+        self.text_bytes, self.content_tokens = 0.0, 0  # UTF-8 bytes written, and the tokens that stand for them
+
+    def bytes_per_token(self) -> float:
+        """UTF-8 bytes of text per content token (for sequence data: letters per token, specials left out), the
+        figure that turns a loss in nats per token into bits per byte."""
+        return self.text_bytes / max(1, self.content_tokens)
 
     def write(self, encoder: Encoder, pieces: Iterator[Piece], path: Path, limit: int | None,
               wrap: tuple[int, int] | None = None) -> int:
@@ -220,15 +231,19 @@ class TokenWriter:
                 f.write(np.array(wrap[:1], dtype=self.dtype).tobytes())
                 count, starts = 1, [np.zeros(1, dtype=np.int64)]
             for batch, (ids, begins) in encoder.map(batches(pieces)):
+                text = "".join(piece.text for piece in batch).encode("utf-8")
+                kept = len(ids)
                 if limit is not None:
                     ids, begins = ids[: limit - count], begins[begins < limit - count]
+                written = sum(len(clean_sequence(piece.text)) for piece in batch) if self.sequences else len(text)
+                self.text_bytes += written * (len(ids) / kept if kept else 1.0)  # a batch cut by the limit: its part
+                self.content_tokens += len(ids) - int(np.isin(ids, self.specials).sum())
                 f.write(ids.astype(self.dtype).tobytes())
                 starts.append(begins + count)
                 count += len(ids)
                 if len(ids):
                     closed = wrap is not None and int(ids[-1]) == wrap[1]
                 self.max_id = max(self.max_id, int(ids.max()) if len(ids) else -1)
-                text = "".join(piece.text for piece in batch).encode("utf-8")
                 self.md5.update(text)
                 description = f"{path.name.removesuffix('.tmp')}: {count:,} tokens"
                 self.progress.update(self.task, advance=len(text), description=description)
@@ -330,7 +345,9 @@ def write_splits(corpus: Corpus, tokenizer, dtype: np.dtype, out: Path, args: Pr
     show = verbose and console.is_terminal
     try:  # a bar on a terminal only, gone when done: an error is the only line left on stderr
         with Progress(*columns, console=console, disable=not show, transient=True) as progress:
-            writer = TokenWriter(dtype, progress, progress.add_task("tokenizing", total=corpus.size_bytes))
+            # <unk> stands for letters (a k-mer holding N): it is content; begin, end and the rest stand for none
+            sequences = tokenizer.special_ids - {tokenizer.unk} if wrap is not None else None
+            writer = TokenWriter(dtype, progress, progress.add_task("tokenizing", total=corpus.size_bytes), sequences)
             n_train = writer.write(encoder, corpus.train(), train, args.max_tokens, wrap)
             if corpus.val is not None:
                 n_val = writer.write(encoder, corpus.val(), val, None, wrap)
@@ -410,8 +427,8 @@ def prepare(args: PrepareArgs, verbose: bool = True) -> Path:
         writer, n_train, n_val = write_splits(corpus, tokenizer, dtype, out, args, workers, verbose)
         seconds = time.perf_counter() - start
         meta = {**tokenizer.meta(), "dtype": dtype.name, "train_tokens": n_train, "val_tokens": n_val,
-                "max_token_id": writer.max_id, "source": corpus.source, "source_md5": writer.md5.hexdigest(),
-                "inputs": inputs}
+                "max_token_id": writer.max_id, "bytes_per_token": round(writer.bytes_per_token(), 6),
+                "source": corpus.source, "source_md5": writer.md5.hexdigest(), "inputs": inputs}
         skipped = dict(getattr(corpus, "skipped", {}))  # malformed records left out (--skip_bad)
         if skipped:
             meta["skipped_records"] = skipped

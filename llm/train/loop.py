@@ -122,6 +122,7 @@ class Session:
     checkpointer: Checkpointer
     guard: NonFiniteGuard
     eval_tasks: list[EvalTask]  # benchmarks scored at each evaluation (--eval_tasks)
+    bytes_per_token: dict[str, float]  # {evaluated split: its data's bytes per token}: bits per byte are reported
 
 
 def dataset_meta(cfg: Trainconfig, job: Distributed, dataset: str) -> tuple[Path, dict]:
@@ -197,6 +198,26 @@ def batch_rules(meta: dict, model_config: LLMconfig, cfg: Trainconfig) -> tuple[
     return batching, WindowOptions(cfg.window_stride, cfg.window_specials, tokenizer.bos, tokenizer.eos, tokenizer.pad)
 
 
+def bytes_per_token(sources: dict[str, tuple[Path, dict]], model_config: LLMconfig, cfg: Trainconfig,
+                    is_main: bool) -> dict[str, float]:
+    """{split of the evaluation: UTF-8 bytes (for sequence data: letters) per token of its dataset}, which turns a
+    causal model's cross-entropy into bits per byte: train and val, or val/NAME per source of a mixture. Empty for
+    other objectives and losses (not a likelihood of the text), and without the datasets whose meta.json lacks the
+    figure (prepared before it was recorded; said once)."""
+    if not OBJECTIVES[model_config.objective].causal or model_config.loss != "ce":
+        return {}
+    lacking = [name for name, (_, meta) in sources.items() if not meta.get("bytes_per_token")]
+    if lacking:
+        if is_main:
+            print(f"dataset {lacking[0]!r} was prepared before datasets recorded their bytes per token: no bits per "
+                  "byte (prepare it again with --force to have them)")
+        return {}
+    if cfg.data_mix is None:
+        ((_, meta),) = sources.values()
+        return {"train": meta["bytes_per_token"], "val": meta["bytes_per_token"]}
+    return {f"val/{name}": meta["bytes_per_token"] for name, (_, meta) in sources.items()}
+
+
 def check_batch_fits(loaders: dict[str, TokenLoader], cfg: Trainconfig, block_size: int, world_size: int) -> None:
     """Refuses a micro-batch (over all ranks) that holds more tokens than a split, before anything is allocated."""
     batch_tokens = cfg.batch_size * world_size * block_size
@@ -260,7 +281,8 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
     eval_tasks = load_eval_tasks(cfg.eval_tasks, model.causal)
     return Session(cfg, job, precision, model_config, model, step_model, optimizer, loaders, accum_steps,
                    total_batch_tokens(cfg, model_config), model.get_num_params(), model.flops_per_token(), checkpointer,
-                   NonFiniteGuard(device, run_dir), eval_tasks)
+                   NonFiniteGuard(device, run_dir), eval_tasks,
+                   bytes_per_token(sources, model_config, cfg, job.is_main))
 
 
 def open_log(s: Session, start_step: int) -> MetricsLog | None:
@@ -314,9 +336,12 @@ def step_metrics(s: Session, step: int, lr: float, result: StepResult, seconds_p
             metrics.update(loss_of_variants(s.model, validation, variants, s.cfg.eval_iters, s.precision, s.job))
         evaluated = {"train": s.loaders["train_eval"], **validation}
         metrics.update(estimate_loss(s.model, evaluated, s.cfg.eval_iters, s.precision, s.job))
-        if s.cfg.data_mix is not None:  # the mixture's validation loss: its sources' weighted by the mix
+        for split, per_token in s.bytes_per_token.items():  # nats per token -> bits per byte
+            metrics[f"{split}_bpb"] = metrics[f"{split}_loss"] / math.log(2) / per_token
+        if s.cfg.data_mix is not None:  # the mixture's validation figures: its sources' weighted by the mix
             weights = parse_mix(s.cfg.data_mix)
-            metrics["val_loss"] = sum(w * metrics[f"val/{name}_loss"] for name, w in weights.items())
+            for figure in ("loss", "bpb") if s.bytes_per_token else ("loss",):
+                metrics[f"val_{figure}"] = sum(w * metrics[f"val/{name}_{figure}"] for name, w in weights.items())
         metrics.update(score_eval_tasks(s.eval_tasks, s.model, s.checkpointer.tokenizer, s.precision.device))
     return metrics
 
@@ -374,6 +399,7 @@ def summarise(s: Session, metrics: dict, start_step: int, seconds: float) -> Non
     line = f"trained {steps} steps, {steps * s.tokens_per_step:,} tokens, in {seconds:.0f} s"
     if "val_loss" in metrics:
         line += f"; val_loss {metrics['val_loss']:.4f}"
+        line += f", {metrics['val_bpb']:.4f} bits per byte" if "val_bpb" in metrics else ""
     best = best_step(s.checkpointer.run_dir) if s.cfg.save_model else None
     if best is not None and math.isfinite(s.checkpointer.best_val):
         line += f" (best {s.checkpointer.best_val:.4f}: {step_folder(s.checkpointer.run_dir, best)})"

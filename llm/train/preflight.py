@@ -1,7 +1,9 @@
 """The preflight estimate: the model built from fake tensors (no memory) to count its parameters exactly and to record
 what one training micro-batch saves for the backward pass, then the memory a training step needs on each device,
 checked against the device's before anything is allocated."""
+import contextlib
 import dataclasses
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -33,6 +35,7 @@ class Estimate:
     """Exact parameter counts and the estimated bytes a training step holds on each device at its peak."""
 
     params: tuple[int, int]  # (total, active)
+    flops_per_token: float  # training FLOPs per token (LLM.flops_per_token)
     weights: int
     gradients: int
     optimizer: int
@@ -104,7 +107,7 @@ def estimate(model_config: LLMconfig, cfg: Trainconfig, world_size: int, dtype: 
         model.configure_run(cfg)
         model.train()
         model.before_step(0, cfg.seed)
-        params = model.get_num_params()
+        params, flops_per_token = model.get_num_params(), model.flops_per_token()
         saved = saved_for_backward(model, cfg.batch_size, model_config.block_size, dtype)
         matrices = sum(p.numel() for g in muon_groups(model, cfg) if g["use_muon"] for p in g["params"])
         largest_block = max(sum(p.numel() for p in b.parameters()) for b in model.blocks)
@@ -129,7 +132,16 @@ def estimate(model_config: LLMconfig, cfg: Trainconfig, world_size: int, dtype: 
         extra = MASTER_BYTES * total if world_size > 1 else 0  # DDP's gradient buckets
     how = (f"micro-batch {cfg.batch_size}x{model_config.block_size}, {str(dtype).removeprefix('torch.')}"
            f"{', recomputed' if cfg.act_recomp else ''}")
-    return Estimate(params, weights, gradients, optimizer, activations, extra, how)
+    return Estimate(params, flops_per_token, weights, gradients, optimizer, activations, extra, how)
+
+
+def estimate_flops_per_token(model_config: LLMconfig, cfg: Trainconfig) -> float:
+    """The training FLOPs per token of the model a run would train (LLM.flops_per_token), counted on a model of fake
+    tensors: no memory, whatever its size."""
+    with contextlib.redirect_stdout(io.StringIO()):  # a derived vocabulary says so; not here
+        model_config = estimate_vocab(initial_config(model_config, cfg), cfg)
+    with FakeTensorMode():
+        return build_model(model_config).flops_per_token()
 
 
 def device_memory(device: torch.device) -> tuple[int, str] | None:
