@@ -12,6 +12,7 @@ report/training.png (learning rate and gradient norm against tokens).
 import csv
 import io
 import json
+import re
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -153,6 +154,17 @@ def group(runs: list[Run]) -> list[Configuration]:
     return found
 
 
+OWN_NAMESPACES = ("val/", "tokens/", "mtp/", "rd/")  # metrics of ours that hold a slash
+
+
+def is_benchmark(key: str) -> bool:
+    """Whether a metrics key is an --eval_tasks score: STEM_acc and STEM_acc_norm (multiple choice), or TASK/METRIC
+    (lm-evaluation-harness), unlike our own slashed keys (val/NAME_loss, tokens/NAME, mtp/..., rd/..., NAME/layerI)."""
+    if key.endswith(("_acc", "_acc_norm")):
+        return True
+    return "/" in key and not key.startswith(OWN_NAMESPACES) and not re.search(r"/layer\d+$", key)
+
+
 def final_figures(run: Run) -> dict[str, float]:
     """One run's figures: final and best validation loss and bits per byte, the last step's loss, tokens, training
     FLOPs, median tokens/s, peak memory and the benchmark scores of its last evaluation."""
@@ -168,7 +180,7 @@ def final_figures(run: Run) -> dict[str, float]:
         figures.update(val_loss=evaluated[-1]["val_loss"], best_val_loss=min(r["val_loss"] for r in evaluated))
         if "val_bpb" in evaluated[-1]:
             figures["val_bpb"] = evaluated[-1]["val_bpb"]
-        figures.update({k: v for k, v in evaluated[-1].items() if k.endswith(("_acc", "_acc_norm"))})
+        figures.update({k: v for k, v in evaluated[-1].items() if is_benchmark(k)})
     return figures
 
 
@@ -223,7 +235,7 @@ def versus_best(row: dict, first: bool) -> str:
 
 def markdown(rows: list[dict], differing: list[str]) -> str:
     """The table: one row per configuration, sorted by its metric."""
-    tasks = sorted({k for r in rows for k in r if k.endswith(("_acc", "_acc_norm"))})
+    tasks = sorted({k for r in rows for k in r if is_benchmark(k) and not k.endswith("_std")})
     head = [*(differing or ["run"]), "seeds", "params (active)", "tokens", "training FLOPs", "final val loss",
             "best val loss", "val bits/byte", "last step loss", "tokens/s", *tasks, f"vs best ({rows[0]['sorted_by']})"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -326,12 +338,8 @@ def report(run_dirs: list[str], out: str, overwrite: bool = False, sort: str = "
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "report.md").write_text(table)
     (folder / "report.csv").write_text(csv_text(rows))
-    written = ["report.md", "report.csv"]
-    if plot(configurations, folder):
-        written += ["loss.png", "training.png"]
-    else:
+    if not plot(configurations, folder):
         print("matplotlib is not installed, so no plots; pip install 'llm[report]'", file=sys.stderr)
-    print(f"wrote {', '.join(str(folder / name) for name in written)}", file=sys.stderr)
     return table
 
 
@@ -340,6 +348,8 @@ def main(argv: list[str] | None = None) -> None:
     with exit_on_user_error():
         import_modules(args.imports)
         print(report(list(args.runs), args.out, args.overwrite, args.sort), end="")
+        written = [str(Path(args.out) / name) for name in OUTPUTS if (Path(args.out) / name).exists()]
+        print(f"wrote {', '.join(written)}")
 
 
 if __name__ == "__main__":

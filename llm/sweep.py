@@ -12,6 +12,7 @@ import itertools
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from .config import (
     total_batch_tokens,
 )
 from .config.fields import did_you_mean, known_fields
+from .data.prepare import DEFAULT_DATASET, prepare_default
 from .formats import load_mapping
 
 SWEPT_BY_THE_SWEEP = ("out_dir", "wandb_run_name", "resume", "seed")  # set per run: not a grid field or fixed flag
@@ -65,9 +67,11 @@ class SweepOptions:
     """Time limit of each run in minutes (slurm: the job's --time; local: the job is killed after it)."""
     cpus_per_run: int | None = None
     """slurm: CPUs per job (--cpus-per-task)."""
-    match: Literal["none", "flops", "tokens"] = "none"
-    """Set each run's --max_iters so that every run spends the first run's training FLOPs (flops: each model's own
-    FLOPs per token, which count its kind's token mixing) or sees its tokens (tokens), whatever its size or batch."""
+    match: Literal["none", "flops", "tokens", "params"] = "none"
+    """Match every run to the first: flops and tokens set each run's --max_iters so that it spends the first run's
+    training FLOPs (each model's own FLOPs per token, which count its kind's token mixing) or sees its tokens,
+    whatever its size or batch; params sets each run's --n_embd so that its total parameters are nearest the first
+    run's."""
     dry_run: bool = False
     """List the runs (parameters, tokens, training FLOPs, memory per device, state) and exit."""
 
@@ -79,7 +83,6 @@ class Run:
     name: str
     argv: list[str]
     differs: dict[str, str]
-    matched: float | None = None  # with --match: the training FLOPs or tokens its max_iters gives
 
 
 def as_flags(values: dict, where: str) -> list[str]:
@@ -106,6 +109,13 @@ def check_field(name: str, where: str) -> None:
                           + ("use --seeds" if name == "seed" else "use the sweep's --name/--out_dir"))
     if name not in fields:
         raise ConfigError(f"{where}: {name!r} is not a train.py field{did_you_mean(name, fields)}")
+
+
+def shown(value) -> str:
+    """A flag value as text: lists and mappings as JSON, true and false in lower case."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 def grid_option(text: str) -> tuple[str, list[str]]:
@@ -155,8 +165,7 @@ def plan(opts: SweepOptions, fixed: list[str]) -> list[Run]:
     spec = read_sweep_file(opts.file) if opts.file else {}
     where = opts.file or "the sweep"
     fixed = as_flags(spec.get("flags") or {}, f"{where} flags") + fixed
-    grid = {name: [str(v) if not isinstance(v, bool) else v for v in values]
-            for name, values in (spec.get("grid") or {}).items()}
+    grid = {name: list(values) for name, values in (spec.get("grid") or {}).items()}
     for text in opts.grid:
         name, values = grid_option(text)
         grid[name] = values
@@ -168,7 +177,8 @@ def plan(opts: SweepOptions, fixed: list[str]) -> list[Run]:
     for variant, combination, seed in itertools.product(variants, itertools.product(*grid.values()), seeds):
         values = dict(zip(grid, combination))
         differs = {"variant": variant} if len(variants) > 1 else {}
-        differs |= {name: str(value) for name, value in values.items() if len(grid[name]) > 1}
+        differs |= {name: "x".join(map(shown, value)) if isinstance(value, list) else shown(value)
+                    for name, value in values.items() if len(grid[name]) > 1}  # [8, 8] reads 8x8
         if len(seeds) > 1:
             differs["seed"] = str(seed)
         name = ".".join(v if k == "variant" else f"{k}-{v}" for k, v in differs.items()) or "run"
@@ -213,28 +223,65 @@ def state(folder: Path, max_iters: int) -> str:
     return "finished" if last >= max_iters - 1 else "partial"
 
 
-def budget(run: Run, opts: SweepOptions) -> tuple[float, int, int]:
-    """(training FLOPs per token, tokens per step, max_iters) of a run, from the preflight's model of fake tensors."""
-    from .train.preflight import estimate_flops_per_token
+def figures(run: Run, opts: SweepOptions) -> tuple[float, int, int, int]:
+    """(training FLOPs per token, tokens per step, max_iters, total parameters) of a run, from the preflight's model
+    of fake tensors."""
+    from .train.preflight import model_figures
 
     model_config, cfg = resolved(run, opts)
-    world = max(1, opts.gpus)
-    return estimate_flops_per_token(model_config, cfg), total_batch_tokens(cfg, model_config, world), cfg.max_iters
+    flops, (total, _) = model_figures(model_config, cfg)
+    return flops, total_batch_tokens(cfg, model_config, max(1, opts.gpus)), cfg.max_iters, total
+
+
+WIDTH_STEP = 8  # --match params tries widths in steps of this many
+
+
+def match_width(run: Run, target: int, opts: SweepOptions) -> int:
+    """The n_embd (a multiple of WIDTH_STEP up to four times the run's own) whose model has the parameter count
+    nearest to target; widths that the run's other fields do not allow (heads that do not divide it) are passed
+    over."""
+    width = resolved(run, opts)[0].n_embd
+    best = None
+    for candidate in range(WIDTH_STEP, 4 * max(width, WIDTH_STEP) + 1, WIDTH_STEP):
+        trial = Run(run.name, [*run.argv, "--n_embd", str(candidate)], run.differs)
+        try:
+            total = figures(trial, opts)[3]
+        except ConfigError:
+            continue
+        if best is None or abs(total - target) < abs(best[1] - target):
+            best = (candidate, total)
+        if total > target:
+            break
+    if best is None:
+        raise ConfigError(f"--match params: no width from {WIDTH_STEP} to {4 * width} is valid for run {run.name}")
+    return best[0]
 
 
 def match_budgets(runs: list[Run], opts: SweepOptions) -> None:
     """--match: gives each run the --max_iters that spends the first run's training FLOPs or sees its tokens (the
-    nearest whole number of steps, so budgets agree within one step's worth), and says what it set."""
-    flops, per_step, steps = budget(runs[0], opts)
+    nearest whole number of steps, so budgets agree within one step's worth), or (params) the n_embd whose total
+    parameters are nearest the first run's; says what it set."""
+    flops, per_step, steps, params = figures(runs[0], opts)
+    if opts.match == "params":
+        print(f"--match params: every run gets about {params:,} parameters, those of {runs[0].name}")
+        for run in runs:
+            if any(arg.removeprefix("--").replace("-", "_") == "n_embd" for arg in run.argv):
+                raise ConfigError(f"--match params sets n_embd, but run {run.name} sets it; drop n_embd from the "
+                                  "sweep's flags and grid")
+        for run in runs[1:]:
+            run.argv += ["--n_embd", str(match_width(run, params, opts))]
+        for run in runs:
+            print(f"  {run.name}: n_embd {resolved(run, opts)[0].n_embd} ({figures(run, opts)[3]:,} parameters)")
+        return
     target = steps * per_step * (flops if opts.match == "flops" else 1)
     unit = "training FLOPs" if opts.match == "flops" else "tokens"
     print(f"--match {opts.match}: every run gets {target:.4g} {unit}, the budget of {runs[0].name}")
     for run in runs:
-        flops, per_step, _ = budget(run, opts)
+        flops, per_step, _, _ = figures(run, opts)
         cost = per_step * (flops if opts.match == "flops" else 1)  # of one step
-        run.argv += ["--max_iters", str(max(1, round(target / cost)))]
-        run.matched = round(target / cost) * cost
-        print(f"  {run.name}: max_iters {max(1, round(target / cost))} ({run.matched:.4g} {unit})")
+        steps = max(1, round(target / cost))
+        run.argv += ["--max_iters", str(steps)]
+        print(f"  {run.name}: max_iters {steps} ({steps * cost:.4g} {unit})")
 
 
 def dry_run(runs: list[Run], opts: SweepOptions) -> None:
@@ -274,8 +321,6 @@ class TrainRun:
         return [sys.executable, "-m", "llm", *self.argv]
 
     def __call__(self) -> tuple[int, str]:
-        import subprocess
-
         env = dict(os.environ)
         if self.threads is not None:
             env.update(OMP_NUM_THREADS=str(self.threads), MKL_NUM_THREADS=str(self.threads))
@@ -334,6 +379,9 @@ def execute(runs: list[Run], opts: SweepOptions) -> int:
     pending, failed = [], []
     for run in runs:
         cfg = resolved(run, opts)[1]
+        default = Path(cfg.data_dir) / DEFAULT_DATASET
+        if cfg.dataset == DEFAULT_DATASET and cfg.data_mix is None and not (default / "meta.json").is_file():
+            prepare_default(default)  # once here, not by runs that start at the same time
         if state(sweep_dir / run.name, cfg.max_iters) == "finished":
             print(f"{run.name}: finished before, skipped")
         else:

@@ -87,6 +87,8 @@ def test_eval_fasta_scores_acgt_labels_without_special_tokens(recipe_run, capsys
     result = llm_eval.main(["fasta", "--ckpt", str(run), "--fasta", str(fasta), "--max_sequences", "3"])
     lines = capsys.readouterr().out.splitlines()
     assert len(result["sequences"]) == 3 and lines[0].startswith("record 1 |") and "3 sequences" in lines[-1]
+    assert result["bits_per_base"] == result["loss"] / math.log(2)  # one nucleotide per token
+    assert f"| {result['bits_per_base']:.4f} bits per base" in lines[-1]
     _, model, _ = load_trained(str(run))
     tokenizer = NucleotideTokenizer()
     record = "".join(fasta.read_text().split(">seq1\n")[1].split(">")[0].split())

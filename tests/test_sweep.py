@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from llm.sweep import SweepOptions, TrainRun, main, make_executor, plan
+from llm.config import ConfigError
+from llm.sweep import Run, SweepOptions, TrainRun, figures, main, make_executor, match_budgets, plan
+from tests.conftest import REPO
 
 TINY = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "32", "--batch_size", "4",
         "--max_iters", "6", "--eval_interval", "3", "--eval_iters", "2", "--log_interval", "1", "--save_model"]
@@ -171,3 +173,43 @@ def test_flop_matched_runs_spend_the_same_training_flops_within_one_step(char_da
     for name in ("attn-mamba", "attn-hyena"):
         assert abs(spent[name] - spent["attn-mha"]) <= per_step[name] / 2
 
+
+
+def test_params_matched_runs_get_the_width_nearest_the_first_runs_parameters(char_data, tmp_path, capsys):
+    """An MoE layer holds several experts: matched to the dense run's parameters, its model gets a narrower width."""
+    opts = SweepOptions(grid=["ffn=dense,moe"], match="params", out_dir=str(tmp_path))
+    runs = plan(opts, ["--n_layer", "2", "--n_head", "2", "--data_dir", str(char_data.parent)])
+    match_budgets(runs, opts)
+    dense, moe = (figures(run, opts)[3] for run in runs)
+    assert runs[1].argv[-2] == "--n_embd" and int(runs[1].argv[-1]) < 128  # the tiny preset's width is 128
+    for width in (int(runs[1].argv[-1]) - 8, int(runs[1].argv[-1]) + 8):  # the neighbouring widths are farther
+        other = figures(Run(runs[1].name, [*runs[1].argv, "--n_embd", str(width)], {}), opts)[3]
+        assert abs(other - dense) >= abs(moe - dense)
+    assert "--match params: every run gets about" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--match params sets n_embd, but run ffn-dense sets it"):
+        match_budgets(plan(opts, ["--n_embd", "64", "--data_dir", str(char_data.parent)]), opts)
+
+
+def test_list_and_boolean_values_of_a_sweep_file_become_flags(tmp_path):
+    spec = tmp_path / "sweep.json"
+    spec.write_text(json.dumps({"grid": {"product_key_dim": [[8, 8], [16, 16]], "batch_norm_query": [True, False]}}))
+    runs = plan(SweepOptions(file=str(spec)), ["--ffn", "peer"])
+    assert runs[1].name == "product_key_dim-8x8.batch_norm_query-false"
+    assert runs[1].argv == ["--ffn", "peer", "--product_key_dim", "8", "8", "--no_batch_norm_query"]
+
+
+def test_the_documented_mixer_sweep_plans_six_flop_matched_runs(char_data, capsys):
+    """sweeps/mixers_matched.yaml, as docs/benchmarks.md runs it (its runs take minutes: only planned here)."""
+    opts = SweepOptions(file=str(REPO / "sweeps" / "mixers_matched.yaml"), name="mixers", match="flops")
+    runs = plan(opts, ["--data_dir", str(char_data.parent)])
+    assert [r.name for r in runs] == [f"{kind}.seed-{s}" for kind in ("mha", "mamba", "hyena") for s in (0, 1)]
+    match_budgets(runs, opts)
+    assert [r.argv[-1] for r in runs] == ["300", "300", "267", "267", "309", "309"]
+
+
+def test_the_report_takes_benchmark_scores_but_not_our_own_slashed_metrics():
+    from llm.report import is_benchmark
+
+    assert all(map(is_benchmark, ["hellaswag_acc", "hellaswag_acc_norm", "mini_choice/acc", "arc_easy/acc_norm"]))
+    assert not any(map(is_benchmark, ["val/web_loss", "tokens/web", "mtp/loss_1", "rd/recurrence",
+                                      "max_load_ratio/layer3", "val_loss", "grad_norm"]))

@@ -104,7 +104,11 @@ def evaluate_fasta(args: EvalArgs) -> dict:
     result = {"checkpoint": str(folder), "fasta": args.fasta, "objective": model.config.objective,
               "sequences": rows, "tokens": total_tokens, "loss": loss, "perplexity": math.exp(loss),
               "accuracy": total_hits / total_tokens}
+    if model.causal and model.config.loss == "ce":  # each scored token is k ACGT letters, of which k - overlap new
+        letters = getattr(tokenizer, "k", 1) - getattr(tokenizer, "overlap", 0)
+        result["bits_per_base"] = loss / math.log(2) / letters
     print(f"{len(rows)} sequences, {total_tokens:,} tokens | loss {loss:.4f} | perplexity {math.exp(loss):.3f}"
+          + (f" | {result['bits_per_base']:.4f} bits per base" if "bits_per_base" in result else "")
           + ("" if model.causal else f" | masked accuracy {result['accuracy']:.4f}"))
     return result
 

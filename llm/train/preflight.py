@@ -135,13 +135,14 @@ def estimate(model_config: LLMconfig, cfg: Trainconfig, world_size: int, dtype: 
     return Estimate(params, flops_per_token, weights, gradients, optimizer, activations, extra, how)
 
 
-def estimate_flops_per_token(model_config: LLMconfig, cfg: Trainconfig) -> float:
-    """The training FLOPs per token of the model a run would train (LLM.flops_per_token), counted on a model of fake
-    tensors: no memory, whatever its size."""
+def model_figures(model_config: LLMconfig, cfg: Trainconfig) -> tuple[float, tuple[int, int]]:
+    """(training FLOPs per token, (total, active) parameters) of the model a run would train, counted on a model of
+    fake tensors: no memory, whatever its size."""
     with contextlib.redirect_stdout(io.StringIO()):  # a derived vocabulary says so; not here
         model_config = estimate_vocab(initial_config(model_config, cfg), cfg)
     with FakeTensorMode():
-        return build_model(model_config).flops_per_token()
+        model = build_model(model_config)
+        return model.flops_per_token(), model.get_num_params()
 
 
 def device_memory(device: torch.device) -> tuple[int, str] | None:
