@@ -11,9 +11,16 @@ from ..model.registry import FFNS
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak allocated CUDA memory, or the process's peak resident set size on CPU."""
+    """Peak allocated CUDA memory, or the process's peak resident set size on CPU: its own (VmHWM of
+    /proc/self/status on Linux; getrusage's ru_maxrss also keeps the peak of the process that launched it, when that
+    was larger)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
