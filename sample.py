@@ -4,6 +4,7 @@
     python sample.py --ckpt out/run --prompt "ROMEO:" --temperature 0 --max_new_tokens 100
     python sample.py --ckpt out/run/checkpoints/step_0000500 --prompt "Once" "Upon a" --num_samples 2
     python sample.py --ckpt out/mtp_run --temperature 0 --speculative   # a model trained with --mtp sequential
+    python sample.py --ckpt out/mdlm_run --steps 128 --max_new_tokens 256  # a diffusion model: denoised windows
 
 A prompt longer than the model's block_size keeps its last block_size tokens (with a notice on stderr), or is
 refused with --strict_prompt.
@@ -51,6 +52,14 @@ class SampleArgs:
     speculative: bool = False
     """Greedy speculative decoding: the checkpoint's sequential MTP modules (--mtp sequential) draft tokens that the
     model verifies in one pass; the output equals --temperature 0 decoding (needs --temperature 0 and the cache)."""
+    steps: int | None = None
+    """Diffusion models (objective mdlm, sedd, d3pm): reverse steps per window; unset: 128 (mdlm, sedd) or T (d3pm)."""
+    sampler: str | None = None
+    """Diffusion models: the predictor: ddpm_cache (mdlm), euler or analytic (sedd), ancestral (d3pm); unset: the
+    first."""
+    stride: int | None = None
+    """Diffusion models: text longer than block_size continues semi-autoregressively, each next window keeping the
+    last block_size - stride tokens; unset: block_size // 2."""
     imports: Imports = field(default_factory=list)
     """--import MODULE (repeatable): a module to import first, e.g. one that registers kinds of its own with
     llm.model.register_arch; looked up on sys.path and in the working directory."""
@@ -68,6 +77,26 @@ def check(args: SampleArgs) -> None:
     if args.speculative and (args.temperature != 0 or not args.cache):
         raise ConfigError(f"--speculative decodes greedily with the cache; pass --temperature 0 (got "
                           f"{args.temperature}){'' if args.cache else ' and drop --no_cache'}")
+
+
+AUTOREGRESSIVE_ONLY = {"temperature": 0.8, "top_k": 200, "top_p": None, "speculative": False, "cache": True}
+
+
+def check_diffusion(args: SampleArgs, diffusion: bool) -> None:
+    """A diffusion model samples by denoising: the left-to-right flags do not apply to it, nor its flags to others."""
+    if diffusion:
+        changed = [name for name, default in AUTOREGRESSIVE_ONLY.items() if getattr(args, name) != default]
+        if changed:
+            flag = {"cache": "--no_cache"}.get(changed[0], f"--{changed[0]}")
+            raise ConfigError(f"{flag} applies to left-to-right decoding; a diffusion model denoises whole windows "
+                              "(--steps, --sampler, --stride); drop it")
+        if args.steps is not None and args.steps < 1:
+            raise ConfigError(f"--steps={args.steps} must be >= 1")
+        return
+    given = [name for name in ("steps", "sampler", "stride") if getattr(args, name) is not None]
+    if given:
+        raise ConfigError(f"--{given[0]} applies to diffusion models (objective mdlm, sedd, d3pm); this checkpoint "
+                          "decodes left to right; drop it")
 
 
 def fit_to_block(tokens: list[int], index: int, block_size: int, strict: bool) -> list[int]:
@@ -106,14 +135,18 @@ def main(argv: list[str] | None = None) -> None:
         import_modules(args.imports)
         from llm.checkpoint import load_trained
         from llm.data.tokenizers import SEQUENCE_TOKENIZERS, tokenizer_from_meta
+        from llm.denoise import default_steps, sample
         from llm.generate import generate
+        from llm.model.registry import OBJECTIVES
         from llm.precision import pick_precision
         from llm.speculative import SpeculativeStats, check_speculative, speculative_generate
 
         folder, model, tokenizer_meta = load_trained(args.ckpt)
+        diffusion = OBJECTIVES[model.config.objective].diffusion
+        check_diffusion(args, diffusion)
         if args.speculative:
             check_speculative(model)
-        if model.generation_refusal() is not None:  # the objective's reason not to generate
+        if model.generation_refusal() is not None and not diffusion:  # the objective's reason not to generate
             raise ConfigError(f"{folder}: {model.generation_refusal()}")
         tokenizer = tokenizer_from_meta(tokenizer_meta)
         device = pick_precision(args.device, "float32").device
@@ -134,13 +167,16 @@ def main(argv: list[str] | None = None) -> None:
                                 i, model.config.block_size, args.strict_prompt) for i, t in enumerate(texts)]
         prompts = [p for p in encoded for _ in range(args.num_samples)]
         generator = torch.Generator(device=device).manual_seed(args.seed)
-        printer = Printer(tokenizer, streaming=len(prompts) == 1)
+        printer = Printer(tokenizer, streaming=len(prompts) == 1 and not diffusion)
         print(f"{folder} ({sum(p.numel() for p in model.parameters()):,} parameters) on {device}", file=sys.stderr)
         if printer.streaming:
             print(texts[0], end="", flush=True)
         start = time.perf_counter()
         stats = SpeculativeStats()
-        if args.speculative:
+        if diffusion:
+            steps = args.steps or default_steps(model)
+            outputs, calls = sample(model, prompts, args.max_new_tokens, steps, generator, args.stride, args.sampler)
+        elif args.speculative:
             outputs = speculative_generate(model, prompts, args.max_new_tokens, eot, on_step=printer, stats=stats)
         else:
             outputs = generate(model, prompts, args.max_new_tokens, args.temperature, args.top_k, args.top_p, eot,
@@ -152,8 +188,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"--- sample {i + 1}\n{tokenizer.decode(prompt)}{tokenizer.decode(output)}")
     n = sum(len(o) for o in outputs)
-    print(f"{n} tokens in {seconds:.2f} s ({n / seconds:,.0f} tokens/s, {'with' if args.cache else 'without'} cache)",
-          file=sys.stderr)
+    how = f"{steps} steps per window, {calls} model evaluations" if diffusion else \
+        f"{'with' if args.cache else 'without'} cache"
+    print(f"{n} tokens in {seconds:.2f} s ({n / seconds:,.0f} tokens/s, {how})", file=sys.stderr)
     if args.speculative:
         print(f"speculative: {stats.accepted}/{stats.drafted} drafts accepted ({100 * stats.acceptance():.0f}%) in "
               f"{stats.rounds} verification passes", file=sys.stderr)

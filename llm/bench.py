@@ -76,7 +76,7 @@ def benchmark(model_config: LLMconfig, cfg: Trainconfig, options: BenchOptions) 
     def step() -> None:
         idx = torch.randint(0, model_config.vocab_size, shape, device=device)
         with precision.autocast():
-            out = step_model(idx, idx)
+            out = step_model(idx, idx, **model.placeholder_extras(idx.shape[0]))
         precision.backward(out.loss + out.aux_loss)
         precision.step(optimizer)
         optimizer.zero_grad(set_to_none=True)

@@ -33,6 +33,12 @@ class Batching(Protocol):
     draws: int
 
     def __call__(self, rows: torch.Tensor, uniforms: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
-        """(x, y), each (B, block_size), or (x, y, token_weights) with float weights (B, block_size) that multiply
-        each target's term of the loss, from rows (B, R) of token ids and uniforms (draws, B, R) (None when draws
-        is 0)."""
+        """(x, y), each (B, block_size), or (x, y, *extras), from rows (B, R) of token ids and uniforms (draws, B,
+        R) (None when draws is 0). The extras are passed to the model by the names in the batching's optional
+        `extras` attribute (default ("token_weights",): float weights (B, block_size) that multiply each target's
+        term of the loss; a diffusion objective's ("time",): each row's diffusion time (B,))."""
+
+
+def extra_names(batching) -> tuple[str, ...]:
+    """The model's keyword for each extra part of the batching's batches (see Batching.__call__)."""
+    return getattr(batching, "extras", ("token_weights",))

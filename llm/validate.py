@@ -115,6 +115,18 @@ def check_arch_fields(m: LLMconfig) -> None:
                                                        f"--arch {owner.name} or drop --{name}")
 
 
+def check_objective_fields(m: LLMconfig) -> None:
+    """The fields an objective kind alone reads (ObjectiveKind.fields) keep their defaults under any other; fields
+    that several kinds read are allowed under each of them."""
+    mine = set(OBJECTIVES[m.objective].fields)
+    for owner in OBJECTIVES.values():
+        for name in set(owner.fields) - mine:
+            value = getattr(m, name)
+            readers = [kind.name for kind in OBJECTIVES.values() if name in kind.fields]
+            require(value == getattr(LLMconfig, name), f"{name}={value} is read only by objective={'/'.join(readers)} "
+                                                       f"models; add --objective {readers[0]} or drop --{name}")
+
+
 def check_rope_scaling(m: LLMconfig) -> None:
     """RoPE scaling needs RoPE in attention that applies it, and parameters its formulas are defined for."""
     if m.rope_scaling == "none":
@@ -165,7 +177,9 @@ def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
             f"n_layer={m.n_layer} but {len(m.layers)} layer specs were given; make them equal or omit --n_layer")
     check_attn_backend(m)
     check_arch_fields(m)
+    check_objective_fields(m)
     ARCHS[m.arch].validate(m)
+    OBJECTIVES[m.objective].validate(m)
     wheres = wheres or [f"layer {i}" for i in range(m.n_layer)]
     for block, where in zip(m.layers, wheres):
         validate_block(block, m, where)
@@ -236,6 +250,10 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
             f"recurrence_sweep={t.recurrence_sweep} must hold recurrences >= 1")
     check_cpu_run(t, m)
     ARCHS[m.arch].validate_run(t, m)
+    require(t.antithetic_time or OBJECTIVES[m.objective].diffusion,
+            f"antithetic_time=False changes how diffusion times are drawn, but objective={m.objective} draws none; "
+            "drop --no_antithetic_time")
+    OBJECTIVES[m.objective].validate_run(t, m)
     if t.init_from is None:  # else the model comes with the weights, and set-up checks the batch against it
         micro_steps(t, m)
 

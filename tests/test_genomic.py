@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llm.cli import parse
-from llm.config import ConfigError, Trainconfig
+from llm.config import ConfigError, LLMconfig, Trainconfig
 from llm.data import prepare as prepare_module
 from llm.data.labels import label_rules
 from llm.data.loader import TokenLoader
@@ -45,7 +45,8 @@ def batching(tokenizer, objective: str = "clm", loss_mask: str = "none", upperca
              mask_prob: float = 0.15, strategy: str = "helm"):
     """The objective's batching under the tokenizer's label rules, as training builds it."""
     rules = label_rules(tokenizer, loss_mask, uppercase)
-    return OBJECTIVES[objective].batching(rules, Trainconfig(mask_prob=mask_prob, mask_strategy=strategy))
+    return OBJECTIVES[objective].batching(rules, Trainconfig(mask_prob=mask_prob, mask_strategy=strategy),
+                                           LLMconfig())
 
 
 def test_nucleotide_labels_under_acgt_loss_mask():

@@ -81,7 +81,7 @@ class NoisyNextToken:
         return torch.where(corrupt < 0.2, swapped, x), y, weights
 
 
-NOISY_CLM = ObjectiveKind("noisy_clm", TokenLoss, lambda rules, train: NoisyNextToken(rules))
+NOISY_CLM = ObjectiveKind("noisy_clm", TokenLoss, lambda rules, train, config: NoisyNextToken(rules))
 
 register_arch(GATED_STACKS)
 register_objective(NOISY_CLM)
@@ -143,7 +143,7 @@ def test_toy_kinds_check_their_configs_and_batches():
         parse(["--arch", "gated_stacks", "--n_layer", "3"])
     with pytest.raises(ConfigError, match=r"^cannot export: arch=gated_stacks \(two gated stacks\)"):
         family(parse(["--arch", "gated_stacks", "--n_layer", "2"])[0])
-    batching = OBJECTIVES["noisy_clm"].batching(None, Trainconfig())
+    batching = OBJECTIVES["noisy_clm"].batching(None, Trainconfig(), LLMconfig())
     rows = torch.arange(2 * 9).view(2, 9)  # (B, R): distinct tokens
     uniforms = torch.rand(2, 2, 9, generator=torch.Generator().manual_seed(0))
     x, y, weights = batching(rows, uniforms)

@@ -42,4 +42,19 @@ PRESETS: dict[str, tuple[LLMconfig, BlockConfig, Trainconfig]] = {
         BlockConfig(attn="mha", non_linearity="swiglu"),
         Trainconfig(weight_decay=0.0, warmup_steps=0),
     ),
+    # The discrete diffusion objectives at the tiny size (docs/diffusion.md): MDLM (masked, loglinear, no time
+    # conditioning), SEDD (absorbing graph, time-conditioned) and D3PM (absorbing, T = 1000, hybrid weight 0.01).
+    "mdlm-tiny": (LLMconfig(objective="mdlm"), BlockConfig(), Trainconfig()),
+    "sedd-tiny": (LLMconfig(objective="sedd"), BlockConfig(), Trainconfig()),
+    "d3pm-tiny": (LLMconfig(objective="d3pm"), BlockConfig(), Trainconfig()),
+    # MDLM's OpenWebText model (its configs/model/small.yaml): 12 layers of 768, 12 heads, 1024 tokens, the GPT-2
+    # vocabulary plus [MASK], untied head, dropout 0.1; AdamW 3e-4 (0.9, 0.999), no weight decay, 2,500 warmup
+    # steps, batch 512, gradient clipping 1.
+    "mdlm-owt": (
+        LLMconfig(objective="mdlm", vocab_size=50257, block_size=1024, n_embd=768, n_layer=12, pos_emb="rope",
+                  tie_embeddings=False, dropout=0.1),
+        BlockConfig(attn="mha", n_head=12),
+        Trainconfig(dataset="openwebtext", total_batch_size_str="512*1024", batch_size=16, learning_rate=3e-4,
+                    min_lr=3e-4, beta2=0.999, weight_decay=0.0, warmup_steps=2500, max_iters=1000000, grad_clip=1.0),
+    ),
 }

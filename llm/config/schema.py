@@ -222,8 +222,32 @@ class LLMconfig:
     emb_init_std: float = 0.02
     """Standard deviation of the untied token embedding's initial weights (the OpenGenome2 recipe: 1.0)."""
     objective: str = "clm"
-    """Training objective: clm (causal language modelling: next-token prediction) or mlm (masked language modelling:
-    bidirectional attention, the loss at masked positions only; needs a tokenizer with a <mask> token)."""
+    """Training objective: clm (causal language modelling: next-token prediction), mlm (masked language modelling:
+    bidirectional attention, the loss at masked positions only; needs a tokenizer with a <mask> token), or a discrete
+    diffusion model over a bidirectional stack: mdlm (masked diffusion, Sahoo et al. 2024), sedd (score entropy,
+    Lou et al. 2024) or d3pm (discrete-time, Austin et al. 2021); see docs/diffusion.md."""
+    noise_schedule: Literal["loglinear", "cosine", "cosinesqr", "geometric"] = "loglinear"
+    """mdlm, sedd, d3pm: how much noise at time t. loglinear: a token is noised with probability (1 - noise_eps) t
+    (d3pm: exactly t/T, beta_t = 1/(T - t + 1)); cosine: kept with probability eps + (1 - eps) cos(pi t / 2) (d3pm:
+    Hoogeboom's cosine betas, for the uniform graph); cosinesqr (mdlm): cos^2 instead of cos; geometric (sedd, mdlm):
+    total noise sigma_min^(1-t) sigma_max^t."""
+    noise_eps: float = 1e-3
+    """mdlm, sedd: the loglinear and cosine schedules keep a token with probability noise_eps at t = 1, and training
+    draws t from [noise_eps, 1] (MDLM's and SEDD's 1e-3)."""
+    sigma_min: float = 1e-4
+    """noise_schedule=geometric: the total noise at t = 0."""
+    sigma_max: float = 20.0
+    """noise_schedule=geometric: the total noise at t = 1."""
+    diffusion_graph: Literal["absorbing", "uniform"] = "absorbing"
+    """sedd, d3pm: absorbing (a noised token becomes the added [MASK] token) or uniform (a noised token becomes a
+    uniformly drawn token); mdlm is absorbing."""
+    diffusion_steps: int = 1000
+    """d3pm: the number of discrete time steps T."""
+    hybrid_weight: float = 0.01
+    """d3pm: lambda of the hybrid loss L_vb + lambda * CE(x0 | x_t) (D3PM's text models: 0.01; 0: the bound alone)."""
+    time_conditioning: bool | None = None
+    """mdlm, sedd, d3pm: add an embedding of the diffusion time t to every position's token embedding; unset: off for
+    mdlm (as MDLM), on for sedd and d3pm, which need it."""
     loss: Literal["ce", "hxe", "soft_labels"] = "ce"
     """Token loss: ce (cross-entropy), hxe (hierarchical cross-entropy over the codon tree, HELM) or soft_labels (KL
     to soft labels from codon-tree distances, HELM); hxe and soft_labels need the 3mer tokenizer."""
@@ -318,6 +342,9 @@ class Trainconfig:
     """objective=mlm: probability that a token (not special, not padding) is masked."""
     mask_strategy: Literal["helm", "bert"] = "helm"
     """objective=mlm: helm (every chosen token becomes <mask>) or bert (80% <mask>, 10% a random token, 10% kept)."""
+    antithetic_time: bool = True
+    """mdlm, sedd, d3pm: stratify each micro-batch's diffusion times over [0, 1] (row b draws from [b/B, (b+1)/B],
+    MDLM's low-discrepancy sampler); --no_antithetic_time draws each row's time independently."""
     out_dir: str = "out"
     """Folder for run directories (out_dir/<run name>/)."""
     total_batch_size_str: str | None = None

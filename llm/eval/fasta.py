@@ -80,7 +80,8 @@ def evaluate_fasta(args: EvalArgs) -> dict:
     tokenizer = tokenizer_from_meta(tokenizer_meta)
     saved = json.loads((folder / "config.json").read_text()).get("train", {})
     as_trained = Trainconfig(mask_prob=saved.get("mask_prob", 0.15), mask_strategy=saved.get("mask_strategy", "helm"))
-    batching = OBJECTIVES[model.config.objective].batching(label_rules(tokenizer, "acgt"), as_trained)
+    batching = OBJECTIVES[model.config.objective].batching(label_rules(tokenizer, "acgt"), as_trained,
+                                                           model.config)
     generator = torch.Generator().manual_seed(args.seed)
     length = model.config.block_size + batching.extra_tokens  # a causal row holds one more token than it predicts
     rows, total_loss, total_tokens, total_hits = [], 0.0, 0, 0

@@ -112,21 +112,41 @@ class FFNKind:
     summaries: dict[str, str] = field(default_factory=dict)
 
 
+def no_model_checks(config: LLMconfig) -> None:
+    """The model-wide validation of a kind that adds no rule."""
+
+
+def no_run_checks(train: Trainconfig, config: LLMconfig) -> None:
+    """The run validation of a kind that refuses no run setting."""
+
+
+def never(config: LLMconfig) -> bool:
+    """A predicate that holds for no config."""
+    return False
+
+
 @dataclass(frozen=True)
 class ObjectiveKind:
     """A training objective (the model's `objective` string), end to end.
 
     `build(config)` returns the loss module (see objectives/token_loss.py's TokenLoss) with
     `forward(hidden (B, T, C), weight (V_padded, C), targets (B, T) or None, return_logits, token_weights (B, T) or
-    None) -> (logits, loss)`:
-    hidden are the final hidden states after the final norm, weight the output head's (vocab_size rows padded to
-    V_padded; the logits are hidden @ weight.T sliced to vocab_size); logits (B, T, vocab_size) when there are no
-    targets or return_logits, else None; loss () when there are targets, else None; and the evaluation hooks
-    `eval_logits`, `eval_sums(out, y)` and `eval_figures(sums, batches)`.
-    `batching(rules, train)` returns how a loader's rows of tokens become (inputs, targets) (`targets.Batching`),
-    under the dataset's label rules (None for text read with no rules, when `needs_rules` is False) and the run's
-    settings. `causal` False makes every mixer bidirectional. `generation_refusal`, when set, is why the model
-    does not generate (sampling and cached decoding refuse it with that line).
+    None, inputs (B, T), time (B,) or None) -> (logits, loss)`:
+    hidden are the final hidden states after the final norm, weight the output head's (vocab_size rows, plus
+    `added_tokens`, padded to V_padded; the logits are hidden @ weight.T sliced to the objective's columns); inputs
+    the token ids the model read and time the diffusion time of each row (diffusion objectives); logits (B, T,
+    columns) when there are no targets or return_logits, else None; loss () when there are targets, else None; and
+    the evaluation hooks `eval_logits`, `eval_sums(out, y)` and `eval_figures(sums, batches)`.
+    `batching(rules, train)` returns how a loader's rows of tokens become (inputs, targets, extras...)
+    (`targets.Batching`), under the dataset's label rules (None for text read with no rules, when `needs_rules` is
+    False) and the run's settings. `causal` False makes every mixer bidirectional. `generation_refusal`, when set, is
+    why the model does not generate left to right (sampling and cached decoding refuse it with that line);
+    `diffusion` marks the kinds that sample by denoising instead (`llm.denoise`). `added_tokens` are vocabulary rows
+    the objective adds after the data's (a diffusion [MASK] token at id vocab_size). `time_conditioned(config)` says
+    whether the model embeds the diffusion time. `nats_per_token` says that the loss is a negative log-likelihood
+    per token, or a bound on it, in nats: bits per byte are then reported. `validate(config)` checks the model
+    fields; `fields` are the LLMconfig fields only this objective reads (under another they keep their defaults),
+    and `validate_run(train, config)` the run settings.
     """
 
     name: str
@@ -135,14 +155,13 @@ class ObjectiveKind:
     causal: bool = True
     needs_rules: bool = False
     generation_refusal: str | None = None
-
-
-def no_model_checks(config: LLMconfig) -> None:
-    """The model-wide validation of a kind that adds no rule."""
-
-
-def no_run_checks(train: Trainconfig, config: LLMconfig) -> None:
-    """The run validation of a kind that refuses no run setting."""
+    diffusion: bool = False
+    added_tokens: int = 0
+    time_conditioned: Callable[[LLMconfig], bool] = never
+    nats_per_token: bool = False
+    validate: Callable[[LLMconfig], None] = no_model_checks
+    fields: tuple[str, ...] = ()
+    validate_run: Callable[[Trainconfig, LLMconfig], None] = no_run_checks
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from .ffn.experts import ExpertLinear
 from .kinds import FeedForward
 from .mixers.attention import SlidingWindow
 from .norms import build_norm
+from .objectives.diffusion import TimeEmbedding
 from .parts import HEADS, build_block
 from .positions import POSITIONS
 from .registry import OBJECTIVES
@@ -63,15 +64,17 @@ class LLM(nn.Module):
                               "model with llm.model.build_model(config)")
         self.config = config
         self.act_recomp = False  # recompute each block's activations in backward (set by the trainer)
-        vocab = padded_vocab_size(config.vocab_size)
+        kind = OBJECTIVES[config.objective]
+        vocab = padded_vocab_size(config.vocab_size + kind.added_tokens)  # the objective's added ids follow the data's
         self.tok_emb = nn.Embedding(vocab, config.n_embd)
         self.pos_emb = POSITIONS[config.pos_emb](config) if config.pos_emb in POSITIONS else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = self.build_blocks()
         self.ln_f = self.build_final_norm()
         self.lm_head = nn.Linear(config.n_embd, vocab, bias=False)
-        self.objective = OBJECTIVES[config.objective].build(config)
-        self.causal = OBJECTIVES[config.objective].causal
+        self.objective = kind.build(config)
+        self.causal = kind.causal
+        self.time_emb = TimeEmbedding(config.n_embd) if kind.time_conditioned(config) else None
         for block in self.blocks:
             block.attn.causal = self.causal
         # Runs past block_size: every layer attends within a sliding window (its cache a ring of that window), and
@@ -165,10 +168,12 @@ class LLM(nn.Module):
     # ---------------------------------------------------------------- the forward pass
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None,
-                return_logits: bool = False, token_weights: torch.Tensor | None = None) -> ModelOutput:
+                return_logits: bool = False, token_weights: torch.Tensor | None = None,
+                time: torch.Tensor | None = None) -> ModelOutput:
         """Logits (B, T, vocab_size) for token ids idx (B, T), the objective's loss when targets are given (targets
         equal to -1 are ignored; token_weights (B, T), when the objective's batching gives them, weigh each target's
-        term), and the layers' auxiliary loss and stats. Train on loss + aux_loss.
+        term), and the layers' auxiliary loss and stats. Train on loss + aux_loss. A diffusion objective reads the
+        time (B,) of each row (its batching's extra part): a time-conditioned model embeds it.
 
         With targets, each head add-on runs too (llm.model.parts.HEADS): `loss` stays the main head's; the add-on's
         auxiliary loss, block stats and figures join aux_loss, layer_stats and stats.
@@ -178,8 +183,9 @@ class LLM(nn.Module):
 
         With a cache (generation), idx continues the cached tokens and the cache is extended by them.
         """
-        x, aux_loss, layer_stats, stats = self.trunk(idx, cache)
-        logits, loss = self.objective(self.ln_f(x), self.head_weight(), targets, return_logits, token_weights)
+        x, aux_loss, layer_stats, stats = self.trunk(idx, cache, time)
+        logits, loss = self.objective(self.ln_f(x), self.head_weight(), targets, return_logits, token_weights, idx,
+                                      time)
         if targets is not None:
             for name in self.head_addons:
                 extra = getattr(self, name)(self, x, idx, targets, token_weights)
@@ -187,11 +193,11 @@ class LLM(nn.Module):
                 stats = {**stats, **extra.stats}
         return ModelOutput(logits, loss, aux_loss, layer_stats, stats)
 
-    def trunk(self, idx: torch.Tensor, cache: Cache | None = None
+    def trunk(self, idx: torch.Tensor, cache: Cache | None = None, time: torch.Tensor | None = None
               ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
         """The last hidden state (B, T, C) before the final norm for token ids idx (B, T), the layers' summed
         auxiliary loss () and their stats, and model-wide figures (from the architecture's run_blocks); with a cache
-        as in `forward`."""
+        and the diffusion time as in `forward`."""
         T = idx.shape[1]
         start = 0 if cache is None else cache.length
         if start + T > self.config.block_size and not self.streams:
@@ -201,6 +207,10 @@ class LLM(nn.Module):
         x = self.tok_emb(idx)  # (B, T, C)
         if self.pos_emb is not None:
             x = x + self.pos_emb(positions)  # (B, T, C)
+        if self.time_emb is not None:
+            if time is None:
+                raise ValueError(f"objective={self.config.objective} embeds the diffusion time: pass time (B,)")
+            x = x + self.time_emb(time)[:, None]  # (B, T, C)
         x = self.drop(x)
 
         def run_block(i: int, x: torch.Tensor, layer_cache) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -220,6 +230,13 @@ class LLM(nn.Module):
     def stat_blocks(self) -> list[nn.Module]:
         """The blocks whose stats ModelOutput.layer_stats lists: the layers, then each head add-on's blocks."""
         return [*self.blocks, *(block for name in self.head_addons for block in getattr(self, name).blocks())]
+
+    def placeholder_extras(self, batch: int) -> dict[str, torch.Tensor]:
+        """The keyword inputs a training forward pass needs beside tokens and targets (a diffusion objective's time
+        per row), at placeholder values: for passes that measure rather than train (estimates, benchmarks)."""
+        if not OBJECTIVES[self.config.objective].diffusion:
+            return {}
+        return {"time": torch.full((batch,), 0.5, device=self.tok_emb.weight.device)}
 
     def generation_refusal(self) -> str | None:
         """Why the model does not generate text (its objective's ObjectiveKind.generation_refusal), or None."""

@@ -15,11 +15,14 @@ from .mixers.mamba import BIMAMBA, MAMBA
 from .mixers.mla import MLA
 from .mixers.nsa import NSA
 from .objectives.clm import CLM
+from .objectives.d3pm import D3PM
+from .objectives.mdlm import MDLM
 from .objectives.mlm import MLM
+from .objectives.sedd import SEDD
 
 MIXERS: dict[str, MixerKind] = {kind.name: kind for kind in (MHA, MQA, GQA, MLA, NSA, HYENA, MAMBA, BIMAMBA)}
 FFNS: dict[str, FFNKind] = {kind.name: kind for kind in (DENSE, MOE, PEER, NONE)}
-OBJECTIVES: dict[str, ObjectiveKind] = {kind.name: kind for kind in (CLM, MLM)}
+OBJECTIVES: dict[str, ObjectiveKind] = {kind.name: kind for kind in (CLM, MLM, MDLM, SEDD, D3PM)}
 
 
 def register(registry: dict, kind) -> None:

@@ -20,6 +20,7 @@ from ..data.mixture import MixtureLoader, check_same_tokenizer
 from ..data.prepare import DEFAULT_DATASET, prepare_default
 from ..data.tokenizers import SEQUENCE_TOKENIZERS, TOKENIZER_KEYS, tokenizer_from_meta
 from ..data.windows import WindowOptions
+from ..denoise import default_steps
 from ..files import write_atomically
 from ..model import LLM, build_model
 from ..model.registry import OBJECTIVES
@@ -190,9 +191,9 @@ def batch_rules(meta: dict, model_config: LLMconfig, cfg: Trainconfig) -> tuple[
                           f"genomic), but dataset {cfg.dataset!r} uses the {meta['tokenizer']} tokenizer; drop "
                           f"{asked[0]}")
     if not (wraps or objective.needs_rules):
-        return objective.batching(None, cfg), None  # text without label options: the tokenizer is not even loaded
+        return objective.batching(None, cfg, model_config), None  # text without label options: the tokenizer is not even loaded
     tokenizer = tokenizer_from_meta(meta)
-    batching = objective.batching(label_rules(tokenizer, cfg.loss_mask, cfg.uppercase_labels), cfg)
+    batching = objective.batching(label_rules(tokenizer, cfg.loss_mask, cfg.uppercase_labels), cfg, model_config)
     if cfg.data_order != "windows":
         return batching, None
     return batching, WindowOptions(cfg.window_stride, cfg.window_specials, tokenizer.bos, tokenizer.eos, tokenizer.pad)
@@ -204,7 +205,7 @@ def bytes_per_token(sources: dict[str, tuple[Path, dict]], model_config: LLMconf
     causal model's cross-entropy into bits per byte: train and val, or val/NAME per source of a mixture. Empty for
     other objectives and losses (not a likelihood of the text), and without the datasets whose meta.json lacks the
     figure (prepared before it was recorded; said once)."""
-    if not OBJECTIVES[model_config.objective].causal or model_config.loss != "ce":
+    if not OBJECTIVES[model_config.objective].nats_per_token or model_config.loss != "ce":
         return {}
     lacking = [name for name, (_, meta) in sources.items() if not meta.get("bytes_per_token")]
     if lacking:
@@ -399,6 +400,9 @@ def summarise(s: Session, metrics: dict, start_step: int, seconds: float) -> Non
     line = f"trained {steps} steps, {steps * s.tokens_per_step:,} tokens, in {seconds:.0f} s"
     if "val_loss" in metrics:
         line += f"; val_loss {metrics['val_loss']:.4f}"
+        if "val_loss_se" in metrics:  # a diffusion objective's Monte-Carlo estimate of a bound
+            line += f" ± {metrics['val_loss_se']:.4f} (an upper bound on the NLL per token: perplexity <= " \
+                    f"{metrics['val_ppl_bound']:.2f})"
         line += f", {metrics['val_bpb']:.4f} bits per byte" if "val_bpb" in metrics else ""
     best = best_step(s.checkpointer.run_dir) if s.cfg.save_model else None
     if best is not None and math.isfinite(s.checkpointer.best_val):
@@ -412,6 +416,9 @@ def say_where_saved(s: Session) -> None:
         return
     if s.checkpointer.saved is None:
         print("no checkpoint saved" + ("" if s.cfg.save_model else " (--no_save_model)"))
+    elif OBJECTIVES[s.model.config.objective].diffusion:
+        print(f"checkpoint {s.checkpointer.saved}; sample from it by denoising with: python sample.py --ckpt "
+              f"{s.checkpointer.run_dir} --steps {default_steps(s.model)}")
     elif s.model.generation_refusal() is not None:  # its objective does not generate: its reason and what to run
         print(f"checkpoint {s.checkpointer.saved}; {s.model.generation_refusal()}")
     else:

@@ -92,7 +92,7 @@ def saved_for_backward(model: LLM, batch: int, block_size: int, dtype: torch.dty
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), warnings.catch_warnings(), \
                 torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
             warnings.simplefilter("ignore")  # e.g. kernels that a CPU lacks for bf16: this pass computes nothing
-            model(idx, idx)
+            model(idx, idx, **model.placeholder_extras(batch))
     finally:
         for hook in hooks:
             hook.remove()

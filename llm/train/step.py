@@ -13,6 +13,7 @@ from ..config import ConfigError, Trainconfig
 from ..data.loader import TokenLoader
 from ..model import LLM
 from ..precision import Precision
+from ..targets import extra_names
 from .distributed import Distributed, gradient_sync
 
 
@@ -33,10 +34,10 @@ def train_step(model: LLM, step_model: nn.Module, loader: TokenLoader, accum_ste
     zero = torch.zeros((), device=precision.device)
     loss_sum, aux_sum, stats, model_stats = zero.clone(), zero.clone(), None, {}
     for micro_step in range(accum_steps):
-        x, y, *weights = loader.next_batch()  # token weights when the objective's batching gives them
+        x, y, *rest = loader.next_batch()  # token weights or diffusion times when the objective's batching gives them
         with gradient_sync(step_model, cfg.dist, micro_step == accum_steps - 1, job):
             with precision.autocast():
-                out = step_model(x, y, token_weights=weights[0] if weights else None)
+                out = step_model(x, y, **dict(zip(extra_names(loader.batching), rest)))
             precision.backward((out.loss + out.aux_loss) / accum_steps)
         loss_sum += out.loss.detach().float()
         aux_sum += out.aux_loss.detach().float()
@@ -91,9 +92,9 @@ def estimate_loss(model: LLM, loaders: dict[str, TokenLoader], iters: int, preci
     for split, loader in loaders.items():
         sums = {}
         for _ in range(iters):
-            x, y, *weights = loader.next_batch()
+            x, y, *rest = loader.next_batch()
             with precision.autocast():
-                out = model(x, y, return_logits=objective.eval_logits, token_weights=weights[0] if weights else None)
+                out = model(x, y, return_logits=objective.eval_logits, **dict(zip(extra_names(loader.batching), rest)))
             sums = {name: sums.get(name, 0) + value for name, value in objective.eval_sums(out, y).items()}
         summed = job.sum_all([torch.as_tensor(value, device=precision.device).float() for value in sums.values()])
         totals = {name: value.item() for name, value in zip(sums, summed)}

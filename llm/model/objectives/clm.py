@@ -1,7 +1,7 @@
 """`objective: clm`, causal language modelling: each position predicts the next token."""
 import torch
 
-from ...config import Trainconfig
+from ...config import LLMconfig, Trainconfig
 from ...targets import LabelRules
 from ..kinds import ObjectiveKind
 from .token_loss import TokenLoss
@@ -22,9 +22,9 @@ class NextToken:
         return rows[:, :-1], targets
 
 
-def batching(rules: LabelRules | None, train: Trainconfig) -> NextToken:
+def batching(rules: LabelRules | None, train: Trainconfig, config: LLMconfig) -> NextToken:
     """Next-token batching under the dataset's rules."""
     return NextToken(rules)
 
 
-CLM = ObjectiveKind("clm", TokenLoss, batching)
+CLM = ObjectiveKind("clm", TokenLoss, batching, nats_per_token=True)

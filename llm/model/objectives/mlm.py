@@ -2,7 +2,7 @@
 tokens is masked and the loss is taken at those positions."""
 import torch
 
-from ...config import ConfigError, Trainconfig
+from ...config import ConfigError, LLMconfig, Trainconfig
 from ...targets import IGNORE, LabelRules
 from ..kinds import ObjectiveKind
 from .token_loss import MaskedTokenLoss
@@ -34,7 +34,7 @@ class Masking:
         return x, y
 
 
-def batching(rules: LabelRules, train: Trainconfig) -> Masking:
+def batching(rules: LabelRules, train: Trainconfig, config: LLMconfig) -> Masking:
     """Masking under the dataset's rules, which must name a mask token."""
     if rules.mask_id is None:
         raise ConfigError(f"objective=mlm needs a tokenizer with a <mask> token, but the dataset uses "

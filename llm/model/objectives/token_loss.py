@@ -32,6 +32,8 @@ class TokenLoss(nn.Module):
     chosen from the vocabulary, `chunked_loss.chunk_tokens`), so the logits of the whole batch are never
     materialised.
 
+    The inputs and a diffusion time that the model passes to every objective's loss are not read here.
+
     Evaluation: `eval_logits` says whether an evaluation batch needs the logits, `eval_sums(out, y)` the tensors
     summed over batches and ranks, and `eval_figures(sums, batches)` the logged figures (without the split's prefix).
     """
@@ -46,8 +48,8 @@ class TokenLoss(nn.Module):
         self.codon_loss_name = config.loss
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None,
-                return_logits: bool, token_weights: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                return_logits: bool, token_weights: torch.Tensor | None = None, inputs: torch.Tensor | None = None,
+                time: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if token_weights is not None and self.codon_loss is not None:
             raise ConfigError(f"loss={self.codon_loss_name} takes no per-token weights, which this objective gives; "
                               "use --loss ce")
