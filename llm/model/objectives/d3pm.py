@@ -123,9 +123,11 @@ class D3PMLoss(DiffusionLoss):
         return sample_categorical(probs, generator).reshape(B, T)
 
     def finish(self, logits: torch.Tensor, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """The most likely x0 (no noise at the last step, as D3PM); the absorbing graph keeps unmasked tokens."""
-        best = logits[..., : self.vocab_size].argmax(-1)
-        return torch.where(x == self.mask_id, best, x) if self.graph == "absorbing" else best
+        """x0 drawn from the model's p(x0 | x_1), the distribution the bound's last term scores (D3PM's code takes
+        its argmax instead, which skews the samples toward likely tokens); the absorbing graph keeps unmasked
+        tokens."""
+        drawn = sample_categorical(logits[..., : self.vocab_size].double().softmax(-1), generator)  # (B, T)
+        return torch.where(x == self.mask_id, drawn, x) if self.graph == "absorbing" else drawn
 
 
 def batching(rules: LabelRules | None, train: Trainconfig, config: LLMconfig) -> Noising:
@@ -150,7 +152,7 @@ def validate(config: LLMconfig) -> None:
     require(config.hybrid_weight >= 0, f"hybrid_weight={config.hybrid_weight} must be >= 0 (D3PM's text: 0.01)")
     require(config.time_conditioning is not False,
             "time_conditioning=False: d3pm's reverse steps depend on t, which the model must read; drop "
-            "--no_time_conditioning")
+            "--time_conditioning False")
 
 
 D3PM = ObjectiveKind("d3pm", D3PMLoss, batching, causal=False, diffusion=True, added_tokens=1,

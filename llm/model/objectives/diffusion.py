@@ -251,12 +251,11 @@ def sample_categorical(weights: torch.Tensor, generator: torch.Generator) -> tor
 
 
 def check_common(config: LLMconfig, kind: str) -> None:
-    """The rules every diffusion objective shares: a positive noise_eps below 1 and geometric sigmas in order."""
+    """The rules every diffusion objective shares: noise_eps in (0, 1), geometric sigmas in order, the cross-entropy
+    loss setting and the gpt architecture."""
     require(0 < config.noise_eps < 1, f"noise_eps={config.noise_eps} must be in (0, 1) (MDLM and SEDD: 1e-3)")
     require(0 < config.sigma_min < config.sigma_max,
             f"sigma_min={config.sigma_min} and sigma_max={config.sigma_max} must satisfy 0 < sigma_min < sigma_max")
-    require(config.mtp == "none", f"mtp={config.mtp} predicts the next tokens of a causal model, but objective={kind} "
-                                  "denoises a whole sequence; drop --mtp")
     require(config.loss == "ce", f"loss={config.loss} is a token cross-entropy variant; objective={kind} has its own "
                                  "loss; drop --loss")
     require(config.arch == "gpt", f"objective={kind} runs on the gpt architecture (its time embedding enters the "

@@ -138,7 +138,7 @@ def validate(config: LLMconfig) -> None:
     check_common(config, "sedd")
     require(config.time_conditioning is not False,
             "time_conditioning=False: sedd's scores depend on the noise level, which the model must read; drop "
-            "--no_time_conditioning")
+            "--time_conditioning False")
     require(config.vocab_size is None or config.vocab_size >= 2, f"vocab_size={config.vocab_size}: sedd needs >= 2")
 
 
