@@ -10,6 +10,7 @@ import yaml
 from llm.cli import parse
 from llm.config import ConfigError, config_dict
 from llm.formats.convert import main as convert_main
+from llm.train import train
 
 GENOMIC_LLAMA = {  # bionemo's OpenGenome2 Llama-3 config.json
     "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 256, "num_hidden_layers": 32,
@@ -38,7 +39,8 @@ LLM720 = {
                                     {"name": "code_alpaca", "weight": 0.1}], "max_seq_length": 512},
     "wandb_config": {"project": "foundation-model-training", "name": "lm-training-peer-mla"},
 }
-TRAINING_YAML = {"num_iterations": 1393, "cooldown_frac": 0.4, "num_layers": 12, "model_dim": 768,
+TRAINING_YAML = {"num_iterations": 1393, "cooldown_frac": 0.4, "type": "current-best", "model_adapter": None,
+                 "num_layers": 12, "model_dim": 768,
                  "n_mtp_tokens": 2, "use_liger": True, "torch_compile": True, "proj_fp8": False, "BLOCK_SIZE": 128,
                  "use_deepseek_mtp": True, "sliding_window_size": None, "num_selected_blocks": None,
                  "compress_block_size": None, "selection_block_size": None, "model_cfg": None}
@@ -189,7 +191,7 @@ def test_hydra_families(tmp_path, family):
 
 def test_hydra_refuses_families_we_lack_and_unmappable_keys(tmp_path):
     write(tmp_path / "training.yaml", TRAINING_YAML)
-    for family in ("d3pm", "mdl", "sedd", "megabyte", "hnet", "hnet_x_nsa"):
+    for family in ("megabyte", "hnet", "hnet_x_nsa"):
         path = write(tmp_path / f"{family}.yaml", {"defaults": ["training"], "model_cfg": {"vocab_size": 258}})
         with pytest.raises(ConfigError, match=f"family '{family}'"):
             parse(["--config", path])
@@ -203,6 +205,56 @@ def test_hydra_refuses_families_we_lack_and_unmappable_keys(tmp_path):
     assert model.n_layer == 8
     with pytest.raises(ConfigError, match="current_best_gpt .*value embeddings, U-net skip connections"):
         parse(["--config", hydra_folder(tmp_path, "current_best_gpt")])
+
+
+DIFFUSION_FILES = {  # the configs repository's d3pm.yaml, mdl.yaml and sedd.yaml model_cfg sections, as they are
+    "d3pm": {"transition_type": "absorbing", "noise_schedule": "cosine", "absorbing_state_idx": -1,
+             "num_timesteps": 1000, "auxiliary_loss_weight": 0.01, "sampling_timesteps": 1000,
+             "gaussian_beta_min": 1e-4, "gaussian_beta_max": 0.02, "nearest_neighbors": 5},
+    "mdl": {"alpha_type": "cosine", "alpha_min": 0.001, "alpha_max": 1.0, "continuous_time": True,
+            "use_subs_parameterization": True, "num_sampling_steps": 100, "use_low_discrepancy_sampler": True,
+            "sar_chunk_size": 512},
+    "sedd": {"transition_type": "absorbing", "noise_schedule": "mutual_info", "num_timesteps": 1000,
+             "absorbing_state_idx": -1, "lm_loss_weight": 1.0, "se_loss_weight": 1.0},
+}
+
+
+def diffusion_file(tmp_path, family, **changes):
+    write(tmp_path / "training.yaml", TRAINING_YAML)
+    body = {"defaults": ["training"], "model_cfg": {**SHARED, **DIFFUSION_FILES[family], **changes},
+            "train_seq_len": 1024, "num_iterations": 1750}
+    return write(tmp_path / f"{family}.yaml", body)
+
+
+def test_the_diffusion_families_map_onto_the_papers_and_train(tmp_path, char_data, capsys):
+    model, train_config = parse(["--config", diffusion_file(tmp_path, "d3pm")])
+    assert (model.objective, model.diffusion_graph, model.noise_schedule, model.diffusion_steps, model.hybrid_weight,
+            model.pos_emb, model.layers[0].non_linearity) == ("d3pm", "absorbing", "cosine", 1000, 0.01, "learn",
+                                                             "gelu_tanh")
+    assert "model_cfg.sampling_timesteps=1000 (a sampling setting: pass --steps to sample.py)" in capsys.readouterr().err
+    model, train_config = parse(["--config", diffusion_file(tmp_path, "mdl")])
+    assert (model.objective, model.noise_schedule, model.noise_eps, train_config.antithetic_time) == (
+        "mdlm", "cosinesqr", 0.001, True)
+    with pytest.raises(ConfigError, match=r"model_cfg.lm_loss_weight \(1.0; SEDD's loss is score entropy alone"):
+        parse(["--config", diffusion_file(tmp_path, "sedd")])
+    model, _ = parse(["--config", diffusion_file(tmp_path, "sedd"), "--lenient"])
+    assert (model.objective, model.diffusion_graph, model.noise_schedule) == ("sedd", "absorbing", "loglinear")
+    model, _ = parse(["--config", diffusion_file(tmp_path, "sedd", lm_loss_weight=0.0)])
+    assert model.objective == "sedd"
+    for family, change, message in (("d3pm", {"absorbing_state_idx": 50256}, "the \\[MASK\\] is an added id"),
+                                    ("d3pm", {"transition_type": "gaussian"}, "the graphs here are absorbing and"),
+                                    ("mdl", {"continuous_time": False}, "discrete-time masked diffusion is")):
+        with pytest.raises(ConfigError, match=message):
+            parse(["--config", diffusion_file(tmp_path, family, **change)])
+    tiny = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--block_size", "32", "--vocab_size", "65",
+            "--batch_size", "2", "--total_batch_size_str", "64", "--max_iters", "2", "--eval_interval", "2",
+            "--eval_iters", "2", "--no_compile", "--no_wandb_log", "--no_save_model", "--data_dir",
+            str(char_data.parent), "--out_dir", str(tmp_path / "out")]
+    for family in DIFFUSION_FILES:
+        lenient = ["--lenient"] if family == "sedd" else []
+        train(*parse(["--config", diffusion_file(tmp_path, family), *lenient, *tiny, "--wandb_run_name", family]))
+        rows = (tmp_path / "out" / family / "metrics.jsonl").read_text().splitlines()
+        assert "val_ppl_bound" in json.loads(rows[-1])
 
 
 def test_unrecognised_file_is_read_as_ours(tmp_path):

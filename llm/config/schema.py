@@ -229,8 +229,8 @@ class LLMconfig:
     noise_schedule: Literal["loglinear", "cosine", "cosinesqr", "geometric"] = "loglinear"
     """mdlm, sedd, d3pm: how much noise at time t. loglinear: a token is noised with probability (1 - noise_eps) t
     (d3pm: exactly t/T, beta_t = 1/(T - t + 1)); cosine: kept with probability eps + (1 - eps) cos(pi t / 2) (d3pm:
-    Hoogeboom's cosine betas, for the uniform graph); cosinesqr (mdlm): cos^2 instead of cos; geometric (sedd, mdlm):
-    total noise sigma_min^(1-t) sigma_max^t."""
+    Hoogeboom's cosine betas); cosinesqr (mdlm, sedd): cos^2 instead of cos; geometric (mdlm, sedd): total noise
+    sigma_min^(1-t) sigma_max^t."""
     noise_eps: float = 1e-3
     """mdlm, sedd: the loglinear and cosine schedules keep a token with probability noise_eps at t = 1, and training
     draws t from [noise_eps, 1] (MDLM's and SEDD's 1e-3)."""

@@ -15,10 +15,15 @@ class Unmapped:
     def __init__(self, path: str, fmt: str, lenient: bool):
         self.path, self.fmt, self.lenient = path, fmt, lenient
         self.keys: list[str] = []
+        self.notes: list[str] = []
 
     def refuse(self, key: str, why: str) -> None:
         """Records `key` (dotted, as in the file) as not mapped, for the reason `why`."""
         self.keys.append(f"{key} ({why})")
+
+    def note(self, key: str, why: str) -> None:
+        """Records `key` (dotted, with its value) as read but not a training setting: printed in one note line."""
+        self.notes.append(f"{key} ({why})")
 
     def unknown(self, section: dict, prefix: str, known: Any) -> None:
         """Records every key of `section` that is not in `known` as unknown to the format's reader."""
@@ -27,7 +32,10 @@ class Unmapped:
                 self.refuse(f"{prefix}{key}", f"not a {self.fmt} key this reader knows")
 
     def finish(self) -> None:
-        """Raises one ConfigError listing the unmapped keys, or with lenient prints them as ignored."""
+        """Prints the notes in one line; raises one ConfigError listing the unmapped keys, or with lenient prints them
+        as ignored."""
+        if self.notes:
+            print(f"note: {self.path} ({self.fmt}): not used in training: {'; '.join(self.notes)}", file=sys.stderr)
         if not self.keys:
             return
         listed = "; ".join(self.keys)

@@ -9,16 +9,20 @@ from pathlib import Path
 
 from ..config import BlockConfig, ConfigError, read_user_text
 from .common import Unmapped, expect_dict, model_with_layers, take
+from .hydra_diffusion import DIFFUSION_FAMILIES, diffusion_family
 
 UNSUPPORTED_FAMILIES = {
-    "d3pm": "discrete diffusion (D3PM)", "mdl": "masked diffusion (MDLM)", "sedd": "score-entropy diffusion (SEDD)",
     "megabyte": "MEGABYTE's byte patches", "hnet": "H-Net's dynamic chunking", "hnet_x_nsa": "H-Net's dynamic chunking",
 }
-FAMILIES = ("current_best_gpt", "gpt2", "vanilla", "moe", "mod", "mtp", "mtm", "nsa", "ngpt", "rd", "mamba")
+FAMILIES = ("current_best_gpt", "gpt2", "vanilla", "moe", "mod", "mtp", "mtm", "nsa", "ngpt", "rd", "mamba",
+            *DIFFUSION_FAMILIES)
 RECIPE = dict(optimizer="muon", lr_schedule="trapezoid", warmup_steps=0, beta1=0.8, beta2=0.95, adam_eps=1e-10,
               weight_decay=0.0)
 WITHOUT_EFFECT = {"use_liger", "fused_add_norm", "pad_token_id", "bos_token_id", "eos_token_id", "IS_MODAL"}
 """Kernel and launcher choices and token ids: they change how, not what, is computed (the tokenizer supplies ids)."""
+TRAINER_CHOICES = {"type": "their trainer's model class; the family here is model_cfg.type or the file's name",
+                   "model_adapter": "their trainer's wrapper of the model"}
+"""training.yaml's keys that pick code in their trainer: every family file inherits them."""
 MUST_BE_FALSE = {"use_fp8": "fp8 of their output head", "proj_fp8": "fp8 of their output head",
                  "use_adam_mini": "Adam-mini", "rescale_prenorm_residual": "their prenorm-residual rescaling"}
 CURRENT_BEST_GPT_EXTRAS = (
@@ -77,6 +81,10 @@ def hydra_to_ours(data: dict, path: str, lenient: bool) -> dict:
         raise ConfigError(f"{path}: model family {family!r} is unknown; name the file or model_cfg.type one of "
                           f"{', '.join(FAMILIES)}")
     unmapped = Unmapped(path, "Hydra model config", lenient)
+    for key in TRAINER_CHOICES:
+        if data.get(key) is not None:
+            unmapped.note(f"{key}={data[key]}", TRAINER_CHOICES[key])
+        data.pop(key, None)
     train = dict(RECIPE)
     for owner, keys in FAMILY_DEFAULTS.items():
         for key in keys:
@@ -84,7 +92,10 @@ def hydra_to_ours(data: dict, path: str, lenient: bool) -> dict:
             if owner == family and value is not None:
                 cfg.setdefault(key, value)
     model, block = _shared(data, cfg, train, unmapped)
-    model, block = _family(family, model, block, cfg, unmapped)
+    if family in DIFFUSION_FAMILIES:
+        model, block = diffusion_family(family, model, block, cfg, train, unmapped)
+    else:
+        model, block = _family(family, model, block, cfg, unmapped)
     _training(data, train, block, unmapped)
     for section, prefix in ((cfg, "model_cfg."), (data, "")):
         for key in [k for k in section if k in WITHOUT_EFFECT or k in MUST_BE_FALSE]:

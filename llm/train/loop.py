@@ -400,9 +400,9 @@ def summarise(s: Session, metrics: dict, start_step: int, seconds: float) -> Non
     line = f"trained {steps} steps, {steps * s.tokens_per_step:,} tokens, in {seconds:.0f} s"
     if "val_loss" in metrics:
         line += f"; val_loss {metrics['val_loss']:.4f}"
-        if "val_loss_se" in metrics:  # a diffusion objective's Monte-Carlo estimate of a bound
-            line += f" ± {metrics['val_loss_se']:.4f} (an upper bound on the NLL per token: perplexity <= " \
-                    f"{metrics['val_ppl_bound']:.2f})"
+        if "val_ppl_bound" in metrics:  # a diffusion objective's Monte-Carlo estimate of a bound
+            line += f" ± {metrics['val_loss_se']:.4f}" if "val_loss_se" in metrics else ""
+            line += f" (an upper bound on the NLL per token: perplexity <= {metrics['val_ppl_bound']:.2f})"
         line += f", {metrics['val_bpb']:.4f} bits per byte" if "val_bpb" in metrics else ""
     best = best_step(s.checkpointer.run_dir) if s.cfg.save_model else None
     if best is not None and math.isfinite(s.checkpointer.best_val):

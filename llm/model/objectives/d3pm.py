@@ -19,14 +19,20 @@ COSINE_OFFSET = 0.008  # Nichol and Dhariwal's s of the cosine schedule
 MAX_BETA = 0.999
 
 
-def keep_probabilities(schedule: str, steps: int) -> torch.Tensor:
+def keep_probabilities(schedule: str, steps: int, graph: str = "uniform") -> torch.Tensor:
     """abar_t for t = 0..T (T + 1,) fp64: loglinear beta_t = 1 / (T - t + 1), so abar_t = 1 - t / T exactly;
-    cosine (Hoogeboom et al.) beta_t = min(1 - f(t) / f(t - 1), 0.999), f(t) = cos((t / T + s) / (1 + s) pi / 2)."""
+    cosine (Hoogeboom et al.) beta_t = min(1 - f(t) / f(t - 1), 0.999), f(t) = cos((t / T + s) / (1 + s) pi / 2),
+    so abar_t = f(t) / f(0) until the cap; the absorbing graph needs no cap (its last step masks what is left:
+    abar_T = 0, so that the prior, all masks, is exact)."""
     t = torch.arange(steps + 1, dtype=torch.float64)
     if schedule == "loglinear":
         return 1 - t / steps
     f = torch.cos((t / steps + COSINE_OFFSET) / (1 + COSINE_OFFSET) * math.pi / 2)  # (T + 1,)
-    betas = torch.clamp(1 - f[1:] / f[:-1], max=MAX_BETA)  # (T,)
+    betas = 1 - f[1:] / f[:-1]  # (T,)
+    if graph == "absorbing":
+        betas[-1] = 1.0
+    else:
+        betas = betas.clamp(max=MAX_BETA)
     return torch.cat([torch.ones(1, dtype=torch.float64), torch.cumprod(1 - betas, 0)])
 
 
@@ -38,7 +44,8 @@ class D3PMLoss(DiffusionLoss):
         self.graph = config.diffusion_graph
         super().__init__(config, config.vocab_size + (self.graph == "absorbing"))
         self.steps, self.hybrid_weight = config.diffusion_steps, config.hybrid_weight
-        self.register_buffer("abar", keep_probabilities(config.noise_schedule, self.steps), persistent=False)
+        self.register_buffer("abar", keep_probabilities(config.noise_schedule, self.steps, self.graph),
+                             persistent=False)
 
     def step_of(self, time: torch.Tensor) -> torch.Tensor:
         """The integer step t in 1..T of a time t / T."""
@@ -133,7 +140,8 @@ class D3PMLoss(DiffusionLoss):
 def batching(rules: LabelRules | None, train: Trainconfig, config: LLMconfig) -> Noising:
     """Noising at a step t uniform in 1..T per row, keeping a token with probability abar_t."""
     check_vocabulary(rules, "d3pm")
-    T, abar = config.diffusion_steps, keep_probabilities(config.noise_schedule, config.diffusion_steps)
+    T = config.diffusion_steps
+    abar = keep_probabilities(config.noise_schedule, T, config.diffusion_graph)
     return Noising(rules, train, config.diffusion_graph, config.vocab_size, config.vocab_size,
                    lambda u: (torch.floor(u * T) + 1).clamp(max=T) / T,
                    lambda time: 1 - abar[torch.round(time.double() * T).long()])
@@ -146,9 +154,6 @@ def validate(config: LLMconfig) -> None:
     require(config.noise_schedule in ("loglinear", "cosine"),
             f"noise_schedule={config.noise_schedule}: d3pm has loglinear (beta_t = 1/(T - t + 1)) and cosine "
             "(Hoogeboom's betas); use one of them")
-    require(config.noise_schedule == "loglinear" or config.diffusion_graph == "uniform",
-            "noise_schedule=cosine leaves tokens unmasked at t = T, so an absorbing d3pm's prior (all masks) would "
-            "not match; use --noise_schedule loglinear with the absorbing graph, or --diffusion_graph uniform")
     require(config.hybrid_weight >= 0, f"hybrid_weight={config.hybrid_weight} must be >= 0 (D3PM's text: 0.01)")
     require(config.time_conditioning is not False,
             "time_conditioning=False: d3pm's reverse steps depend on t, which the model must read; drop "

@@ -235,11 +235,14 @@ class DiffusionLoss(nn.Module):
         return {"loss": loss, "loss_sq": loss * loss}
 
     def eval_figures(self, sums: dict[str, float], batches: int) -> dict[str, float]:
-        """The mean NELBO per token over `batches` batches, its standard error and the perplexity bound."""
+        """The mean NELBO per token over `batches` batches, the perplexity bound and, from two batches on, the mean's
+        standard error."""
         mean = sums["loss"] / batches
-        variance = max(0.0, sums["loss_sq"] / batches - mean * mean) * batches / max(1, batches - 1)
-        bound = math.inf if mean > 709 else math.exp(mean)
-        return {"loss": mean, "loss_se": math.sqrt(variance / batches), "ppl_bound": bound}
+        figures = {"loss": mean, "ppl_bound": math.inf if mean > 709 else math.exp(mean)}
+        if batches >= 2:
+            variance = max(0.0, sums["loss_sq"] / batches - mean * mean) * batches / (batches - 1)
+            figures["loss_se"] = math.sqrt(variance / batches)
+        return figures
 
 
 def sample_categorical(weights: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
