@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from llm.cli import parse
 from llm.config import ConfigError, LLMconfig, Trainconfig
 from llm.denoise import denoise_window
+from llm.eval import main as eval_main
 from llm.model import build_model
 from llm.model.objectives.d3pm import keep_probabilities
 from llm.model.registry import OBJECTIVES
@@ -364,6 +365,10 @@ def test_training_resumes_bit_exactly_and_samples(char_data, tmp_path, objective
     assert sampled.returncode == 0, sampled.stderr
     assert sampled.stdout.startswith("--- sample 1\nROMEO:") or sampled.stdout.startswith("ROMEO:")
     assert "50 tokens in" in sampled.stderr and "4 steps per window" in sampled.stderr
+    scored = eval_main(["data", "--ckpt", str(tmp_path / "full"), "--batches", "3", "--data_dir",
+                        str(char_data.parent)])
+    assert scored["objective"] == objective and scored["loss_se"] > 0 and scored["ppl_bound"] == math.exp(scored["loss"])
+    assert "an upper bound on the NLL per token" in capsys.readouterr().out
     refused = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "full"), "--temperature", "0"],
                              capture_output=True, text=True, cwd=REPO, timeout=300)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1

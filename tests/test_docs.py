@@ -32,6 +32,7 @@ HELP_COMMANDS = {
     "llm.report": ["-m", "llm.report", "--help"],
     "llm.sweep": ["-m", "llm.sweep", "--help"],
     "llm.eval": ["-m", "llm.eval", "fasta", "--help"],
+    "llm.eval data": ["-m", "llm.eval", "data", "--help"],
     "llm.eval hellaswag": ["-m", "llm.eval", "hellaswag", "--help"],
     "llm.eval lm_eval": ["-m", "llm.eval", "lm_eval", "--help"],
     "llm.data.synthetic_genome": ["-m", "llm.data.synthetic_genome", "--help"],
@@ -50,6 +51,7 @@ ENTRY_PATTERNS = [
     ("llm.sweep", r"-m\s+llm\.sweep\b"),
     ("llm.eval hellaswag", r"-m\s+llm\.eval\s+hellaswag\b"),  # before llm.eval, which would match first
     ("llm.eval lm_eval", r"-m\s+llm\.eval\s+lm_eval\b"),
+    ("llm.eval data", r"-m\s+llm\.eval\s+data\b"),
     ("llm.eval", r"-m\s+llm\.eval\b"),
     ("llm.data.synthetic_genome", r"-m\s+llm\.data\.synthetic_genome\b"),
     ("llm.formats.convert", r"-m\s+llm\.formats\.convert\b"),
@@ -292,8 +294,9 @@ def tool_commands(doc: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, char_data) -> Path:
-    """A folder holding what the documented commands read: the prepared Tiny Shakespeare and a small character model
-    trained to step 500 in out/run, the repository's example and test files, FASTA files and a small text corpus."""
+    """A folder holding what the documented commands read: the prepared Tiny Shakespeare, a small character model
+    trained to step 500 in out/run and a diffusion one in out/mdlm, the repository's example and test files, FASTA
+    files and a small text corpus."""
     root = tmp_path_factory.mktemp("workspace")
     shutil.copytree(char_data, root / "data" / "shakespeare_char")
     shutil.copytree(REPO / "tests" / "data", root / "tests" / "data")
@@ -316,6 +319,12 @@ def workspace(tmp_path_factory, char_data) -> Path:
                               "500"], cwd=root, capture_output=True, text=True, timeout=600, check=False)
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert (root / "out" / "run" / "checkpoints" / "step_0000500").is_dir()
+    diffusion = subprocess.run([sys.executable, str(REPO / "train.py"), "--objective", "mdlm", "--n_layer", "1",
+                                "--n_embd", "32", "--n_head", "2", "--block_size", "64", "--batch_size", "4",
+                                "--max_iters", "20", "--eval_interval", "20", "--eval_iters", "2",
+                                "--wandb_run_name", "mdlm"], cwd=root, capture_output=True, text=True, timeout=600,
+                               check=False)
+    assert diffusion.returncode == 0, diffusion.stderr[-2000:]
     return root
 
 

@@ -1,5 +1,6 @@
 """Evaluate a trained checkpoint: `python -m llm.eval TASK ...`.
 
+    python -m llm.eval data --ckpt out/run                                # the objective's figures on its val split
     python -m llm.eval fasta --ckpt out/run --fasta test.fa               # loss and perplexity per sequence
     python -m llm.eval hellaswag --ckpt out/run --file hellaswag_val.jsonl  # multiple choice: acc and acc_norm
     python -m llm.eval lm_eval --ckpt out/run --tasks hellaswag,piqa      # lm-evaluation-harness tasks, in process
@@ -8,14 +9,14 @@
 """
 import sys
 
-from . import fasta, hellaswag
+from . import data, fasta, hellaswag
 from .fasta import EvalArgs, evaluate_fasta, score
 from .hellaswag import Example, HellaswagArgs, evaluate_hellaswag, hellaswag_scores, read_examples
 from .scoring import continuation_logprobs, encode_pair
 
 __all__ = ["EvalArgs", "Example", "HellaswagArgs", "continuation_logprobs", "encode_pair", "evaluate_fasta",
            "evaluate_hellaswag", "hellaswag_scores", "main", "read_examples", "score"]
-TASKS = ("fasta", "hellaswag", "lm_eval")
+TASKS = ("data", "fasta", "hellaswag", "lm_eval")
 
 
 def fail(message: str) -> None:
@@ -42,6 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     if task in ("-h", "--help"):
         print(__doc__)
         sys.exit(0)
+    if task == "data":
+        return data.main(argv)
     if task == "fasta":
         return fasta.main(argv)
     if task == "hellaswag":
