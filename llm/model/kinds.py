@@ -137,9 +137,9 @@ class ObjectiveKind:
     the token ids the model read and time the diffusion time of each row (diffusion objectives); logits (B, T,
     columns) when there are no targets or return_logits, else None; loss () when there are targets, else None; and
     the evaluation hooks `eval_logits`, `eval_sums(out, y)` and `eval_figures(sums, batches)`.
-    `batching(rules, train)` returns how a loader's rows of tokens become (inputs, targets, extras...)
+    `batching(rules, train, config)` returns how a loader's rows of tokens become (inputs, targets, extras...)
     (`targets.Batching`), under the dataset's label rules (None for text read with no rules, when `needs_rules` is
-    False) and the run's settings. `causal` False makes every mixer bidirectional. `generation_refusal`, when set, is
+    False), the run's settings and the model's config. `causal` False makes every mixer bidirectional. `generation_refusal`, when set, is
     why the model does not generate left to right (sampling and cached decoding refuse it with that line);
     `diffusion` marks the kinds that sample by denoising instead (`llm.denoise`). `added_tokens` are vocabulary rows
     the objective adds after the data's (a diffusion [MASK] token at id vocab_size). `time_conditioned(config)` says
