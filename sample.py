@@ -60,6 +60,9 @@ class SampleArgs:
     stride: int | None = None
     """Diffusion models: text longer than block_size continues semi-autoregressively, each next window keeping the
     last block_size - stride tokens; unset: block_size // 2."""
+    judge: str | None = None
+    """A causal checkpoint of the same tokenizer (a run or checkpoint folder) that scores the samples: their
+    generative perplexity under it, and their unigram entropy (low when samples repeat themselves)."""
     imports: Imports = field(default_factory=list)
     """--import MODULE (repeatable): a module to import first, e.g. one that registers kinds of its own with
     llm.model.register_arch; looked up on sys.path and in the working directory."""
@@ -97,6 +100,29 @@ def check_diffusion(args: SampleArgs, diffusion: bool) -> None:
     if given:
         raise ConfigError(f"--{given[0]} applies to diffusion models (objective mdlm, sedd, d3pm); this checkpoint "
                           "decodes left to right; drop it")
+
+
+def judged(judge: str, prompts: list[list[int]], outputs: list[list[int]], tokenizer_meta: dict, device) -> str:
+    """The line that reports the samples' generative perplexity under the causal checkpoint `judge` (each sample's
+    first block_size tokens, after its prompt) and their unigram entropy in nats."""
+    import math
+    from collections import Counter
+
+    from llm.eval.scoring import continuation_logprobs, load_causal
+
+    folder, model, _, meta = load_causal(judge, str(device))
+    if meta != tokenizer_meta:
+        raise ConfigError(f"--judge={judge}: its tokenizer differs from the sampled checkpoint's; judge with a model "
+                          "trained on the same tokenizer")
+    pairs = [(prompt[-model.config.block_size:], output[: model.config.block_size])
+             for prompt, output in zip(prompts, outputs) if output]
+    scores = continuation_logprobs(model, pairs, device)
+    tokens = sum(len(c) for _, c in pairs)
+    counts = Counter(token for _, c in pairs for token in c)
+    entropy = -sum(n / tokens * math.log(n / tokens) for n in counts.values())
+    perplexity = math.exp(-sum(total for total, _ in scores) / tokens)
+    return (f"generative perplexity {perplexity:.2f} under {folder} over {tokens} tokens; unigram entropy of the "
+            f"samples {entropy:.3f} nats")
 
 
 def fit_to_block(tokens: list[int], index: int, block_size: int, strict: bool) -> list[int]:
@@ -191,6 +217,9 @@ def main(argv: list[str] | None = None) -> None:
     how = f"{steps} steps per window, {calls} model evaluations" if diffusion else \
         f"{'with' if args.cache else 'without'} cache"
     print(f"{n} tokens in {seconds:.2f} s ({n / seconds:,.0f} tokens/s, {how})", file=sys.stderr)
+    if args.judge:
+        with exit_on_user_error():
+            print(judged(args.judge, prompts, outputs, tokenizer_meta, device), file=sys.stderr)
     if args.speculative:
         print(f"speculative: {stats.accepted}/{stats.drafted} drafts accepted ({100 * stats.acceptance():.0f}%) in "
               f"{stats.rounds} verification passes", file=sys.stderr)

@@ -18,7 +18,6 @@ from .model.registry import OBJECTIVES
 
 # denoiser(x (B, T), t) -> the model's output logits (B, T, columns) at time t
 Denoiser = Callable[[torch.Tensor, float], torch.Tensor]
-PREDICTORS = {"mdlm": ("ddpm_cache",), "sedd": ("euler", "analytic"), "d3pm": ("ancestral",)}
 
 
 def denoise_window(denoiser: Denoiser, objective: DiffusionLoss, x: torch.Tensor, fixed: torch.Tensor, steps: int,
@@ -49,16 +48,16 @@ def model_denoiser(model: LLM) -> Denoiser:
     return denoiser
 
 
-def check_sampler(model: LLM, predictor: str | None) -> str:
-    """The objective's predictor: `predictor` when it is one of the objective's, else its default (the first)."""
-    kind = model.config.objective
+def choose_predictor(model: LLM, predictor: str | None) -> None:
+    """Sets the objective's reverse step to `predictor` (unset: its default), refusing one it does not have."""
+    kind, objective = model.config.objective, model.objective
     if not OBJECTIVES[kind].diffusion:
         raise ConfigError(f"objective={kind} is not a diffusion model; --steps and --sampler apply to mdlm, sedd "
                           "and d3pm checkpoints")
-    names = PREDICTORS.get(kind, ("default",))
+    names = objective.predictors
     if predictor is not None and predictor not in names:
         raise ConfigError(f"--sampler={predictor} is not a sampler of objective={kind}; use {' or '.join(names)}")
-    return predictor or names[0]
+    objective.predictor = predictor or names[0]
 
 
 @torch.no_grad()
@@ -68,10 +67,7 @@ def sample(model: LLM, prompts: list[list[int]], new_tokens: int, steps: int, ge
     model evaluations. Windows are block_size long; a prompt longer than block_size - stride is refused (it would
     leave no room to generate in the first window)."""
     objective = model.objective
-    if hasattr(objective, "predictor"):
-        objective.predictor = check_sampler(model, predictor)
-    else:
-        check_sampler(model, predictor)
+    choose_predictor(model, predictor)
     window = model.config.block_size
     stride = stride or max(1, window // 2)
     longest = max(len(p) for p in prompts)

@@ -18,15 +18,15 @@ from ..data.tokenizers import SEQUENCE_TOKENIZERS
 
 def load_causal(ckpt: str, device: str):
     """(checkpoint folder, causal model in eval mode on the device, tokenizer, tokenizer meta) of a run or checkpoint
-    folder; a masked LM is refused."""
+    folder; a bidirectional model (masked LM, diffusion) is refused."""
     from ..checkpoint import load_trained
     from ..data.tokenizers import tokenizer_from_meta
     from ..precision import pick_precision
 
     folder, model, meta = load_trained(ckpt)
     if not model.causal:
-        raise ConfigError(f"{folder} is a masked LM (objective={model.config.objective}): it does not score "
-                          "continuations; evaluate it with python -m llm.eval fasta")
+        raise ConfigError(f"{folder} is bidirectional (objective={model.config.objective}): it does not score "
+                          "continuations left to right; evaluate it with python -m llm.eval data (or fasta)")
     return folder, model.to(pick_precision(device, "float32").device), tokenizer_from_meta(meta), meta
 
 

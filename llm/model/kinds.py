@@ -139,8 +139,9 @@ class ObjectiveKind:
     the evaluation hooks `eval_logits`, `eval_sums(out, y)` and `eval_figures(sums, batches)`.
     `batching(rules, train, config)` returns how a loader's rows of tokens become (inputs, targets, extras...)
     (`targets.Batching`), under the dataset's label rules (None for text read with no rules, when `needs_rules` is
-    False), the run's settings and the model's config. `causal` False makes every mixer bidirectional. `generation_refusal`, when set, is
-    why the model does not generate left to right (sampling and cached decoding refuse it with that line);
+    False), the run's settings and the model's config. `causal` False makes every mixer bidirectional.
+    `generation_refusal`, when set, is why the model does not generate left to right (sampling and cached decoding
+    refuse it with that line);
     `diffusion` marks the kinds that sample by denoising instead (`llm.denoise`). `added_tokens` are vocabulary rows
     the objective adds after the data's (a diffusion [MASK] token at id vocab_size). `time_conditioned(config)` says
     whether the model embeds the diffusion time. `nats_per_token` says that the loss is a negative log-likelihood

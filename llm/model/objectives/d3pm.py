@@ -40,6 +40,8 @@ class D3PMLoss(DiffusionLoss):
     """D3PM's bound over K columns (absorbing: the vocabulary and the mask; uniform: the vocabulary), its
     transition algebra in closed form, and ancestral sampling."""
 
+    predictors = ("ancestral",)
+
     def __init__(self, config: LLMconfig):
         self.graph = config.diffusion_graph
         super().__init__(config, config.vocab_size + (self.graph == "absorbing"))

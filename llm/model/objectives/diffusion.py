@@ -167,7 +167,8 @@ def token_terms(hidden: torch.Tensor, weight: torch.Tensor, columns: int, term: 
 class DiffusionLoss(nn.Module):
     """The base of the diffusion loss modules: `terms(hidden, weight, x0, x_t, time)` gives each token's term (N,)
     (0 where unscored); the loss is their sum over the scored tokens (targets not IGNORE) divided by their number.
-    `output_columns` are the logits' columns (the vocabulary, or it and the mask column).
+    `output_columns` are the logits' columns (the vocabulary, or it and the mask column); `predictor` is the
+    reverse step `reverse_step` takes, one of `predictors`.
 
     Evaluation sums each batch's loss and its square, so that the figures carry the Monte-Carlo standard error of
     the mean over batches (`loss_se`) beside the mean (`loss`, the NELBO per token in nats) and the perplexity
@@ -175,9 +176,11 @@ class DiffusionLoss(nn.Module):
     """
 
     eval_logits = False
+    predictors: tuple[str, ...] = ()  # the samplers' reverse steps (sample.py --sampler), the default first
 
     def __init__(self, config: LLMconfig, output_columns: int):
         super().__init__()
+        self.predictor = self.predictors[0]
         self.vocab_size, self.mask_id, self.output_columns = config.vocab_size, config.vocab_size, output_columns
         self.chunk: int | None = None
 

@@ -24,6 +24,8 @@ class MDLMLoss(DiffusionLoss):
     """MDLM's loss over the data's vocabulary columns (the mask column is never predicted), and its ancestral
     sampler (MDLM's ddpm_cache predictor: the reverse step of the absorbing process from t to s < t)."""
 
+    predictors = ("ddpm_cache",)
+
     def __init__(self, config: LLMconfig):
         super().__init__(config, config.vocab_size)
         self.schedule = Schedule(config)

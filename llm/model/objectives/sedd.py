@@ -25,10 +25,11 @@ from .diffusion import (
 class SEDDLoss(DiffusionLoss):
     """SEDD's score entropy over the data's vocabulary columns, and its samplers (`predictor`: euler or analytic)."""
 
+    predictors = ("euler", "analytic")
+
     def __init__(self, config: LLMconfig):
         super().__init__(config, config.vocab_size)
         self.schedule, self.graph, self.eps = Schedule(config), config.diffusion_graph, config.noise_eps
-        self.predictor = "euler"
 
     def token_loss(self, logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, time: torch.Tensor
                    ) -> torch.Tensor:
