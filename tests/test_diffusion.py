@@ -315,6 +315,14 @@ def test_bad_diffusion_configs_are_refused_in_one_line(flags, message):
         parse(flags)
 
 
+def test_the_diffusion_presets_validate_and_name_their_objective():
+    for preset, objective in (("mdlm-tiny", "mdlm"), ("sedd-tiny", "sedd"), ("d3pm-tiny", "d3pm"), ("mdlm-owt", "mdlm")):
+        model, _ = parse(["--preset", preset, "--vocab_size", "50257"])
+        assert model.objective == objective
+    model, _ = parse(["--preset", "mdlm-owt"])
+    assert (model.n_layer, model.n_embd, model.block_size, model.tie_embeddings) == (12, 768, 1024, False)
+
+
 @pytest.mark.parametrize("objective", ["mdlm", "sedd", "d3pm"])
 def test_every_position_sees_the_whole_sequence_and_the_mask_row_exists(objective):
     config, _ = parse(["--objective", objective, "--vocab_size", "64", "--n_layer", "2", "--n_embd", "32",
@@ -391,3 +399,6 @@ def test_training_resumes_bit_exactly_and_samples(char_data, tmp_path, objective
                              capture_output=True, text=True, cwd=REPO, timeout=300)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "--temperature applies to left-to-right decoding" in refused.stderr
+    judged = subprocess.run([sys.executable, "sample.py", "--ckpt", str(tmp_path / "full"), "--steps", "2",
+                             "--judge", str(tmp_path / "full")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert judged.returncode == 2 and "is bidirectional (objective=" in judged.stderr

@@ -49,12 +49,12 @@ PRESETS: dict[str, tuple[LLMconfig, BlockConfig, Trainconfig]] = {
     "d3pm-tiny": (LLMconfig(objective="d3pm"), BlockConfig(), Trainconfig()),
     # MDLM's OpenWebText model (its configs/model/small.yaml): 12 layers of 768, 12 heads, 1024 tokens, the GPT-2
     # vocabulary plus [MASK], untied head, dropout 0.1; AdamW 3e-4 (0.9, 0.999), no weight decay, 2,500 warmup
-    # steps, batch 512, gradient clipping 1.
+    # steps, batch 512, gradient clipping 1; on FineWeb-Edu (OpenWebText has no source here).
     "mdlm-owt": (
         LLMconfig(objective="mdlm", vocab_size=50257, block_size=1024, n_embd=768, n_layer=12, pos_emb="rope",
                   tie_embeddings=False, dropout=0.1),
         BlockConfig(attn="mha", n_head=12),
-        Trainconfig(dataset="openwebtext", total_batch_size_str="512*1024", batch_size=16, learning_rate=3e-4,
+        Trainconfig(dataset="fineweb", total_batch_size_str="512*1024", batch_size=16, learning_rate=3e-4,
                     min_lr=3e-4, beta2=0.999, weight_decay=0.0, warmup_steps=2500, max_iters=1000000, grad_clip=1.0),
     ),
 }
