@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-KINDS = {"clm": [], "mdlm": ["--objective", "mdlm"], "sedd": ["--objective", "sedd"],
-         "d3pm": ["--objective", "d3pm"]}
+KINDS = {"clm": ["--pos_emb", "rope"], "mdlm": ["--preset", "mdlm-tiny"], "sedd": ["--preset", "sedd-tiny"],
+         "d3pm": ["--preset", "d3pm-tiny"]}  # the tiny model, with rotary positions as the diffusion presets
 
 
 def train(name: str, flags: list[str], args, extra: list[str]) -> dict:

@@ -43,10 +43,12 @@ PRESETS: dict[str, tuple[LLMconfig, BlockConfig, Trainconfig]] = {
         Trainconfig(weight_decay=0.0, warmup_steps=0),
     ),
     # The discrete diffusion objectives at the tiny size (docs/diffusion.md): MDLM (masked, loglinear, no time
-    # conditioning), SEDD (absorbing graph, time-conditioned) and D3PM (absorbing, T = 1000, hybrid weight 0.01).
-    "mdlm-tiny": (LLMconfig(objective="mdlm"), BlockConfig(), Trainconfig()),
-    "sedd-tiny": (LLMconfig(objective="sedd"), BlockConfig(), Trainconfig()),
-    "d3pm-tiny": (LLMconfig(objective="d3pm"), BlockConfig(), Trainconfig()),
+    # conditioning), SEDD (absorbing graph, time-conditioned) and D3PM (absorbing, T = 1000, hybrid weight 0.01),
+    # with rotary positions as MDLM's and SEDD's DiT (a masked position learns from its neighbours only through
+    # attention, which learned absolute positions make slow to find).
+    "mdlm-tiny": (LLMconfig(objective="mdlm", pos_emb="rope"), BlockConfig(), Trainconfig()),
+    "sedd-tiny": (LLMconfig(objective="sedd", pos_emb="rope"), BlockConfig(), Trainconfig()),
+    "d3pm-tiny": (LLMconfig(objective="d3pm", pos_emb="rope"), BlockConfig(), Trainconfig()),
     # MDLM's OpenWebText model (its configs/model/small.yaml): 12 layers of 768, 12 heads, 1024 tokens, the GPT-2
     # vocabulary plus [MASK], untied head, dropout 0.1; AdamW 3e-4 (0.9, 0.999), no weight decay, 2,500 warmup
     # steps, batch 512, gradient clipping 1; on FineWeb-Edu (OpenWebText has no source here).

@@ -93,6 +93,8 @@ class LLM(nn.Module):
         for name, param in self.named_parameters():
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(param, mean=0.0, std=residual_std)
+        if self.time_emb is not None:
+            self.time_emb.start_at_zero()
         self.after_init()
 
     def _init_weights(self, module: nn.Module) -> None:

@@ -130,12 +130,18 @@ def check_vocabulary(rules: LabelRules | None, kind: str) -> None:
 class TimeEmbedding(nn.Module):
     """The diffusion time t (B,) as a vector (B, C): sinusoids of 1000 t at TIME_FREQUENCIES geometric frequencies
     (as DDPM's timestep embedding), then Linear, SiLU, Linear. The model adds it to every position's token
-    embedding (as D3PM's text models do) before the first block."""
+    embedding (as D3PM's text models do) before the first block. Its output layer starts at zero (as DiT's
+    adaLN-Zero), so that a new model is the unconditioned one and learns how much the time matters."""
 
     def __init__(self, n_embd: int):
         super().__init__()
         self.fc = nn.Linear(2 * TIME_FREQUENCIES, n_embd)
         self.proj = nn.Linear(n_embd, n_embd)
+
+    def start_at_zero(self) -> None:
+        """Zeroes the output layer (called once the model's weights are initialised)."""
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
 
     def forward(self, time: torch.Tensor) -> torch.Tensor:
         freqs = torch.exp(-math.log(10_000) * torch.arange(TIME_FREQUENCIES, device=time.device) / TIME_FREQUENCIES)
