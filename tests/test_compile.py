@@ -30,6 +30,8 @@ MOD = [pytest.param({"mod": True, "capacity": 0.25}, id="mod"),
 class FixedBatches:
     """A loader that returns the same batch of inputs and targets, (B, T) token ids each, every time."""
 
+    batching = None  # the plain next-token rows: no extra parts
+
     def __init__(self, vocab_size: int):
         self.x = torch.randint(0, vocab_size, (BATCH, BLOCK))  # (B, T)
         self.y = torch.randint(0, vocab_size, (BATCH, BLOCK))  # (B, T)

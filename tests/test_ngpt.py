@@ -148,6 +148,8 @@ def assert_on_sphere(model: LLM) -> None:
 class FixedBatches:
     """A loader that returns the same random batch every time."""
 
+    batching = None  # the plain next-token rows: no extra parts
+
     def __init__(self, vocab_size: int, batch: int = 2, block: int = 16):
         self.x = torch.randint(0, vocab_size, (batch, block))  # (B, T)
         self.y = torch.randint(0, vocab_size, (batch, block))  # (B, T)

@@ -360,6 +360,8 @@ def test_export_of_a_window_goes_to_a_windowed_family_and_mla_windows_are_refuse
 class FixedBatches:
     """The same batch of inputs and targets (B, T) every time."""
 
+    batching = None  # the plain next-token rows: no extra parts
+
     def __init__(self):
         self.x, self.y = torch.randint(0, 97, (2, 16)), torch.randint(0, 97, (2, 16))
 
