@@ -64,8 +64,8 @@ def choose_predictor(model: LLM, predictor: str | None) -> None:
 def sample(model: LLM, prompts: list[list[int]], new_tokens: int, steps: int, generator: torch.Generator,
            stride: int | None = None, predictor: str | None = None) -> tuple[list[list[int]], int]:
     """For each prompt, `new_tokens` tokens after it, denoised window by window; returns them and the number of
-    model evaluations. Windows are block_size long; a prompt longer than block_size - stride is refused (it would
-    leave no room to generate in the first window)."""
+    model evaluations. Windows are block_size long; a prompt of block_size tokens or more is refused (it would leave
+    no room to generate in the first window)."""
     objective = model.objective
     choose_predictor(model, predictor)
     window = model.config.block_size
@@ -83,7 +83,8 @@ def sample(model: LLM, prompts: list[list[int]], new_tokens: int, steps: int, ge
     total = [len(p) + new_tokens for p in prompts]
     calls = 0
     while any(len(text) < want for text, want in zip(texts, total)):
-        keep = [text[-(window - stride):] if len(text) > len(p) else text for text, p in zip(texts, prompts)]
+        keep = [text[max(0, len(text) - (window - stride)):] if len(text) > len(p) else text
+                for text, p in zip(texts, prompts)]  # the prompt in the first window, then the last window - stride
         x = objective.prior((len(texts), window), generator, device)  # (B, W)
         fixed = torch.zeros_like(x, dtype=torch.bool)
         for row, held in enumerate(keep):

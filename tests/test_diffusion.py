@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from llm.cli import parse
 from llm.config import ConfigError, LLMconfig, Trainconfig
-from llm.denoise import denoise_window
+from llm.denoise import denoise_window, sample
 from llm.eval import main as eval_main
 from llm.model import build_model
 from llm.model.objectives.d3pm import keep_probabilities
@@ -295,6 +295,21 @@ def test_samplers_never_change_an_unmasked_token_and_leave_no_mask(objective, pr
     for before, after in zip(history[:-1], history[1:]):
         unmasked = before != 9
         assert torch.equal(after[unmasked], before[unmasked])
+
+
+@pytest.mark.parametrize("stride", [None, 1, 16])
+def test_semi_autoregressive_sampling_gives_the_asked_length_after_each_prompt(stride):
+    config, _ = parse(["--objective", "mdlm", "--vocab_size", "20", "--n_layer", "1", "--n_embd", "16", "--n_head",
+                       "2", "--block_size", "16"])
+    model = build_model(config).eval()
+    prompts = [[3, 4, 5], [7]]
+    outputs, calls = sample(model, prompts, 40, 4, torch.Generator().manual_seed(0), stride)
+    assert [len(o) for o in outputs] == [40, 40] and all(0 <= t < 20 for o in outputs for t in o)
+    assert calls >= 1 + math.ceil((40 - 13) / (stride or 8))  # a model call (at least) per window
+    with pytest.raises(ConfigError, match="--stride=17 must be in"):
+        sample(model, prompts, 4, 4, torch.Generator(), 17)
+    with pytest.raises(ConfigError, match="--sampler=euler is not a sampler of objective=mdlm; use ddpm_cache"):
+        sample(model, prompts, 4, 4, torch.Generator(), None, "euler")
 
 
 # ---------------------------------------------------------------------------------------------- configs
