@@ -267,7 +267,7 @@ def test_command_errors_are_one_line(gpt2_run, tmp_path, capsys, monkeypatch):
     missing = tmp_path / "none.jsonl"
     assert f"--file={missing}: no such file" in exits_with_one_line(
         ["hellaswag", "--ckpt", str(gpt2_run), "--file", str(missing)], capsys)
-    assert "TASK is one of fasta, hellaswag, lm_eval, not 'mmlu'" in exits_with_one_line(["mmlu"], capsys)
+    assert "TASK is one of data, fasta, hellaswag, lm_eval, not 'mmlu'" in exits_with_one_line(["mmlu"], capsys)
     # lm-eval's own index takes seconds to build: this test looks only at the shipped tasks
     monkeypatch.setattr(lm_eval_adapter, "TaskManager", lambda include_path=None, **_: TaskManager(
         include_path=include_path, include_defaults=False))

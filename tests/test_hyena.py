@@ -118,7 +118,8 @@ def test_filters_depend_on_the_lag_alone(spec):
     with torch.no_grad():
         long, short = layer.filter(16), layer.filter(5)
     assert long.shape == (16, layer.order - 1, 8)
-    torch.testing.assert_close(short, long[:5], rtol=0, atol=0)
+    # equal up to the last bit of fp64: vectorised sin/exp round a tail of 5 elements as scalars on some CPUs
+    torch.testing.assert_close(short, long[:5], rtol=0, atol=1e-14)
     window = layer.filter.shift + torch.exp(-torch.tensor(15 / 15) * abs(math.log(0.01) / layer.filter.fast_decay))
     assert window < 0.07  # the fastest channel has decayed to about 1e-2 (+ shift) at t = 1
 

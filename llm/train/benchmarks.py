@@ -30,8 +30,8 @@ def load_eval_tasks(spec: str | None, causal: bool) -> list[EvalTask]:
     if spec is None:
         return []
     if not causal:
-        raise ConfigError("eval_tasks scores the likelihood of continuations under a causal model; a masked LM "
-                          "(objective mlm) has none: drop --eval_tasks")
+        raise ConfigError("eval_tasks scores the likelihood of continuations under a causal model; a bidirectional "
+                          "one (objective mlm, mdlm, sedd, d3pm) has none: drop --eval_tasks")
     tasks = []
     for part in spec.split(","):
         kind, sep, what = part.strip().partition(":")
