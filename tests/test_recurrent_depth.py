@@ -161,8 +161,8 @@ def test_recurrence_sampling_follows_the_log_normal_poisson(mean, var, r_max):
 
 def test_zero_variance_draws_one_plus_a_poisson_of_the_mean():
     draws = np.array([sample_recurrence(rd_config(mean_recurrence=20, lognorm_var=0.0, r_max=1000), 5, s)
-                      for s in range(20000)])
-    assert abs(draws.mean() - 21) < 0.15 and abs(draws.var() - 20) < 1.0
+                      for s in range(5000)])
+    assert abs(draws.mean() - 21) < 0.2 and abs(draws.var() - 20) < 1.5  # about 3 standard errors each
 
 
 def test_recurrence_depends_on_the_seed_and_step_only():
