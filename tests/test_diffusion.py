@@ -105,6 +105,21 @@ def test_mdlm_bound_equals_enumeration_and_the_exact_conditionals_give_minus_log
     assert abs(per_row.mean().item() - enumerated_nelbo(from_table)) < 4 * standard_error
 
 
+@pytest.mark.parametrize("schedule", ["loglinear", "cosine", "cosinesqr", "geometric"])
+def test_schedule_derivatives_match_finite_differences(schedule):
+    from llm.model.objectives.diffusion import Schedule
+
+    sched = Schedule(config_of("mdlm", noise_schedule=schedule))
+    t, h = torch.linspace(0.05, 0.95, 19, dtype=torch.float64), 1e-6
+    torch.testing.assert_close(sched.dalpha(t), (sched.alpha(t + h) - sched.alpha(t - h)) / (2 * h), rtol=1e-6,
+                               atol=1e-8)
+    torch.testing.assert_close(sched.dsigma(t), (sched.sigma(t + h) - sched.sigma(t - h)) / (2 * h), rtol=1e-6,
+                               atol=1e-8)
+    sigma = sched.sigma(t)
+    torch.testing.assert_close(sched.masking_weight(t), sched.dsigma(t) / torch.expm1(sigma))
+    torch.testing.assert_close(sched.alpha(t), torch.exp(-sigma))
+
+
 def test_mdlm_never_predicts_the_mask_and_unmasked_positions_count_zero():
     model = build_model(parse(["--objective", "mdlm", "--vocab_size", "7", "--n_layer", "1", "--n_embd", "16",
                                "--n_head", "2", "--block_size", "8"])[0])
