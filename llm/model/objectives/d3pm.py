@@ -115,11 +115,6 @@ class D3PMLoss(DiffusionLoss):
         grid = torch.linspace(self.steps, 0, steps + 1).round().long().unique_consecutive()
         return (grid.double() / self.steps).tolist()
 
-    def prior(self, shape: tuple[int, int], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        if self.graph == "absorbing":
-            return torch.full(shape, self.mask_id, device=device)
-        return torch.randint(0, self.vocab_size, shape, generator=generator, device=device)
-
     def reverse_step(self, logits: torch.Tensor, x: torch.Tensor, t: float, s: float,
                      generator: torch.Generator) -> torch.Tensor:
         """x_s drawn from the x0-parameterised posterior; at s = 0 the model's x0 (finish)."""

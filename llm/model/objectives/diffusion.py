@@ -188,6 +188,7 @@ class DiffusionLoss(nn.Module):
         super().__init__()
         self.predictor = self.predictors[0]
         self.vocab_size, self.mask_id, self.output_columns = config.vocab_size, config.vocab_size, output_columns
+        self.graph = config.diffusion_graph  # mdlm reads none: the default, absorbing
         self.chunk: int | None = None
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None, return_logits: bool,
@@ -226,7 +227,9 @@ class DiffusionLoss(nn.Module):
 
     def prior(self, shape: tuple[int, int], generator: torch.Generator, device: torch.device) -> torch.Tensor:
         """x at t = 1 (B, T): all masks for an absorbing process, uniform tokens for a uniform one."""
-        raise NotImplementedError
+        if self.graph == "absorbing":
+            return torch.full(shape, self.mask_id, device=device)
+        return torch.randint(0, self.vocab_size, shape, generator=generator, device=device)
 
     def reverse_step(self, logits: torch.Tensor, x: torch.Tensor, t: float, s: float,
                      generator: torch.Generator) -> torch.Tensor:

@@ -42,9 +42,6 @@ class MDLMLoss(DiffusionLoss):
         """MDLM's grid: steps + 1 times from 1 down to 1e-5."""
         return torch.linspace(1, 1e-5, steps + 1, dtype=torch.float64).tolist()
 
-    def prior(self, shape: tuple[int, int], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        return torch.full(shape, self.mask_id, device=device)
-
     def reverse_step(self, logits: torch.Tensor, x: torch.Tensor, t: float, s: float,
                      generator: torch.Generator) -> torch.Tensor:
         """A masked token at t is unmasked at s with probability (alpha_s - alpha_t) / (1 - alpha_t), to a token

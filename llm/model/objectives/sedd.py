@@ -29,7 +29,7 @@ class SEDDLoss(DiffusionLoss):
 
     def __init__(self, config: LLMconfig):
         super().__init__(config, config.vocab_size)
-        self.schedule, self.graph, self.eps = Schedule(config), config.diffusion_graph, config.noise_eps
+        self.schedule, self.eps = Schedule(config), config.noise_eps
 
     def token_loss(self, logits: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, time: torch.Tensor
                    ) -> torch.Tensor:
@@ -79,11 +79,6 @@ class SEDDLoss(DiffusionLoss):
     def times(self, steps: int) -> list[float]:
         """SEDD's grid: steps + 1 times from 1 down to 1e-5."""
         return torch.linspace(1, 1e-5, steps + 1, dtype=torch.float64).tolist()
-
-    def prior(self, shape: tuple[int, int], generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        if self.graph == "absorbing":
-            return torch.full(shape, self.mask_id, device=device)
-        return torch.randint(0, self.vocab_size, shape, generator=generator, device=device)
 
     def reverse_step(self, logits: torch.Tensor, x: torch.Tensor, t: float, s: float,
                      generator: torch.Generator) -> torch.Tensor:
