@@ -15,6 +15,7 @@ from . import formats
 from .config import PRESETS, BlockConfig, ConfigError, LLMconfig, Trainconfig, config_dict, resolve_block, run_dir_name
 from .config.fields import dataclass_from_dict, did_you_mean, kind_spelling, known_fields
 from .config.layers import block_from_spec, parse_layer_configs, read_layer_configs_jsonl
+from .model.arch import ARCHS
 from .plugins import Imports, import_modules
 from .validate import validate
 
@@ -268,5 +269,7 @@ def _with_layers(args: Args, given: set[str]) -> tuple[LLMconfig, list[str]]:
         if model.n_layer < 1:
             raise ConfigError(f"n_layer={model.n_layer} must be >= 1")
         blocks, wheres = [args.layer] * model.n_layer, [""] * model.n_layer
-    layers = [resolve_block(copy.copy(b), model.n_embd) for b in blocks]
+    arch = ARCHS.get(model.arch)  # an unknown arch is refused by the validation
+    widths = [model.n_embd if arch is None else arch.layer_config(model, i).n_embd for i in range(len(blocks))]
+    layers = [resolve_block(copy.copy(b), width) for b, width in zip(blocks, widths)]  # up_dim: 4 x its stage width
     return dataclasses.replace(model, n_layer=len(layers), layers=layers), wheres

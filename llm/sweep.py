@@ -33,7 +33,7 @@ from .config import (
     total_batch_tokens,
 )
 from .config.fields import did_you_mean, known_fields
-from .data.prepare import DEFAULT_DATASET, prepare_default
+from .data.prepare import SHIPPED_DATASETS, prepare_shipped
 from .formats import load_mapping
 
 SWEPT_BY_THE_SWEEP = ("out_dir", "wandb_run_name", "resume", "seed")  # set per run: not a grid field or fixed flag
@@ -379,9 +379,9 @@ def execute(runs: list[Run], opts: SweepOptions) -> int:
     pending, failed = [], []
     for run in runs:
         cfg = resolved(run, opts)[1]
-        default = Path(cfg.data_dir) / DEFAULT_DATASET
-        if cfg.dataset == DEFAULT_DATASET and cfg.data_mix is None and not (default / "meta.json").is_file():
-            prepare_default(default)  # once here, not by runs that start at the same time
+        shipped = Path(cfg.data_dir) / cfg.dataset
+        if cfg.dataset in SHIPPED_DATASETS and cfg.data_mix is None and not (shipped / "meta.json").is_file():
+            prepare_shipped(shipped, cfg.dataset)  # once here, not by runs that start at the same time
         if state(sweep_dir / run.name, cfg.max_iters) == "finished":
             print(f"{run.name}: finished before, skipped")
         else:

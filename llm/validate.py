@@ -181,8 +181,11 @@ def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     ARCHS[m.arch].validate(m)
     OBJECTIVES[m.objective].validate(m)
     wheres = wheres or [f"layer {i}" for i in range(m.n_layer)]
-    for block, where in zip(m.layers, wheres):
-        validate_block(block, m, where)
+    for i, (block, where) in enumerate(zip(m.layers, wheres)):
+        stage = ARCHS[m.arch].layer_config(m, i)  # the layer is built at its stage's width and length
+        if stage.n_embd != m.n_embd:
+            where = f"{where or f'layer {i}'} (arch={m.arch}: its stage is n_embd={stage.n_embd} wide)"
+        validate_block(block, stage, where)
     for kind in BLOCK_KINDS.values():
         kind.validate_model(m)
 

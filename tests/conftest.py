@@ -8,6 +8,7 @@ import torch
 from torch.nn.attention.flex_attention import flex_attention
 
 from llm.config import BlockConfig, LLMconfig, resolve_block
+from llm.model.arch import ARCHS
 from llm.validate import validate_model
 
 SHARED = Path(os.environ.get("LLM_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
@@ -22,7 +23,8 @@ def make_config(layers: list[dict] | dict | None = None, **model_fields) -> LLMc
     fields.update(model_fields)
     specs = layers if isinstance(layers, list) else [layers or {}] * fields["n_layer"]
     fields["n_layer"] = len(specs)
-    blocks = [resolve_block(BlockConfig(**spec), fields["n_embd"]) for spec in specs]
+    stage = ARCHS[fields.get("arch", "gpt")].layer_config  # the width each layer is built at
+    blocks = [resolve_block(BlockConfig(**spec), stage(LLMconfig(**fields), i).n_embd) for i, spec in enumerate(specs)]
     config = LLMconfig(**fields, layers=blocks)
     validate_model(config)
     return config
@@ -50,6 +52,16 @@ def eager_flex(monkeypatch):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def byte_data(tmp_path_factory) -> Path:
+    """Tiny Shakespeare prepared with the byte tokenizer (one token per UTF-8 byte), in a temporary data folder."""
+    from llm.data.prepare import PrepareArgs, prepare
+
+    out = tmp_path_factory.mktemp("data") / "shakespeare_byte"
+    prepare(PrepareArgs(name="shakespeare", tokenizer="byte", source=str(SHAKESPEARE), out=str(out), workers=1))
+    return out
 
 
 @pytest.fixture(scope="session")

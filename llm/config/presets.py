@@ -49,6 +49,13 @@ PRESETS: dict[str, tuple[LLMconfig, BlockConfig, Trainconfig]] = {
     "mdlm-tiny": (LLMconfig(objective="mdlm", pos_emb="rope"), BlockConfig(), Trainconfig()),
     "sedd-tiny": (LLMconfig(objective="sedd", pos_emb="rope"), BlockConfig(), Trainconfig()),
     "d3pm-tiny": (LLMconfig(objective="d3pm", pos_emb="rope"), BlockConfig(), Trainconfig()),
+    # MegaByte over the bytes of Tiny Shakespeare (docs/byte-models.md): 256-byte contexts in patches of 4, a global
+    # model of 2 layers at width 4 x 32 over the 64 patches, a local model of 2 layers at width 128 within each.
+    "megabyte-tiny": (
+        LLMconfig(arch="megabyte", block_size=256, patch_size=4, n_global_layer=2, global_byte_embd=32),
+        BlockConfig(),
+        Trainconfig(dataset="shakespeare_byte"),
+    ),
     # MDLM's OpenWebText model (its configs/model/small.yaml): 12 layers of 768, 12 heads, 1024 tokens, the GPT-2
     # vocabulary plus [MASK], untied head, dropout 0.1; AdamW 3e-4 (0.9, 0.999), no weight decay, 2,500 warmup
     # steps, batch 512, gradient clipping 1; on FineWeb-Edu (OpenWebText has no source here).

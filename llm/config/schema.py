@@ -301,7 +301,9 @@ class LLMconfig:
     embeddings, hidden states and the weights' vectors along the width on the unit sphere, no norm layers; needs
     pos_emb rope, a gated MLP and weight_decay 0; see --preset ngpt) or recurrent (recurrent depth, Geiping et al.
     2025: the layers split into a prelude (n_prelude), a core (n_core) iterated r times on a latent state, and a coda
-    (n_coda); --recurrent_depth is its other spelling); see docs/model-kinds.md."""
+    (n_coda); --recurrent_depth is its other spelling) or megabyte (Yu et al. 2023, over bytes: a global model over
+    patches of patch_size bytes and a local model within each patch; see docs/byte-models.md); see
+    docs/model-kinds.md."""
     ngpt_alpha_attn_init: float = 0.05
     """arch=ngpt: initial value of the attention eigen learning rates alpha_A (one per channel)."""
     ngpt_alpha_mlp_init: float = 0.05
@@ -309,6 +311,16 @@ class LLMconfig:
     ngpt_alpha_scale: float | None = None
     """arch=ngpt: alpha_A and alpha_M are stored at this value and used as stored * init / scale, which scales their
     effective learning rate; unset means 1/sqrt(n_embd) (the paper's)."""
+    patch_size: int = 4
+    """arch=megabyte: bytes per patch P (block_size must be a multiple of it); the global model runs once per patch,
+    the local model over the P bytes of each patch."""
+    n_global_layer: int = 2
+    """arch=megabyte: the first n_global_layer layers form the global model over patches, the other n_layer -
+    n_global_layer the local model within each patch (0 local layers: each byte is read from the global output and
+    the previous byte's embedding alone)."""
+    global_byte_embd: int = 32
+    """arch=megabyte: width D_G of each byte's global embedding; the global model's width is patch_size *
+    global_byte_embd (a patch is its bytes' embeddings side by side), the local model's n_embd."""
     layers: tyro.conf.Suppress[list[BlockConfig]] = field(default_factory=list)
     """Resolved per-layer specs, one per layer (a homogeneous model repeats one spec)."""
 

@@ -1,6 +1,7 @@
 """Prepare a dataset: tokenize a corpus into train.bin / val.bin (uint16 or uint32) and meta.json.
 
     python -m llm.data.prepare shakespeare_char                      # the shipped Tiny Shakespeare, char tokens
+    python -m llm.data.prepare shakespeare_byte                      # the same text, one token per UTF-8 byte
     python -m llm.data.prepare shakespeare --source input.txt        # a local copy, GPT-2 tokens
     python -m llm.data.prepare fineweb --max_tokens 100_000_000      # streamed from Hugging Face (pip install 'llm[data]')
     python -m llm.data.prepare text --source corpus/ --out data/mine # local .txt/.jsonl/.parquet files
@@ -46,11 +47,12 @@ from .tokenizers import (
 )
 from .windows import documents_path
 
-DatasetName = Literal["shakespeare_char", "shakespeare", "tinystories", "fineweb", "wikitext", "text", "genomic"]
+DatasetName = Literal["shakespeare_char", "shakespeare_byte", "shakespeare", "tinystories", "fineweb", "wikitext", "text",
+                      "genomic"]
 DATASET_NAMES = get_args(DatasetName)
 TokenizerName = Literal["gpt2", "char", "byte", "nucleotide", "nuc", "3mer", "6mer"]
-DEFAULT_TOKENIZER = {"shakespeare_char": "char", "genomic": "nucleotide"}  # every other dataset: gpt2
-DEFAULT_DATASET = "shakespeare_char"  # train.py prepares it by itself when missing: its text ships with the package
+DEFAULT_TOKENIZER = {"shakespeare_char": "char", "shakespeare_byte": "byte", "genomic": "nucleotide"}  # else gpt2
+SHIPPED_DATASETS = ("shakespeare_char", "shakespeare_byte")  # train.py prepares them when missing: the text ships
 BATCH_CHARS = 1 << 20  # text per task sent to a worker
 IN_FLIGHT_PER_WORKER = 4  # tasks queued per worker: bounds memory while keeping workers busy
 SCRATCH_FILES = ("train.bin.tmp", "val.bin.tmp", "meta.json.tmp", "train.docs.npy.tmp", "val.docs.npy.tmp")
@@ -61,12 +63,14 @@ class PrepareArgs:
     """Tokenize a corpus into data/NAME/{train,val}.bin and meta.json."""
 
     name: tyro.conf.Positional[DatasetName]
-    """Dataset: shakespeare_char, shakespeare, tinystories, fineweb, wikitext, text (local files via --source), or
-    genomic (FASTA/FASTQ, plain or gzip, JSONL(.gz) or Parquet sequences via --source)."""
+    """Dataset: shakespeare_char, shakespeare_byte (the shipped text in bytes), shakespeare, tinystories, fineweb,
+    wikitext, text (local files via --source), or genomic (FASTA/FASTQ, plain or gzip, JSONL(.gz) or Parquet
+    sequences via --source)."""
     tokenizer: TokenizerName | None = None
-    """Tokenizer (default: char for shakespeare_char, nucleotide for genomic, else gpt2). Sequence tokenizers:
-    nucleotide (bionemo OpenGenome2: one id per character, case kept), nuc (HELM: A T C G), 3mer and 6mer (HELM
-    codons / 6-mers)."""
+    """Tokenizer (default: char for shakespeare_char, byte for shakespeare_byte, nucleotide for genomic, else gpt2).
+    byte: one token per UTF-8 byte (256 ids, end of text 0, bytes per token 1). Sequence tokenizers: nucleotide
+    (bionemo OpenGenome2: one id per character, case kept), nuc (HELM: A T C G), 3mer and 6mer (HELM codons /
+    6-mers)."""
     source: str | None = None
     """A local file or folder (text: .txt/.jsonl/.parquet; genomic: .fa/.fasta/.fna/.fq/.fastq[.gz], .jsonl[.gz],
     .parquet); for tinystories/fineweb/wikitext also a Hugging Face id."""
@@ -445,10 +449,11 @@ def prepare(args: PrepareArgs, verbose: bool = True) -> Path:
     return out
 
 
-def prepare_default(out: Path) -> None:
-    """Prepares the default dataset into `out` from the text shipped with the package, saying so in one line."""
-    prepare(PrepareArgs(DEFAULT_DATASET, out=str(out), workers=1), verbose=False)
-    print(f"{out} was missing: prepared {DEFAULT_DATASET} from the Tiny Shakespeare text shipped with llm")
+def prepare_shipped(out: Path, name: str) -> None:
+    """Prepares the shipped dataset `name` (SHIPPED_DATASETS) into `out` from the text that comes with the package,
+    saying so in one line."""
+    prepare(PrepareArgs(name, out=str(out), workers=1), verbose=False)
+    print(f"{out} was missing: prepared {name} from the Tiny Shakespeare text shipped with llm")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -112,6 +112,11 @@ class FFNKind:
     summaries: dict[str, str] = field(default_factory=dict)
 
 
+def same_config(config: LLMconfig, i: int) -> LLMconfig:
+    """The config a layer of a single-width stack is built and checked with: the model's own."""
+    return config
+
+
 def no_model_checks(config: LLMconfig) -> None:
     """The model-wide validation of a kind that adds no rule."""
 
@@ -176,6 +181,9 @@ class ArchKind:
     prefixed with where the layer was given), `validate_run(train, config)` the run settings the kind refuses.
     `fields` are the LLMconfig fields only this kind reads: under any other arch they must keep their defaults.
     `export_refusal` says why no transformers family can hold the kind (None: the families' own checks decide).
+    `layer_config(config, i)` is the config layer i is built and checked with: the model's, or for a stack of
+    several widths and lengths (MegaByte's global model over patches) a copy with that stage's `n_embd` and
+    `block_size`.
     """
 
     name: str
@@ -185,6 +193,7 @@ class ArchKind:
     validate_run: Callable[[Trainconfig, LLMconfig], None] = no_run_checks
     fields: tuple[str, ...] = ()
     export_refusal: str | None = None
+    layer_config: Callable[[LLMconfig, int], LLMconfig] = same_config
 
 
 @dataclass(frozen=True)

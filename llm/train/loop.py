@@ -17,7 +17,7 @@ from ..config import ConfigError, LLMconfig, Trainconfig, config_dict, micro_ste
 from ..data.labels import label_rules
 from ..data.loader import TokenLoader, fingerprint, read_meta
 from ..data.mixture import MixtureLoader, check_same_tokenizer
-from ..data.prepare import DEFAULT_DATASET, prepare_default
+from ..data.prepare import SHIPPED_DATASETS, prepare_shipped
 from ..data.tokenizers import SEQUENCE_TOKENIZERS, TOKENIZER_KEYS, tokenizer_from_meta
 from ..data.windows import WindowOptions
 from ..denoise import default_steps
@@ -129,9 +129,9 @@ class Session:
 def dataset_meta(cfg: Trainconfig, job: Distributed, dataset: str) -> tuple[Path, dict]:
     """The dataset folder and its meta.json; the default dataset is prepared from the shipped text when missing."""
     data = Path(cfg.data_dir) / dataset
-    if dataset == DEFAULT_DATASET and not (data / "meta.json").is_file():
+    if dataset in SHIPPED_DATASETS and not (data / "meta.json").is_file():
         if job.is_main:
-            prepare_default(data)
+            prepare_shipped(data, dataset)
         job.barrier()
     return data, read_meta(data, dataset)
 

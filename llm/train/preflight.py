@@ -15,7 +15,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from ..checkpoint import trained_config
 from ..config import ConfigError, LLMconfig, Trainconfig, parse_mix
 from ..data.loader import read_meta
-from ..data.prepare import DEFAULT_DATASET, prepare_default
+from ..data.prepare import SHIPPED_DATASETS, prepare_shipped
 from ..data.tokenizers import KmerTokenizer
 from ..model import LLM, build_model
 from .optim import muon_groups
@@ -218,8 +218,8 @@ def estimate_vocab(model_config: LLMconfig, cfg: Trainconfig) -> LLMconfig:
         return model_config
     dataset = cfg.dataset if cfg.data_mix is None else next(iter(parse_mix(cfg.data_mix)))
     folder = Path(cfg.data_dir) / dataset
-    if dataset == DEFAULT_DATASET and not (folder / "meta.json").is_file():
-        prepare_default(folder)
+    if dataset in SHIPPED_DATASETS and not (folder / "meta.json").is_file():
+        prepare_shipped(folder, dataset)
     if (folder / "meta.json").is_file():
         return dataclasses.replace(model_config, vocab_size=read_meta(folder, dataset)["vocab_size"])
     # Codon losses read 3-mer data; other runs are estimated with GPT-2's vocabulary.

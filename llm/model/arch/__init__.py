@@ -8,10 +8,11 @@ from ..kinds import ArchKind
 from ..llm import LLM
 from ..registry import register
 from .gpt import GPT
+from .megabyte import MEGABYTE
 from .ngpt import NGPT
 from .recurrent import RECURRENT
 
-ARCHS: dict[str, ArchKind] = {kind.name: kind for kind in (GPT, NGPT, RECURRENT)}
+ARCHS: dict[str, ArchKind] = {kind.name: kind for kind in (GPT, NGPT, RECURRENT, MEGABYTE)}
 
 
 def register_arch(kind: ArchKind) -> None:
