@@ -106,12 +106,13 @@ def check_window_schedule(t: Trainconfig, m: LLMconfig) -> None:
 
 def check_arch_fields(m: LLMconfig) -> None:
     """The fields an architecture kind alone reads (ArchKind.fields) keep their defaults under any other arch."""
+    default = LLMconfig()
     for owner in ARCHS.values():
         if owner.name == m.arch:
             continue
         for name in owner.fields:
             value = getattr(m, name)
-            require(value == getattr(LLMconfig, name), f"{name}={value} is read only by arch={owner.name} models; add "
+            require(value == getattr(default, name), f"{name}={value} is read only by arch={owner.name} models; add "
                                                        f"--arch {owner.name} or drop --{name}")
 
 

@@ -302,8 +302,9 @@ class LLMconfig:
     pos_emb rope, a gated MLP and weight_decay 0; see --preset ngpt) or recurrent (recurrent depth, Geiping et al.
     2025: the layers split into a prelude (n_prelude), a core (n_core) iterated r times on a latent state, and a coda
     (n_coda); --recurrent_depth is its other spelling) or megabyte (Yu et al. 2023, over bytes: a global model over
-    patches of patch_size bytes and a local model within each patch; see docs/byte-models.md); see
-    docs/model-kinds.md."""
+    patches of patch_size bytes and a local model within each patch) or hnet (Hwang et al. 2025, over bytes:
+    encoder, dynamic chunking, main network, de-chunking, decoder, in one or more stages); see docs/byte-models.md
+    and docs/model-kinds.md."""
     ngpt_alpha_attn_init: float = 0.05
     """arch=ngpt: initial value of the attention eigen learning rates alpha_A (one per channel)."""
     ngpt_alpha_mlp_init: float = 0.05
@@ -321,6 +322,21 @@ class LLMconfig:
     global_byte_embd: int = 32
     """arch=megabyte: width D_G of each byte's global embedding; the global model's width is patch_size *
     global_byte_embd (a patch is its bytes' embeddings side by side), the local model's n_embd."""
+    hnet_encoder_layers: list[int] = field(default_factory=lambda: [2])
+    """arch=hnet: the encoder's layers in each stage, outermost first (one entry per stage: [4] one stage, [4, 2]
+    two); the layers are listed encoders first (outermost first), then the main network, then the decoders
+    (innermost first)."""
+    hnet_decoder_layers: list[int] = field(default_factory=lambda: [2])
+    """arch=hnet: the decoder's layers in each stage, outermost first (as many entries as hnet_encoder_layers); the
+    main network has the n_layer layers that no encoder or decoder takes."""
+    hnet_widths: list[int] = field(default_factory=list)
+    """arch=hnet: the width of each inner stage, the main network's last (one entry per stage, each at least the
+    width outside it); empty: n_embd throughout. A chunk is widened by a learned vector (zeros at init)."""
+    hnet_ratios: list[float] = field(default_factory=lambda: [4.0])
+    """arch=hnet: the target downsampling N of each stage's dynamic chunking (> 1): the ratio loss pulls the
+    fraction of positions that begin a chunk toward 1/N."""
+    ratio_loss_weight: float = 0.03
+    """arch=hnet: alpha, the weight of the summed ratio losses added to the training loss (the paper's 0.03)."""
     layers: tyro.conf.Suppress[list[BlockConfig]] = field(default_factory=list)
     """Resolved per-layer specs, one per layer (a homogeneous model repeats one spec)."""
 

@@ -8,11 +8,12 @@ from ..kinds import ArchKind
 from ..llm import LLM
 from ..registry import register
 from .gpt import GPT
+from .hnet import HNET
 from .megabyte import MEGABYTE
 from .ngpt import NGPT
 from .recurrent import RECURRENT
 
-ARCHS: dict[str, ArchKind] = {kind.name: kind for kind in (GPT, NGPT, RECURRENT, MEGABYTE)}
+ARCHS: dict[str, ArchKind] = {kind.name: kind for kind in (GPT, NGPT, RECURRENT, MEGABYTE, HNET)}
 
 
 def register_arch(kind: ArchKind) -> None:
