@@ -56,6 +56,14 @@ PRESETS: dict[str, tuple[LLMconfig, BlockConfig, Trainconfig]] = {
         BlockConfig(),
         Trainconfig(dataset="shakespeare_byte"),
     ),
+    # H-Net over the bytes of Tiny Shakespeare (docs/byte-models.md): one stage, an encoder and a decoder of one
+    # layer each around a main network of 4 layers that reads one position in 4 (the ratio loss's target), RoPE.
+    "hnet-tiny": (
+        LLMconfig(arch="hnet", block_size=256, n_layer=6, pos_emb="rope", hnet_encoder_layers=[1],
+                  hnet_decoder_layers=[1], hnet_ratios=[4.0]),
+        BlockConfig(),
+        Trainconfig(dataset="shakespeare_byte"),
+    ),
     # MDLM's OpenWebText model (its configs/model/small.yaml): 12 layers of 768, 12 heads, 1024 tokens, the GPT-2
     # vocabulary plus [MASK], untied head, dropout 0.1; AdamW 3e-4 (0.9, 0.999), no weight decay, 2,500 warmup
     # steps, batch 512, gradient clipping 1; on FineWeb-Edu (OpenWebText has no source here).

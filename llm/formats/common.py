@@ -45,6 +45,9 @@ class Unmapped:
         raise ConfigError(f"{self.path} ({self.fmt}): cannot map {len(self.keys)} key(s): {listed}; "
                           "remove them or pass --lenient to ignore them")
 
+NSA_KEYS = ("sliding_window_size", "compress_block_size", "selection_block_size", "num_selected_blocks")
+"""The native-sparse-attention sizes of the modded-nanogpt configs (training.yaml holds them, null by default)."""
+
 
 def take(section: dict, key: str, default: Any = None) -> Any:
     """Removes `key` from `section` and returns its value (the default when absent)."""

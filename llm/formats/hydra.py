@@ -7,15 +7,13 @@ followed by a linear decay over the last cooldown_frac of the steps; those setti
 """
 from pathlib import Path
 
-from ..config import BlockConfig, ConfigError, read_user_text
-from .common import Unmapped, expect_dict, model_with_layers, take
+from ..config import BlockConfig, ConfigError, LLMconfig, read_user_text
+from .common import NSA_KEYS, Unmapped, expect_dict, model_with_layers, take
+from .hydra_bytes import BYTE_DATASET, BYTE_FAMILIES, byte_family
 from .hydra_diffusion import DIFFUSION_FAMILIES, diffusion_family
 
-UNSUPPORTED_FAMILIES = {
-    "megabyte": "MEGABYTE's byte patches", "hnet": "H-Net's dynamic chunking", "hnet_x_nsa": "H-Net's dynamic chunking",
-}
 FAMILIES = ("current_best_gpt", "gpt2", "vanilla", "moe", "mod", "mtp", "mtm", "nsa", "ngpt", "rd", "mamba",
-            *DIFFUSION_FAMILIES)
+            *DIFFUSION_FAMILIES, *BYTE_FAMILIES)
 RECIPE = dict(optimizer="muon", lr_schedule="trapezoid", warmup_steps=0, beta1=0.8, beta2=0.95, adam_eps=1e-10,
               weight_decay=0.0)
 WITHOUT_EFFECT = {"use_liger", "fused_add_norm", "pad_token_id", "bos_token_id", "eos_token_id", "IS_MODAL"}
@@ -29,8 +27,7 @@ CURRENT_BEST_GPT_EXTRAS = (
     "the speedrun GPT's value embeddings, U-net skip connections, x0 mixing, long/short sliding-window masks and "
     "logit soft-capping have no kind here; --lenient imports it as a RoPE, RMSNorm GPT with a ReLU² MLP and Muon")
 """What current_best_gpt (models/Current_best_gpt.py) has beyond the kinds it maps to."""
-NSA_KEYS = ("sliding_window_size", "compress_block_size", "selection_block_size", "num_selected_blocks")
-FAMILY_DEFAULTS = {"nsa": NSA_KEYS, "mtp": ("n_mtp_tokens", "use_deepseek_mtp")}
+FAMILY_DEFAULTS = {"nsa": NSA_KEYS, "hnet_x_nsa": NSA_KEYS, "mtp": ("n_mtp_tokens", "use_deepseek_mtp")}
 """training.yaml keys that only one family reads: they fill its model_cfg where it leaves them out and change
 nothing for the other families."""
 
@@ -75,8 +72,6 @@ def hydra_to_ours(data: dict, path: str, lenient: bool) -> dict:
     data = compose(Path(path))
     cfg = expect_dict(data.pop("model_cfg", None), f"{path}: model_cfg")
     family = take(cfg, "type", Path(path).stem)
-    if family in UNSUPPORTED_FAMILIES:
-        raise ConfigError(f"{path}: model family {family!r} ({UNSUPPORTED_FAMILIES[family]}) has no kind here")
     if family not in FAMILIES:
         raise ConfigError(f"{path}: model family {family!r} is unknown; name the file or model_cfg.type one of "
                           f"{', '.join(FAMILIES)}")
@@ -88,15 +83,20 @@ def hydra_to_ours(data: dict, path: str, lenient: bool) -> dict:
     train = dict(RECIPE)
     for owner, keys in FAMILY_DEFAULTS.items():
         for key in keys:
-            value = data.pop(key, None)
+            value = data.get(key)
             if owner == family and value is not None:
                 cfg.setdefault(key, value)
+    for keys in FAMILY_DEFAULTS.values():
+        for key in keys:
+            data.pop(key, None)
     model, block = _shared(data, cfg, train, unmapped)
     if family in DIFFUSION_FAMILIES:
         model, block = diffusion_family(family, model, block, cfg, train, unmapped)
+    elif family in BYTE_FAMILIES:
+        model, layers = byte_family(family, model, block, cfg, train, unmapped)
     else:
         model, block = _family(family, model, block, cfg, unmapped)
-    _training(data, train, block, unmapped)
+    _training(data, train, model.get("block_size", LLMconfig.block_size), unmapped)
     for section, prefix in ((cfg, "model_cfg."), (data, "")):
         for key in [k for k in section if k in WITHOUT_EFFECT or k in MUST_BE_FALSE]:
             value = section.pop(key)
@@ -105,7 +105,9 @@ def hydra_to_ours(data: dict, path: str, lenient: bool) -> dict:
         unmapped.unknown(section, prefix, ())
     unmapped.finish()
     n_layer = model.pop("n_layer")
-    return {"model": model_with_layers(model, [block] * n_layer), "train": train}
+    if family not in BYTE_FAMILIES:
+        layers = [block] * n_layer
+    return {"model": model_with_layers(model, layers), "train": train}
 
 
 def _shared(data: dict, cfg: dict, train: dict, unmapped: Unmapped) -> tuple[dict, BlockConfig]:
@@ -199,8 +201,9 @@ def _mamba(model: dict, block: BlockConfig, cfg: dict, unmapped: Unmapped):
     return model, block
 
 
-def _training(data: dict, train: dict, block: BlockConfig, unmapped: Unmapped) -> None:
-    """training.yaml's keys (and the model file's overrides of them)."""
+def _training(data: dict, train: dict, block_size: int, unmapped: Unmapped) -> None:
+    """training.yaml's keys (and the model file's overrides of them); val_tokens become eval_iters batches of
+    batch_size x block_size."""
     for theirs, ours in (("num_iterations", "max_iters"), ("val_loss_every", "eval_interval"),
                          ("save_checkpoint", "save_model"), ("torch_compile", "compile"), ("use_wandb", "wandb_log"),
                          ("BLOCK_SIZE", "window_block")):
@@ -212,9 +215,14 @@ def _training(data: dict, train: dict, block: BlockConfig, unmapped: Unmapped) -
         train["cooldown_frac"] = float(take(data, "cooldown_frac"))
     if take(data, "bfloat16", False):
         train["dtype"] = "bfloat16"
-    for key in ("train_files", "val_files"):
-        if take(data, key) is not None:
-            unmapped.refuse(key, "token shards; prepare the data with python -m llm.data.prepare and pass --dataset")
-    for key in ("val_tokens", "val_seq_len"):
-        if take(data, key) is not None:
-            unmapped.refuse(key, "validation reads eval_iters batches of batch_size x block_size; set --eval_iters")
+    shards = [f"{key}={take(data, key)}" for key in ("train_files", "val_files") if data.get(key) is not None]
+    if shards:
+        byte_model = train.get("dataset") == BYTE_DATASET
+        prepare = ("python -m llm.data.prepare fineweb --tokenizer byte --out data/fineweb_byte, then --dataset "
+                   "fineweb_byte" if byte_model else "python -m llm.data.prepare fineweb, then --dataset fineweb")
+        unmapped.note(" and ".join(shards), f"their trainer's token shards; here: {prepare}")
+    val_tokens = take(data, "val_tokens")
+    if val_tokens is not None:  # validation reads eval_iters batches of batch_size x block_size
+        train["eval_iters"] = max(1, val_tokens // (train.get("batch_size", 1) * block_size))
+    if take(data, "val_seq_len") is not None:
+        unmapped.note("val_seq_len", "validation reads batches of batch_size x block_size, as training")

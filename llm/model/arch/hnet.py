@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.checkpoint import checkpoint
 
 from ...config import ConfigError, LLMconfig, Trainconfig, require
@@ -96,7 +97,8 @@ def chunk(h: torch.Tensor, boundary: torch.Tensor) -> tuple[torch.Tensor, torch.
     """The states (B, M, C) where chunks begin, in order, padded with zeros after each row's last (M the most
     chunks of a row), which of them are real (B, M), and their positions (B, M)."""
     counts = boundary.sum(1)  # (B,)
-    M = int(counts.max())
+    # Fake tensors (the preflight estimate) hold no values: the estimate takes the most chunks, one per position.
+    M = h.size(1) if is_fake(counts) else int(counts.max())
     order = torch.argsort((~boundary).to(torch.uint8), dim=1, stable=True)[:, :M]  # (B, M) chunk starts first
     real = torch.arange(M, device=h.device)[None] < counts[:, None]  # (B, M)
     chunks = h.gather(1, order[..., None].expand(-1, -1, h.size(-1))) * real[..., None]  # (B, M, C)
