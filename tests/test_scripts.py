@@ -107,3 +107,15 @@ def test_report_out_naming_a_file_is_a_one_line_error(tmp_path, capsys):
         report.main(["out/run", "--out", str(tmp_path / "report")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.endswith("report is a file, not a folder; pass a folder path\n")
+
+
+def test_bytes_script_matches_training_flops_and_reports_bits_per_byte(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "bytes_cpu.py"), "--iters", "2", "--batch", "2",
+                             "--eval_iters", "1", "--models", "gpt_bytes,hnet", "--data_dir", str(tmp_path / "data"),
+                             "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in result.stdout.splitlines()[-2:]}
+    assert list(rows) == ["gpt_bytes", "hnet"]
+    assert rows["gpt_bytes"][3] == "2" and float(rows["hnet"][-1].rstrip(" |")) >= 1  # steps; bytes per chunk
+    for cells in rows.values():  # bits per byte = nats per byte / ln 2 (bytes per token 1)
+        assert float(cells[6]) == pytest.approx(float(cells[5]) / 0.6931471805599453, abs=2e-3)

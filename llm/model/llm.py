@@ -216,16 +216,30 @@ class LLM(nn.Module):
         x = self.drop(x)
 
         def run_block(i: int, x: torch.Tensor, layer_cache) -> tuple[torch.Tensor, torch.Tensor, dict]:
-            if self.act_recomp and self.training:
-                # Recomputation re-runs the block in backward but only this first call's outputs are kept, so stats
-                # such as MoE loads are counted once.
-                return checkpoint(self.blocks[i], x, positions, mask, layer_cache, use_reentrant=False)
-            return self.blocks[i](x, positions, mask, layer_cache)
+            return self.call_block(i, x, positions, mask, layer_cache)
 
         x, aux_loss, layer_stats, model_stats = self.run_blocks(run_block, x, cache)  # (B, T, C)
         if cache is not None:
             cache.length += T
         return x, aux_loss, layer_stats, model_stats  # (B, T, C), (), per layer, model-wide figures
+
+    def call_block(self, i: int, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
+                   cache=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Block i over x (B, T, C) at positions (B or 1, T), recomputed in the backward pass when act_recomp is set
+        in training (only this first call's outputs are kept, so stats such as MoE loads are counted once)."""
+        if self.act_recomp and self.training:
+            return checkpoint(self.blocks[i], x, positions, mask, cache, use_reentrant=False)
+        return self.blocks[i](x, positions, mask, cache)
+
+    def run_layers(self, layers, x: torch.Tensor, positions: torch.Tensor, caches: list | None,
+                   aux_loss: torch.Tensor, layer_stats: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks `layers` (indices) in order over x (N, L, width) at positions (1, L), each with its cache
+        when caches are given (generation); their stats fill layer_stats[i]. Returns x and aux_loss plus theirs:
+        for architectures whose stacks run at their own widths and lengths (MegaByte, H-Net)."""
+        for j, i in enumerate(layers):
+            x, aux, stats = self.call_block(i, x, positions, None, None if caches is None else caches[j])
+            aux_loss, layer_stats[i] = aux_loss + aux, stats
+        return x, aux_loss
 
     # ---------------------------------------------------------------- generation, accounting, the run
 

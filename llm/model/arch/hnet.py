@@ -24,15 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import is_fake
-from torch.utils.checkpoint import checkpoint
 
-from ...config import ConfigError, LLMconfig, Trainconfig, require
+from ...config import ConfigError, LLMconfig, require
 from ..cache import Cache
 from ..kinds import ArchKind
 from ..llm import LLM
 from ..norms import build_norm
 from ..parts import build_block
-from ..registry import OBJECTIVES
+from .stacks import refuse_window_schedule, require_next_token_prediction
 
 FIELDS = ("hnet_encoder_layers", "hnet_decoder_layers", "hnet_widths", "hnet_ratios", "ratio_loss_weight")
 P_MIN, P_MAX = 1e-4, 1 - 1e-4  # the smoothing's clamp of a chunk's boundary probability
@@ -211,16 +210,10 @@ class HNetLLM(LLM):
 
     # ---------------------------------------------------------------- the forward pass
 
-    def run_layers(self, layers: list[int], x: torch.Tensor, positions: torch.Tensor, caches: list | None,
-                   figures: Figures) -> torch.Tensor:
-        """The layers over x (B, L, C) at positions (1, L), each with its cache when given."""
-        for j, i in enumerate(layers):
-            cache = None if caches is None else caches[j]
-            if self.act_recomp and self.training:
-                x, aux, stats = checkpoint(self.blocks[i], x, positions, None, cache, use_reentrant=False)
-            else:
-                x, aux, stats = self.blocks[i](x, positions, None, cache)
-            figures.aux_loss, figures.layer_stats[i] = figures.aux_loss + aux, stats
+    def run_stack(self, layers: list[int], x: torch.Tensor, positions: torch.Tensor, caches: list | None,
+                  figures: Figures) -> torch.Tensor:
+        """The layers over x (B, L, C) at positions (1, L) (LLM.run_layers), their figures gathered."""
+        x, figures.aux_loss = self.run_layers(layers, x, positions, caches, figures.aux_loss, figures.layer_stats)
         return x
 
     def widen(self, s: int, chunks: torch.Tensor) -> torch.Tensor:
@@ -235,8 +228,8 @@ class HNetLLM(LLM):
         the innermost stage is the main network."""
         positions = torch.arange(x.size(1), device=x.device)[None]  # (1, L)
         if s == self.n_stages:
-            return self.main_norm(self.run_layers(self.main, x, positions, None, figures))
-        h = self.encoder_norms[s](self.run_layers(self.encoders[s], x, positions, None, figures))  # (B, L, C_s)
+            return self.main_norm(self.run_stack(self.main, x, positions, None, figures))
+        h = self.encoder_norms[s](self.run_stack(self.encoders[s], x, positions, None, figures))  # (B, L, C_s)
         p = self.routings[s](h)  # (B, L)
         boundary = p > 0.5 if real is None else (p > 0.5) & real  # (B, L)
         figures.aux_loss = figures.aux_loss + self.config.ratio_loss_weight * ratio_loss(
@@ -248,7 +241,7 @@ class HNetLLM(LLM):
         zbar = smooth(z, p.gather(1, order), boundary)  # (B, L, C_s)
         chosen = torch.where(boundary, p, 1 - p)  # (B, L)
         y = zbar * StraightThrough.apply(chosen)[..., None] + self.residuals[s](h)  # (B, L, C_s)
-        y = self.run_layers(self.decoders[s], y, positions, None, figures)
+        y = self.run_stack(self.decoders[s], y, positions, None, figures)
         return y if s == 0 else self.decoder_norms[s - 1](y)
 
     def stage_step(self, s: int, x: torch.Tensor, state, figures: Figures) -> torch.Tensor:
@@ -256,10 +249,10 @@ class HNetLLM(LLM):
         sequence. A row's new chunks run through its own inner state."""
         positions = torch.arange(state.length, state.length + x.size(1), device=x.device)[None]  # (1, L)
         if s == self.n_stages:
-            out = self.main_norm(self.run_layers(self.main, x, positions, state.encoder, figures))
+            out = self.main_norm(self.run_stack(self.main, x, positions, state.encoder, figures))
             state.length += x.size(1)
             return out
-        h = self.encoder_norms[s](self.run_layers(self.encoders[s], x, positions, state.encoder, figures))
+        h = self.encoder_norms[s](self.run_stack(self.encoders[s], x, positions, state.encoder, figures))
         p = self.routings[s](h, state.last_hidden)  # (B, L)
         boundary = p > 0.5  # (B, L)
         rows = []
@@ -277,7 +270,7 @@ class HNetLLM(LLM):
         zbar = torch.cat(rows)  # (B, L, C_s)
         state.last_hidden, state.last_z = h[:, -1], zbar[:, -1]
         y = zbar + self.residuals[s](h)  # (B, L, C_s): the straight-through factor is 1
-        y = self.run_layers(self.decoders[s], y, positions, state.decoder, figures)
+        y = self.run_stack(self.decoders[s], y, positions, state.decoder, figures)
         state.length += x.size(1)
         return y if s == 0 else self.decoder_norms[s - 1](y)
 
@@ -374,20 +367,9 @@ def validate(m: LLMconfig) -> None:
     require(all(a <= b for a, b in zip(widths, widths[1:])),
             f"hnet_widths={m.hnet_widths} must not narrow inward from n_embd={m.n_embd} (a chunk is widened)")
     require(m.ratio_loss_weight >= 0, f"ratio_loss_weight={m.ratio_loss_weight} must be >= 0")
-    kind = OBJECTIVES[m.objective]
-    require(kind.causal and not kind.diffusion, f"arch=hnet predicts each byte from the bytes before it; "
-                                                f"objective={m.objective} is not supported, use --objective clm")
-    require(m.mtp == "none", f"mtp={m.mtp} is not supported by arch=hnet (its heads read one stack); use --mtp none")
-    require(not any(b.mod for b in m.layers), "arch=hnet with mod=true layers: mixture-of-depths routing is not "
-                                             "supported in its stages; drop --mod")
+    require_next_token_prediction(m)
 
 
-def validate_run(train: Trainconfig, m: LLMconfig) -> None:
-    """The window schedule grows one model's windows; H-Net's stages have their own lengths."""
-    require(train.window_schedule == "none", f"window_schedule={train.window_schedule} is not supported by "
-                                             "arch=hnet; set each stage's window in its layer specs")
-
-
-HNET = ArchKind("hnet", HNetLLM, validate, validate_run=validate_run, fields=FIELDS,
+HNET = ArchKind("hnet", HNetLLM, validate, validate_run=refuse_window_schedule, fields=FIELDS,
                 export_refusal="arch=hnet (dynamic chunking between stages); no transformers family holds it",
                 layer_config=layer_config)

@@ -17,15 +17,14 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from ...config import ConfigError, LLMconfig, Trainconfig, require
+from ...config import ConfigError, LLMconfig, require
 from ..cache import Cache
 from ..kinds import ArchKind
 from ..llm import LLM, padded_vocab_size
 from ..parts import build_block
 from ..positions import POSITIONS
-from ..registry import OBJECTIVES
+from .stacks import refuse_window_schedule, require_next_token_prediction
 
 FIELDS = ("patch_size", "n_global_layer", "global_byte_embd")  # the LLMconfig fields only this kind reads
 
@@ -85,18 +84,6 @@ class MegaByteLLM(LLM):
         nn.init.normal_(self.local_start, std=0.02)
 
     # ---------------------------------------------------------------- the forward pass
-
-    def run_layers(self, layers: range, x: torch.Tensor, positions: torch.Tensor, caches: list | None,
-                   aux_loss: torch.Tensor, layer_stats: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layers `layers` over x (N, L, width) at positions (1, L); their stats fill layer_stats[i]."""
-        for j, i in enumerate(layers):
-            cache = None if caches is None else caches[j]
-            if self.act_recomp and self.training:
-                x, aux, stats = checkpoint(self.blocks[i], x, positions, None, cache, use_reentrant=False)
-            else:
-                x, aux, stats = self.blocks[i](x, positions, None, cache)
-            aux_loss, layer_stats[i] = aux_loss + aux, stats
-        return x, aux_loss
 
     def global_inputs(self, patches: torch.Tensor, first: bool) -> torch.Tensor:
         """The global model's inputs (B, K, P * D_G) for patches (B, K, P) of bytes, each patch's input being the
@@ -236,20 +223,9 @@ def validate(m: LLMconfig) -> None:
     require(m.n_global_layer <= m.n_layer,
             f"n_global_layer={m.n_global_layer} exceeds n_layer={m.n_layer}; the global model's layers come first, the "
             "local model's after them")
-    require(OBJECTIVES[m.objective].causal and not OBJECTIVES[m.objective].diffusion,
-            f"arch=megabyte predicts each byte from the bytes before it; objective={m.objective} is not supported, "
-            "use --objective clm")
-    require(m.mtp == "none", f"mtp={m.mtp} is not supported by arch=megabyte (its heads read one stack); use --mtp none")
-    require(not any(b.mod for b in m.layers), "arch=megabyte with mod=true layers: mixture-of-depths routing is not "
-                                             "supported in its stacks; drop --mod")
+    require_next_token_prediction(m)
 
 
-def validate_run(train: Trainconfig, m: LLMconfig) -> None:
-    """The window schedule grows one model's windows; MegaByte's two stacks have their own lengths."""
-    require(train.window_schedule == "none", f"window_schedule={train.window_schedule} is not supported by "
-                                             "arch=megabyte; set each stack's window in its layer specs")
-
-
-MEGABYTE = ArchKind("megabyte", MegaByteLLM, validate, validate_run=validate_run, fields=FIELDS,
+MEGABYTE = ArchKind("megabyte", MegaByteLLM, validate, validate_run=refuse_window_schedule, fields=FIELDS,
                     export_refusal="arch=megabyte (a global model over patches and a local model within each); no "
                                    "transformers family holds it", layer_config=layer_config)
