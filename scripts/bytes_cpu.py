@@ -77,6 +77,7 @@ def main() -> None:
     for name in names:
         prepare(args, MODELS[name][0], MODELS[name][1])
     budget = step_flops("gpt_bytes", args, extra)[0] * args.iters
+    print(f"budget: {budget:.6g} training FLOPs, those of {args.iters} steps of gpt_bytes", flush=True)
     rows = []
     for name in names:
         per_step, per_token, parameters = step_flops(name, args, extra)

@@ -94,9 +94,10 @@ def train_compiled(spec: dict, backend: str = "aot_eager", act_recomp: bool = Fa
 
 
 @pytest.mark.parametrize("spec", mixer_examples())
-@pytest.mark.parametrize("positions", POSITIONS)
-def test_every_mixer_kind_compiles_whole_once(spec, positions):
-    train_compiled(spec, **POSITIONS[positions])
+def test_every_mixer_kind_compiles_whole_once(spec):
+    """With RoPE, which each attention kind applies inside; learned positions are added before the blocks, the same
+    code for every kind (the default model's test and the mixture-of-depths tests compile them)."""
+    train_compiled(spec, **POSITIONS["rope"])
 
 
 @pytest.mark.parametrize("spec", ffn_examples())

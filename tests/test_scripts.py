@@ -43,12 +43,12 @@ def test_sweep_runs_a_grid_then_the_report_compares_it(char_data, tmp_path):
 
 
 def test_sweep_takes_every_registered_mixer_kind_and_moe(char_data, tmp_path):
-    env = {**FAST, "MAX_ITERS": "1", "ATTNS": "nsa hyena mamba", "MOES": "0 1", "OUT_DIR": str(tmp_path)}
+    env = {**FAST, "MAX_ITERS": "1", "ATTNS": "nsa mamba", "MOES": "0 1", "OUT_DIR": str(tmp_path)}
     result = script("sweep.sh", env, "--data_dir", str(char_data.parent), "--n_layer", "1", "--no_eval",
                     "--parallel", "2")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "sweep").glob("[!.]*")) == [
-        f"{ffn}.attn-{attn}" for ffn in ("dense", "moe") for attn in ("hyena", "mamba", "nsa")]
+        f"{ffn}.attn-{attn}" for ffn in ("dense", "moe") for attn in ("mamba", "nsa")]
     config = json.loads((tmp_path / "sweep" / "moe.attn-nsa" / "config.json").read_text())
     assert (config["model"]["layers"][0]["ffn"], config["model"]["layers"][0]["up_dim"]) == ("moe", 256)
 
@@ -70,7 +70,7 @@ def test_custom_layers_script_trains_the_example_stack(char_data, tmp_path):
 
 
 def test_families_script_runs_each_family_and_tabulates_them(char_data, tmp_path):
-    families = ["adamw", "muon", "mtp", "mtm", "mod", "recurrent"]
+    families = ["muon", "mtp", "recurrent"]  # three of the script's families: its loop is the same for each
     env = {"FAMILIES": " ".join(families), "ITERS": "2", "OUT_DIR": str(tmp_path), "DATA_DIR": str(char_data.parent)}
     result = script("families_cpu.sh", env, "--warmup_steps", "1", "--eval_iters", "1")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -111,11 +111,12 @@ def test_report_out_naming_a_file_is_a_one_line_error(tmp_path, capsys):
 
 def test_bytes_script_matches_training_flops_and_reports_bits_per_byte(tmp_path):
     result = subprocess.run([sys.executable, str(REPO / "scripts" / "bytes_cpu.py"), "--iters", "2", "--batch", "2",
-                             "--eval_iters", "1", "--models", "gpt_bytes,hnet", "--data_dir", str(tmp_path / "data"),
+                             "--eval_iters", "1", "--models", "hnet", "--data_dir", str(tmp_path / "data"),
                              "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in result.stdout.splitlines()[-2:]}
-    assert list(rows) == ["gpt_bytes", "hnet"]
-    assert rows["gpt_bytes"][3] == "2" and float(rows["hnet"][-1].rstrip(" |")) >= 1  # steps; bytes per chunk
-    for cells in rows.values():  # bits per byte = nats per byte / ln 2 (bytes per token 1)
-        assert float(cells[6]) == pytest.approx(float(cells[5]) / 0.6931471805599453, abs=2e-3)
+    cells = result.stdout.splitlines()[-1].split(" | ")
+    assert cells[0] == "| hnet" and float(cells[-1].rstrip(" |")) >= 1  # bytes per chunk
+    budget = float(next(line for line in result.stdout.splitlines() if line.startswith("budget: ")).split()[1])
+    per_step = float(cells[2]) * 1e6 * 2 * 256  # FLOPs per token x batch 2 x 256 bytes
+    assert abs(int(cells[3]) * per_step - budget) <= per_step / 2  # the steps that spend the budget
+    assert float(cells[6]) == pytest.approx(float(cells[5]) / 0.6931471805599453, abs=2e-3)  # bits per byte
