@@ -41,7 +41,7 @@ def run_train_py(args: list[str], cwd) -> subprocess.CompletedProcess:
                           timeout=300, check=False)
 
 
-@pytest.mark.parametrize("extra", [[], ["--act_recomp"], ["--ffn", "moe", "--n_exp", "4"]],
+@pytest.mark.parametrize("extra", [[], ["--act_recomp"], ["--ffn", "moe", "--n_exp", "4", "--up_dim", "1024"]],
                          ids=["dense", "recomputed", "moe"])
 def test_the_estimate_is_close_to_the_measured_peak_on_cpu(extra, char_data, tmp_path):
     args = [*SHAPE, *extra, "--max_iters", "2", "--device", "cpu", "--no_save_model", "--no_eval", "--data_dir",

@@ -27,30 +27,29 @@ def rows(folder: Path) -> list[dict]:
     return [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_a_two_by_two_grid_over_two_seeds_runs_once_and_reports(char_data, tmp_path):
-    args = ["--grid", "attn=mha,mqa", "--grid", "n_embd=32,48", "--seeds", "0,1", "--name", "g", "--parallel", "2"]
+def test_a_grid_over_two_seeds_runs_once_and_reports(char_data, tmp_path):
+    args = ["--grid", "n_embd=32,48", "--seeds", "0,1", "--name", "g", "--parallel", "2"]
     first = sweep(char_data, tmp_path, *args)
     assert first.returncode == 0, first.stdout + first.stderr
     folder = tmp_path / "out" / "g"
     names = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
-    assert names == [f"attn-{a}.n_embd-{w}.seed-{s}" for a in ("mha", "mqa") for w in (32, 48) for s in (0, 1)]
+    assert names == [f"n_embd-{w}.seed-{s}" for w in (32, 48) for s in (0, 1)]
     for name in names:
         config = json.loads((folder / name / "config.json").read_text())
-        attn, width, seed = (part.partition("-")[2] for part in name.split("."))
-        assert (config["model"]["layers"][0]["attn"], config["model"]["n_embd"], config["train"]["seed"]) == (
-            attn, int(width), int(seed))
+        width, seed = (part.partition("-")[2] for part in name.split("."))
+        assert (config["model"]["n_embd"], config["train"]["seed"]) == (int(width), int(seed))
         assert [row["step"] for row in rows(folder / name)] == list(range(6))
     seed_losses = {name: rows(folder / name)[-1]["val_loss"] for name in names}
-    assert seed_losses["attn-mha.n_embd-32.seed-0"] != seed_losses["attn-mha.n_embd-32.seed-1"]
+    assert seed_losses["n_embd-32.seed-0"] != seed_losses["n_embd-32.seed-1"]
     written = {name: (folder / name / "metrics.jsonl").stat().st_mtime_ns for name in names}
 
     again = sweep(char_data, tmp_path, *args)
     assert again.returncode == 0, again.stdout + again.stderr
-    assert again.stdout.count("finished before, skipped") == 8 and "started" not in again.stdout
+    assert again.stdout.count("finished before, skipped") == 4 and "started" not in again.stdout
     assert written == {name: (folder / name / "metrics.jsonl").stat().st_mtime_ns for name in names}
 
-    # The report: four configurations of two seeds; the columns are the two fields that differ, the figures the
-    # seeds' mean and standard deviation, the p-values Welch's test (scipy's as the reference).
+    # The report: two configurations of two seeds; the columns are the fields that differ, the figures the seeds'
+    # mean and standard deviation, the p-value Welch's test (scipy's as the reference).
     from scipy import stats as reference
 
     from llm import report
@@ -59,22 +58,21 @@ def test_a_two_by_two_grid_over_two_seeds_runs_once_and_reports(char_data, tmp_p
     table = report.report(runs, str(tmp_path / "report"))
     head = table.splitlines()[0]
     # up_dim too: unset, it is derived from n_embd (4 x), so the runs' configs differ in it as well
-    assert head.startswith("| attn | n_embd | up_dim | seeds |") and "seed " not in head and "out_dir" not in head
+    assert head.startswith("| n_embd | up_dim | seeds |") and "seed " not in head and "out_dir" not in head
     lines = list(csv.DictReader((tmp_path / "report" / "report.csv").open()))
-    assert len(lines) == 4 and all(r["seeds"] == "2" for r in lines)
+    assert len(lines) == 2 and all(r["seeds"] == "2" for r in lines)
     finals = {}
     for run in runs:
         last = [json.loads(line) for line in (Path(run) / "metrics.jsonl").open() if "val_loss" in line][-1]
-        attn, width, _ = (part.partition("-")[2] for part in Path(run).name.split("."))
-        finals.setdefault((attn, width), []).append(last["val_loss"])
+        finals.setdefault(Path(run).name.split(".")[0].partition("-")[2], []).append(last["val_loss"])
     for r in lines:
-        values = finals[(r["attn"], r["n_embd"])]
+        values = finals[r["n_embd"]]
         assert float(r["val_loss"]) == pytest.approx(sum(values) / 2, abs=1e-12)
         assert float(r["val_loss_std"]) == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5, abs=1e-12)
     assert [float(r["val_loss"]) for r in lines] == sorted(float(r["val_loss"]) for r in lines)
-    best = finals[(lines[0]["attn"], lines[0]["n_embd"])]
+    best = finals[lines[0]["n_embd"]]
     for r in lines[1:]:
-        expected = reference.ttest_ind(finals[(r["attn"], r["n_embd"])], best, equal_var=False).pvalue
+        expected = reference.ttest_ind(finals[r["n_embd"]], best, equal_var=False).pvalue
         assert float(r["p_vs_best"]) == pytest.approx(expected, abs=1e-9)
     assert (tmp_path / "report" / "loss.png").stat().st_size > 1000
     assert (tmp_path / "report" / "training.png").stat().st_size > 1000
