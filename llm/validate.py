@@ -62,6 +62,22 @@ def check_direction(b: BlockConfig, m: LLMconfig) -> None:
             f"--objective mlm, or {instead.removeprefix('use ')}")
 
 
+def check_logits_and_windows(m: LLMconfig) -> None:
+    """A positive logit cap, read by the token objectives' loss; a window unit >= 1 that divides every window, and
+    block windows on kernels that count them (not flash-attn)."""
+    require(m.logit_softcap is None or m.logit_softcap > 0,
+            f"logit_softcap={m.logit_softcap} must be > 0 (or unset: no cap)")
+    require(m.logit_softcap is None or not OBJECTIVES[m.objective].diffusion,
+            f"logit_softcap is read by the clm and mlm losses, not by objective={m.objective}; drop --logit_softcap")
+    require(m.window_unit >= 1, f"window_unit={m.window_unit} must be >= 1 (1: windows counted in tokens)")
+    for i, block in enumerate(m.layers):
+        require(block.window is None or block.window % m.window_unit == 0,
+                f"layer {i}: window={block.window} is not a multiple of window_unit={m.window_unit}; give windows in "
+                f"whole blocks of {m.window_unit} tokens")
+    require(m.window_unit == 1 or m.attn_backend != "flash",
+            f"attn_backend=flash counts windows in tokens, but window_unit={m.window_unit}; use --attn_backend auto")
+
+
 def check_attn_backend(m: LLMconfig) -> None:
     """What the model alone tells about --attn_backend: flash needs flash-attn installed, and flex no dropout (the
     kernel is checked per call as well, where the device, dtype and head sizes are known)."""
@@ -87,20 +103,27 @@ def check_cpu_run(t: Trainconfig, m: LLMconfig) -> None:
 
 
 def check_window_schedule(t: Trainconfig, m: LLMconfig) -> None:
-    """--window_schedule linear: positive blocks up to window_max, which reaches every layer's window, a windowed
-    layer to grow, and a kernel that takes the limit as a tensor (not flash-attn)."""
+    """--window_schedule linear/scaled: positive blocks up to window_max, which reaches every layer's window, a
+    windowed layer to grow, limits in whole --window_unit blocks (linear), and a kernel that takes the limit as a
+    tensor (not flash-attn)."""
     if t.window_schedule == "none":
         return
+    name = f"window_schedule={t.window_schedule}"
     require(t.window_block >= 1, f"window_block={t.window_block} must be >= 1")
     require(t.window_max >= t.window_block, f"window_max={t.window_max} must be >= window_block={t.window_block}; "
                                             "raise --window_max or lower --window_block")
     windows = [b.window for b in m.layers if b.window is not None]
-    require(bool(windows), "window_schedule=linear grows sliding windows but no layer sets window; set --window (the "
-                           "final window) or use --window_schedule none")
+    require(bool(windows), f"{name} grows sliding windows but no layer sets window; set --window (the final "
+                           "window) or use --window_schedule none")
     require(t.window_max >= max(windows), f"window_max={t.window_max} is below the window={max(windows)} of a layer, "
                                           f"so training would end short of it; set --window_max {max(windows)} or more")
+    for field in ("window_block", "window_max"):
+        value = getattr(t, field)
+        require(t.window_schedule == "scaled" or value % m.window_unit == 0,
+                f"{field}={value} is not a multiple of window_unit={m.window_unit}, so {name} would cut a window "
+                f"inside a block; make it a multiple of {m.window_unit} or use --window_schedule scaled")
     require(m.attn_backend != "flash",
-            "attn_backend=flash takes a fixed window, but window_schedule=linear changes it; use --attn_backend auto "
+            f"attn_backend=flash takes a fixed window, but {name} changes it; use --attn_backend auto "
             "(FlexAttention on CUDA)")
 
 
@@ -177,6 +200,7 @@ def validate_model(m: LLMconfig, wheres: list[str] | None = None) -> None:
     require(len(m.layers) == m.n_layer,
             f"n_layer={m.n_layer} but {len(m.layers)} layer specs were given; make them equal or omit --n_layer")
     check_attn_backend(m)
+    check_logits_and_windows(m)
     check_arch_fields(m)
     check_objective_fields(m)
     ARCHS[m.arch].validate(m)

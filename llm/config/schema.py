@@ -92,7 +92,8 @@ class BlockConfig:
     """PEER: a LayerNorm over each head's query before retrieval."""
     window: int | None = None
     """Sliding-window attention (mha, mqa, gqa, mla): a query at position t sees only the keys t-window+1..t (window
-    tokens, itself included; |t - s| < window under a bidirectional objective); unset: full attention."""
+    tokens, itself included; |t - s| < window under a bidirectional objective); in blocks with --window_unit;
+    unset: full attention."""
     mod: bool = False
     """Mixture-of-depths (Raposo et al. 2024): route this layer; a router picks the top capacity * T tokens of each
     sequence for the block and the others pass it on the residual stream (see --mod_every_other)."""
@@ -264,6 +265,23 @@ class LLMconfig:
     """loss=hxe: the edge into a node at depth d weighs exp(-hxe_alpha * d) (weights normalised to sum to 1)."""
     soft_label_beta: float = 15.0
     """loss=soft_labels: target distribution softmax(-soft_label_beta * normalised tree distance)."""
+    logit_softcap: float | None = None
+    """Soft-caps the output logits at c: logits = c * tanh(z / c) (Gemma 2; the speedrun's record GPT caps at 15,
+    its 30 * sigmoid(z / 7.5) being 15 * tanh(z / 15) + 15, the same softmax); unset: no cap."""
+    window_unit: int = 1
+    """Tokens per unit of a sliding window (--window): 1 counts windows in tokens; 128 counts them in blocks of 128
+    tokens as the speedrun's block masks do (query t sees the keys s <= t with t // 128 - s // 128 < window / 128).
+    Every window (and --window_block under a schedule) must be a multiple of it."""
+    value_embeds: int = 0
+    """arch=gpt: k extra embedding tables whose rows are mixed into the attention values of the first k and the
+    last k layers (layer i and layer n_layer - k + i share table i), as the speedrun's record GPT (k = 3); every
+    attention layer then mixes v <- l0 * v + l1 * ve by learned lambdas (0.5, 0.5). 0: none."""
+    x0_mix: bool = False
+    """arch=gpt: each block first mixes the residual stream with the embedded input, x <- l0 * x + l1 * x0, by
+    learned lambdas (1, 0) (the speedrun's record GPT)."""
+    unet_skips: bool = False
+    """arch=gpt: U-net skips: layer n_layer - 1 - i adds w_i times the output of layer i (i < n_layer // 2) to its
+    input, with learned weights w (ones at init; the speedrun's record GPT)."""
     attn_backend: Literal["auto", "sdpa", "flash", "cudnn", "flex"] = "auto"
     """Attention kernel: auto (the fastest that runs: flash-attn-4, cuDNN on Hopper+, flash-attn 2, else SDPA), sdpa
     (PyTorch chooses), flash (flash-attn-4 or 2: pip install 'llm[flash]'), cudnn (SDPA's cuDNN kernel only), flex
@@ -493,14 +511,16 @@ class Trainconfig:
     """Run name (wandb gets it as given; the run directory gets a path-safe version)."""
     seed: int = 1337
     """Random seed."""
-    window_schedule: Literal["none", "linear"] = "none"
-    """Sliding windows in training: none (each layer's --window throughout) or linear (the limit grows from
+    window_schedule: Literal["none", "linear", "scaled"] = "none"
+    """Sliding windows in training: none (each layer's --window throughout), linear (the limit grows from
     window_block at the first step to window_max at the last, rounded up to multiples of window_block; a layer's own
-    window caps it), as the modded-nanogpt speedrun."""
+    window caps it), as the modded-nanogpt speedrun, or scaled (the same limit, and each layer attends over its
+    window's share of it, window * limit / window_max, in whole --window_unit blocks: the record GPT's short windows
+    stay half its long ones)."""
     window_max: int = 1728
-    """window_schedule=linear: the limit at the last step; at least every layer's window."""
+    """window_schedule linear/scaled: the limit at the last step; at least every layer's window."""
     window_block: int = 128
-    """window_schedule=linear: the limit's first value and the step between its values."""
+    """window_schedule linear/scaled: the limit's first value and the step between its values."""
     recurrence_sweep: list[int] = field(default_factory=lambda: [1, 4, 8, 16, 32, 64])
     """arch=recurrent: at each evaluation also the validation loss at each of these recurrences, on the same batches
     as val_loss, logged as val_loss_rR (pass the flag alone for none)."""

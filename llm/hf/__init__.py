@@ -46,6 +46,10 @@ def _transformers():
     return transformers
 
 
+RECORD_NEUTRAL = {"value_embeds": 0, "x0_mix": False, "unet_skips": False, "logit_softcap": None, "window_unit": 1}
+"""The record GPT's options at the values that leave them out."""
+
+
 def family(config: LLMconfig) -> str:
     """The model_type of the registered family that represents this model exactly (its kinds and positions, then
     its own checks); otherwise ConfigError("cannot export: ...") naming what blocks it."""
@@ -55,6 +59,10 @@ def family(config: LLMconfig) -> str:
         refuse("mod=true (mixture-of-depths routing); no transformers family represents it")
     if ARCHS[config.arch].export_refusal is not None:
         refuse(ARCHS[config.arch].export_refusal)
+    record = [f"{name}={getattr(config, name)}" for name, neutral in RECORD_NEUTRAL.items()
+              if getattr(config, name) != neutral]
+    if record:
+        refuse(f"{', '.join(record)} (the record GPT's parts); no transformers family here represents them")
     used = {field: {getattr(b, field) for b in config.layers} for field in KIND_FIELDS}
     for field, label in KIND_FIELDS.items():
         known = set().union(*(getattr(f, field) for f in FAMILIES.values()))

@@ -21,10 +21,13 @@ class Block(nn.Module):
         self.mixing = MIXERS[block.attn].mixing_flops(block, config)  # FLOPs per token of its mixing without weights
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
-                cache=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """x (B, T, C) at positions (B or 1, T); mask and cache as in the mixers. Returns the new residual stream
+                cache=None, value_embed: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """x (B, T, C) at positions (B or 1, T); mask and cache as in the mixers; the layer's value embedding
+        (B, T, width) for the attention kinds that mix one into their values. Returns the new residual stream
         (B, T, C) and the feed-forward layer's auxiliary loss () and stats."""
-        x = x + self.attn(self.ln_1(x), positions, mask, cache)  # (B, T, C)
+        extra = () if value_embed is None else (value_embed,)
+        x = x + self.attn(self.ln_1(x), positions, mask, cache, *extra)  # (B, T, C)
         if self.ln_2 is None:  # ffn none: the layer is its mixer alone
             return x, x.new_zeros((), dtype=torch.float32), {}
         ffn = self.ffn(self.ln_2(x))

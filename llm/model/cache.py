@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .windows import in_window
+
 
 class TokenCache:
     """Per-token tensors of one layer for B rows, (B, max_len, *shape) each, filled left to right."""
@@ -47,19 +49,20 @@ class WindowCache:
         self.tensors = [torch.zeros(batch, self.size, *shape, dtype=dtype, device=device) for shape in shapes]
         self.length = 0  # tokens appended so far
 
-    def append(self, *new: torch.Tensor, window: int | torch.Tensor,
-               mask: torch.Tensor | None) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    def append(self, *new: torch.Tensor, window: int | torch.Tensor, mask: torch.Tensor | None,
+               unit: int = 1) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
         """Returns the held tokens followed by the new ones (B, size + T, *shape) each, and the mask (B, 1, T,
         size + T) of the T new queries over them: a key is seen when it was filled, is not later than the query
-        and lies within `window` tokens of it (an int, or the () tensor of a training schedule), and when `mask`
+        and lies within `window` tokens of it (an int, or the () tensor of a training schedule; counted in blocks
+        of `unit` tokens of the sequence's indices, as `in_window`), and when `mask`
         (the model's padding mask (B, 1, T, length + T) over the whole sequence, or None) allows it. Then keeps
         the newest `size` tokens in the ring."""
         B, T, device = new[0].size(0), new[0].size(1), new[0].device
         slots = torch.arange(self.size, device=device)  # (size,)
         held = (self.length - 1) - (self.length - 1 - slots) % self.size  # (size,) negative: never filled
         index = torch.cat((held, torch.arange(self.length, self.length + T, device=device)))  # (size + T,)
-        distance = torch.arange(self.length, self.length + T, device=device)[:, None] - index[None]  # (T, size + T)
-        seen = (index >= 0) & (distance >= 0) & (distance < window)  # (T, size + T)
+        queries = torch.arange(self.length, self.length + T, device=device)[:, None]  # (T, 1)
+        seen = (index >= 0) & in_window(queries, index[None], window, True, unit)  # (T, size + T)
         if mask is None:
             seen = seen.expand(B, 1, T, index.numel())  # (B, 1, T, size + T)
         else:

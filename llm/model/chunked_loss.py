@@ -18,10 +18,11 @@ def chunk_tokens(rows: int) -> int:
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                          ignore_index: int, chunk: int | None = None,
-                         token_weights: torch.Tensor | None = None) -> torch.Tensor:
+                         token_weights: torch.Tensor | None = None, softcap: float | None = None) -> torch.Tensor:
     """Mean cross-entropy of the logits hidden @ weight.T, restricted to the first vocab_size columns, against
     targets; tokens whose target is ignore_index count neither in the sum nor in the mean. With token_weights (N,),
-    each token's term is multiplied by its weight (the mean stays over the counted tokens).
+    each token's term is multiplied by its weight (the mean stays over the counted tokens). With softcap c the
+    logits are c * tanh(logits / c) (`soft_cap`).
 
     hidden (N, C); weight (V, C) with V >= vocab_size (rows past vocab_size are padding and are never predicted);
     targets (N,). Chunks of `chunk` tokens (default `chunk_tokens(V)`). Under autocast the matmuls run in its
@@ -30,8 +31,15 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
     """
     chunk = chunk or chunk_tokens(weight.shape[0])
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, ignore_index, chunk, token_weights)
-    return loss_and_grads(hidden, weight, targets, vocab_size, ignore_index, chunk, False, False, token_weights)[0]
+        return LinearCrossEntropy.apply(hidden, weight, targets, vocab_size, ignore_index, chunk, token_weights,
+                                        softcap)
+    return loss_and_grads(hidden, weight, targets, vocab_size, ignore_index, chunk, False, False, token_weights,
+                          softcap)[0]
+
+
+def soft_cap(logits: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """The logits squashed into (-cap, cap) by cap * tanh(logits / cap); unchanged when cap is None."""
+    return logits if cap is None else cap * torch.tanh(logits / cap)
 
 
 def matmul_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -43,7 +51,7 @@ def matmul_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
                    ignore_index: int, chunk: int, grad_hidden: bool, grad_weight: bool,
-                   token_weights: torch.Tensor | None = None
+                   token_weights: torch.Tensor | None = None, softcap: float | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(mean loss (), its gradient w.r.t. hidden (N, C) or None, w.r.t. weight (V, C) or None), as described in
     `linear_cross_entropy`, computed over chunks of tokens without building any graph."""
@@ -62,14 +70,19 @@ def loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
     d_weight = torch.zeros_like(weight, dtype=dtype) if grad_weight else None  # (V, C)
     for h, t, k, s in zip(hidden.to(mm_dtype).split(chunk), safe_targets.split(chunk), factor.split(chunk),
                           scale.split(chunk)):
-        logits = (h @ w.T).to(dtype)  # (K, V)
+        logits = soft_cap((h @ w.T).to(dtype), softcap)  # (K, V)
+        # through the cap: d(c tanh(z / c))/dz = 1 - (capped / c)^2 (K, V)
+        slope = None if softcap is None or not (grad_hidden or grad_weight) else 1 - (logits / softcap).square()
         logits[:, vocab_size:] = float("-inf")  # padding rows of the head are never predicted
         lse = logits.logsumexp(dim=-1)  # (K,)
         total = total + ((lse - logits.gather(1, t[:, None]).squeeze(1)) * k).sum()
         if grad_hidden or grad_weight:
             grad = logits.sub_(lse[:, None]).exp_()  # (K, V) the softmax, in place of the logits
             grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0  # minus the one-hot target
-            grad = grad.mul_(s[:, None]).to(mm_dtype)  # (K, V) d(mean loss)/d(logits)
+            grad = grad.mul_(s[:, None])  # (K, V) d(mean loss)/d(capped logits)
+            if slope is not None:
+                grad = grad.mul_(slope)  # (K, V) d(mean loss)/d(logits)
+            grad = grad.to(mm_dtype)
             if grad_hidden:
                 d_hidden.append(grad @ w)  # (K, C)
             if grad_weight and grad.dtype == dtype:
@@ -85,9 +98,11 @@ class LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, vocab_size: int,
-                ignore_index: int, chunk: int, token_weights: torch.Tensor | None) -> torch.Tensor:
+                ignore_index: int, chunk: int, token_weights: torch.Tensor | None,
+                softcap: float | None = None) -> torch.Tensor:
         loss, d_hidden, d_weight = loss_and_grads(hidden, weight, targets, vocab_size, ignore_index, chunk,
-                                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1], token_weights)
+                                                  ctx.needs_input_grad[0], ctx.needs_input_grad[1], token_weights,
+                                                  softcap)
         ctx.save_for_backward(d_hidden, d_weight.to(weight.dtype) if d_weight is not None else None)
         return loss
 
@@ -95,4 +110,4 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         d_hidden, d_weight = ctx.saved_tensors
         return (None if d_hidden is None else d_hidden * grad_loss,
-                None if d_weight is None else d_weight * grad_loss, None, None, None, None, None)
+                None if d_weight is None else d_weight * grad_loss, None, None, None, None, None, None)

@@ -18,6 +18,7 @@ from .objectives.diffusion import TimeEmbedding
 from .parts import HEADS, build_block
 from .positions import POSITIONS
 from .registry import OBJECTIVES
+from .shortcuts import Shortcuts, ValueEmbeddings
 
 VOCAB_MULTIPLE = 64  # embedding rows are padded to a multiple of 64 for faster matmuls
 
@@ -82,6 +83,8 @@ class LLM(nn.Module):
         self.streams = self.causal and config.pos_emb == "rope" and all(
             isinstance(getattr(b.attn, "window", None), SlidingWindow) and b.attn.window.size is not None
             for b in self.blocks)
+        self.value_embeds = ValueEmbeddings(config, vocab) if config.value_embeds else None
+        self.shortcuts = Shortcuts(config) if config.x0_mix or config.unet_skips else None
         self.add_modules()
         self.head_addons = [name for name, kind in HEADS.items() if kind.enabled(config)]  # their submodules
         for name in self.head_addons:
@@ -95,6 +98,8 @@ class LLM(nn.Module):
                 nn.init.normal_(param, mean=0.0, std=residual_std)
         if self.time_emb is not None:
             self.time_emb.start_at_zero()
+        if self.value_embeds is not None:
+            self.value_embeds.reset_parameters()
         self.after_init()
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -128,11 +133,17 @@ class LLM(nn.Module):
 
     def run_blocks(self, run_block: RunBlock, x: torch.Tensor, cache: Cache | None
                    ) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
-        """The blocks over the embedded tokens x (B, T, C), in order. Returns the last hidden state (B, T, C), the
-        summed auxiliary loss (), each layer's stats and model-wide figures (none here)."""
+        """The blocks over the embedded tokens x (B, T, C), in order, with the shortcuts from the input when set
+        (x0 mixing, U-net skips: `shortcuts.Shortcuts`). Returns the last hidden state (B, T, C), the summed
+        auxiliary loss (), each layer's stats and model-wide figures (none here)."""
         aux_loss, layer_stats = x.new_zeros((), dtype=torch.float32), []
+        x0, skips = x, []  # (B, T, C) the embedded input; the encoder outputs the U-net skips carry
         for i in range(len(self.blocks)):
+            if self.shortcuts is not None:
+                x = self.shortcuts.before_block(i, x, x0, skips)  # (B, T, C)
             x, aux, stats = run_block(i, x, None if cache is None else cache.layers[i])
+            if self.shortcuts is not None:
+                self.shortcuts.after_block(i, x, skips)
             aux_loss = aux_loss + aux
             layer_stats.append(stats)
         return x, aux_loss, layer_stats, {}
@@ -160,7 +171,9 @@ class LLM(nn.Module):
         (`MixerKind.mixing_flops`): PaLM's (appendix B) 6 * N + 12 * L * n_embd * T for full attention, the window's
         keys for a sliding window, the scan for Mamba, the FFT convolutions for Hyena; a routed layer's mixing counts
         (k / T)^2 of it."""
-        return 6 * (self.get_num_params()[1] - self.skipped_params()) + sum(b.mixing_flops() for b in self.blocks)
+        lookups = 0 if self.value_embeds is None else self.value_embeds.lookup_params()  # tables read, not multiplied
+        return (6 * (self.get_num_params()[1] - self.skipped_params() - lookups)
+                + sum(b.mixing_flops() for b in self.blocks))
 
     def evaluation_variants(self, train: Trainconfig) -> dict[str, Callable[[], contextlib.AbstractContextManager]]:
         """Extra evaluations: {suffix: context in which eval-mode forward passes run the variant}; each split's loss
@@ -214,9 +227,10 @@ class LLM(nn.Module):
                 raise ValueError(f"objective={self.config.objective} embeds the diffusion time: pass time (B,)")
             x = x + self.time_emb(time)[:, None]  # (B, T, C)
         x = self.drop(x)
+        values = None if self.value_embeds is None else self.value_embeds(idx, len(self.blocks))  # per layer
 
         def run_block(i: int, x: torch.Tensor, layer_cache) -> tuple[torch.Tensor, torch.Tensor, dict]:
-            return self.call_block(i, x, positions, mask, layer_cache)
+            return self.call_block(i, x, positions, mask, layer_cache, None if values is None else values[i])
 
         x, aux_loss, layer_stats, model_stats = self.run_blocks(run_block, x, cache)  # (B, T, C)
         if cache is not None:
@@ -224,12 +238,15 @@ class LLM(nn.Module):
         return x, aux_loss, layer_stats, model_stats  # (B, T, C), (), per layer, model-wide figures
 
     def call_block(self, i: int, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
-                   cache=None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Block i over x (B, T, C) at positions (B or 1, T), recomputed in the backward pass when act_recomp is set
-        in training (only this first call's outputs are kept, so stats such as MoE loads are counted once)."""
+                   cache=None, value_embed: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Block i over x (B, T, C) at positions (B or 1, T), with the layer's value embedding (B, T, width) when it
+        has one, recomputed in the backward pass when act_recomp is set in training (only this first call's outputs
+        are kept, so stats such as MoE loads are counted once)."""
+        inputs = (x, positions, mask, cache) + (() if value_embed is None else (value_embed,))
         if self.act_recomp and self.training:
-            return checkpoint(self.blocks[i], x, positions, mask, cache, use_reentrant=False)
-        return self.blocks[i](x, positions, mask, cache)
+            return checkpoint(self.blocks[i], *inputs, use_reentrant=False)
+        return self.blocks[i](*inputs)
 
     def run_layers(self, layers, x: torch.Tensor, positions: torch.Tensor, caches: list | None,
                    aux_loss: torch.Tensor, layer_stats: list) -> tuple[torch.Tensor, torch.Tensor]:

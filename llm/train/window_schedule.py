@@ -1,5 +1,5 @@
-"""--window_schedule linear: the sliding-window limit of each training step, as the modded-nanogpt speedrun grows
-its windows (to 1728 tokens in blocks of 128)."""
+"""--window_schedule linear/scaled: the sliding-window limit of each training step, as the modded-nanogpt speedrun
+grows its windows (to 1728 tokens in blocks of 128)."""
 from torch import nn
 
 from ..config import Trainconfig
@@ -19,5 +19,6 @@ def scheduled_window(step: int, cfg: Trainconfig) -> int | None:
 
 
 def apply_window_schedule(model: nn.Module, step: int, cfg: Trainconfig) -> None:
-    """Limits the model's sliding windows to the step's scheduled window (nothing without a schedule)."""
-    schedule_windows(model, scheduled_window(step, cfg))
+    """Limits the model's sliding windows to the step's scheduled window, or to their shares of it under the scaled
+    schedule (nothing without a schedule)."""
+    schedule_windows(model, scheduled_window(step, cfg), cfg.window_max if cfg.window_schedule == "scaled" else None)

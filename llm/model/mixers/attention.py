@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from ...config import BlockConfig, ConfigError, LLMconfig, require
+from ..windows import in_window
 
 HALF = (torch.float16, torch.bfloat16)
 # cuDNN before 9.15.1 mishandles sequence lengths that are not multiples of 128; PyTorch prefers cuDNN from there on.
@@ -67,7 +68,8 @@ class AttentionCall(NamedTuple):
     masked: bool  # a padding mask (left-padded batches in generation)
     dropout_p: float
     needs_grad: bool = False  # the inputs require gradients (training)
-    window: Literal["none", "fixed", "scheduled"] = "none"  # a sliding window as an int, or as a tensor (schedule)
+    window: Literal["none", "fixed", "scheduled", "blocks"] = "none"  # a sliding window as an int, as a tensor
+    # (schedule), or counted in blocks of tokens (--window_unit)
 
 
 class Machine(NamedTuple):
@@ -102,6 +104,8 @@ def why_not_flash(call: AttentionCall, machine: Machine, version: int) -> str | 
         return "flash-attn-4 runs no sliding window here (--window)"
     if call.window == "scheduled":
         return "a scheduled window (--window_schedule) is a tensor, and flash-attn 2 takes a fixed one"
+    if call.window == "blocks":
+        return "flash-attn 2 counts windows in tokens, not in blocks (--window_unit)"
     return None
 
 
@@ -199,37 +203,38 @@ def causal_block_mask(T: int, S: int, device: torch.device):
 cached_causal_block_mask = lru_cache(maxsize=8)(causal_block_mask)  # eager calls reuse it; compiled code builds it
 
 
-def window_rule(offset: int, window: int | torch.Tensor, causal: bool):
-    """The mask_mod of a sliding window over the last T of S positions (offset = S - T): query q, at position
-    q + offset, sees key kv when 0 <= q + offset - kv < window (causal), or |q + offset - kv| < window."""
+def window_rule(offset: int, window: int | torch.Tensor, causal: bool, unit: int = 1):
+    """The mask_mod of a sliding window over the last T of S positions (offset = S - T): query q, at index
+    q + offset, sees key kv when in_window(q + offset, kv, window, causal, unit)."""
     def rule(b, h, q, kv):
-        distance = q + offset - kv
-        return (distance >= 0) & (distance < window) if causal else distance.abs() < window
+        return in_window(q + offset, kv, window, causal, unit)
     return rule
 
 
-def window_block_mask(T: int, S: int, window: int | torch.Tensor, causal: bool, device: torch.device):
+def window_block_mask(T: int, S: int, window: int | torch.Tensor, causal: bool, device: torch.device,
+                      unit: int = 1):
     """The block mask of a sliding window (see window_rule); a tensor window is read when the mask is built."""
-    return create_block_mask(window_rule(S - T, window, causal), None, None, T, S, device=device)
+    return create_block_mask(window_rule(S - T, window, causal, unit), None, None, T, S, device=device)
 
 
 cached_window_block_mask = lru_cache(maxsize=8)(window_block_mask)  # for int windows in eager calls
 
 
 def flex_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                          scale: float | None, causal: bool = True,
-                          window: int | torch.Tensor | None = None) -> torch.Tensor:
+                          scale: float | None, causal: bool = True, window: int | torch.Tensor | None = None,
+                          window_unit: int = 1) -> torch.Tensor:
     """FlexAttention on (B, H|KV, T|S, D) tensors with the causal mask, the padding mask (B, 1, T, S), or none
-    (bidirectional), each restricted to a sliding window of `window` tokens when given."""
+    (bidirectional), each restricted to a sliding window of `window` tokens (in units of window_unit) when given."""
     B, T, S = q.size(0), q.size(2), k.size(2)
     compiling = torch.compiler.is_compiling()  # inside an outer torch.compile, which compiles FlexAttention too
     if mask is not None:
-        near = window_rule(S - T, window, causal) if window is not None else lambda b, h, qi, kv: True
+        near = window_rule(S - T, window, causal, window_unit) if window is not None else lambda b, h, qi, kv: True
         block_mask = create_block_mask(lambda b, h, qi, kv: mask[b, 0, qi, kv] & near(b, h, qi, kv), B, None, T, S,
                                        device=q.device)
     elif window is not None:
         reuse = isinstance(window, int) and not compiling
-        block_mask = (cached_window_block_mask if reuse else window_block_mask)(T, S, window, causal, q.device)
+        block_mask = (cached_window_block_mask if reuse else window_block_mask)(T, S, window, causal, q.device,
+                                                                                window_unit)
     elif not causal:
         block_mask = None
     else:
@@ -240,22 +245,26 @@ def flex_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mas
     return flex(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=k.size(1) != q.size(1))
 
 
-def window_band(T: int, S: int, window: int | torch.Tensor, causal: bool, device: torch.device) -> torch.Tensor:
-    """(T, S) True where query t of the last T of S positions sees key s within a sliding window of `window` tokens:
-    0 <= S - T + t - s < window (causal), or |S - T + t - s| < window (bidirectional)."""
-    distance = torch.arange(S - T, S, device=device)[:, None] - torch.arange(S, device=device)[None]  # (T, S)
-    near = distance.abs() < window  # (T, S)
-    return near & (distance >= 0) if causal else near
+def window_band(T: int, S: int, window: int | torch.Tensor, causal: bool, device: torch.device,
+                unit: int = 1) -> torch.Tensor:
+    """(T, S) True where query t of the last T of S positions (index S - T + t) sees key s within a sliding window
+    (`in_window`)."""
+    return in_window(torch.arange(S - T, S, device=device)[:, None], torch.arange(S, device=device)[None], window,
+                     causal, unit)  # (T, S)
 
 
-def window_kind(window: int | torch.Tensor | None) -> Literal["none", "fixed", "scheduled"]:
-    """How a call's sliding window is given: none, a Python int (fixed) or a tensor (a training schedule)."""
-    return "none" if window is None else "fixed" if isinstance(window, int) else "scheduled"
+def window_kind(window: int | torch.Tensor | None,
+                unit: int = 1) -> Literal["none", "fixed", "scheduled", "blocks"]:
+    """How a call's sliding window is given: none, a Python int (fixed), a tensor (a training schedule), or either
+    counted in blocks of unit > 1 tokens."""
+    if window is None:
+        return "none"
+    return "blocks" if unit > 1 else "fixed" if isinstance(window, int) else "scheduled"
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend: str, dropout_p: float,
                      mask: torch.Tensor | None = None, scale: float | None = None, causal: bool = True,
-                     window: int | torch.Tensor | None = None) -> torch.Tensor:
+                     window: int | torch.Tensor | None = None, window_unit: int = 1) -> torch.Tensor:
     """Causal attention of queries q (B, T, H, D) over keys k (B, S, KV, D) and values v (B, S, KV, Dv), KV dividing H.
 
     The T queries are the last T of the S positions (S > T when earlier keys come from a cache), so query t
@@ -263,11 +272,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     attention is allowed, replaces that rule (left-padded batches). With causal=False and no mask every query sees
     every key (masked-LM objectives). `window` (an int, or a () tensor that a training schedule changes without
     recompiling) further restricts query t to the keys at distance d = S - T + t - s with 0 <= d < window, or
-    |d| < window when not causal. The softmax scale defaults to 1/sqrt(D). `backend` is the requested
+    |d| < window when not causal; with window_unit u > 1 it counts whole blocks of u tokens (`in_window`). The
+    softmax scale defaults to 1/sqrt(D). `backend` is the requested
     --attn_backend; `select_backend` picks the kernel. Returns (B, T, H, Dv).
     """
     call = AttentionCall(q.device.type, q.dtype, q.size(-1), v.size(-1), mask is not None, dropout_p,
-                         q.requires_grad or k.requires_grad or v.requires_grad, window_kind(window))
+                         q.requires_grad or k.requires_grad or v.requires_grad, window_kind(window, window_unit))
     kernel = select_backend(backend, call, machine_of(q.device))
     if kernel in ("flash4", "flash2"):  # flash-attn takes (B, T, H, D) and aligns its causal mask to the bottom right
         flash = FLASH[int(kernel[-1])]
@@ -276,10 +286,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
         return flash(q, k, v, dropout_p, scale, causal, window)  # (B, T, H, Dv)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T|S, D)
     if kernel == "flex":
-        return flex_causal_attention(q, k, v, mask, scale, causal, window).transpose(1, 2)  # (B, T, H, Dv)
+        return flex_causal_attention(q, k, v, mask, scale, causal, window, window_unit).transpose(1, 2)  # (B, T, H, Dv)
     T, S = q.size(2), k.size(2)
     if window is not None:
-        band = window_band(T, S, window, causal, q.device)  # (T, S)
+        band = window_band(T, S, window, causal, q.device, window_unit)  # (T, S)
         mask = band if mask is None else mask & band  # (T, S) or (B, 1, T, S)
     elif mask is None and causal and 1 < T < S:
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)  # (T, S)
@@ -300,20 +310,26 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
 
 
 class SlidingWindow(nn.Module):
-    """A layer's sliding window: `size` tokens (None: full attention), and below it the limit that a training
-    schedule (--window_schedule) sets, held in a () tensor so that compiled code reads it and does not change
-    with it. The tensor is a non-persistent buffer: checkpoints do not carry it, the schedule sets it from the step."""
+    """A layer's sliding window: `size` tokens (None: full attention) counted in units of `unit` tokens, and below
+    it the window that a training schedule (--window_schedule) sets, held in a () tensor so that compiled code reads
+    it and does not change with it. The tensor is a non-persistent buffer: checkpoints do not carry it, the schedule
+    sets it from the step."""
 
-    def __init__(self, size: int | None):
+    def __init__(self, size: int | None, unit: int = 1):
         super().__init__()
-        self.size = size
+        self.size, self.unit = size, unit
         self.scheduled = False  # whether the limit applies (set once, before the first compiled step)
         self.register_buffer("limit", torch.tensor(size or 0), persistent=False)
 
-    def schedule(self, limit: int) -> None:
-        """Attends over min(size, limit) tokens from now on (training and evaluation); nothing for a full layer."""
+    def schedule(self, limit: int, final: int | None = None) -> None:
+        """Attends over min(size, limit) tokens from now on (training and evaluation), or, given the limit's `final`
+        value, over the window's share size * limit / final, rounded down to whole units and at least one (the size
+        once the limit reaches final); nothing for a full layer."""
         if self.size is not None:
-            self.limit.fill_(min(self.size, limit))
+            if final is None:
+                self.limit.fill_(min(self.size, limit))
+            else:
+                self.limit.fill_(self.unit * max(1, self.size * limit // (self.unit * final)))
             self.scheduled = True
 
     def current(self) -> int | torch.Tensor | None:
@@ -323,12 +339,13 @@ class SlidingWindow(nn.Module):
         return self.limit if self.scheduled else self.size
 
 
-def schedule_windows(model: nn.Module, limit: int | None) -> None:
-    """Limits every sliding window of the model to `limit` tokens (None: leaves them as they are)."""
+def schedule_windows(model: nn.Module, limit: int | None, final: int | None = None) -> None:
+    """Limits every sliding window of the model to `limit` tokens (None: leaves them as they are), or to its share of
+    the limit when the limit's final value is given (SlidingWindow.schedule)."""
     if limit is not None:
         for module in model.modules():
             if isinstance(module, SlidingWindow):
-                module.schedule(limit)
+                module.schedule(limit, final)
 
 
 def check_window(block: BlockConfig) -> None:

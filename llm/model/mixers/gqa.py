@@ -6,6 +6,7 @@ from ...config import BlockConfig, LLMconfig, require
 from ..cache import TokenCache, WindowCache
 from ..kinds import MixerKind
 from ..positions import RopeScaling, apply_rope, rope_angles
+from ..shortcuts import scalars
 from .attention import SlidingWindow, causal_attention, check_heads, check_window
 
 
@@ -50,7 +51,9 @@ class GroupedQueryAttention(nn.Module):
         self.dropout, self.backend = config.dropout, config.attn_backend
         self.rope_theta = config.rope_theta if config.pos_emb == "rope" else None
         self.rope_scaling = RopeScaling.of(config)
-        self.window = SlidingWindow(block.window)
+        self.window = SlidingWindow(block.window, config.window_unit)
+        # --value_embeds: v <- l0 * v + l1 * ve (l1 unused in layers without a value embedding)
+        self.value_lambdas = scalars([0.5, 0.5]) if config.value_embeds else None
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype, device: torch.device) -> KVCache | WindowCache:
         if self.window.size is not None:
@@ -65,11 +68,16 @@ class GroupedQueryAttention(nn.Module):
         return q.view(B, T, self.n_head, hs), k.view(B, T, self.n_kv, hs), v.view(B, T, self.n_kv, hs)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None,
-                cache: KVCache | WindowCache | None = None) -> torch.Tensor:
-        """x (B, T, C) at positions (B or 1, T); with a cache, attends over the cached keys and values as well."""
+                cache: KVCache | WindowCache | None = None, value_embed: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, T, C) at positions (B or 1, T); with a cache, attends over the cached keys and values as well; with
+        value lambdas (--value_embeds) the values are mixed with the layer's value embedding (B, T, KV * hs)."""
         B, T, _ = x.shape
         hs = self.head_size
         q, k, v = self.heads(x)  # (B, T, H, hs), (B, T, KV, hs) twice
+        if self.value_lambdas is not None:
+            v = self.value_lambdas[0] * v  # (B, T, KV, hs)
+            if value_embed is not None:
+                v = v + self.value_lambdas[1] * value_embed.view_as(v)  # (B, T, KV, hs)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # per head, over hs
         if self.rope_theta is not None:
@@ -77,12 +85,12 @@ class GroupedQueryAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         window = self.window.current()
         if isinstance(cache, WindowCache):  # held keys are out of order: the mask says which ones each query sees
-            (k, v), mask = cache.append(k, v, window=window, mask=mask)  # (B, S, KV, hs) each, (B, 1, T, S)
+            (k, v), mask = cache.append(k, v, window=window, mask=mask, unit=self.window.unit)  # (B, S, KV, hs) each, (B, 1, T, S)
             window = None
         elif cache is not None:
             k, v = cache.append(k, v)  # (B, S, KV, hs) each
         y = causal_attention(q, k, v, self.backend, self.dropout if self.training else 0.0, mask,
-                             causal=self.causal, window=window)  # (B, T, H, hs)
+                             causal=self.causal, window=window, window_unit=self.window.unit)  # (B, T, H, hs)
         return self.resid_dropout(self.c_proj(y.reshape(B, T, self.n_head * hs)))  # (B, T, C)
 
 

@@ -76,7 +76,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.dropout, self.backend, self.rope_theta = config.dropout, config.attn_backend, config.rope_theta
         self.rope_scaling = RopeScaling.of(config)
         self.scale = softmax_mscale(config) / math.sqrt(qk_dim)  # 1 / sqrt(dn + dr), times DeepSeek's yarn mscale^2
-        self.window = SlidingWindow(block.window)
+        self.window = SlidingWindow(block.window, config.window_unit)
 
     def new_cache(self, batch: int, max_len: int, dtype: torch.dtype,
                   device: torch.device) -> LatentCache | WindowCache:
@@ -105,10 +105,11 @@ class MultiHeadLatentAttention(nn.Module):
             q = torch.cat((q_nope, q_rope), dim=-1)  # (B, T, H, dn + dr)
             k = torch.cat((k_nope, k_rope[:, :, None].expand(B, T, H, dr)), dim=-1)  # (B, T, H, dn + dr)
             y = causal_attention(q, k, v, self.backend, dropout, mask, scale=self.scale, causal=self.causal,
-                                 window=window)  # (B, T, H, dv)
+                                 window=window, window_unit=self.window.unit)  # (B, T, H, dv)
         else:
             if isinstance(cache, WindowCache):  # held latents are out of order: the mask says which each query sees
-                (latent, k_rope), mask = cache.append(latent, k_rope, window=window, mask=mask)  # (B, S, ...), mask
+                (latent, k_rope), mask = cache.append(latent, k_rope, window=window, mask=mask,
+                                                    unit=self.window.unit)  # (B, S, ...), mask
                 window = None
             else:
                 latent, k_rope = cache.append(latent, k_rope)  # (B, S, dc), (B, S, dr)

@@ -8,7 +8,7 @@ from torch import nn
 
 from ...config import ConfigError, LLMconfig
 from ...targets import IGNORE
-from ..chunked_loss import linear_cross_entropy
+from ..chunked_loss import linear_cross_entropy, soft_cap
 from ..codon_losses import CodonTree, HXELoss, SoftLabelLoss, codon_token_names
 
 MAX_LOG_PPL = 709.0  # exp of more overflows a float: the perplexity is then reported as inf
@@ -30,7 +30,7 @@ class TokenLoss(nn.Module):
 
     Cross-entropy with targets and no logits asked for is computed over chunks of `chunk` tokens (None: a size
     chosen from the vocabulary, `chunked_loss.chunk_tokens`), so the logits of the whole batch are never
-    materialised.
+    materialised. With --logit_softcap c the logits are c * tanh(z / c), in both paths.
 
     The inputs and a diffusion time that the model passes to every objective's loss are not read here.
 
@@ -46,6 +46,7 @@ class TokenLoss(nn.Module):
         self.chunk: int | None = None
         self.codon_loss = codon_loss(config)
         self.codon_loss_name = config.loss
+        self.softcap = config.logit_softcap
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None,
                 return_logits: bool, token_weights: torch.Tensor | None = None, inputs: torch.Tensor | None = None,
@@ -56,9 +57,9 @@ class TokenLoss(nn.Module):
         flat_weights = None if token_weights is None else token_weights.reshape(-1)  # (B*T,)
         if targets is not None and not return_logits and self.codon_loss is None:
             loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                        self.vocab_size, IGNORE, self.chunk, flat_weights)
+                                        self.vocab_size, IGNORE, self.chunk, flat_weights, self.softcap)
             return None, loss
-        logits = F.linear(hidden, weight)[..., : self.vocab_size]  # (B, T, V)
+        logits = soft_cap(F.linear(hidden, weight)[..., : self.vocab_size], self.softcap)  # (B, T, V)
         if targets is None:
             return logits, None
         flat_logits, flat_targets = logits.reshape(-1, self.vocab_size), targets.reshape(-1)  # (B*T, V), (B*T,)
