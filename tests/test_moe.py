@@ -189,6 +189,17 @@ def test_balance_loss_is_weighted_by_coeff_or_alpha():
         torch.testing.assert_close(moe(x).aux_loss, weight * raw)
 
 
+def test_router_z_loss_is_the_mean_squared_logsumexp_of_the_router_logits():
+    """ST-MoE's z-loss, token by token, joins the balance loss weighted by router_z_loss (0: left out)."""
+    x = torch.randn(2, 5, C)
+    plain, with_z = moe_layer(n_exp=6, n_shared=1, n_act=3), moe_layer(n_exp=6, n_shared=1, n_act=3, router_z_loss=0.1)
+    with_z.load_state_dict(plain.state_dict())
+    logits = (x.view(-1, C) @ plain.router.gate.weight.T).tolist()  # (10, 5)
+    z = sum(math.log(sum(math.exp(v) for v in row)) ** 2 for row in logits) / len(logits)
+    assert (with_z(x).aux_loss - plain(x).aux_loss).item() == pytest.approx(0.1 * z, rel=1e-5)
+    assert plain.router(x.view(-1, C)).z_loss.item() == 0.0
+
+
 def max_mean(load: torch.Tensor) -> float:
     return (load.max() / load.float().mean()).item()
 
@@ -331,6 +342,7 @@ def test_jitter_noise_scales_router_inputs_in_training_only():
 
 @pytest.mark.parametrize("fields,message", [
     (dict(jitter_noise=1.0), "jitter_noise=1.0 must be in"), (dict(jitter_noise=-0.1), "jitter_noise=-0.1"),
+    (dict(router_z_loss=-1e-3), "router_z_loss=-0.001 must be >= 0"),
     (dict(router_score="mixtral", n_act=2, n_shared=1), "router_score=mixtral with n_act - n_shared = 1"),
 ])
 def test_gating_variants_refuse_bad_values(fields, message):

@@ -179,7 +179,8 @@ def test_the_scaled_schedule_in_training_steps():
      "window_block=64 is not a multiple of window_unit=128, so window_schedule=linear would cut a window inside a "
      "block; make it a multiple of 128 or use --window_schedule scaled"),
     (["--window", "256", "--window_unit", "128", "--window_schedule", "scaled", "--window_max", "256"], None),
-    (["--window", "256", "--window_unit", "96"], "layer 0: window=256 is not a multiple of window_unit=96; give windows in whole blocks of 96 tokens"),
+    (["--window", "256", "--window_unit", "96"],
+     "layer 0: window=256 is not a multiple of window_unit=96; give windows in whole blocks of 96 tokens"),
 ])
 def test_schedule_flags(argv, message):
     if message is None:

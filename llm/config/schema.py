@@ -162,6 +162,9 @@ class BlockConfig:
     """MoE: groups each token may route to (DeepSeek-V3 topk_group), at most n_group; equal to n_group: no limit."""
     routed_scaling_factor: float = 1.0
     """MoE: factor on the routed experts' gate weights, after norm_topk (DeepSeek-V3 routed_scaling_factor)."""
+    router_z_loss: float = 0.0
+    """MoE: weight of ST-MoE's router z-loss, the mean over tokens of logsumexp(router logits)^2 (Zoph et al. 2022:
+    1e-3), which keeps the router's logits small; 0 disables."""
     qkv_bias: bool = False
     """mha/mqa/gqa: biases on the query, key and value projections even without --bias (Qwen2)."""
     qk_norm: bool = False

@@ -16,6 +16,7 @@ class Unmapped:
         self.path, self.fmt, self.lenient = path, fmt, lenient
         self.keys: list[str] = []
         self.notes: list[str] = []
+        self.readings: list[str] = []
 
     def refuse(self, key: str, why: str) -> None:
         """Records `key` (dotted, as in the file) as not mapped, for the reason `why`."""
@@ -24,6 +25,11 @@ class Unmapped:
     def note(self, key: str, why: str) -> None:
         """Records `key` (dotted, with its value) as read but not a training setting: printed in one note line."""
         self.notes.append(f"{key} ({why})")
+
+    def explain(self, key: str, how: str) -> None:
+        """Records how `key` (dotted, with its value) was read where its meaning here needs saying: printed in one
+        note line."""
+        self.readings.append(f"{key}: {how}")
 
     def unknown(self, section: dict, prefix: str, known: Any) -> None:
         """Records every key of `section` that is not in `known` as unknown to the format's reader."""
@@ -34,6 +40,8 @@ class Unmapped:
     def finish(self) -> None:
         """Prints the notes in one line; raises one ConfigError listing the unmapped keys, or with lenient prints them
         as ignored."""
+        if self.readings:
+            print(f"note: {self.path} ({self.fmt}): read as: {'; '.join(self.readings)}", file=sys.stderr)
         if self.notes:
             print(f"note: {self.path} ({self.fmt}): not used in training: {'; '.join(self.notes)}", file=sys.stderr)
         if not self.keys:

@@ -11,6 +11,7 @@ from ..config import BlockConfig, ConfigError, LLMconfig, read_user_text
 from .common import NSA_KEYS, Unmapped, expect_dict, model_with_layers, take
 from .hydra_bytes import BYTE_DATASET, BYTE_FAMILIES, byte_family
 from .hydra_diffusion import DIFFUSION_FAMILIES, diffusion_family
+from .hydra_record import record_gpt
 
 FAMILIES = ("current_best_gpt", "gpt2", "vanilla", "moe", "mod", "mtp", "mtm", "nsa", "ngpt", "rd", "mamba",
             *DIFFUSION_FAMILIES, *BYTE_FAMILIES)
@@ -23,10 +24,8 @@ TRAINER_CHOICES = {"type": "their trainer's model class; the family here is mode
 """training.yaml's keys that pick code in their trainer: every family file inherits them."""
 MUST_BE_FALSE = {"use_fp8": "fp8 of their output head", "proj_fp8": "fp8 of their output head",
                  "use_adam_mini": "Adam-mini", "rescale_prenorm_residual": "their prenorm-residual rescaling"}
-CURRENT_BEST_GPT_EXTRAS = (
-    "the speedrun GPT's value embeddings, U-net skip connections, x0 mixing, long/short sliding-window masks and "
-    "logit soft-capping have no kind here; --lenient imports it as a RoPE, RMSNorm GPT with a ReLU² MLP and Muon")
-"""What current_best_gpt (models/Current_best_gpt.py) has beyond the kinds it maps to."""
+ENVIRONMENT = {"modal_data_path": "their container's data folder", "local_data_path": "their local data folder"}
+"""data.yaml's keys that locate their data on their machines: --data_dir says where ours is."""
 FAMILY_DEFAULTS = {"nsa": NSA_KEYS, "hnet_x_nsa": NSA_KEYS, "mtp": ("n_mtp_tokens", "use_deepseek_mtp")}
 """training.yaml keys that only one family reads: they fill its model_cfg where it leaves them out and change
 nothing for the other families."""
@@ -97,6 +96,8 @@ def hydra_to_ours(data: dict, path: str, lenient: bool) -> dict:
     else:
         model, block = _family(family, model, block, cfg, unmapped)
     _training(data, train, model.get("block_size", LLMconfig.block_size), unmapped)
+    if family == "current_best_gpt":  # after _training: its windows are in blocks of BLOCK_SIZE
+        model, layers = record_gpt(model, block, train, unmapped)
     for section, prefix in ((cfg, "model_cfg."), (data, "")):
         for key in [k for k in section if k in WITHOUT_EFFECT or k in MUST_BE_FALSE]:
             value = section.pop(key)
@@ -105,7 +106,7 @@ def hydra_to_ours(data: dict, path: str, lenient: bool) -> dict:
         unmapped.unknown(section, prefix, ())
     unmapped.finish()
     n_layer = model.pop("n_layer")
-    if family not in BYTE_FAMILIES:
+    if family not in BYTE_FAMILIES and family != "current_best_gpt":
         layers = [block] * n_layer
     return {"model": model_with_layers(model, layers), "train": train}
 
@@ -116,7 +117,8 @@ def _shared(data: dict, cfg: dict, train: dict, unmapped: Unmapped) -> tuple[dic
     n_layer = take(cfg, "n_layers", take(cfg, "num_layers", take(data, "num_layers", 12)))
     data.pop("model_dim", None), data.pop("num_layers", None)
     model = dict(n_embd=n_embd, n_layer=n_layer, vocab_size=take(cfg, "vocab_size", 50257))
-    seq_len = take(data, "train_seq_len")
+    seq_len = take(data, "train_seq_len", take(data, "seq_len"))  # data.yaml's seq_len: the same, of older files
+    data.pop("seq_len", None)
     if "n_ctx" in cfg:
         model["block_size"] = take(cfg, "n_ctx")
     elif seq_len is not None:
@@ -140,17 +142,20 @@ def _family(family: str, model: dict, block: BlockConfig, cfg: dict, unmapped: U
         model.update(arch="ngpt", pos_emb="rope", bias=False, tie_embeddings=False)
         return model, replace(block, non_linearity="swiglu")
     model.update(pos_emb="rope", norm="rms", bias=False)
-    if family == "current_best_gpt":
-        unmapped.refuse("model_cfg.type=current_best_gpt", CURRENT_BEST_GPT_EXTRAS)
-        return model, replace(block, non_linearity="relu2")
+    if family == "current_best_gpt":  # record_gpt, once the training keys are read
+        return model, block
     if family == "mamba":
         return _mamba(model, block, cfg, unmapped)
     if family == "moe":
         block = replace(block, ffn="moe", n_exp=take(cfg, "num_experts", 8), n_shared=0, n_act=take(cfg, "top_k", 2),
                         router_score=take(cfg, "gate_type", "mixtral"), jitter_noise=float(take(cfg, "jitter_noise", 0)),
                         coeff=float(take(cfg, "alpha", 0.01)))
-        if take(cfg, "beta", 0.0):
-            unmapped.refuse("model_cfg.beta", "a router z-loss; our MoE has none")
+        beta = float(take(cfg, "beta", 0.0))
+        if beta:
+            block = replace(block, router_z_loss=beta)
+            unmapped.explain(f"model_cfg.beta={beta}", "--router_z_loss, ST-MoE's router z-loss (their "
+                             "models/MixtureOfExperts.py computes it but leaves it out of the loss: pass "
+                             "--router_z_loss 0 to train as they do)")
         if take(cfg, "gate_norm_factor") is not None:
             unmapped.refuse("model_cfg.gate_norm_factor", "no such setting here")
     elif family == "mod":
@@ -168,8 +173,8 @@ def _family(family: str, model: dict, block: BlockConfig, cfg: dict, unmapped: U
     elif family == "rd":
         depths = {"n_prelude": take(cfg, "l_p", 2), "n_core": take(cfg, "l_core", 4), "n_coda": take(cfg, "l_c", 2)}
         if sum(depths.values()) != model["n_layer"]:
-            unmapped.refuse("model_cfg.n_layers", f"{model['n_layer']} differs from l_p + l_core + l_c = "
-                            f"{sum(depths.values())}, the distinct layers of the recurrent-depth model")
+            unmapped.note(f"model_cfg.n_layers={model['n_layer']}", "their recurrent-depth model builds l_p + l_core "
+                          f"+ l_c = {sum(depths.values())} distinct layers and reads no n_layers")
         model.update(arch="recurrent", n_layer=sum(depths.values()), **depths)
         for key in ("mean_recurrence", "k_trunc", "r_max", "eval_recurrence", "adapter_mode"):
             if key in cfg:
@@ -193,11 +198,14 @@ def _mamba(model: dict, block: BlockConfig, cfg: dict, unmapped: Unmapped):
                     dt_min=float(take(cfg, "time_step_min", 0.001)), dt_max=float(take(cfg, "time_step_max", 0.1)),
                     dt_init=take(cfg, "time_step_init_scheme", "random"),
                     dt_init_floor=float(take(cfg, "time_step_floor", 1e-4)))
-    for key, ours in (("hidden_act", "silu"), ("residual_in_fp32", True), ("time_step_scale", 1.0),
-                      ("initializer_range", 0.02)):
+    for key, ours in (("hidden_act", "silu"), ("residual_in_fp32", True), ("time_step_scale", 1.0)):
         value = take(cfg, key, ours)
         if value != ours:
             unmapped.refuse(f"model_cfg.{key}", f"{value!r}; ours is fixed at {ours!r}")
+    init = take(cfg, "initializer_range", 0.02)
+    if init != 0.02:
+        unmapped.note(f"model_cfg.initializer_range={init}", "their models/Mamba.py initialises its embedding at "
+                      "std 0.02 without reading it, as here")
     return model, block
 
 
@@ -226,3 +234,7 @@ def _training(data: dict, train: dict, block_size: int, unmapped: Unmapped) -> N
         train["eval_iters"] = max(1, val_tokens // (train.get("batch_size", 1) * block_size))
     if take(data, "val_seq_len") is not None:
         unmapped.note("val_seq_len", "validation reads batches of batch_size x block_size, as training")
+    for key, what in ENVIRONMENT.items():
+        value = take(data, key)
+        if value is not None:
+            unmapped.note(f"{key}={value}", f"{what}; --data_dir says where the prepared data is")

@@ -49,7 +49,7 @@ class MoE(FeedForward):
     The shared experts are one MLP of width n_shared * up_dim (the same function as n_shared separate MLPs
     summed). Balancing is the Switch-style loss weighted by `coeff`, or with `aux_free` DeepSeek-V3's
     selection bias (moved by `update_bias` after each optimizer step) plus its sequence-wise loss weighted
-    by `alpha`.
+    by `alpha`; the router's z-loss (ST-MoE) joins it weighted by `router_z_loss`.
     """
 
     def __init__(self, block: BlockConfig, config: LLMconfig):
@@ -57,14 +57,15 @@ class MoE(FeedForward):
         self.aux_free = block.aux_free
         self.gamma = block.gamma
         self.balance_weight = block.alpha if block.aux_free else block.coeff
+        self.z_weight = block.router_z_loss
         self.router = Router(block, config)
         self.experts = RoutedExperts(block, config)
         self.shared = MLP(replace(block, up_dim=block.n_shared * block.up_dim), config) if block.n_shared else None
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> FFNOutput:
-        """x (B, T, C) -> output (B, T, C), the weighted balance loss, and stats {"load": (E,) tokens per routed
-        expert}."""
+        """x (B, T, C) -> output (B, T, C), the weighted balance loss (and z-loss), and stats {"load": (E,) tokens
+        per routed expert}."""
         B, T, C = x.shape
         flat = x.reshape(B * T, C)  # (N, C)
         route = self.router(flat)
@@ -76,7 +77,7 @@ class MoE(FeedForward):
             balance = sequence_balance_loss(route.scores, route.indices, B)
         else:
             balance = switch_balance_loss(route.scores, load)
-        return FFNOutput(y, self.balance_weight * balance, {"load": load})
+        return FFNOutput(y, self.balance_weight * balance + self.z_weight * route.z_loss, {"load": load})
 
     def after_step(self, stats: dict[str, torch.Tensor]) -> None:
         """After an optimizer step: moves the aux-free selection bias by gamma from the step's loads (E,)."""
@@ -120,7 +121,7 @@ def validate(block: BlockConfig, config: LLMconfig) -> None:
                 f"{block.n_act - block.n_shared} routed experts each token picks; raise topk_group")
     require(block.routed_scaling_factor > 0,
             f"routed_scaling_factor={block.routed_scaling_factor} must be > 0 (1: gate weights unscaled)")
-    for name in ("coeff", "alpha", "gamma"):
+    for name in ("coeff", "alpha", "gamma", "router_z_loss"):
         value = getattr(block, name)
         require(value >= 0, f"{name}={value} must be >= 0")
     require(0 <= block.jitter_noise < 1, f"jitter_noise={block.jitter_noise} must be in [0, 1) (0 disables it)")

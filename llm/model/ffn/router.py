@@ -14,6 +14,7 @@ class Routing(NamedTuple):
     scores: torch.Tensor  # (N, E) fp32 affinities: softmax or sigmoid of the router logits
     indices: torch.Tensor  # (N, k) chosen experts
     weights: torch.Tensor  # (N, k) fp32 gate weights of the chosen experts (unbiased scores)
+    z_loss: torch.Tensor  # () mean over tokens of logsumexp(logits)^2 (ST-MoE), 0 when its weight is 0
 
 
 class Router(nn.Module):
@@ -26,6 +27,9 @@ class Router(nn.Module):
     With `aux_free` a per-expert bias (buffer `expert_bias`, DeepSeek-V3's auxiliary-loss-free balancing) is
     added to the scores for the selection only; gate weights always come from the unbiased scores and are
     renormalised over the chosen k when `norm_topk` is set, then multiplied by `routed_scaling_factor`.
+
+    With `router_z_loss` the routing also gives ST-MoE's z-loss, the mean of the squared logsumexp of each token's
+    router logits.
 
     Group-limited routing (DeepSeek-V3, `n_group` groups of consecutive experts, `topk_group` < n_group): each
     token ranks the groups by the sum of their two highest selection scores (biased where aux_free) and picks its
@@ -41,6 +45,7 @@ class Router(nn.Module):
         self.jitter_noise = block.jitter_noise
         self.n_group, self.topk_group = block.n_group, block.topk_group
         self.scaling = block.routed_scaling_factor
+        self.with_z_loss = block.router_z_loss > 0
         self.gate = nn.Linear(config.n_embd, self.n_routed, bias=False)
         bias = torch.zeros(self.n_routed) if block.aux_free else None
         self.register_buffer("expert_bias", bias)
@@ -63,7 +68,8 @@ class Router(nn.Module):
             weights = scores.gather(1, indices)  # (N, k)
             if self.norm_topk:
                 weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return Routing(scores, indices, weights * self.scaling)  # weights (N, k)
+        z_loss = logits.logsumexp(dim=-1).square().mean() if self.with_z_loss else logits.new_zeros(())
+        return Routing(scores, indices, weights * self.scaling, z_loss)  # weights (N, k)
 
     def within_best_groups(self, choice: torch.Tensor) -> torch.Tensor:
         """Selection scores (N, E) with -inf outside each token's topk_group best groups (ranked by the sum of
