@@ -259,11 +259,11 @@ def _with_layers(args: Args, given: set[str]) -> tuple[LLMconfig, list[str]]:
     elif model.layers:
         per_layer = sorted(given & set(known_fields(BlockConfig)))
         if per_layer:
-            raise ConfigError(f"--{per_layer[0]} cannot change the heterogeneous layers read from --config; "
+            raise ConfigError(f"--{per_layer[0]} cannot change the heterogeneous layers of --config or --preset; "
                               "edit model.layers in the file or pass --layer_configs_jsonl")
         if "n_layer" in given and model.n_layer != len(model.layers):
             raise ConfigError(f"--n_layer {model.n_layer} cannot change the {len(model.layers)} heterogeneous layers "
-                              "read from --config; edit model.layers in the file or pass --layer_configs_jsonl")
+                              "of --config or --preset; edit model.layers in the file or pass --layer_configs_jsonl")
         blocks, wheres = model.layers, [f"model.layers item {i}" for i in range(len(model.layers))]
     else:
         if model.n_layer < 1:

@@ -306,7 +306,7 @@ def test_n_layer_cannot_change_the_heterogeneous_layers_of_a_config_file(tmp_pat
     spec = dict(attn="mha", n_head=2, ffn="dense", up_dim=64, non_linearity="gelu")
     layers = [spec, {**spec, "non_linearity": "relu"}] * 2
     (tmp_path / "four.json").write_text(json.dumps({"model": {"n_embd": 32, "layers": layers}}))
-    with pytest.raises(ConfigError, match="^--n_layer 2 cannot change the 4 heterogeneous layers read from --config"):
+    with pytest.raises(ConfigError, match="^--n_layer 2 cannot change the 4 heterogeneous layers of --config"):
         parse(["--config", str(tmp_path / "four.json"), "--n_layer", "2"])
     assert parse(["--config", str(tmp_path / "four.json"), "--n_layer", "4"])[0].n_layer == 4
 

@@ -211,7 +211,8 @@ def test_every_documented_train_command_validates(doc, commands, tmp_path, monke
     """Each `python train.py ...` (or torchrun ... train.py ...) of README and docs goes through the real parser and
     validator, in order within its block, in a folder holding the repository's example files."""
     shutil.copy(REPO / "layer_configs.jsonl", tmp_path)
-    shutil.copytree(REPO / "tests" / "data" / "modded_nanogpt", tmp_path / "tests" / "data" / "modded_nanogpt")
+    for folder in ("modded_nanogpt", "modded_nanogpt_23cea17"):
+        shutil.copytree(REPO / "tests" / "data" / folder, tmp_path / "tests" / "data" / folder)
     monkeypatch.chdir(tmp_path)
     for argv, out in commands:
         line = " ".join(argv)

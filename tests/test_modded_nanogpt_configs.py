@@ -15,7 +15,7 @@ CONFIGS = REPO / "tests" / "data" / "modded_nanogpt_23cea17"
 FAMILIES = sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.stem not in ("training", "data", "config"))
 BYTE_FAMILIES = ("megabyte", "hnet", "hnet_x_nsa")  # trained on bytes in test_byte_configs.py (the same files)
 TINY = ["--block_size", "32", "--batch_size", "2", "--total_batch_size_str", "64", "--max_iters", "2",
-        "--eval_iters", "1", "--no_compile", "--no_wandb_log", "--no_save_model"]
+        "--eval_iters", "1", "--no_compile", "--no_wandb_log", "--no_save_model", "--vocab_size", "65"]
 SHRUNK = {"megabyte": ["--n_embd", "32", "--global_byte_embd", "8", "--patch_size", "4"]}  # else --n_embd 48
 UNIFORM = ("--up_dim", "96")  # the MLP width of the families whose layers are one spec repeated
 

@@ -33,7 +33,7 @@ train(model, cfg)
 peak = peak_memory_bytes(torch.device("cpu"))  # this process's own peak (ru_maxrss keeps its launcher's too)
 print(json.dumps({"estimate": e.total, "measured": peak - base}))
 """
-SHAPE = ["--n_layer", "4", "--n_embd", "512", "--n_head", "8", "--block_size", "256", "--batch_size", "16"]
+SHAPE = ["--n_layer", "4", "--n_embd", "384", "--n_head", "6", "--block_size", "256", "--batch_size", "8"]
 
 
 def run_train_py(args: list[str], cwd) -> subprocess.CompletedProcess:

@@ -282,6 +282,20 @@ def test_refusals(fields, message):
         make_config({**GQA, **layers}, **fields)
 
 
+def test_the_presets_hold_the_records_layers():
+    """Long and short windows per layer; flags that would change the layers are refused with the way out."""
+    model, run = parse(["--preset", "record-gpt"])
+    assert [b.window for b in model.layers] == [1792, 896, 896, 896, 1792, 896, 896, 1792, 896, 896, 896, 1792]
+    assert (model.value_embeds, model.x0_mix, model.unet_skips, model.logit_softcap, model.window_unit) == (
+        3, True, True, 15.0, 128)
+    assert (run.window_schedule, run.window_max, run.optimizer, run.eval_iters) == ("scaled", 1792, "muon", 160)
+    model, _ = parse(["--preset", "record-gpt-tiny"])
+    assert [b.window for b in model.layers] == [128, 64, 64, 64, 64, 128]
+    with pytest.raises(ConfigError, match="--n_layer 4 cannot change the 6 heterogeneous layers of --config or "
+                                          "--preset"):
+        parse(["--preset", "record-gpt-tiny", "--n_layer", "4"])
+
+
 def test_value_embeddings_need_attention_values_of_one_width():
     with pytest.raises(ConfigError, match="layer 0: value_embeds mixes a table into its attention values"):
         make_config([{"attn": "mamba", "ffn": "none"}, GQA, GQA], value_embeds=1)

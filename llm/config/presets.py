@@ -1,5 +1,28 @@
 """Named starting points: `--preset NAME` sets the defaults that flags then override."""
+from dataclasses import replace
+
 from .schema import BlockConfig, LLMconfig, Trainconfig
+
+
+def record_long_layers(n_layer: int) -> set[int]:
+    """The record GPT's long-window layers: in the first half (n_layer // 2 layers) every fourth from the first
+    (L S S S L S for six), mirrored in the second half."""
+    first = {i for i in range(n_layer // 2) if i % 4 == 0}
+    return first | {n_layer - 1 - i for i in first}
+
+
+def record_layers(n_layer: int, block: BlockConfig, long: int, short: int) -> list[BlockConfig]:
+    """n_layer copies of `block` with the record GPT's long and short windows."""
+    return [replace(block, window=long if i in record_long_layers(n_layer) else short) for i in range(n_layer)]
+
+
+RECORD_TRAIN = dict(optimizer="muon", lr_schedule="trapezoid", cooldown_frac=0.4, warmup_steps=0, beta1=0.8,
+                    beta2=0.95, adam_eps=1e-10, weight_decay=0.0, window_schedule="scaled")
+"""The record GPT's optimizer (Muon with Adam (0.8, 0.95) on the rest at its rates: our defaults), schedule and
+window schedule."""
+RECORD_MODEL = dict(pos_emb="rope", norm="rms", bias=False, tie_embeddings=False, x0_mix=True, unet_skips=True,
+                    logit_softcap=15.0)
+RECORD_BLOCK = BlockConfig(attn="mha", non_linearity="relu2", qk_norm=True)
 
 PRESETS: dict[str, tuple[LLMconfig, BlockConfig, Trainconfig]] = {
     # A small model that trains on a laptop CPU in minutes.
@@ -63,6 +86,25 @@ PRESETS: dict[str, tuple[LLMconfig, BlockConfig, Trainconfig]] = {
                   hnet_decoder_layers=[1], hnet_ratios=[4.0]),
         BlockConfig(),
         Trainconfig(dataset="shakespeare_byte"),
+    ),
+    # The modded-nanogpt record GPT (docs/record-gpt.md) at a CPU size: 6 layers of 128 over 256 characters, three
+    # value-embedding tables, x0 mixing, U-net skips, logits capped at 15, block windows of 16 tokens (long 128,
+    # short 64) grown by the scaled schedule, Muon.
+    "record-gpt-tiny": (
+        LLMconfig(block_size=256, n_layer=6, value_embeds=3, window_unit=16, **RECORD_MODEL,
+                  layers=record_layers(6, replace(RECORD_BLOCK, n_head=4), 128, 64)),
+        replace(RECORD_BLOCK, n_head=4),
+        Trainconfig(window_max=128, window_block=16, **RECORD_TRAIN),
+    ),
+    # The record itself (KellerJordan/modded-nanogpt, 2025-01-16): 12 layers of 768, 6 heads of 128, a 4x ReLU² MLP,
+    # one 64K-token sequence per GPU on 8 GPUs, 1,393 steps, windows of 128-token blocks growing to 1792/896, on
+    # FineWeb with the GPT-2 vocabulary; validation reads 10,485,760 tokens (160 sequences).
+    "record-gpt": (
+        LLMconfig(vocab_size=50257, block_size=65536, n_embd=768, n_layer=12, value_embeds=3, window_unit=128,
+                  **RECORD_MODEL, layers=record_layers(12, replace(RECORD_BLOCK, n_head=6, up_dim=3072), 1792, 896)),
+        replace(RECORD_BLOCK, n_head=6, up_dim=3072),
+        Trainconfig(dataset="fineweb", total_batch_size_str="8*65536", batch_size=1, max_iters=1393,
+                    eval_iters=160, window_max=1792, window_block=128, compile=True, **RECORD_TRAIN),
     ),
     # MDLM's OpenWebText model (its configs/model/small.yaml): 12 layers of 768, 12 heads, 1024 tokens, the GPT-2
     # vocabulary plus [MASK], untied head, dropout 0.1; AdamW 3e-4 (0.9, 0.999), no weight decay, 2,500 warmup

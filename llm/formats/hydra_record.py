@@ -10,6 +10,7 @@ grown by the scaled window schedule.
 from dataclasses import replace
 
 from ..config import BlockConfig
+from ..config.presets import RECORD_MODEL, RECORD_TRAIN, record_layers
 from .common import Unmapped
 
 RECORD_WINDOW = 1728  # tokens the record's window warm-up ends at, before rounding up to whole blocks
@@ -19,22 +20,14 @@ NOT_REPRODUCED = ("its parameter-free norm of the embedding, its attention scale
 """The record's details that the mapped model leaves out (docs/record-gpt.md says why)."""
 
 
-def long_layers(n_layer: int) -> set[int]:
-    """The record's long-window layers: in the first half (n_layer // 2 layers) every fourth from the first
-    (L S S S L S for six), mirrored in the second half."""
-    first = {i for i in range(n_layer // 2) if i % 4 == 0}
-    return first | {n_layer - 1 - i for i in first}
-
-
 def record_gpt(model: dict, block: BlockConfig, train: dict, unmapped: Unmapped) -> tuple[dict, list[BlockConfig]]:
     """The record GPT's model settings, per-layer windows and window schedule (train: BLOCK_SIZE as the block)."""
     n_layer, unit = model["n_layer"], train.get("window_block", 128)
     long = -(-RECORD_WINDOW // unit) * unit  # whole blocks: 1792 for blocks of 128
     short = max(unit, long // unit // 2 * unit)
-    model.update(pos_emb="rope", norm="rms", bias=False, tie_embeddings=False, x0_mix=True, unet_skips=n_layer >= 2,
-                 value_embeds=min(RECORD_VALUE_EMBEDS, n_layer // 2), logit_softcap=15.0, window_unit=unit)
-    train.update(window_schedule="scaled", window_max=long, window_block=unit)
+    model.update(RECORD_MODEL, unet_skips=n_layer >= 2, value_embeds=min(RECORD_VALUE_EMBEDS, n_layer // 2),
+                 window_unit=unit)
+    train.update(window_schedule=RECORD_TRAIN["window_schedule"], window_max=long, window_block=unit)
     unmapped.explain("model_cfg.type=current_best_gpt", f"the record GPT's parts, without {NOT_REPRODUCED} "
                                                         "(docs/record-gpt.md)")
-    block = replace(block, non_linearity="relu2", qk_norm=True)
-    return model, [replace(block, window=long if i in long_layers(n_layer) else short) for i in range(n_layer)]
+    return model, record_layers(n_layer, replace(block, non_linearity="relu2", qk_norm=True), long, short)
