@@ -3,6 +3,7 @@ soft-capping): each reduces to the plain GPT at its neutral setting, and each ke
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.utils import counters
 
 from llm.cli import parse
 from llm.config import ConfigError, Trainconfig
@@ -10,12 +11,16 @@ from llm.hf import family
 from llm.model import build_model
 from llm.model.chunked_loss import linear_cross_entropy
 from llm.model.mixers import attention as kernels
-from llm.model.mixers.attention import SlidingWindow
+from llm.model.mixers.attention import SlidingWindow, schedule_windows
 from llm.model.shortcuts import Shortcuts, value_embed_layers
 from llm.model.windows import in_window
+from llm.precision import Precision
+from llm.train.distributed import Distributed
+from llm.train.optim import build_optimizer
+from llm.train.step import train_step
 from llm.train.window_schedule import apply_window_schedule, scheduled_window
 from tests.conftest import make_config
-from tests.test_sliding_window import assert_generation_equals_recomputation
+from tests.test_sliding_window import FixedBatches, assert_generation_equals_recomputation
 
 GQA = dict(attn="gqa", n_head=4, n_kv_heads=2)
 OPTIONS = {
@@ -224,6 +229,30 @@ def test_cached_decoding_equals_the_full_pass_with_each_part(option):
         cache = model.new_cache(2)
         steps = [model(idx[:, a:b], cache=cache).logits for a, b in ((0, 11), (11, 12), (12, 21), (21, 30))]
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_compiles_whole_once_while_the_scaled_schedule_grows_its_windows():
+    """Every part at once, trained by Muon through the compiled model: one graph across window changes, each step's
+    loss that of the eager model at that window."""
+    torch._dynamo.reset()
+    counters.clear()
+    model = build_model(make_config([{**GQA, "window": 8}, {**GQA, "window": 4}] * 2, pos_emb="rope", norm="rms",
+                                    block_size=16, **{**OPTIONS["all"], "window_unit": 4})).train()
+    cfg = Trainconfig(device="cpu", optimizer="muon", window_schedule="scaled", window_max=8, window_block=4)
+    batches, optimizer = FixedBatches(), build_optimizer(model, cfg, torch.device("cpu"))
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    try:
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            for limit in (4, 8, 4):
+                schedule_windows(model, limit, final=8)
+                with torch.no_grad():
+                    eager = model(batches.x, batches.y).loss
+                result = train_step(model, compiled, batches, 1, Precision(torch.device("cpu"), torch.float32, None),
+                                    optimizer, cfg, Distributed())
+                torch.testing.assert_close(result.loss, eager, rtol=1e-5, atol=1e-5)
+        assert counters["stats"]["unique_graphs"] == 1
+    finally:
+        torch._dynamo.reset()
 
 
 def test_gradients_reach_every_part():
