@@ -151,13 +151,12 @@ def test_llm720_maps_mla_head_sizes_and_refuses_unknown_keys(tmp_path, capsys):
     data["model_config"]["mla_config"].update(v_head_dim=128, qk_nope_head_dim=96)
     model, _ = parse(["--config", write(tmp_path / "sizes.yaml", data)])
     assert {(b.v_head_dim, b.qk_nope_head_dim) for b in model.layers} == {(128, 96)}
-    data["train_config"]["tf32"] = False
-    data["eval_config"] = {"evals": ["hellaswag"]}
-    data["dataset_config"]["datasets"][0]["path"] = "EleutherAI/pile"
+    data["train_config"]["tf32"] = True
+    data["train_config"]["label_smoothing_factor"] = 0.1
     path = write(tmp_path / "llm720.yaml", data)
     with pytest.raises(ConfigError) as e:
         parse(["--config", path])
-    for key in ("train_config.tf32", "eval_config.evals", "datasets.pile.path"):
+    for key in ("train_config.tf32 (true; TF32 has no setting here", "train_config.label_smoothing_factor"):
         assert key in str(e.value)
     parse(["--config", path, "--lenient"])
     assert "train_config.tf32" in capsys.readouterr().err

@@ -15,7 +15,11 @@ PEER_KEYS = {"num_experts", "num_experts_per_tok", "num_heads", "expert_hidden_s
 """peer_config keys that are BlockConfig fields of the same name."""
 INIT_STD = 0.02
 """Our linear and embedding initialisation (initializer_range must equal it)."""
-SOURCE_KEYS = ("path", "split", "streaming", "text_field")
+SOURCE_KEYS = ("path", "subset", "split", "streaming", "text_field")
+RUN_NOTES = {"per_device_eval_batch_size": "evaluation reads batches of --batch_size",
+             "log_level": "their logging verbosity; the metrics line is printed every --log_interval steps",
+             "tf32": "fp32 matmuls run in full fp32 here, as PyTorch's default"}
+"""train_config keys of transformers' TrainingArguments that set nothing of the run here: noted."""
 
 
 def is_llm720(data: dict) -> bool:
@@ -41,8 +45,7 @@ def llm720_to_ours(data: dict, path: str, lenient: bool) -> dict:
     if batch is not None:
         train["batch_size"] = batch
         train["total_batch_size_str"] = f"{batch}*{accumulation}*{model.get('block_size', 2048)}"
-    for key in sections["eval_config"]:
-        unmapped.refuse(f"eval_config.{key}", "OpenAI evals; use --eval_tasks with HellaSwag files or lm_eval tasks")
+    _evals(sections["eval_config"], unmapped)
     _wandb(sections["wandb_config"], train, unmapped)
     unmapped.finish()
     return {"model": model_with_layers(model, blocks), "train": train}
@@ -115,12 +118,20 @@ def _train(cfg: dict, unmapped: Unmapped) -> dict:
     resume = take(cfg, "resume_from_checkpoint")
     if resume is not None:
         train["resume"] = str(resume)
+    if cfg.get("tf32"):
+        del cfg["tf32"]
+        unmapped.refuse("train_config.tf32", "true; TF32 has no setting here (fp32 matmuls run in full fp32): drop "
+                        "it, or use --dtype bfloat16 for faster matmuls")
+    for key, why in RUN_NOTES.items():
+        if key in cfg:
+            unmapped.note(f"train_config.{key}={take(cfg, key)}", why)
     unmapped.unknown(cfg, "train_config.", ())
     return train
 
 
 def _data(cfg: dict, train: dict, unmapped: Unmapped) -> int | None:
-    """dataset_config's datasets become the data mix (by name, as prepared datasets); returns max_seq_length."""
+    """dataset_config's datasets become the data mix (by name, as prepared datasets), each source noted with the
+    command that prepares it; returns max_seq_length."""
     datasets = take(cfg, "datasets", []) or []
     if not isinstance(datasets, list):
         raise ConfigError("dataset_config.datasets must be a list of {name, weight, ...} entries")
@@ -131,27 +142,54 @@ def _data(cfg: dict, train: dict, unmapped: Unmapped) -> int | None:
         if not isinstance(name, str):
             raise ConfigError(f"dataset_config.datasets item {i} needs a name (the prepared dataset's folder)")
         parts.append(f"{name}:{weight}")
-        for key in SOURCE_KEYS:
-            if entry.pop(key, None) is not None:
-                unmapped.refuse(f"dataset_config.datasets.{name}.{key}",
-                                f"a streaming source; prepare it as data/{name} with python -m llm.data.prepare")
+        source = {key: take(entry, key) for key in SOURCE_KEYS if entry.get(key) is not None}
+        if source:
+            unmapped.note(f"dataset_config.datasets.{name}", prepare_command(name, source))
         unmapped.unknown(entry, f"dataset_config.datasets.{name}.", ())
     if len(parts) == 1:
         train["dataset"] = parts[0].rpartition(":")[0]
     elif parts:
         train["data_mix"] = ",".join(parts)
-    if take(cfg, "tokenizer_name") is not None:
-        unmapped.refuse("dataset_config.tokenizer_name", "the tokenizer is the prepared dataset's")
+    tokenizer = take(cfg, "tokenizer_name")
+    if tokenizer is not None:
+        unmapped.note(f"dataset_config.tokenizer_name={tokenizer}", "the tokenizer is the prepared dataset's: "
+                      "gpt2 (r50k_base) by default, the only tiktoken vocabulary offered here")
     block_size = take(cfg, "max_seq_length")
     unmapped.unknown(cfg, "dataset_config.", ())
     return block_size
 
 
+def prepare_command(name: str, source: dict) -> str:
+    """The command that prepares a dataset_config source (a Hugging Face dataset) as data/NAME: from its split saved
+    as a local .jsonl file."""
+    split = "/".join(str(source[key]) for key in ("subset", "split") if key in source)
+    origin = f"the {split} split of {source.get('path', name)}" if split else source.get("path", name)
+    field = source.get("text_field", "text")
+    return (f"save {origin} as {name}.jsonl, then: python -m llm.data.prepare text --source {name}.jsonl "
+            f"--text_field {field} --out data/{name}")
+
+
+def _evals(cfg: dict, unmapped: Unmapped) -> None:
+    """eval_config: OpenAI evals by name, noted with the command that scores a checkpoint on lm-evaluation-harness
+    tasks of those names."""
+    evals = take(cfg, "evals") or []
+    if evals:
+        unmapped.note(f"eval_config.evals={','.join(map(str, evals))}", "after training: python -m llm.eval lm_eval "
+                      f"--ckpt OUT_DIR/RUN --tasks {','.join(map(str, evals))}")
+    for key in list(cfg):
+        unmapped.note(f"eval_config.{key}={take(cfg, key)}", "their OpenAI evals setting")
+
+
 def _wandb(cfg: dict, train: dict, unmapped: Unmapped) -> None:
-    """wandb_config: project and name (logging switched on)."""
+    """wandb_config: project and name (logging switched on); the entity and model logging are noted."""
     if "project" in cfg:
         train.update(wandb_log=True, wandb_project=take(cfg, "project"))
     if "name" in cfg:
         train["wandb_run_name"] = take(cfg, "name")
+    if "entity" in cfg:
+        unmapped.note(f"wandb_config.entity={take(cfg, 'entity')}", "wandb logs to the WANDB_ENTITY of the "
+                      "environment, else the logged-in user's")
+    if "log_model" in cfg:
+        unmapped.note(f"wandb_config.log_model={take(cfg, 'log_model')}", "checkpoints stay in the run directory")
     for key in cfg:
         unmapped.refuse(f"wandb_config.{key}", "no such setting here")

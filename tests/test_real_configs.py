@@ -1,6 +1,7 @@
-"""Every family file of the modded-nanogpt configs repository (tests/data/modded_nanogpt_23cea17, copied as they are
-with the training.yaml and data.yaml they compose) converts without --lenient, reads back the same through our
-format, and trains at a CPU size; the one that asks for what no model here computes is refused with the reason."""
+"""The reference systems' real config files, copied as they are: every family file of the modded-nanogpt configs
+repository (tests/data/modded_nanogpt_23cea17, with the training.yaml and data.yaml they compose) and llm720's two
+configs (tests/data/llm720) convert without --lenient, read back the same through our format, and train at a CPU
+size; the one that asks for what no model here computes is refused with the reason."""
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from llm.train import train
 from tests.conftest import REPO
 
 CONFIGS = REPO / "tests" / "data" / "modded_nanogpt_23cea17"
+LLM720 = REPO / "tests" / "data" / "llm720"
 FAMILIES = sorted(p.stem for p in CONFIGS.glob("*.yaml") if p.stem not in ("training", "data", "config"))
 BYTE_FAMILIES = ("megabyte", "hnet", "hnet_x_nsa")  # trained on bytes in test_byte_configs.py (the same files)
 TINY = ["--block_size", "32", "--batch_size", "2", "--total_batch_size_str", "64", "--max_iters", "2",
@@ -78,3 +80,41 @@ def test_current_best_gpt_is_the_record_gpt():
     assert [b.window // 128 for b in model.layers] == [14, 7, 7, 7, 14, 7, 7, 14, 7, 7, 7, 14]
     assert {(b.non_linearity, b.up_dim, b.n_head, b.qk_norm) for b in model.layers} == {("relu2", 3072, 6, True)}
     assert (run.window_schedule, run.window_max, run.window_block, run.optimizer) == ("scaled", 1792, 128, "muon")
+
+
+def assert_converts_and_trains(path: str, run_flags: list[str], tmp_path, run_name: str) -> None:
+    """The file reads back the same through our format and trains two steps with `run_flags`."""
+    ours = tmp_path / "ours.yaml"
+    convert_main([path, "--out", str(ours)])
+    assert config_dict(*parse(["--config", str(ours), *run_flags])) == config_dict(*parse(["--config", path,
+                                                                                           *run_flags]))
+    train(*parse(["--config", path, *run_flags]))
+    rows = [json.loads(line) for line in (tmp_path / "out" / run_name / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 1 and "val_loss" in rows[-1]
+
+
+def test_llm720_dry_run_config_converts_and_trains(char_data, tmp_path, capsys):
+    """As it is but for the data, the warm-up (a tenth of its 5,000 steps) and fp16 (a GPU's): its wikitext source
+    is noted with the command that prepares it."""
+    path = str(LLM720 / "dry_run_config.yaml")
+    run_flags = [*TINY, "--dataset", char_data.name, "--data_dir", str(char_data.parent), "--out_dir",
+                 str(tmp_path / "out"), "--wandb_run_name", "dry", "--warmup_steps", "0", "--dtype", "float32"]
+    assert_converts_and_trains(path, run_flags, tmp_path, "dry")
+    err = capsys.readouterr().err
+    assert "python -m llm.data.prepare text --source wikitext2_dry_run.jsonl --text_field text" in err
+    assert "cannot map" not in err
+
+
+def test_llm720_config_converts_with_its_mix_and_notes(capsys):
+    """The full config (1,048,576 PEER experts: too large to train on a CPU test) converts, its mix and notes said."""
+    model, run = parse(["--config", str(LLM720 / "config.yaml")])
+    assert [b.ffn for b in model.layers] == ["dense"] * 2 + ["peer"] * 10
+    assert (model.layers[2].num_experts, model.layers[0].q_latent_dim, model.block_size) == (1048576, 192, 2048)
+    assert (run.data_mix, run.total_batch_size_str, run.dtype) == ("pile:0.7,c4:0.2,code_alpaca:0.1", "16*4*2048",
+                                                                   "float16")
+    err = capsys.readouterr().err
+    for said in ("train_config.per_device_eval_batch_size=16", "train_config.log_level=info",
+                 "train_config.tf32=False", "--source pile.jsonl --text_field text --out data/pile",
+                 "--text_field instruction --out data/code_alpaca", "python -m llm.eval lm_eval --ckpt OUT_DIR/RUN "
+                 "--tasks hellaswag,mmlu,truthfulqa,gsm8k,humaneval", "wandb_config.entity=wryanmedford"):
+        assert said in err
