@@ -274,6 +274,8 @@ NOT_RUN = {
     "--executor slurm": "needs SLURM (tests/test_sweep.py checks the sbatch script submitit would submit)",
     "sweeps/mixers_matched.yaml": "a 13-minute sweep (tests/test_sweep.py plans it and matches its FLOPs)",
     "out/mixers/*": "reports the sweep above",
+    "sweeps/record_gpt_cpu.yaml": "a 33-minute sweep (tests/test_record_gpt.py plans it)",
+    "out/record_gpt/*": "reports the sweep above",
     "configs/moe.yaml": OUTSIDE_FILES["--config configs/moe.yaml"],
     "--import mykinds": OUTSIDE_FILES["--import mykinds"],
     "out/mtp_char": "samples the multi-token-prediction run of docs/sampling.md (tests/test_mtp.py samples one)",

@@ -15,11 +15,12 @@ from llm.model.mixers.attention import SlidingWindow, schedule_windows
 from llm.model.shortcuts import Shortcuts, value_embed_layers
 from llm.model.windows import in_window
 from llm.precision import Precision
+from llm.sweep import SweepOptions, plan
 from llm.train.distributed import Distributed
 from llm.train.optim import build_optimizer
 from llm.train.step import train_step
 from llm.train.window_schedule import apply_window_schedule, scheduled_window
-from tests.conftest import make_config
+from tests.conftest import REPO, make_config
 from tests.test_sliding_window import FixedBatches, assert_generation_equals_recomputation
 
 GQA = dict(attn="gqa", n_head=4, n_kv_heads=2)
@@ -345,3 +346,19 @@ def test_a_block_window_is_not_run_by_flash_attention():
     machine = kernels.Machine(frozenset({2}), (9, 0), 0)
     assert "counts windows in tokens, not in blocks" in kernels.why_not_flash(call, machine, 2)
     assert kernels.select_backend("auto", call, machine) == "flex"
+
+
+def test_the_ablation_sweep_adds_one_part_at_a_time(char_data):
+    """sweeps/record_gpt_cpu.yaml, as docs/benchmarks.md runs it (33 minutes: only planned here): each variant is
+    the base with one part, the record all of them, the recipe nanoGPT's, each over two seeds."""
+    runs = plan(SweepOptions(file=str(REPO / "sweeps" / "record_gpt_cpu.yaml")), ["--data_dir", str(char_data.parent)])
+    variants = ["recipe", "base", "value_embeds", "x0_mix", "unet_skips", "logit_softcap", "block_windows", "record"]
+    assert [r.name for r in runs] == [f"{v}.seed-{s}" for v in variants for s in (1337, 1)]
+    configs = {r.name.split(".")[0]: parse(r.argv)[0] for r in runs}
+    base, record = configs["base"], configs["record"]
+    assert (base.value_embeds, base.x0_mix, base.unet_skips, base.logit_softcap, base.window_unit) == (
+        0, False, False, None, 1)
+    assert (record.value_embeds, record.x0_mix, record.unet_skips, record.logit_softcap, record.window_unit) == (
+        2, True, True, 15.0, 16)
+    assert [b.window for b in record.layers] == [64, 32, 32, 64]
+    assert (configs["recipe"].pos_emb, configs["recipe"].norm) == ("learn", "layer")

@@ -273,8 +273,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
     every key (masked-LM objectives). `window` (an int, or a () tensor that a training schedule changes without
     recompiling) further restricts query t to the keys at distance d = S - T + t - s with 0 <= d < window, or
     |d| < window when not causal; with window_unit u > 1 it counts whole blocks of u tokens (`in_window`). The
-    softmax scale defaults to 1/sqrt(D). `backend` is the requested
-    --attn_backend; `select_backend` picks the kernel. Returns (B, T, H, Dv).
+    softmax scale defaults to 1/sqrt(D). `backend` is the requested --attn_backend; `select_backend` picks the
+    kernel. Returns (B, T, H, Dv).
     """
     call = AttentionCall(q.device.type, q.dtype, q.size(-1), v.size(-1), mask is not None, dropout_p,
                          q.requires_grad or k.requires_grad or v.requires_grad, window_kind(window, window_unit))
@@ -286,7 +286,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, backend:
         return flash(q, k, v, dropout_p, scale, causal, window)  # (B, T, H, Dv)
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|KV, T|S, D)
     if kernel == "flex":
-        return flex_causal_attention(q, k, v, mask, scale, causal, window, window_unit).transpose(1, 2)  # (B, T, H, Dv)
+        y = flex_causal_attention(q, k, v, mask, scale, causal, window, window_unit)  # (B, H, T, Dv)
+        return y.transpose(1, 2)  # (B, T, H, Dv)
     T, S = q.size(2), k.size(2)
     if window is not None:
         band = window_band(T, S, window, causal, q.device, window_unit)  # (T, S)

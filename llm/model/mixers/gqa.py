@@ -85,7 +85,8 @@ class GroupedQueryAttention(nn.Module):
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         window = self.window.current()
         if isinstance(cache, WindowCache):  # held keys are out of order: the mask says which ones each query sees
-            (k, v), mask = cache.append(k, v, window=window, mask=mask, unit=self.window.unit)  # (B, S, KV, hs) each, (B, 1, T, S)
+            (k, v), mask = cache.append(k, v, window=window, mask=mask,
+                                        unit=self.window.unit)  # (B, S, KV, hs) each, (B, 1, T, S)
             window = None
         elif cache is not None:
             k, v = cache.append(k, v)  # (B, S, KV, hs) each
