@@ -100,6 +100,15 @@ def check_cpu_run(t: Trainconfig, m: LLMconfig) -> None:
             "use --attn_backend auto")
     require(not t.fp8, "fp8 needs a GPU with float8 (compute capability 8.9+: Ada, Hopper, Blackwell) but "
                        "device=cpu; drop --fp8")
+    require(not t.fp8_head, "fp8_head needs a GPU with float8 (compute capability 8.9+: Ada, Hopper, Blackwell) but "
+                            "device=cpu; drop --fp8_head")
+
+
+def check_fp8_head(t: Trainconfig, m: LLMconfig) -> None:
+    """--fp8_head runs the chunked cross-entropy of the token objectives (clm, mlm with --loss ce) in float8."""
+    require(not t.fp8_head or (not OBJECTIVES[m.objective].diffusion and m.loss == "ce"),
+            f"fp8_head runs the head of the cross-entropy loss of objectives clm and mlm, not objective={m.objective} "
+            f"with loss={m.loss}; drop --fp8_head")
 
 
 def check_window_schedule(t: Trainconfig, m: LLMconfig) -> None:
@@ -274,6 +283,7 @@ def validate_train(t: Trainconfig, m: LLMconfig) -> None:
     require(0 < t.mask_prob < 1, f"mask_prob={t.mask_prob} must be in (0, 1)")
     require(t.window_stride >= 0, f"window_stride={t.window_stride} must be >= 0 (tokens shared by consecutive windows)")
     check_window_schedule(t, m)
+    check_fp8_head(t, m)
     require(all(r >= 1 for r in t.recurrence_sweep),
             f"recurrence_sweep={t.recurrence_sweep} must hold recurrences >= 1")
     check_cpu_run(t, m)

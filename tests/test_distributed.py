@@ -111,6 +111,7 @@ def test_two_ranks_equal_one_process_with_muon(char_data, tmp_path, kind):
     reference = single(char_data, tmp_path, "one", *MOE, *MUON)
     two = torchrun(char_data, tmp_path, "two", "--dist", kind, *MOE, *MUON)
     assert sorted(two) == list(range(6))
-    # bf16 Newton-Schulz magnifies the reduction-order differences of two ranks (1e-7) step after step, to 1e-3 by
-    # step 3 and 5e-3 by step 5: the first three steps are compared (a wrong shard's update differs by 1e-1 at once)
+    # Newton-Schulz magnifies the reduction-order differences of two ranks (1e-7) step after step (in bf16, as on
+    # GPUs: to 1e-3 by step 3 and 5e-3 by step 5): the first three steps are compared (a wrong shard's update
+    # differs by 1e-1 at once)
     assert_same_trajectory(reference, two, range(3), rel=2e-3)

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 from llm.cli import parse
-from llm.config import ConfigError
+from llm.config import ConfigError, Trainconfig
 from llm.model import LLM, build_model
+from llm.model.chunked_loss import fp8_matmul, linear_cross_entropy
 from llm.train import fp8, train
-from llm.train.fp8 import convert_to_fp8, fp8_plan
+from llm.train.fp8 import check_float8_device, convert_to_fp8, fp8_plan
 from tests.conftest import make_config
 
 MLA_MOE = dict(attn="mla", n_head=4, q_latent_dim=32, kv_latent_dim=32, rope_head_dim=8, ffn="moe", up_dim=64,
@@ -139,3 +140,54 @@ def test_a_run_converts_the_model_it_builds(char_data, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="fp8 needs a GPU with float8"):
         train(*parse(argv))
     assert seen == [torch.device("cpu")]
+
+
+# --- the FP8 head (--fp8_head): the chunked loss's matmuls in float8 -------------------------------------------------
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("formats", [(torch.float8_e4m3fn, torch.float8_e4m3fn),
+                                     (torch.float8_e5m2, torch.float8_e4m3fn)], ids=["e4m3", "e5m2_e4m3"])
+def test_fp8_matmul_is_the_matmul_to_float8_precision(formats):
+    """Sizes that are not multiples of 16 are padded; per-tensor scales keep a tensor of any magnitude in range."""
+    a, b = torch.randn(37, 50) * 1e-4, torch.randn(21, 50) * 300
+    got = fp8_matmul(a, b, *formats)
+    assert got.shape == (37, 21) and got.dtype == torch.float32
+    assert relative(got, a @ b.T) < (0.06 if formats[0] == torch.float8_e4m3fn else 0.12)
+
+
+def test_chunked_loss_with_an_fp8_head_follows_the_fp32_loss_and_gradients():
+    torch.manual_seed(0)
+    hidden = torch.randn(45, 40, requires_grad=True)
+    weight = (torch.randn(70, 40) * 0.1).requires_grad_()
+    targets = torch.randint(0, 65, (45,))
+    exact = linear_cross_entropy(hidden, weight, targets, 65, -1, chunk=16)
+    fp8_loss = linear_cross_entropy(hidden, weight, targets, 65, -1, chunk=16, fp8=True)
+    assert abs(fp8_loss.item() - exact.item()) < 0.01 * exact.item()
+    for got, want in zip(torch.autograd.grad(fp8_loss, (hidden, weight)), torch.autograd.grad(exact, (hidden, weight))):
+        assert relative(got, want) < 0.08  # e5m2 gradients: two mantissa bits
+
+
+def test_the_run_puts_the_token_loss_head_in_fp8():
+    model = build_model(make_config(n_embd=48))
+    idx = torch.randint(0, 97, (2, 32))
+    exact = model(idx, idx).loss
+    model.configure_run(Trainconfig(fp8_head=True))
+    assert model.objective.fp8
+    fp8_loss = model(idx, idx).loss
+    assert fp8_loss != exact and abs(fp8_loss - exact) < 0.01 * exact
+
+
+def test_fp8_head_is_refused_on_cpu_and_under_diffusion():
+    with pytest.raises(ConfigError) as error:
+        check_float8_device(torch.device("cpu"), "fp8_head")
+    assert one_line(error) == ("fp8_head needs a GPU with float8 (compute capability 8.9+: Ada, Hopper, Blackwell) "
+                               "but the run is on cpu; drop --fp8_head")
+    with pytest.raises(ConfigError, match=r"fp8_head needs a GPU with float8 .* but device=cpu; drop --fp8_head"):
+        parse(["--fp8_head", "--device", "cpu"])
+    with pytest.raises(ConfigError, match="fp8_head runs the head of the cross-entropy loss of objectives clm and mlm, "
+                                          "not objective=mdlm"):
+        parse(["--fp8_head", "--objective", "mdlm"])

@@ -464,6 +464,9 @@ class Trainconfig:
     fp8: bool = False
     """Float8 training through torchao (pip install 'llm[fp8]'; GPUs of compute capability 8.9+): the linear layers of
     the blocks, except the first and last block, compute in float8 with current (per-tensor, dynamic) scaling."""
+    fp8_head: bool = False
+    """The output head's matmuls in the training loss in float8 (GPUs of compute capability 8.9+), as the speedrun's
+    FP8 head: hidden states and head in e4m3, gradients in e5m2, each scaled per tensor by its absolute maximum."""
     log_interval: int = 10
     """Steps between metric lines."""
     peer_log_interval: int = 1000

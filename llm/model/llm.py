@@ -15,6 +15,7 @@ from .kinds import FeedForward
 from .mixers.attention import SlidingWindow
 from .norms import build_norm
 from .objectives.diffusion import TimeEmbedding
+from .objectives.token_loss import TokenLoss
 from .parts import HEADS, build_block
 from .positions import POSITIONS
 from .registry import OBJECTIVES
@@ -296,10 +297,13 @@ class LLM(nn.Module):
         return sum(layer.nbytes_held(tokens) for layer in self.new_cache(1, max_len=1).layers)
 
     def configure_run(self, train: Trainconfig) -> None:
-        """Gives every feed-forward layer the run's settings (FeedForward.configure_run)."""
+        """Gives every feed-forward layer the run's settings (FeedForward.configure_run), and the token objectives'
+        loss its own (--fp8_head)."""
         for module in self.modules():
             if isinstance(module, FeedForward):
                 module.configure_run(train)
+        if isinstance(self.objective, TokenLoss):
+            self.objective.configure_run(train)
 
     def get_num_params(self) -> tuple[int, int]:
         """(total, active) parameter counts; tied weights count once, padded vocabulary rows included.

@@ -25,17 +25,23 @@ def fp8_plan(model: nn.Module) -> list[str]:
             and m.in_features % 16 == 0 and m.out_features % 16 == 0]
 
 
+def check_float8_device(device: torch.device, flag: str) -> None:
+    """Refuses `--flag` with a one-line ConfigError unless `device` is a GPU with float8 matmuls."""
+    if device.type != "cuda":
+        raise ConfigError(f"{flag} needs a GPU with float8 (compute capability 8.9+: Ada, Hopper, Blackwell) but the "
+                          f"run is on {device.type}; drop --{flag}")
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        raise ConfigError(f"{flag} needs a GPU with float8 (compute capability 8.9+: Ada, Hopper, Blackwell) but this "
+                          f"one is {capability[0]}.{capability[1]} ({torch.cuda.get_device_name(device)}); drop "
+                          f"--{flag}")
+
+
 def convert_to_fp8(model: nn.Module, device: torch.device) -> list[str]:
     """Swaps the planned linear layers of `model` for torchao's Float8Linear in place (before wrapping and compiling)
     and returns their names. Refused with a one-line ConfigError on CPU, on GPUs below compute capability 8.9,
     without torchao, and when no layer qualifies."""
-    if device.type != "cuda":
-        raise ConfigError(f"fp8 needs a GPU with float8 (compute capability 8.9+: Ada, Hopper, Blackwell) but the run "
-                          f"is on {device.type}; drop --fp8")
-    capability = torch.cuda.get_device_capability(device)
-    if capability < MIN_CAPABILITY:
-        raise ConfigError(f"fp8 needs a GPU with float8 (compute capability 8.9+: Ada, Hopper, Blackwell) but this one "
-                          f"is {capability[0]}.{capability[1]} ({torch.cuda.get_device_name(device)}); drop --fp8")
+    check_float8_device(device, "fp8")
     try:
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
     except ImportError:

@@ -29,7 +29,7 @@ from ..targets import Batching
 from .benchmarks import EvalTask, load_eval_tasks, score_eval_tasks
 from .checkpointer import Checkpointer
 from .distributed import Distributed, init_distributed, wrap
-from .fp8 import convert_to_fp8
+from .fp8 import check_float8_device, convert_to_fp8
 from .metrics import MetricsLog, StepClock, layer_metrics, peak_memory_bytes
 from .mfu import mfu
 from .optim import build_optimizer, set_step_hyperparameters
@@ -268,6 +268,8 @@ def set_up(model_config: LLMconfig, cfg: Trainconfig, job: Distributed) -> Sessi
     model.configure_run(cfg)  # e.g. peer layers: when to report expert usage, and what counts as hot
     if cfg.fp8:
         convert_to_fp8(model, device)  # before wrapping and compiling
+    if cfg.fp8_head:
+        check_float8_device(device, "fp8_head")
     step_model = wrap(model, cfg.dist, precision.dtype, cfg.compile, device, job)
     if cfg.compile and not (job.world_size > 1 and cfg.dist == "fsdp"):  # FSDP compiles each block in wrap()
         if model.compiles_whole:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...config import ConfigError, LLMconfig
+from ...config import ConfigError, LLMconfig, Trainconfig
 from ...targets import IGNORE
 from ..chunked_loss import linear_cross_entropy, soft_cap
 from ..codon_losses import CodonTree, HXELoss, SoftLabelLoss, codon_token_names
@@ -47,6 +47,7 @@ class TokenLoss(nn.Module):
         self.codon_loss = codon_loss(config)
         self.codon_loss_name = config.loss
         self.softcap = config.logit_softcap
+        self.fp8 = False  # the chunked loss's matmuls in float8 (--fp8_head, set by configure_run)
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor | None,
                 return_logits: bool, token_weights: torch.Tensor | None = None, inputs: torch.Tensor | None = None,
@@ -57,7 +58,7 @@ class TokenLoss(nn.Module):
         flat_weights = None if token_weights is None else token_weights.reshape(-1)  # (B*T,)
         if targets is not None and not return_logits and self.codon_loss is None:
             loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), weight, targets.reshape(-1),
-                                        self.vocab_size, IGNORE, self.chunk, flat_weights, self.softcap)
+                                        self.vocab_size, IGNORE, self.chunk, flat_weights, self.softcap, self.fp8)
             return None, loss
         logits = soft_cap(F.linear(hidden, weight)[..., : self.vocab_size], self.softcap)  # (B, T, V)
         if targets is None:
@@ -69,6 +70,10 @@ class TokenLoss(nn.Module):
             return logits, F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE)
         per_token = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE, reduction="none")  # (B*T,)
         return logits, (per_token * flat_weights).sum() / (flat_targets != IGNORE).sum()
+
+    def configure_run(self, train: Trainconfig) -> None:
+        """The run's settings: --fp8_head puts the chunked loss's matmuls in float8."""
+        self.fp8 = train.fp8_head
 
     def eval_sums(self, out, y: torch.Tensor) -> dict[str, torch.Tensor]:
         """One evaluation batch's figures to sum: its mean loss ()."""
