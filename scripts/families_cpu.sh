@@ -10,31 +10,43 @@
 #   recurrent   recurrent depth at about the recipe's compute: 1 prelude layer, 1 core layer iterated r times
 #               (r - 1 a Poisson draw of log-normal rate with mean 2, at most 4, backpropagating through the last
 #               2; evaluated at 3) and 1 coda layer
+#   record      the speedrun's record GPT (docs/record-gpt.md): RoPE, RMSNorm, ReLU², QK norm, untied head, two
+#               value-embedding tables, x0 mixing, U-net skips, logits capped at 15, long/short windows of 16-token
+#               blocks grown by the scaled schedule, Muon with the speedrun's Adam settings and trapezoid schedule
+#               (the `record` variant of sweeps/record_gpt_cpu.yaml)
 #   FAMILIES="adamw muon" ITERS=2000 OUT_DIR=out bash scripts/families_cpu.sh [flags for every run, e.g. --compile]
 # DATA_DIR as in scripts/nanogpt_cpu_recipe.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${OUT_DIR:-out}"
-family_flags() {
+family_flags() {  # one argument per line
+  local layer='"attn": "mha", "n_head": 4, "ffn": "dense", "up_dim": 512, "non_linearity": "relu2", "qk_norm": true'
   case "$1" in
     adamw) ;;
-    muon) echo --optimizer muon ;;
-    mtp) echo --mtp sequential --n_mtp_tokens 2 ;;
-    mtm) echo --mtp parallel --n_mtp_tokens 2 ;;
-    mod) echo --mod --capacity 0.125 --mod_every_other ;;
-    recurrent) echo --n_layer 3 --arch recurrent --n_prelude 1 --n_core 1 --n_coda 1 --mean_recurrence 2 \
+    muon) printf '%s\n' --optimizer muon ;;
+    mtp) printf '%s\n' --mtp sequential --n_mtp_tokens 2 ;;
+    mtm) printf '%s\n' --mtp parallel --n_mtp_tokens 2 ;;
+    mod) printf '%s\n' --mod --capacity 0.125 --mod_every_other ;;
+    recurrent) printf '%s\n' --n_layer 3 --arch recurrent --n_prelude 1 --n_core 1 --n_coda 1 --mean_recurrence 2 \
       --r_max 4 --k_trunc 2 --eval_recurrence 3 --recurrence_sweep 1 2 4 ;;
-    *) echo "error: unknown family $1; choose among adamw muon mtp mtm mod recurrent" >&2; return 2 ;;
+    record) printf '%s\n' --pos_emb rope --norm rms --non_linearity relu2 --qk_norm --no_tie_embeddings \
+      --value_embeds 2 --x0_mix --unet_skips --logit_softcap 15 --window_unit 16 --window_schedule scaled \
+      --window_max 64 --window_block 16 --layer_configs \
+      "[{$layer, \"window\": 64}, {$layer, \"window\": 32}, {$layer, \"window\": 32}, {$layer, \"window\": 64}]" \
+      --optimizer muon --lr_schedule trapezoid --cooldown_frac 0.4 --warmup_steps 0 --beta1 0.8 --beta2 0.95 \
+      --adam_eps 1e-10 --weight_decay 0 ;;
+    *) echo "error: unknown family $1; choose among adamw muon mtp mtm mod recurrent record" >&2; return 2 ;;
   esac
 }
 mkdir -p "$OUT_DIR"
 names=()
-for family in ${FAMILIES:-adamw muon mtp mtm mod recurrent}; do
-  flags="$(family_flags "$family")"
-  echo "=== $family: ${flags:-the recipe as it is}"
-  # shellcheck disable=SC2086  # the family's flags are words
+for family in ${FAMILIES:-adamw muon mtp mtm mod recurrent record}; do
+  flags_text="$(family_flags "$family")"
+  mapfile -t flags <<< "$flags_text"
+  [ -n "$flags_text" ] || flags=()
+  echo "=== $family: ${flags[*]:-the recipe as it is}"
   OUT_DIR="$OUT_DIR" RUN_NAME="family_$family" bash scripts/nanogpt_cpu_recipe.sh \
-    --max_iters "${ITERS:-2000}" $flags "$@" | tee "$OUT_DIR/family_$family.log"
+    --max_iters "${ITERS:-2000}" "${flags[@]}" "$@" | tee "$OUT_DIR/family_$family.log"
   names+=("$family")
 done
 python - "$OUT_DIR" "${names[@]}" <<'PY'

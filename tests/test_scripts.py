@@ -70,7 +70,7 @@ def test_custom_layers_script_trains_the_example_stack(char_data, tmp_path):
 
 
 def test_families_script_runs_each_family_and_tabulates_them(char_data, tmp_path):
-    families = ["muon", "mtp", "recurrent"]  # three of the script's families: its loop is the same for each
+    families = ["record", "mtp", "recurrent"]  # three of the script's families: its loop is the same for each
     env = {"FAMILIES": " ".join(families), "ITERS": "2", "OUT_DIR": str(tmp_path), "DATA_DIR": str(char_data.parent)}
     result = script("families_cpu.sh", env, "--warmup_steps", "1", "--eval_iters", "1")
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
@@ -80,6 +80,9 @@ def test_families_script_runs_each_family_and_tabulates_them(char_data, tmp_path
     assert config["arch"] == "recurrent" and config["n_layer"] == 3
     metrics = (tmp_path / "family_mtp" / "metrics.jsonl").read_text()
     assert "mtp/loss_2" in metrics
+    record = json.loads((tmp_path / "family_record" / "config.json").read_text())
+    assert [b["window"] for b in record["model"]["layers"]] == [64, 32, 32, 64]
+    assert (record["model"]["value_embeds"], record["train"]["optimizer"]) == (2, "muon")
 
 
 def test_mixers_script_trains_each_mixer_and_tabulates_its_decoding(char_data, tmp_path):
