@@ -36,15 +36,8 @@ def flags(family: str, data, out) -> list[str]:
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f not in BYTE_FAMILIES and f != "sedd"])
 def test_each_family_file_converts_and_trains(family, char_data, tmp_path, capsys):
-    path = str(CONFIGS / f"{family}.yaml")
-    run_flags = flags(family, char_data, tmp_path / "out")
-    ours = tmp_path / "ours.yaml"
-    convert_main([path, "--out", str(ours)])
-    assert config_dict(*parse(["--config", str(ours), *run_flags])) == config_dict(*parse(["--config", path,
-                                                                                           *run_flags]))
-    train(*parse(["--config", path, *run_flags]))
-    rows = [json.loads(line) for line in (tmp_path / "out" / family / "metrics.jsonl").read_text().splitlines()]
-    assert rows[-1]["step"] == 1 and "val_loss" in rows[-1]
+    assert_converts_and_trains(str(CONFIGS / f"{family}.yaml"), flags(family, char_data, tmp_path / "out"), tmp_path,
+                               family)
     assert "cannot map" not in capsys.readouterr().err
 
 
