@@ -32,6 +32,7 @@ DEEPSEEK_V3_MOE = dict(DEEPSEEK_V3_DENSE, ffn="moe", up_dim=32, n_exp=33, n_shar
                        aux_free=True, n_group=8, topk_group=4, routed_scaling_factor=2.5)
 """DeepSeek-V3's head dimensions, latent width, groups and routing at a small width (n_embd 256: 64 per head)."""
 GQA = dict(attn="gqa", n_head=4, n_kv_heads=2, non_linearity="swiglu", up_dim=64, qkv_bias=True)
+MIXTRAL_MOE = dict(GQA, qkv_bias=False, ffn="moe", n_exp=4, n_shared=0, n_act=2, router_score="mixtral", up_dim=32)
 FAMILIES = {
     "gpt2": (make_config(dict(attn="mha", n_head=4, non_linearity="gelu_tanh", up_dim=64), bias=True),
              transformers.GPT2LMHeadModel),
@@ -63,6 +64,10 @@ FAMILIES = {
                        transformers.MistralForCausalLM),
     "mistral-window-wide-heads": (make_config(dict(GQA, qkv_bias=False, window=6, head_dim=16), pos_emb="rope",
                                               norm="rms"), transformers.MistralForCausalLM),
+    "mixtral": (make_config(MIXTRAL_MOE, pos_emb="rope", norm="rms", tie_embeddings=False),
+                transformers.MixtralForCausalLM),
+    "mixtral-window-tied-top3": (make_config(dict(MIXTRAL_MOE, window=6, n_exp=5, n_act=3, up_dim=16), pos_emb="rope",
+                                             norm="rms"), transformers.MixtralForCausalLM),
     "mamba": (make_config(dict(attn="mamba", ffn="none", d_state=4), pos_emb="none", norm="rms"),
               transformers.MambaForCausalLM),
     "mamba-untied-bias-rank2-no-conv-bias": (make_config(dict(attn="mamba", ffn="none", d_state=4, dt_rank=2,
@@ -78,10 +83,11 @@ def logit_difference(ours: LLM, theirs: torch.nn.Module, vocab: int) -> float:
 
 
 def with_random_biases(model: LLM) -> LLM:
-    """Nonzero MoE selection biases, so that export must carry them."""
+    """Spread-out router weights and nonzero MoE selection biases (where aux_free), so that export must carry them."""
     for moe in [block.ffn for block in model.blocks if isinstance(block.ffn, MoE)]:
         moe.router.gate.weight.data.normal_(std=0.3)
-        moe.router.expert_bias.copy_(torch.randn_like(moe.router.expert_bias) * 0.1)
+        if moe.router.expert_bias is not None:
+            moe.router.expert_bias.copy_(torch.randn_like(moe.router.expert_bias) * 0.1)
     return model
 
 
@@ -110,7 +116,8 @@ def test_import_of_a_transformers_model_has_equal_logits(name, tmp_path):
         for layer in getattr(getattr(theirs, "model", None), "layers", []):
             if hasattr(layer.mlp, "gate"):
                 layer.mlp.gate.weight.normal_(std=0.3)
-                layer.mlp.gate.e_score_correction_bias.normal_(std=0.1)
+                if hasattr(layer.mlp.gate, "e_score_correction_bias"):
+                    layer.mlp.gate.e_score_correction_bias.normal_(std=0.1)
     theirs.save_pretrained(tmp_path)
     ours = from_hf(str(tmp_path))
     diff = logit_difference(ours, theirs, config.vocab_size)
@@ -128,7 +135,12 @@ REFUSED = [
     (make_config(dict(MOE, router_score="softmax"), pos_emb="rope", norm="rms", norm_eps=1e-6), "sigmoid scores"),
     (make_config(MLA, pos_emb="rope", norm="rms"), "train with --norm_eps 1e-6"),
     (make_config([MOE, MLA], pos_emb="rope", norm="rms", norm_eps=1e-6), "dense layers first"),
-    (make_config(dict(attn="gqa", n_head=4, n_kv_heads=2, ffn="moe"), pos_emb="rope"), "only with MLA attention"),
+    (make_config([dict(MIXTRAL_MOE, ffn="dense"), MIXTRAL_MOE], pos_emb="rope", norm="rms"),
+     "only with MLA attention"),
+    (make_config(dict(MIXTRAL_MOE, n_shared=1, n_act=3), pos_emb="rope", norm="rms"), "--n_shared 0"),
+    (make_config(dict(MIXTRAL_MOE, router_score="softmax"), pos_emb="rope", norm="rms"), "--router_score mixtral"),
+    (make_config(dict(MIXTRAL_MOE, jitter_noise=0.01), pos_emb="rope", norm="rms"), "train with --jitter_noise 0"),
+    (make_config(dict(MIXTRAL_MOE, aux_free=True), pos_emb="rope", norm="rms"), "without --aux_free"),
     (make_config([dict(attn="mha", n_head=4, up_dim=32), dict(attn="mha", n_head=4, up_dim=64)]), "layers differ in up_dim"),
 ]
 
@@ -231,6 +243,8 @@ REFUSED_FIELDS = {  # (family, field) -> a value we do not represent; every decl
     ("deepseek_v3", "hidden_act"): "gelu",
     ("deepseek_v3", "attention_bias"): True,
     ("mistral", "hidden_act"): "gelu",
+    ("mixtral", "hidden_act"): "gelu",
+    ("mixtral", "router_jitter_noise"): 0.01,
     ("qwen2", "hidden_act"): "gelu",
     ("qwen3", "hidden_act"): "gelu",
     ("qwen3", "attention_bias"): True,

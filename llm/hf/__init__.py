@@ -29,9 +29,10 @@ from .gpt2 import GPT2
 from .llama import LLAMA
 from .mamba import MAMBA
 from .mistral import MISTRAL
+from .mixtral import MIXTRAL
 from .qwen import QWEN2, QWEN3
 
-FAMILIES: dict[str, Family] = {f.model_type: f for f in (GPT2, LLAMA, MISTRAL, QWEN2, QWEN3, DEEPSEEK_V3, MAMBA)}
+FAMILIES: dict[str, Family] = {f.model_type: f for f in (GPT2, LLAMA, MISTRAL, MIXTRAL, QWEN2, QWEN3, DEEPSEEK_V3, MAMBA)}
 """transformers' model_type -> family; a model exports to the first one that represents it."""
 
 KIND_FIELDS = {"attn": "attention", "ffn": "feed-forward"}
@@ -131,8 +132,8 @@ def to_hf(model: LLM, bos: int | None = None, eos: int | None = None):
 
 
 def config_from_hf(hf_cfg) -> LLMconfig:
-    """Our configuration of a transformers configuration of a registered family (GPT-2, Llama, Mistral, Qwen2,
-    Qwen3, DeepseekV3, Mamba)."""
+    """Our configuration of a transformers configuration of a registered family (GPT-2, Llama, Mistral, Mixtral,
+    Qwen2, Qwen3, DeepseekV3, Mamba)."""
     fam = FAMILIES.get(hf_cfg.model_type)
     if fam is None:
         raise ConfigError(f"cannot import model_type {hf_cfg.model_type!r}; supported: {', '.join(FAMILIES)}")

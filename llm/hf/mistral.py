@@ -40,8 +40,10 @@ def our_fields(hf_cfg) -> dict:
     return dict(our_rope_rms_fields(hf_cfg), bias=False, layers=[block] * hf_cfg.num_hidden_layers)
 
 
+MAPPED = LLAMA_LIKE_MAPPED | {"sliding_window", "head_dim"}
+REFUSALS = (SILU_ONLY,)
+
 MISTRAL = Family("mistral", "Mistral", attn=frozenset({"mha", "mqa", "gqa"}), ffn=frozenset({"dense"}),
                  pos_emb=frozenset({"rope"}), check=check, config_class="MistralConfig", hf_fields=hf_fields,
-                 our_fields=our_fields, weights=WEIGHTS, layer_weights=LAYER_WEIGHTS, windows=True,
-                 mapped=LLAMA_LIKE_MAPPED | {"sliding_window", "head_dim"}, refusals=(SILU_ONLY,),
-                 ignored=frozenset({"attention_dropout"}))
+                 our_fields=our_fields, weights=WEIGHTS, layer_weights=LAYER_WEIGHTS, windows=True, mapped=MAPPED,
+                 refusals=REFUSALS, ignored=frozenset({"attention_dropout"}))
