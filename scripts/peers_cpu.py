@@ -39,16 +39,20 @@ from llm.train.optim import muon_groups  # noqa: E402
 COMMON = ["--pos_emb", "rope", "--norm", "rms", "--non_linearity", "swiglu", "--no_tie_embeddings",
           "--vocab_size", "8192", "--n_embd", "256", "--n_head", "8", "--n_kv_heads", "4", "--attn", "gqa",
           "--block_size", "256"]
-MODELS = {
-    "llama": COMMON + ["--n_layer", "6", "--up_dim", "688"],
-    "mixtral": COMMON + ["--n_layer", "4", "--ffn", "moe", "--n_exp", "8", "--n_act", "2", "--n_shared", "0",
-                         "--router_score", "mixtral", "--up_dim", "512"],
-    "mamba": ["--attn", "mamba", "--ffn", "none", "--pos_emb", "none", "--norm", "rms", "--vocab_size", "8192",
-              "--n_embd", "256", "--n_layer", "4", "--block_size", "256"],
+MODELS = {  # name -> (flags, training batch, sequence length)
+    "llama": (COMMON + ["--n_layer", "6", "--up_dim", "688"], 8, 256),
+    "mixtral": (COMMON + ["--n_layer", "4", "--ffn", "moe", "--n_exp", "8", "--n_act", "2", "--n_shared", "0",
+                          "--router_score", "mixtral", "--up_dim", "512"], 8, 256),
+    "mamba": (["--attn", "mamba", "--ffn", "none", "--pos_emb", "none", "--norm", "rms", "--vocab_size", "8192",
+               "--n_embd", "256", "--n_layer", "4", "--block_size", "256"], 2, 128),  # transformers' scan: a loop
 }
+MUON_MODEL = "llama"
+MUON_SIZE = ["--n_layer", "4", "--n_embd", "128", "--n_head", "4", "--n_kv_heads", "2", "--up_dim", "344"]
+"""The model whose gradients the Muon rows take: torch.optim.Muon iterates in bf16, which this kind of CPU runs
+30-60x slower than fp32 (a 256 x 256 iteration: 290 ms against 5 ms), so a narrower Llama."""
 QUICK = ["--n_layer", "2", "--n_embd", "64", "--n_head", "4", "--n_kv_heads", "2", "--up_dim", "128",
          "--vocab_size", "512"]
-BATCH, SEQ, PROMPT, NEW_TOKENS = 8, 256, 32, 32
+PROMPT, NEW_TOKENS = 32, 32
 
 
 def timed(fn, steps: int) -> float:
@@ -75,11 +79,12 @@ def compare(ours, theirs, rounds: int, steps: int) -> dict:
                 ratio=statistics.median(ratios), low=min(ratios), high=max(ratios))
 
 
-def model_pair(name: str, quick: bool):
-    """Our model of MODELS[name] and the transformers model with its weights (fp32, training mode)."""
+def model_pair(name: str, extra: list[str]):
+    """Our model of MODELS[name] with the extra flags, and the transformers model with its weights (fp32, training
+    mode)."""
     from llm.hf import to_hf
 
-    config, _ = parse(MODELS[name] + (QUICK if quick else []))
+    config, _ = parse(MODELS[name][0] + extra)
     torch.manual_seed(0)
     ours = build_model(config)
     if config.layers[0].ffn == "moe":
@@ -179,7 +184,9 @@ def muon_rows(model, rounds: int, steps: int, batch: int, seq: int) -> list[tupl
             torch_iteration(g, coefficients, 5, 1e-7)
 
     shapes = sorted({tuple(g.shape) for g in grads})
-    return [("Muon optimizer step (ours: fp32 iteration on CPU)", compare(our_step, their_step, rounds, steps)),
+    size = sum(p.numel() for p in model.parameters()) / 1e6
+    return [(f"Muon + AdamW step, llama ({size:.1f}M; ours iterates in fp32 on CPU)",
+             compare(our_step, their_step, rounds, steps)),
             (f"Newton-Schulz in bf16, {len(grads)} matrices {shapes}", compare(ours, theirs, rounds, steps))]
 
 
@@ -210,11 +217,11 @@ def main() -> None:
     unknown = sorted(set(cases) - set(MODELS) - {"muon"})
     if unknown:
         parser.error(f"--cases: unknown {', '.join(unknown)}; choose from {', '.join([*MODELS, 'muon'])}")
-    batch, seq = (2, 32) if args.quick else (BATCH, SEQ)
     new_tokens = 4 if args.quick else NEW_TOKENS
     rows = []
     for name in [c for c in cases if c in MODELS]:
-        ours, theirs = model_pair(name, args.quick)
+        batch, seq = (2, 32) if args.quick else MODELS[name][1:]
+        ours, theirs = model_pair(name, QUICK if args.quick else [])
         n_ours = sum(p.numel() for p in ours.parameters())
         n_theirs = sum(p.numel() for p in theirs.parameters())
         print(f"{name}: {n_ours:,} parameters (ours), {n_theirs:,} (transformers' {type(theirs).__name__}); "
@@ -229,7 +236,8 @@ def main() -> None:
         rows.append((f"{label}: greedy generation, batch 1, {new_tokens} tokens", result))
         print(rows[-1], flush=True)
     if "muon" in cases:
-        ours, _ = model_pair("llama", args.quick)
+        ours, _ = model_pair(MUON_MODEL, QUICK if args.quick else MUON_SIZE)
+        batch, seq = (2, 32) if args.quick else MODELS[MUON_MODEL][1:]
         rows += muon_rows(ours, args.rounds, args.steps, batch, seq)
     print(f"\n{hardware()}, {args.rounds} rounds of ours/theirs/theirs/ours, {args.steps} timed calls each")
     print("| what | ours (ms) | theirs (ms) | ours / theirs speed: median (range) |\n|---|---|---|---|")

@@ -137,7 +137,7 @@ def test_adamw_groups_match_torch_adamw():
         ours.grad, theirs.grad = grad.clone(), grad.clone()
         muon.step()
         adamw.step()
-    assert muon.state[ours]["step"] == 5
+    assert muon.state[ours]["step"].item() == 5
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
 
 

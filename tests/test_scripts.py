@@ -123,3 +123,25 @@ def test_bytes_script_matches_training_flops_and_reports_bits_per_byte(tmp_path)
     per_step = float(cells[2]) * 1e6 * 2 * 256  # FLOPs per token x batch 2 x 256 bytes
     assert abs(int(cells[3]) * per_step - budget) <= per_step / 2  # the steps that spend the budget
     assert float(cells[6]) == pytest.approx(float(cells[5]) / 0.6931471805599453, abs=2e-3)  # bits per byte
+
+
+def test_peers_script_checks_logits_then_tabulates_every_case(tmp_path):
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / "peers_cpu.py"), "--quick", "--rounds", "1",
+                             "--steps", "1"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    checks = [line for line in result.stdout.splitlines() if "max abs logit difference" in line]
+    assert [line.split(":")[0] for line in checks] == ["llama", "mixtral", "mamba"]
+    assert all(float(line.rsplit(" ", 1)[1]) < 1e-4 for line in checks)  # the same model on both sides
+    assert all(line.split(" parameters (ours), ")[0].split(": ")[1] == line.split(" (transformers'")[0].split(
+        "), ")[1] for line in checks)  # the same parameter count on both sides
+    rows = [line.split(" | ") for line in result.stdout.splitlines() if line.startswith("| ") and "what" not in line]
+    assert len(rows) == 8  # a training step and generation per model, the Muon step and its iteration
+    assert all(float(cells[1]) > 0 and float(cells[2]) > 0 and cells[3].endswith(")") for cells in rows)
+
+
+def test_peers_script_without_transformers_says_so_and_exits_0():
+    blocked = ("import runpy, sys; sys.modules['transformers'] = None; sys.argv = ['peers_cpu.py', '--quick']; "
+               f"runpy.run_path({str(REPO / 'scripts' / 'peers_cpu.py')!r}, run_name='__main__')")
+    result = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "transformers is not installed (pip install -e '.[hf]'); no peer to compare with"

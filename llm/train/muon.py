@@ -2,6 +2,7 @@
 matrices, and AdamW for every other parameter, as one optimizer with one state dict."""
 import torch
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+from torch.optim.adamw import adamw
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)  # (a, b, c) of the quintic iteration
 NS_STEPS = 5
@@ -21,16 +22,23 @@ def newton_schulz(G: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7,
     G is divided by its Frobenius norm (every singular value then lies in [0, 1]) and taken through `steps`
     iterations of X <- a X + (b A + c A^2) X with A = X X^T, on the wide orientation (X X^T is the smaller square).
     The coefficients trade exactness for speed: the singular values come out between about 0.7 and 1.2, not 1.
+    Each iteration is three matrix products, the sums folded into them (addmm; baddbmm for a stack).
     """
     a, b, c = NS_COEFFICIENTS
     tall = G.size(-2) > G.size(-1)
     X = G.to(dtype or iteration_dtype(G.device))
     if tall:
-        X = X.mT  # (..., cols, rows)
+        X = X.mT  # (..., r, n), r = min(rows, cols), n = max(rows, cols)
+    shape = X.shape
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    if X.dim() > 2:
+        X = X.reshape(-1, *shape[-2:])  # (matrices, r, n)
+    multiply_add = torch.addmm if X.dim() == 2 else torch.baddbmm  # beta * input + alpha * (m1 @ m2)
     for _ in range(steps):
-        A = X @ X.mT  # (..., r, r), r = min(rows, cols)
-        X = a * X + (b * A + c * (A @ A)) @ X  # (..., r, max(rows, cols))
+        A = X @ X.mT  # (..., r, r)
+        B = multiply_add(A, A, A, beta=b, alpha=c)  # (..., r, r) b A + c A^2
+        X = multiply_add(X, B, X, beta=a)  # (..., r, n) a X + B X
+    X = X.reshape(shape)
     return X.mT if tall else X  # (..., rows, cols)
 
 
@@ -63,7 +71,7 @@ class Muon(torch.optim.Optimizer):
         W <- (1 - lr weight_decay) W - lr max(1, rows / cols)^0.5 newton_schulz(U)
 
     newton_schulz works on the last two dims, so each expert of a stack is orthogonalised on its own.
-    An AdamW group (lr, betas, eps, weight_decay) makes torch.optim.AdamW's update.
+    An AdamW group (lr, betas, eps, weight_decay) makes torch.optim.AdamW's update with its fused kernel.
     """
 
     def __init__(self, groups: list[dict]):
@@ -82,10 +90,12 @@ class Muon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            update = muon_update if group["use_muon"] else adamw_update
-            for p in group["params"]:
-                if p.grad is not None:
-                    update(p, self.state[p], group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if group["use_muon"]:
+                for p in params:
+                    muon_update(p, self.state[p], group)
+            elif params:
+                adamw_update(params, [self.state[p] for p in params], group)
         return loss
 
 
@@ -101,19 +111,15 @@ def muon_update(p: torch.Tensor, state: dict, group: dict) -> None:
     p.add_(orthogonalized(update).to(p.dtype), alpha=-group["lr"] * scale)
 
 
-def adamw_update(p: torch.Tensor, state: dict, group: dict) -> None:
-    """One AdamW step of p (torch.optim.AdamW's formula); the step count is a Python int, read without a host sync."""
-    if not state:
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(p)
-        state["exp_avg_sq"] = torch.zeros_like(p)
-    state["step"] += 1
-    (beta1, beta2), lr, grad = group["betas"], group["lr"], p.grad
-    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-    p.mul_(1 - lr * group["weight_decay"])
-    exp_avg.lerp_(grad, 1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-    bias_correction1 = 1 - beta1 ** state["step"]
-    bias_correction2 = 1 - beta2 ** state["step"]
-    denom = (exp_avg_sq.sqrt() / bias_correction2 ** 0.5).add_(group["eps"])
-    p.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+def adamw_update(params: list[torch.Tensor], states: list[dict], group: dict) -> None:
+    """One AdamW step of the group's params with gradients, through torch's fused kernel (torch.optim.AdamW's
+    formula); each step count is a float32 tensor beside its parameter, read by the kernel without a host sync."""
+    for p, state in zip(params, states):
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+    (beta1, beta2) = group["betas"]
+    adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
+          [s["step"] for s in states], fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
+          weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
