@@ -96,10 +96,10 @@ def loss_and_grads(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
         # through the cap: d(c tanh(z / c))/dz = 1 - (capped / c)^2 (K, V)
         slope = None if softcap is None or not (grad_hidden or grad_weight) else 1 - (logits / softcap).square()
         logits[:, vocab_size:] = float("-inf")  # padding rows of the head are never predicted
-        lse = logits.logsumexp(dim=-1)  # (K,)
-        total = total + ((lse - logits.gather(1, t[:, None]).squeeze(1)) * k).sum()
+        log_probs = torch.log_softmax(logits, dim=-1, out=logits)  # (K, V) in place: one fused pass, no temporary
+        total = total - (log_probs.gather(1, t[:, None]).squeeze(1) * k).sum()
         if grad_hidden or grad_weight:
-            grad = logits.sub_(lse[:, None]).exp_()  # (K, V) the softmax, in place of the logits
+            grad = log_probs.exp_()  # (K, V) the softmax, in place of the logits
             grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0  # minus the one-hot target
             grad = grad.mul_(s[:, None])  # (K, V) d(mean loss)/d(capped logits)
             if slope is not None:
