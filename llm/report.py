@@ -15,14 +15,14 @@ import json
 import re
 import statistics
 import sys
-from dataclasses import dataclass, field
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
 import torch
 import tyro
 
-from .config import ConfigError, eval_int_expr, exit_on_user_error, require_folder
+from .config import BlockConfig, ConfigError, LLMconfig, Trainconfig, eval_int_expr, exit_on_user_error, require_folder
 from .config.fields import model_config_from_dict
 from .model import build_model
 from .plugins import Imports, import_modules
@@ -110,11 +110,19 @@ def shown(value) -> str:
     return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
+def field_defaults(cls) -> dict:
+    """Each field of a config dataclass with a default, at that default as config.json holds it."""
+    defaults = {f.name: f.default if f.default_factory is MISSING else f.default_factory() for f in fields(cls)
+                if f.default is not MISSING or f.default_factory is not MISSING}
+    return json.loads(json.dumps(defaults))
+
+
 def settings(config: dict) -> dict[str, str]:
     """The run's trained settings, flat: model and run fields by name, a layer field by name when every layer has
-    the same value, else as layers[I].NAME; bookkeeping fields (BOOKKEEPING) left out."""
-    model = dict(config["model"])
-    layers = model.pop("layers", None) or []
+    the same value, else as layers[I].NAME; bookkeeping fields (BOOKKEEPING) left out. A field that the run's
+    config.json lacks (it was written before the field existed) takes the field's default, as that run did."""
+    model = {**field_defaults(LLMconfig), **config["model"]}
+    layers = [{**field_defaults(BlockConfig), **layer} for layer in model.pop("layers", None) or []]
     flat = {name: shown(value) for name, value in model.items()}
     for name in sorted({key for layer in layers for key in layer}):
         values = [shown(layer.get(name)) for layer in layers]
@@ -122,7 +130,8 @@ def settings(config: dict) -> dict[str, str]:
             flat[name] = values[0]
         else:
             flat.update({f"layers[{i}].{name}": value for i, value in enumerate(values)})
-    flat.update({name: shown(value) for name, value in config["train"].items() if name not in BOOKKEEPING})
+    train = {**field_defaults(Trainconfig), **config["train"]}
+    flat.update({name: shown(value) for name, value in train.items() if name not in BOOKKEEPING})
     return flat
 
 

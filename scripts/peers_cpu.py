@@ -110,6 +110,8 @@ def train_steps(ours, theirs, compiled: bool, batch: int, seq: int):
     """(our step, their step): forward, backward, fused AdamW, on the same random tokens."""
     data = torch.randint(0, ours.config.vocab_size, (batch, seq + 1), generator=torch.Generator().manual_seed(2))
     idx, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()  # (B, T)
+    if compiled:
+        torch._dynamo.reset()  # each model compiles afresh, at this shape, as in its own run
     run_ours, run_theirs = (torch.compile(ours), torch.compile(theirs)) if compiled else (ours, theirs)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
     opt_theirs = torch.optim.AdamW(theirs.parameters(), lr=1e-4, fused=True)

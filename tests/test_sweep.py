@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,26 @@ def test_the_report_takes_benchmark_scores_but_not_our_own_slashed_metrics():
     assert all(map(is_benchmark, ["hellaswag_acc", "hellaswag_acc_norm", "mini_choice/acc", "arc_easy/acc_norm"]))
     assert not any(map(is_benchmark, ["val/web_loss", "tokens/web", "mtp/loss_1", "rd/recurrence",
                                       "max_load_ratio/layer3", "val_loss", "grad_norm"]))
+
+
+def test_the_report_reads_a_field_missing_from_an_older_config_as_its_default(tmp_path):
+    """A run written before a field existed ran at its default: it is one configuration with a newer run that
+    writes the default, and a different one from a run that moved it."""
+    from llm.config import BlockConfig, LLMconfig, Trainconfig
+    from llm.report import group, read_run
+
+    def write_run(name: str, drop: bool, **train_fields) -> str:
+        config = {"model": asdict(LLMconfig(layers=[BlockConfig()])), "train": asdict(Trainconfig(**train_fields))}
+        if drop:  # as a config.json from before these fields
+            del config["train"]["fp8_head"], config["model"]["value_embeds"], config["model"]["layers"][0]["alpha"]
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+        (folder / "metrics.jsonl").write_text(json.dumps({"step": 0, "loss": 4.0}) + "\n")
+        return str(folder)
+
+    runs = [read_run(write_run("old", True)), read_run(write_run("new", False, seed=1)),
+            read_run(write_run("moved", False, grad_clip=0.5))]
+    configurations = group(runs)
+    assert [[run.name for run in c.runs] for c in configurations] == [["old", "new"], ["moved"]]
+    assert configurations[0].differs == {"grad_clip": "1.0"}
