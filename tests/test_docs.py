@@ -38,6 +38,7 @@ HELP_COMMANDS = {
     "llm.data.synthetic_genome": ["-m", "llm.data.synthetic_genome", "--help"],
     "llm.formats.convert": ["-m", "llm.formats.convert", "--help"],
     "scripts/mixers_cpu.py": ["scripts/mixers_cpu.py", "--help"],
+    "scripts/peers_cpu.py": ["scripts/peers_cpu.py", "--help"],
 }
 # How a command line names each entry point. The scripts pass their extra arguments to train.py.
 ENTRY_PATTERNS = [
@@ -56,6 +57,7 @@ ENTRY_PATTERNS = [
     ("llm.data.synthetic_genome", r"-m\s+llm\.data\.synthetic_genome\b"),
     ("llm.formats.convert", r"-m\s+llm\.formats\.convert\b"),
     ("scripts/mixers_cpu.py", r"(?<![\w./-])(?:\S*/)?mixers_cpu\.py(?![\w.])"),
+    ("scripts/peers_cpu.py", r"(?<![\w./-])(?:\S*/)?peers_cpu\.py(?![\w.])"),
     ("train.py", r"\bbash\s+\S*scripts/\w+\.sh\b"),
 ]
 ENTRY = re.compile("|".join(f"(?P<e{i}>{pattern})" for i, (_, pattern) in enumerate(ENTRY_PATTERNS)))
