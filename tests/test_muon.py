@@ -141,6 +141,27 @@ def test_adamw_groups_match_torch_adamw():
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
 
 
+def test_adamw_groups_resume_a_state_whose_step_count_is_an_int():
+    """Checkpoints written before the fused kernel hold each AdamW step count as a Python int."""
+    ours = nn.Parameter(torch.randn(7, 5))
+    theirs = nn.Parameter(ours.detach().clone())
+    settings = dict(lr=0.01, betas=(0.8, 0.95), eps=1e-10, weight_decay=0.1)
+    muon = Muon([dict(params=[ours], use_muon=False, **settings)])
+    adamw = torch.optim.AdamW([theirs], foreach=False, **settings)
+    for grad in torch.randn(2, 7, 5):
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        muon.step()
+        adamw.step()
+    state = muon.state_dict()
+    state["state"][0]["step"] = 2
+    muon.load_state_dict(state)
+    ours.grad = theirs.grad = torch.randn(7, 5)
+    muon.step()
+    adamw.step()
+    assert muon.state[ours]["step"].item() == 3
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-7)
+
+
 def groups_by_role(model: LLM, **cfg_fields) -> dict[str, dict]:
     optimizer = build_optimizer(model, Trainconfig(device="cpu", optimizer="muon", **cfg_fields), torch.device("cpu"))
     assert isinstance(optimizer, Muon)

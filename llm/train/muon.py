@@ -119,6 +119,8 @@ def adamw_update(params: list[torch.Tensor], states: list[dict], group: dict) ->
             state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
             state["exp_avg"] = torch.zeros_like(p)
             state["exp_avg_sq"] = torch.zeros_like(p)
+        elif not torch.is_tensor(state["step"]):  # a checkpoint written when the count was a Python int
+            state["step"] = torch.tensor(float(state["step"]), device=p.device)
     (beta1, beta2) = group["betas"]
     adamw(params, [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [],
           [s["step"] for s in states], fused=True, amsgrad=False, beta1=beta1, beta2=beta2, lr=group["lr"],
