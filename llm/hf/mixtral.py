@@ -16,9 +16,7 @@ from .mistral import our_fields as mistral_our_fields
 def check(config: LLMconfig) -> None:
     """Mistral's requirements, and in every layer the same MoE: no shared experts, Mixtral's router, no selection
     bias, groups or scaling, no jitter (Mixtral's jitters the experts' inputs too, ours the router's only)."""
-    layers = config.layers
-    if any(b.ffn != "moe" for b in layers):
-        refuse("Mixtral has a MoE layer in every block; train with --ffn moe in every layer")
+    layers = config.layers  # every one a MoE layer: the family takes ffn moe only
     mistral_check(config)
     uniform(layers, "n_exp", "n_act", "n_shared", "router_score", "aux_free", "n_group", "routed_scaling_factor",
             "jitter_noise")
