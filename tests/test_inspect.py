@@ -3,6 +3,9 @@ count in the loss marked."""
 import subprocess
 import sys
 
+import pytest
+
+from llm.data.inspect import main
 from tests.conftest import REPO
 from tests.test_genomic import prepare_genomic, random_records, write_fasta
 
@@ -38,11 +41,13 @@ def test_sequence_windows_mark_the_special_tokens_and_loss_mask(tmp_path):
     assert "targets count in the loss; [bracketed] tokens never do" in result.stdout
 
 
-def test_mistakes_are_one_line(char_data, tmp_path):
+def test_mistakes_are_one_line(char_data, tmp_path, capsys):
     missing = inspect("nowhere", "--data_dir", str(tmp_path))
     assert missing.returncode == 2 and missing.stderr.startswith("error: dataset='nowhere'") and \
         len(missing.stderr.strip().splitlines()) == 1
-    relabel = inspect("shakespeare_char", "--data_dir", str(char_data.parent), "--uppercase_labels")
-    assert relabel.returncode == 2 and "uses the char tokenizer; drop them" in relabel.stderr
-    too_long = inspect("shakespeare_char", "--data_dir", str(char_data.parent), "--block_size", "2000000")
-    assert too_long.returncode == 2 and "lower --block_size" in too_long.stderr
+    for flags, message in ((["--uppercase_labels"], "uses the char tokenizer; drop them"),
+                           (["--block_size", "2000000"], "lower --block_size")):  # in this process, as the CLI
+        with pytest.raises(SystemExit) as exit_:
+            main(["shakespeare_char", "--data_dir", str(char_data.parent), *flags])
+        stderr = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in stderr and len(stderr.strip().splitlines()) == 1

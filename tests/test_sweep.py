@@ -119,10 +119,13 @@ def test_a_sweep_file_with_named_variants(tmp_path):
     (["--seeds", "0,x"], "is not a list of integers"),
     (["--executor", "slurm"], "needs SLURM's srun on PATH"),
 ])
-def test_mistakes_are_one_line_before_anything_runs(args, message, char_data, tmp_path):
-    result = sweep(char_data, tmp_path, *args)
-    assert result.returncode == 2 and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+def test_mistakes_are_one_line_before_anything_runs(args, message, char_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:  # in this process: the command line's exit status and stderr
+        main(["--out_dir", str(tmp_path / "out"), *TINY, *args, "--data_dir", str(char_data.parent)])
+    stderr = capsys.readouterr().err
+    assert exit_.value.code == 2 and message in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_dry_run_lists_the_runs_with_their_estimates(char_data, tmp_path):
