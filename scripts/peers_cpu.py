@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 from llm.cli import parse  # noqa: E402
 from llm.generate import generate  # noqa: E402
 from llm.model import build_model  # noqa: E402
-from llm.train.muon import Muon, newton_schulz  # noqa: E402
+from llm.train.muon import NS_COEFFICIENTS, NS_STEPS, Muon, newton_schulz  # noqa: E402
 from llm.train.optim import muon_groups  # noqa: E402
 
 COMMON = ["--pos_emb", "rope", "--norm", "rms", "--non_linearity", "swiglu", "--no_tie_embeddings",
@@ -175,7 +175,6 @@ def muon_rows(model, rounds: int, steps: int, batch: int, seq: int) -> list[tupl
     (out.loss + out.aux_loss).backward()
     our_step, their_step, matrices = muon_pair(model)
     grads = [p.grad.clone() for p in matrices]
-    coefficients = (3.4445, -4.7750, 2.0315)
 
     def ours():
         for g in grads:
@@ -183,7 +182,7 @@ def muon_rows(model, rounds: int, steps: int, batch: int, seq: int) -> list[tupl
 
     def theirs():
         for g in grads:
-            torch_iteration(g, coefficients, 5, 1e-7)
+            torch_iteration(g, NS_COEFFICIENTS, NS_STEPS, 1e-7)
 
     shapes = sorted({tuple(g.shape) for g in grads})
     size = sum(p.numel() for p in model.parameters()) / 1e6
